@@ -1,0 +1,65 @@
+"""Recording the residual stream of every layer in a single forward pass.
+
+Axes legend for tensor names: b = prompt in the batch, l = layer (0..L), t = token
+position, d = hidden dimension. ``resid_bltd[:, 0]`` is the input of the first block
+(the embedding output as the block receives it, ``hidden_states[0]``) and
+``resid_bltd[:, l]`` for l >= 1 is the raw output of block l-1, before any final norm,
+so the last layer is raw too (``hidden_states[-1]`` in transformers is post-norm).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _first_tensor(value) -> torch.Tensor:
+    # transformers 5 blocks return a Tensor; older ones (and some remote code) a tuple.
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class ResidualRecorder:
+    """Context manager that copies each block's input/output into ``resid_bltd``.
+
+    Copying inside the hook (with the dtype cast) avoids keeping L+1 full-precision
+    activations alive until the end of the forward pass.
+
+    Examples
+    --------
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).eval()
+    >>> resid_bltd = torch.empty(1, 3, 4, 16)
+    >>> with ResidualRecorder(model.transformer.h, resid_bltd):
+    ...     _ = model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    >>> bool(torch.isfinite(resid_bltd).all())
+    True
+    """
+
+    def __init__(self, layers: nn.ModuleList, resid_bltd: torch.Tensor) -> None:
+        if resid_bltd.shape[1] != len(layers) + 1:
+            raise ValueError(
+                f"buffer has {resid_bltd.shape[1]} layer slots for {len(layers)} blocks; it needs {len(layers) + 1}"
+            )
+        self.layers = layers
+        self.resid_bltd = resid_bltd
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _store(self, slot: int, hidden_btd: torch.Tensor) -> None:
+        self.resid_bltd[:, slot, : hidden_btd.shape[1]].copy_(hidden_btd)
+
+    def __enter__(self) -> ResidualRecorder:
+        def block_input(module, args, kwargs):
+            self._store(0, args[0] if args else kwargs["hidden_states"])
+
+        self._handles.append(self.layers[0].register_forward_pre_hook(block_input, with_kwargs=True))
+        for index, layer in enumerate(self.layers):
+            def block_output(module, args, output, slot=index + 1):
+                self._store(slot, _first_tensor(output))
+
+            self._handles.append(layer.register_forward_hook(block_output))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,95 @@
+"""Prompts: reading them, and turning them into token ids the way the store records them.
+
+Order follows the legacy tool: every prompts-file line first, then inline prompts.
+Tokenisation adds no special tokens unless ``add_bos`` or ``chat_template`` asks for
+them, so a plain capture sees exactly the text's tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capture.errors import UsageError
+
+DEV_PROMPTS_FILE = Path(__file__).parent / "data" / "dev_prompts.txt"
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; a trailing newline is fine, an empty line in between is an error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompts file {str(path)!r} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read prompts file {str(path)!r}: {exc}; it must be UTF-8 text") from None
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise UsageError.from_template("no_prompts", where=f" in {str(path)!r}")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise UsageError.from_template("empty_prompt", index=number - 1, where=f"(line {number} of {str(path)!r}) ")
+    return lines
+
+
+def collect_prompts(prompts_files: list[str] | None = None, inline: list[str] | None = None) -> list[str]:
+    """File prompts first (in file order), then inline prompts; the dev prompts when neither is given."""
+    prompts = [p for f in prompts_files or [] for p in read_prompts_file(f)]
+    for index, text in enumerate(inline or []):
+        if not text.strip():
+            raise UsageError.from_template("empty_prompt", index=len(prompts) + index, where="(from --prompt) ")
+    prompts += list(inline or [])
+    return prompts or read_prompts_file(DEV_PROMPTS_FILE)
+
+
+@dataclass
+class TokenizedPrompts:
+    """Token ids and raw token pieces per prompt (ragged: each prompt keeps its length)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    pieces: list[list[str]] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(i) for i in self.ids]
+
+
+def tokenize_prompts(
+    tokenizer,
+    texts: list[str],
+    *,
+    add_bos: bool = False,
+    chat_template: bool = False,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    limit_reason: str = "--max-tokens",
+) -> TokenizedPrompts:
+    """Tokenise prompts for capture; too-long prompts are an error unless ``truncate``."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--chat-template was given but the tokenizer has no chat template; drop the flag")
+    if add_bos and tokenizer.bos_token_id is None:
+        raise UsageError("--add-bos was given but the tokenizer has no BOS token; drop the flag")
+    all_ids: list[list[int]] = []
+    for index, text in enumerate(texts):
+        if chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids.insert(0, tokenizer.bos_token_id)
+        if not ids:
+            raise UsageError.from_template("empty_prompt", index=index, where="(it has no tokens) ")
+        if max_tokens is not None and len(ids) > max_tokens:
+            if not truncate:
+                raise UsageError.from_template(
+                    "prompt_too_long", index=index, n=len(ids), limit=max_tokens, why=limit_reason
+                )
+            warnings.warn(f"prompt {index} truncated from {len(ids)} to {max_tokens} tokens", stacklevel=2)
+            ids = ids[:max_tokens]
+        all_ids.append(ids)
+    pieces = [list(tokenizer.convert_ids_to_tokens(ids)) for ids in all_ids]
+    return TokenizedPrompts(texts=list(texts), ids=all_ids, pieces=pieces)

@@ -1,0 +1,121 @@
+"""resdiff command line: parse, call, print.
+
+Run ``python cli.py --help`` for the commands, and ``python cli.py COMMAND --help``
+for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from capture.pairs import PAIRS
+
+    print(f"{'pair':<16}{'base':<40}{'sft':<44}{'dtype':<10}{'est. memory':>12}")
+    for spec in PAIRS.values():
+        gib = spec.memory_estimate_bytes() / 2**30
+        base = "(built locally)" if spec.name == "tiny" else spec.base
+        sft = "(built locally)" if spec.name == "tiny" else spec.sft
+        print(f"{spec.name:<16}{base:<40}{sft:<44}{spec.dtype:<10}{gib:>9.2f} GiB")
+    print("\nest. memory = one resident model + the other model's input embeddings, in the listed dtype "
+          "(activations extra).")
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from capture.settings import CaptureSettings
+    from store.job import run_capture
+    from store.reader import describe_store
+
+    fields = CaptureSettings.__dataclass_fields__
+    settings = CaptureSettings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    path = run_capture(settings, progress=not args.quiet)
+    print(describe_store(path))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from store.reader import describe_store
+
+    print(describe_store(args.store))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cli.py",
+        description="resdiff: capture and compare the residual streams of a base LLM and its SFT variant.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pairs", help="list the registered model pairs")
+    p.set_defaults(func=_cmd_pairs)
+
+    p = sub.add_parser(
+        "capture", help="run the four passes (BB, BS, SB, SS) and write residuals to a Zarr store",
+        description="Capture the residual stream of every layer and token for each pass into a Zarr store. "
+        "Pass names are embedding source then LLM: BS = base embeddings through the SFT LLM. "
+        "Re-running the same command on an existing store resumes it.",
+    )
+    src = p.add_argument_group("models")
+    src.add_argument("--pair", help="registered pair name (see `cli.py pairs`); default: tiny, built offline")
+    src.add_argument("--base", help="base model: hub id or local directory (with --sft, replaces --pair)")
+    src.add_argument("--sft", help="SFT model: hub id or local directory")
+    src.add_argument("--tokenizer", help="tokenizer id or directory (default: the base model's)")
+    src.add_argument("--trust-remote-code", action="store_true", default=None,
+                     help="allow model code from the checkpoint (off by default)")
+    src.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
+    inp = p.add_argument_group("prompts")
+    inp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                     help="a prompt (repeatable); after the prompts files")
+    inp.add_argument("--prompts-file", dest="prompts_files", action="append", metavar="FILE",
+                     help="file with one prompt per line (repeatable); default: the four dev prompts")
+    inp.add_argument("--add-bos", action="store_true", default=None, help="prepend the BOS token")
+    inp.add_argument("--chat-template", action="store_true", default=None,
+                     help="wrap each prompt as a user turn with the tokenizer's chat template")
+    inp.add_argument("--max-tokens", type=int, help="longest prompt allowed, in tokens (default: model context)")
+    inp.add_argument("--truncate", action="store_true", default=None,
+                     help="cut prompts longer than --max-tokens with a warning instead of failing")
+    run = p.add_argument_group("run")
+    run.add_argument("--passes", help="comma-separated passes, default BB,BS,SB,SS; custom: NAME=LLM:EMB[:UNEMB]")
+    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the pair's)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
+    run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    out = p.add_argument_group("output")
+    out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
+    out.add_argument("--store-dtype", choices=["float16", "float32"], help="dtype of stored residuals (default float16)")
+    out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_capture)
+
+    p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
+    p.add_argument("store", help="path of a store written by `capture`")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from capture.errors import ResdiffError
+
+    try:
+        return args.func(args)
+    except ResdiffError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Opening stores, checking that they are resdiff stores, and describing them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from capture.errors import StoreFormatError, StoreNotFound
+from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION
+
+
+def _read_attrs(path: Path) -> dict:
+    meta = path / "zarr.json"
+    if not path.exists():
+        raise StoreNotFound.from_template("store_not_found", path=path)
+    if not meta.exists():
+        raise StoreFormatError.from_template(
+            "store_format", path=path, detail="it has no zarr.json (not a Zarr v3 store)"
+        )
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError) as exc:
+        raise StoreFormatError.from_template("store_format", path=path, detail=f"zarr.json is unreadable ({exc})")
+
+
+def check_store(path: str | Path) -> dict:
+    """Return the store's attributes after checking its format version."""
+    path = Path(path)
+    attrs = _read_attrs(path)
+    version = attrs.get(FORMAT_ATTR)
+    if version is None:
+        raise StoreFormatError.from_template(
+            "store_format", path=path, detail=f"it has no {FORMAT_ATTR} attribute (not written by resdiff)"
+        )
+    if version > FORMAT_VERSION:
+        raise StoreFormatError.from_template(
+            "store_format", path=path,
+            detail=f"format version {version} is newer than this resdiff reads ({FORMAT_VERSION}); upgrade resdiff",
+        )
+    return attrs
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open a store lazily (Dask-backed) after checking it.
+
+    Equivalent to ``xr.open_zarr(path)`` plus validation; nothing is loaded.
+    Regions not yet written read as NaN: mask with ``ds.done`` while a capture runs.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> ds = open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))
+    >>> ds.resid.sel(pass_="SS").dims
+    ('prompt', 'layer', 'token', 'dim')
+    """
+    check_store(path)
+    return xr.open_zarr(str(path))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def describe_store(path: str | Path) -> str:
+    """A short human summary: dims, passes, models, completeness."""
+    ds = open_store(path)
+    attrs = ds.attrs
+    done = np.asarray(ds["done"].values, dtype=bool)
+    models = attrs.get("models", {})
+    settings = attrs.get("capture_settings", {})
+    lines = [
+        f"store      {path}  (format {attrs.get(FORMAT_ATTR)}, {_fmt_bytes(ds['resid'].nbytes)} of residuals"
+        f" as {ds['resid'].dtype})",
+        "dims       " + ", ".join(f"{k}={ds.sizes[k]}" for k in DIMS),
+        f"base       {models.get('base', {}).get('ref', '?')}",
+        f"sft        {models.get('sft', {}).get('ref', '?')}",
+        f"model      {attrs.get('model_dtype', '?')} on {attrs.get('device', '?')}, "
+        f"{settings.get('pair') or 'custom pair'}",
+        "passes     " + ", ".join(
+            f"{p}=({m} LLM, {e} emb, {u} unemb)"
+            for p, m, e, u in zip(ds.pass_.values, ds.model.values, ds.embedding.values, ds.unembedding.values,
+                                  strict=True)
+        ),
+        f"prompts    {ds.sizes['prompt']} (tokens per prompt: {', '.join(str(int(n)) for n in ds.n_tokens.values)})",
+        f"complete   {int(done.sum())}/{done.size} pass x prompt regions"
+        + ("" if done.all() else "  (incomplete: rerun the same capture command to resume)"),
+    ]
+    chunks = ds["resid"].encoding.get("chunks") or ds["resid"].data.chunksize
+    lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}")
+    if attrs.get("completed_at"):
+        lines.append(f"captured   {attrs['completed_at']}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Helpers for tests and notebooks: tiny synthetic stores and store assertions.
+
+Modelled on ``xarray.testing``: builders that make small valid stores without any
+model, and assertions that compare two stores with readable failure messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from capture.plan import DEFAULT_PASSES
+from store.reader import open_store
+from store.schema import Chunking, build_template
+from store.writer import StoreWriter
+
+
+class CountingScheduler:
+    """A Dask scheduler that counts computes and fails past ``max_computes``.
+
+    Use with ``dask.config.set(scheduler=CountingScheduler(0))`` to prove laziness.
+    """
+
+    def __init__(self, max_computes: int = 0) -> None:
+        self.total_computes = 0
+        self.max_computes = max_computes
+
+    def __call__(self, dsk, keys, **kwargs):
+        import dask
+
+        self.total_computes += 1
+        if self.total_computes > self.max_computes:
+            raise RuntimeError(f"too many dask computations: {self.total_computes} > {self.max_computes}")
+        return dask.get(dsk, keys, **kwargs)
+
+
+def tiny_template(
+    n_prompts: int = 3, n_layers1: int = 3, hidden: int = 8, lengths: tuple[int, ...] | None = None,
+    store_dtype: str = "float32", chunk_prompt: int = 2,
+) -> xr.Dataset:
+    """A small template with the default four passes and made-up tokens."""
+    lengths = lengths or tuple(5 - (i % 3) for i in range(n_prompts))
+    ids = [list(range(10, 10 + n)) for n in lengths]
+    return build_template(
+        passes=[p.to_dict() for p in DEFAULT_PASSES], texts=[f"prompt {i}" for i in range(n_prompts)],
+        token_ids=ids, token_pieces=[[f"t{i}" for i in row] for row in ids], n_layers1=n_layers1,
+        hidden=hidden, store_dtype=store_dtype, chunking=Chunking(prompt=chunk_prompt, layer=n_layers1),
+        attrs={"pair_label": "synthetic"},
+    )
+
+
+def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path:
+    """Write a complete synthetic store of random residuals (NaN on padding)."""
+    template = tiny_template(**template_kwargs)
+    writer = StoreWriter.create(path, template)
+    rng = np.random.default_rng(seed)
+    n_tok = template.sizes["token"]
+    chunk = template["resid"].data.chunksize[1]
+    for p in range(template.sizes["pass_"]):
+        for start in range(0, template.sizes["prompt"], chunk):
+            rows = slice(start, min(start + chunk, template.sizes["prompt"]))
+            lengths = template.n_tokens.values[rows]
+            resid = rng.standard_normal((len(lengths), template.sizes["layer"], n_tok, template.sizes["dim"]))
+            final = rng.standard_normal((len(lengths), n_tok, template.sizes["dim"]))
+            for i, n in enumerate(lengths):
+                resid[i, :, n:] = np.nan
+                final[i, n:] = np.nan
+            writer.write_region(p, rows, resid, final)
+    writer.finalize({})
+    return Path(path)
+
+
+def assert_stores_equal(a: str | Path | xr.Dataset, b: str | Path | xr.Dataset, *, atol: float = 0.0,
+                        ignore_attrs: tuple[str, ...] = ("created_at", "completed_at", "capture_settings")) -> None:
+    """Assert two stores hold the same coords and data (NaN == NaN), within ``atol``."""
+    ds_a = a if isinstance(a, xr.Dataset) else open_store(a)
+    ds_b = b if isinstance(b, xr.Dataset) else open_store(b)
+    assert dict(ds_a.sizes) == dict(ds_b.sizes), f"sizes differ: {dict(ds_a.sizes)} vs {dict(ds_b.sizes)}"
+    assert set(ds_a.variables) == set(ds_b.variables), (
+        f"variables differ: {sorted(set(ds_a.variables) ^ set(ds_b.variables))}"
+    )
+    for name in ds_a.variables:
+        va, vb = ds_a[name].values, ds_b[name].values
+        if va.dtype.kind == "f":
+            np.testing.assert_allclose(va, vb, atol=atol, rtol=0, equal_nan=True, err_msg=f"variable {name!r}")
+        else:
+            np.testing.assert_array_equal(va.astype(object), vb.astype(object), err_msg=f"variable {name!r}")
+    keys = (set(ds_a.attrs) | set(ds_b.attrs)) - set(ignore_attrs)
+    differing = sorted(k for k in keys if ds_a.attrs.get(k) != ds_b.attrs.get(k))
+    assert not differing, f"attributes differ: {differing}"
