@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
     out = p.add_argument_group("output")
     out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
-    out.add_argument("--store-dtype", choices=["float16", "float32"], help="dtype of stored residuals (default float16)")
+    out.add_argument("--store-dtype", choices=["float16", "float32"],
+                     help="dtype of stored residuals (default float16)")
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_capture)

@@ -210,7 +210,9 @@ def load_input_embedding(
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         with _parameters_on_meta():
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            skeleton = AutoModelForCausalLM.from_config(
+                config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            )
         module = skeleton.get_input_embeddings()
         name = next(n for n, m in skeleton.named_modules() if m is module)
         prefix = skeleton.base_model_prefix + "."

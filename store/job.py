@@ -17,8 +17,14 @@ import torch
 
 from capture.errors import StoreConflict, UsageError
 from capture.models import (
-    DTYPES, check_compatible, input_embedding_copy, load_input_embedding, load_model, load_tokenizer,
-    read_shape, release_memory,
+    DTYPES,
+    check_compatible,
+    input_embedding_copy,
+    load_input_embedding,
+    load_model,
+    load_tokenizer,
+    read_shape,
+    release_memory,
 )
 from capture.plan import parse_passes, schedule
 from capture.prompts import collect_prompts, tokenize_prompts
@@ -83,18 +89,19 @@ def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) 
 def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
+    # Cheap checks first, so that bad input fails before any model is built or read.
+    passes = parse_passes(settings.passes)
+    texts = collect_prompts(settings.prompts_files, settings.prompts)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
     check_compatible(shapes["base"], shapes["sft"])
-    passes = parse_passes(settings.passes)
     tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code)
     if len(tokenizer) > shapes["base"].vocab:
         raise UsageError(
             f"tokenizer {resolved.tokenizer_ref!r} has {len(tokenizer)} tokens but the models have only "
             f"{shapes['base'].vocab} embedding rows; pass the models' own tokenizer with --tokenizer"
         )
-    texts = collect_prompts(settings.prompts_files, settings.prompts)
     limit, why = settings.max_tokens, "--max-tokens"
     if limit is None and shapes["base"].max_positions:
         limit, why = shapes["base"].max_positions, "the model's context length"

@@ -23,7 +23,8 @@ def _read_attrs(path: Path) -> dict:
     try:
         return json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError) as exc:
-        raise StoreFormatError.from_template("store_format", path=path, detail=f"zarr.json is unreadable ({exc})")
+        detail = f"zarr.json is unreadable ({exc})"
+        raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
 
 
 def check_store(path: str | Path) -> dict:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from capture.errors import IncompatibleModels, ModelLoadError
+from capture.models import check_compatible, load_model, read_shape
+from capture.settings import CaptureSettings
+from store.job import run_capture
+
+
+def test_read_shape_from_config_only(make_model):
+    shape = read_shape(str(make_model("gpt2")))
+    assert (shape.arch, shape.n_layers, shape.hidden, shape.vocab) == ("gpt2", 3, 32, 320)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [({"vocab_size": 384}, "vocabulary size 320 (base) vs 384 (SFT)"),
+     ({"num_hidden_layers": 2}, "layer count 3 (base) vs 2 (SFT)")],
+)
+def test_incompatible_pair_fails_before_any_work(make_model, tmp_path, override, words):
+    base, sft = make_model("llama", 0), make_model("llama", 1, **override)
+    with pytest.raises(IncompatibleModels, match=re.escape(words)):
+        check_compatible(read_shape(str(base)), read_shape(str(sft)))
+    store = tmp_path / "s.zarr"
+    with pytest.raises(IncompatibleModels):
+        run_capture(CaptureSettings(base=str(base), sft=str(sft), store=str(store)), progress=False)
+    assert not store.exists()
+
+
+def test_hidden_size_mismatch_named(make_model):
+    a = read_shape(str(make_model("qwen2", 0)))
+    b = read_shape(str(make_model("qwen2", 0, hidden_size=48)))
+    with pytest.raises(IncompatibleModels, match="hidden size 32 \\(base\\) vs 48"):
+        check_compatible(a, b)
+
+
+def test_missing_model_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        read_shape(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="pass its local directory instead") as info:
+        load_model("some-org/model-that-is-not-here")
+    assert isinstance(info.value, OSError)

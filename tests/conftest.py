@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random models of several architectures, built from configs.
+
+Nothing is downloaded: a byte-level BPE tokenizer is trained on a few sentences and
+each model is saved with ``save_pretrained`` and loaded back through the real path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 320
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Residual streams carry information between transformer blocks.",
+    "Explain the moon landing in one paragraph.",
+    "Write a short Python function that adds two numbers.",
+    "Yes or no: is the sky blue?",
+] * 4
+PROMPTS = [
+    "Explain the moon landing.",
+    "Yes",
+    "Write a short Python function that adds two numbers, please.",
+    "The lazy dog sleeps.",
+]
+
+
+def _config(arch: str, **overrides):
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128,
+                         bos_token_id=0, eos_token_id=0)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif arch == "gemma":
+        cfg = GemmaConfig(**common, head_dim=8)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+ARCHS = ["gpt2", "qwen2", "llama", "mistral", "gemma"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory, tokenizer_dir):
+    """Factory: ``make_model(arch, seed, **config_overrides)`` -> directory of a saved random model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache: dict = {}
+
+    def build(arch: str, seed: int = 0, **overrides) -> Path:
+        key = (arch, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(_config(arch, **overrides))
+            path = tmp_path_factory.mktemp(f"{arch}-{seed}")
+            model.save_pretrained(path)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[str, str, Path]:
+    """The real embedded tiny pair, built once per test session: (base_dir, sft_dir, cache_dir)."""
+    from capture.tiny import ensure_tiny_pair
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    base, sft = ensure_tiny_pair(cache, log=lambda *a: None)
+    return base, sft, cache
+
+
+def load(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

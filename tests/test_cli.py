@@ -1,0 +1,126 @@
+"""The command line, end to end on the embedded tiny pair (real models, real stores)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cli import main
+from store.reader import open_store
+from store.testing import assert_stores_equal
+from tests.conftest import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_pair, tmp_path_factory):
+    _, _, cache = tiny_pair
+    path = tmp_path_factory.mktemp("cli") / "tiny.zarr"
+    assert main(["capture", "--pair", "tiny", "--cache-dir", str(cache), "--store", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_capture_writes_a_complete_store(tiny_store, tiny_pair, capsys):
+    ds = open_store(tiny_store)
+    assert list(ds.pass_.values) == ["BB", "BS", "SB", "SS"]
+    assert ds.sizes["prompt"] == 4 and ds.resid.dtype == np.float16
+    assert bool(ds.done.all())
+    # float16 residuals of BB agree with the base model's own hidden states.
+    from transformers import AutoTokenizer
+
+    base_dir = tiny_pair[0]
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    text = str(ds.prompt_text.values[1])
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        hidden = load(base_dir)(input_ids=ids, output_hidden_states=True).hidden_states
+    stored = ds.resid.sel(pass_="BB").isel(prompt=1).values[:, : ids.shape[1]].astype(np.float32)
+    for layer in range(len(hidden) - 1):
+        np.testing.assert_allclose(stored[layer], hidden[layer][0].numpy(), rtol=2e-3, atol=2e-3)
+    assert ds.token_str.values[1, : ids.shape[1]].tolist() == tok.convert_ids_to_tokens(ids[0])
+
+
+def test_rerun_on_complete_store_is_a_no_op(tiny_store, tiny_pair, capsys):
+    before = (tiny_store / "zarr.json").stat().st_mtime_ns
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(tiny_store), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "complete   16/16" in out
+    assert (tiny_store / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_resume_recomputes_only_missing_regions(tiny_store, tiny_pair, tmp_path):
+    import shutil
+
+    copy = tmp_path / "partial.zarr"
+    shutil.copytree(tiny_store, copy)
+    group = zarr.open_group(str(copy), mode="r+", use_consolidated=False)
+    group["done"][2, :] = False  # as if the run died before SB was written
+    group["resid"][2, :] = np.zeros(group["resid"].shape[1:], dtype=np.float16)
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(copy), "--quiet"]
+    assert main(args) == 0
+    assert_stores_equal(copy, tiny_store)
+
+
+def test_other_settings_on_existing_store_refuse(tiny_store, tiny_pair, capsys):
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(tiny_store), "--prompt", "hello", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "already exists and was captured with other settings (prompt_texts" in err and "--overwrite" in err
+    assert bool(open_store(tiny_store).done.all())
+
+
+def test_overwrite_and_options(tiny_pair, tmp_path, capsys):
+    path = tmp_path / "o.zarr"
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(path), "--quiet", "--prompt", "Why does ice",
+            "--passes", "BB,SS", "--chat-template", "--add-bos", "--store-dtype", "float32", "--batch-size", "1"]
+    assert main(args) == 0
+    ds = open_store(path)
+    assert list(ds.pass_.values) == ["BB", "SS"] and ds.resid.dtype == np.float32
+    assert ds.token_str.values[0, 0] == "<|endoftext|>" and "<|assistant|>" in ds.token_str.values[0].tolist()
+    assert ds.attrs["capture_settings"]["chat_template"] is True
+    assert main([*args, "--overwrite", "--passes", "SS"]) == 0
+    assert list(open_store(path).pass_.values) == ["SS"]
+
+
+def test_info_and_pairs(tiny_store, capsys):
+    assert main(["info", str(tiny_store)]) == 0
+    out = capsys.readouterr().out
+    assert "pass_=4, prompt=4, layer=5" in out and "BS=(sft LLM, base emb, sft unemb)" in out
+    assert main(["pairs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gpt2", "qwen1.5b", "llama3.1-8b", "minitron-8b", "tiny"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["capture", "--pair", "qwen-1.8b"], "did you mean 'qwen1.5b'"),
+     (["info", "/nonexistent/store.zarr"], "no resdiff store at /nonexistent/store.zarr"),
+     (["capture", "--base", "/nonexistent/base", "--sft", "/nonexistent/sft"], "no such directory"),
+     (["capture", "--base", "/nonexistent/base"], "give both --base and --sft"),
+     (["capture", "--passes", "BB,QQ"], "unknown pass 'QQ'")],
+)
+def test_errors_are_one_line_with_exit_code(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_traceback_in_a_real_process():
+    cmd = [sys.executable, "cli.py", "--debug", "info", "/nonexistent.zarr"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and proc.stderr.strip().endswith("or check the path")
+    help_text = subprocess.run([sys.executable, "cli.py", "capture", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--pair" in help_text and "resumes" in help_text
