@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
     run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
+    lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
+                      help="capture residuals only, no lens statistics")
+    lens.add_argument("--top-k", type=int, help="top-k logits, rises and falls kept per position (default 20)")
+    lens.add_argument("--track", action="append", metavar="TOKEN",
+                      help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")
+    lens.add_argument("--pairs", help="comma-separated pass pairs LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
+                      "statistics are right relative to left, KL(right || left)")
+    lens.add_argument("--save-lens", action="store_true", default=None,
+                      help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
     out = p.add_argument_group("output")
     out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
     out.add_argument("--store-dtype", choices=["float16", "float32"],

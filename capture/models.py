@@ -144,6 +144,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The final norm applied after the last block (``ln_f``, ``norm``, ...)."""
+    body = decoder(model)
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f"):
+        module = getattr(body, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ModelLoadError(
+        f"cannot find the final norm of {type(model).__name__}; this architecture is not supported yet, "
+        "please report it"
+    )
+
+
 def input_embedding_copy(model: nn.Module, device: str | torch.device) -> nn.Module:
     """A detached copy of the model's input embedding module, kept after the model is freed.
 

@@ -75,3 +75,42 @@ def schedule(passes: tuple[Pass, ...]) -> list[tuple[str, list[int]]]:
     """Group pass indices by LLM so that each model is loaded once: base first, then SFT."""
     return [(llm, [i for i, p in enumerate(passes) if p.llm == llm]) for llm in SOURCES
             if any(p.llm == llm for p in passes)]
+
+
+@dataclass(frozen=True)
+class PassPair:
+    """A comparison of two passes: statistics are right relative to left (shift = right - left)."""
+
+    name: str
+    left: int
+    right: int
+
+
+def parse_pairs(spec: str | list[str] | None, passes: tuple[Pass, ...]) -> tuple[PassPair, ...]:
+    """Parse ``--pairs``: ``LEFT-RIGHT`` (or ``LEFT:RIGHT``, ``NAME=LEFT-RIGHT``), comma-separated.
+
+    The default is every pair of passes in plan order: for BB, BS, SB, SS the six
+    BB-BS, BB-SB, BB-SS, BS-SB, BS-SS, SB-SS.
+
+    >>> [p.name for p in parse_pairs(None, DEFAULT_PASSES)][:3]
+    ['BB-BS', 'BB-SB', 'BB-SS']
+    """
+    index = {p.name.upper(): i for i, p in enumerate(passes)}
+    if spec is None:
+        return tuple(PassPair(f"{a.name}-{b.name}", i, j) for i, a in enumerate(passes)
+                     for j, b in enumerate(passes) if i < j)
+    items = spec.split(",") if isinstance(spec, str) else [s for chunk in spec for s in chunk.split(",")]
+    pairs: list[PassPair] = []
+    for item in (i.strip() for i in items if i.strip()):
+        name, _, body = item.rpartition("=")
+        parts = body.replace(":", "-").split("-")
+        if len(parts) != 2 or any(part.strip().upper() not in index for part in parts):
+            known = ", ".join(p.name for p in passes)
+            raise UsageError(f"pair {item!r} does not name two passes of the plan ({known}); write it as LEFT-RIGHT, "
+                             "e.g. BB-SS")
+        left, right = (index[part.strip().upper()] for part in parts)
+        pair = PassPair(name.strip() or f"{passes[left].name}-{passes[right].name}", left, right)
+        if any(p.name == pair.name for p in pairs):
+            raise UsageError(f"pair {pair.name!r} is listed twice in --pairs; give each pair once")
+        pairs.append(pair)
+    return tuple(pairs)

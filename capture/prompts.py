@@ -93,3 +93,31 @@ def tokenize_prompts(
         all_ids.append(ids)
     pieces = [list(tokenizer.convert_ids_to_tokens(ids)) for ids in all_ids]
     return TokenizedPrompts(texts=list(texts), ids=all_ids, pieces=pieces)
+
+
+def resolve_tracked(tokenizer, specs: list[str] | None, vocab_rows: int) -> tuple[list[int], list[str]]:
+    """Tracked tokens from ``--track`` values: tokenizer pieces (``ĠYes``) or integer ids.
+
+    Returned sorted by id without duplicates. An unknown piece is an error that lists
+    the closest pieces; it is never dropped silently.
+    """
+    import difflib
+
+    vocab = tokenizer.get_vocab()
+    ids: set[int] = set()
+    for spec in specs or []:
+        text = str(spec)
+        if text.lstrip("-").isdigit():
+            token_id = int(text)
+            if not 0 <= token_id < vocab_rows:
+                raise UsageError(f"tracked token id {token_id} is outside the vocabulary (0..{vocab_rows - 1})")
+        elif text in vocab:
+            token_id = vocab[text]
+        else:
+            close = difflib.get_close_matches(text, list(vocab), n=5, cutoff=0.6)
+            hint = f"; closest pieces: {', '.join(repr(c) for c in close)}" if close else ""
+            raise UsageError(f"tracked token {text!r} is not a piece of the tokenizer{hint}; spell it as the "
+                             "tokenizer does (e.g. 'ĠYes' for ' Yes' in byte-level BPE) or give its id")
+        ids.add(token_id)
+    ordered = sorted(ids)
+    return ordered, [str(p) if p is not None else "" for p in tokenizer.convert_ids_to_tokens(ordered)]

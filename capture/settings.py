@@ -14,7 +14,7 @@ from capture.pairs import TINY, get_pair
 # Settings that change what is written; a resumed capture must agree on all of them.
 CONTENT_KEYS = (
     "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts", "dtype", "store_dtype",
-    "add_bos", "chat_template", "max_tokens", "truncate",
+    "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pairs", "save_lens",
 )
 
 
@@ -42,6 +42,11 @@ class CaptureSettings:
     overwrite: bool = False
     trust_remote_code: bool = False
     cache_dir: str | None = None
+    lens: bool = True
+    top_k: int = 20
+    track: list[str] = field(default_factory=list)
+    pairs: str | None = None
+    save_lens: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -114,6 +114,7 @@ def build_tiny_pair(out_dir: Path) -> dict[str, float]:
 
     corpus = CORPUS_FILE.read_text(encoding="utf-8").splitlines()
     chat = CHAT_FILE.read_text(encoding="utf-8").splitlines()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     with _deterministic():
         torch.manual_seed(RECIPE["seed"])
@@ -133,7 +134,8 @@ def build_tiny_pair(out_dir: Path) -> dict[str, float]:
                 losses["sft"] = _train(model, _stream(tokenizer, chat), RECIPE["sft_steps"], RECIPE["sft_lr"], 2)
             model.save_pretrained(out_dir / name)
             tokenizer.save_pretrained(out_dir / name)
-    hf_logging.enable_progress_bar()
+    if bars_were_on:
+        hf_logging.enable_progress_bar()
     (out_dir / "recipe.json").write_text(json.dumps({"recipe": RECIPE, "losses": losses}, indent=2))
     return losses
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from capture.errors import StoreConflict, UsageError
+from capture.lens import Lens
 from capture.models import (
     DTYPES,
     check_compatible,
@@ -26,12 +28,13 @@ from capture.models import (
     read_shape,
     release_memory,
 )
-from capture.plan import parse_passes, schedule
-from capture.prompts import collect_prompts, tokenize_prompts
+from capture.plan import Pass, PassPair, parse_pairs, parse_passes, schedule
+from capture.prompts import TokenizedPrompts, collect_prompts, resolve_tracked, tokenize_prompts
 from capture.runner import Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings, resolve_models
+from store.lens_stage import write_lens_statistics
 from store.reader import check_store
-from store.schema import LAYER_SEMANTICS, build_template, choose_chunking, write_groups
+from store.schema import LAYER_SEMANTICS, Chunking, add_lens_variables, build_template, choose_chunking, write_groups
 from store.writer import StoreWriter, remove_store
 
 
@@ -79,81 +82,115 @@ def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) 
     from transformers.utils import logging as hf_logging
 
     # transformers' own loading bars would interleave with ours.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         return _run_capture(settings, log, progress)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
-def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
-    from tqdm.auto import tqdm
+@dataclass
+class _Prepared:
+    """Everything validated and derived before any weights are loaded."""
 
+    settings: CaptureSettings
+    passes: tuple[Pass, ...]
+    pairs: tuple[PassPair, ...]
+    refs: dict[str, str]
+    shapes: dict
+    resolved: object
+    tokenizer: object
+    tokenized: TokenizedPrompts
+    tracked: tuple[list[int], list[str]]
+    path: Path
+    chunking: Chunking
+    fingerprint: dict
+
+    @property
+    def lens_sources(self) -> set[str]:
+        return {p.unembedding for p in self.passes} if self.settings.lens else set()
+
+
+def _prepare(settings: CaptureSettings) -> _Prepared:
     # Cheap checks first, so that bad input fails before any model is built or read.
     passes = parse_passes(settings.passes)
+    pairs = parse_pairs(settings.pairs, passes) if settings.lens else ()
+    if settings.top_k < 0:
+        raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
     texts = collect_prompts(settings.prompts_files, settings.prompts)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
     check_compatible(shapes["base"], shapes["sft"])
     tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code)
-    if len(tokenizer) > shapes["base"].vocab:
+    vocab = shapes["base"].vocab
+    if len(tokenizer) > vocab:
         raise UsageError(
             f"tokenizer {resolved.tokenizer_ref!r} has {len(tokenizer)} tokens but the models have only "
-            f"{shapes['base'].vocab} embedding rows; pass the models' own tokenizer with --tokenizer"
+            f"{vocab} embedding rows; pass the models' own tokenizer with --tokenizer"
         )
+    tracked = resolve_tracked(tokenizer, settings.track, vocab)
     limit, why = settings.max_tokens, "--max-tokens"
     if limit is None and shapes["base"].max_positions:
         limit, why = shapes["base"].max_positions, "the model's context length"
     tokenized = tokenize_prompts(tokenizer, texts, add_bos=settings.add_bos, chat_template=settings.chat_template,
                                  max_tokens=limit, truncate=settings.truncate, limit_reason=why)
-
-    path = Path(settings.store or f"outputs/{resolved.label}.zarr")
     n_layers1, hidden = shapes["base"].n_layers + 1, shapes["base"].hidden
     itemsize = 2 if settings.store_dtype == "float16" else 4
-    n_tokens_store = max(tokenized.lengths)
-    chunking = choose_chunking(len(texts), n_layers1, n_tokens_store, hidden, itemsize)
+    chunking = choose_chunking(len(texts), n_layers1, max(tokenized.lengths), hidden, itemsize)
     fingerprint = {
         "base_ref": resolved.base_ref, "sft_ref": resolved.sft_ref, "tokenizer_ref": resolved.tokenizer_ref,
         "passes": [p.to_dict() for p in passes], "prompt_texts": texts, "dtype": resolved.dtype,
         "store_dtype": settings.store_dtype, "add_bos": settings.add_bos, "chat_template": settings.chat_template,
-        "max_tokens": settings.max_tokens, "truncate": settings.truncate,
+        "max_tokens": settings.max_tokens, "truncate": settings.truncate, "lens": settings.lens,
+        "top_k": min(settings.top_k, vocab), "tracked": tracked[0],
+        "pairs": [[q.name, passes[q.left].name, passes[q.right].name] for q in pairs], "save_lens": settings.save_lens,
     }
+    path = Path(settings.store or f"outputs/{resolved.label}.zarr")
+    return _Prepared(settings, passes, pairs, refs, shapes, resolved, tokenizer, tokenized, tracked, path, chunking,
+                     fingerprint)
 
-    def make_template():
-        attrs = {
-            "content_fingerprint": fingerprint,
-            "capture_settings": settings.to_dict(),
-            "models": {k: _model_record(refs[k], shapes[k], resolved.tokenizer_ref) for k in refs},
-            "pair_label": resolved.label, "model_dtype": resolved.dtype, "store_dtype": settings.store_dtype,
-            "device": resolved.device, "pass_plan": [p.to_dict() for p in passes],
-            "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "chunking": {"prompt": chunking.prompt, "layer": chunking.layer},
-        }
-        return build_template(
-            passes=[p.to_dict() for p in passes], texts=texts, token_ids=tokenized.ids,
-            token_pieces=tokenized.pieces, n_layers1=n_layers1, hidden=hidden,
-            store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
+
+def _make_template(prep: _Prepared):
+    settings, resolved, chunking = prep.settings, prep.resolved, prep.chunking
+    attrs = {
+        "content_fingerprint": prep.fingerprint,
+        "capture_settings": settings.to_dict(),
+        "models": {k: _model_record(prep.refs[k], prep.shapes[k], resolved.tokenizer_ref) for k in prep.refs},
+        "pair_label": resolved.label, "model_dtype": resolved.dtype, "store_dtype": settings.store_dtype,
+        "device": resolved.device, "pass_plan": [p.to_dict() for p in prep.passes],
+        "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer},
+    }
+    ds = build_template(
+        passes=[p.to_dict() for p in prep.passes], texts=prep.tokenized.texts, token_ids=prep.tokenized.ids,
+        token_pieces=prep.tokenized.pieces, n_layers1=prep.shapes["base"].n_layers + 1,
+        hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
+    )
+    if settings.lens:
+        ds = add_lens_variables(
+            ds, pairs=[tuple(x) for x in prep.fingerprint["pairs"]], top_k=prep.fingerprint["top_k"],
+            tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
         )
+    return ds
 
-    writer = _open_or_create(path, settings, fingerprint, make_template)
-    stored_chunk = writer.attrs.get("chunking", {}).get("prompt", chunking.prompt)
-    groups = write_groups(len(texts), stored_chunk, settings.batch_size)
+
+def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], bar) -> dict[str, Lens]:
+    """Run every pass not yet done, one model resident at a time; return the lenses copied on the way."""
+    settings, resolved, passes, refs = prep.settings, prep.resolved, prep.passes, prep.refs
     done_pp = writer.done_pp()
-    if done_pp.all():
-        log(f"{path} is already complete; nothing to do (pass --overwrite to capture again)")
-        return path
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=int((~done_pp).sum()), unit="prompt", desc="capture", disable=not progress, leave=True)
-    speed = Throughput()
-    plan = schedule(passes)
+    lens_needed = prep.lens_sources if not writer.lens_done().all() else set()
+    lenses: dict[str, Lens] = {}
     kept: dict = {}  # input embedding modules of models no longer resident
+    plan = schedule(passes)
+    speed = Throughput()
     for step, (llm, pass_indices) in enumerate(plan):
         todo = [i for i in pass_indices if not done_pp[i].all()]
         later_needs = {passes[i].embedding for _, idx in plan[step + 1:] for i in idx}
-        if not todo:  # resumed past this LLM; later passes may still need its embeddings
+        if not todo and llm not in lens_needed:  # resumed past this LLM
             if llm in later_needs:
                 kept[llm] = load_input_embedding(refs[llm], resolved.dtype, resolved.device, settings.trust_remote_code)
             continue
@@ -166,18 +203,55 @@ def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
             embeddings[other] = load_input_embedding(refs[other], resolved.dtype, device, settings.trust_remote_code)
         if llm in later_needs:
             kept[llm] = input_embedding_copy(model, device)
+        if llm in lens_needed:
+            lenses[llm] = Lens.from_model(model, device)
         for group in run_passes(
-            model, [(i, passes[i]) for i in todo], embeddings, tokenized, groups,
-            batch_size=settings.batch_size, n_tokens_store=n_tokens_store, out_dtype=DTYPES[settings.store_dtype],
-            pad_id=pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
+            model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups,
+            batch_size=settings.batch_size, n_tokens_store=max(prep.tokenized.lengths),
+            out_dtype=DTYPES[settings.store_dtype], pad_id=_pad_id(prep.tokenizer),
+            skip=lambda i, g: bool(done_pp[i, g].all()),
         ):
             writer.write_region(group.pass_index, group.prompts, group.resid_gltd, group.final_gtd)
             bar.set_description(f"{passes[group.pass_index].name}")
             bar.set_postfix_str(f"{speed.add(group.n_real_tokens):.0f} tok/s")
-            bar.update(group.prompts.stop - group.prompts.start - int(done_pp[group.pass_index, group.prompts].sum()))
+            bar.update(group.prompts.stop - group.prompts.start)
         embeddings.clear()
         del model
         release_memory()
+    for source in sorted(lens_needed - lenses.keys()):  # an unembedding whose LLM ran no pass
+        model = load_model(refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code)
+        lenses[source] = Lens.from_model(model)
+        del model
+        release_memory()
+    return lenses
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    prep = _prepare(settings)
+    writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: _make_template(prep))
+    stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
+    groups = write_groups(len(prep.tokenized.texts), stored_chunk, settings.batch_size)
+    done_pp, lens_done = writer.done_pp(), writer.lens_done()
+    if done_pp.all() and lens_done.all():
+        log(f"{prep.path} is already complete; nothing to do (pass --overwrite to capture again)")
+        return prep.path
+    total = int(sum(g.stop - g.start for i in range(len(prep.passes)) for g in groups if not done_pp[i, g].all()))
+    bar = tqdm(total=total, unit="prompt", desc="capture", disable=not progress, leave=True)
+    lenses = _residual_stage(prep, writer, groups, bar)
     bar.close()
+    if settings.lens and not lens_done.all():
+        bar = tqdm(total=int((~lens_done).sum()), unit="prompt", desc="lens statistics", disable=not progress)
+        write_lens_statistics(
+            writer, [lenses[p.unembedding] for p in prep.passes], [(q.left, q.right) for q in prep.pairs],
+            prep.fingerprint["top_k"], prep.tracked[0], groups, device=prep.resolved.device,
+            on_group=lambda g: bar.update(g.stop - g.start),
+        )
+        bar.close()
     writer.finalize({"completed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-    return path
+    return prep.path

@@ -121,6 +121,71 @@ def build_template(
 
 
 def encoding(ds: xr.Dataset) -> dict[str, dict]:
-    """Zstd for the float arrays: cheap, and it still saves a little on activations."""
+    """Zstd for the data arrays: cheap, and it still saves a little on activations."""
     zstd = zarr.codecs.ZstdCodec(level=3)
-    return {name: {"compressors": [zstd]} for name in ("resid", "final") if name in ds}
+    return {name: {"compressors": [zstd]} for name, var in ds.data_vars.items() if var.ndim >= 3}
+
+
+LENS_NAMES = ("raw", "norm")
+PASS_STATS = ("entropy", "lse", "topk_id", "topk_logit", "tracked_logit")
+PAIR_STATS = ("kl", "rise_id", "rise_shift", "fall_id", "fall_shift")
+_STAT_ATTRS = {
+    "entropy": {"long_name": "entropy of the lens distribution", "units": "nats"},
+    "lse": {"long_name": "log-sum-exp of the lens logits (log partition)", "units": "nats"},
+    "topk_id": {"long_name": "ids of the k largest lens logits, largest first"},
+    "topk_logit": {"long_name": "the k largest lens logits, largest first"},
+    "tracked_logit": {"long_name": "lens logit of each tracked token"},
+    "kl": {"long_name": "KL(right || left) of the lens distributions", "units": "nats"},
+    "rise_id": {"long_name": "ids of the k tokens whose logit rose most from left to right"},
+    "rise_shift": {"long_name": "logit shift right - left of rise_id (positive, largest first)"},
+    "fall_id": {"long_name": "ids of the k tokens whose logit fell most from left to right"},
+    "fall_shift": {"long_name": "logit shift right - left of fall_id (negative, most negative first)"},
+}
+
+
+def add_lens_variables(
+    ds: xr.Dataset, *, pairs: list[tuple[str, str, str]], top_k: int, tracked_ids: list[int],
+    tracked_strs: list[str], chunk_prompt: int,
+) -> xr.Dataset:
+    """Add the (lazily empty) logit-lens statistics to a template.
+
+    ``pairs`` are (name, left pass, right pass). Integer ids of unwritten regions read
+    as 0: trust them only where ``lens_done`` is set.
+    """
+    n_pass, n_prompts = ds.sizes["pass_"], ds.sizes["prompt"]
+    n_layers1, n_tokens = ds.sizes["layer"], ds.sizes["token"]
+    n_lens, n_pair = len(LENS_NAMES), len(pairs)
+    position = ("prompt", "layer", "token")
+    extra = {"k": top_k, "tracked": len(tracked_ids)}
+
+    def empty(lead: str, n_lead: int, tail: str | None, dtype: str):
+        shape = (n_lead, n_lens, n_prompts, n_layers1, n_tokens) + ((extra[tail],) if tail else ())
+        chunks = (1, 1, chunk_prompt, n_layers1, n_tokens) + ((extra[tail],) if tail else ())
+        fill = np.nan if dtype == "float32" else -1
+        dims = (lead, "lens", *position) + ((tail,) if tail else ())
+        return dims, da.full(shape, fill, dtype=dtype, chunks=chunks)
+
+    layout = {
+        "entropy": ("pass_", None, "float32"), "lse": ("pass_", None, "float32"),
+        "topk_id": ("pass_", "k", "int32"), "topk_logit": ("pass_", "k", "float32"),
+        "kl": ("pair", None, "float32"), "rise_id": ("pair", "k", "int32"), "rise_shift": ("pair", "k", "float32"),
+        "fall_id": ("pair", "k", "int32"), "fall_shift": ("pair", "k", "float32"),
+    }
+    if tracked_ids:
+        layout["tracked_logit"] = ("pass_", "tracked", "float32")
+    data = {}
+    for name, (lead, tail, dtype) in layout.items():
+        dims, array = empty(lead, n_pass if lead == "pass_" else n_pair, tail, dtype)
+        data[name] = (dims, array, _STAT_ATTRS[name])
+    data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=chunk_prompt),
+                         {"long_name": "lens statistics of this prompt fully written"})
+    coords = {
+        "lens": ("lens", _strings(LENS_NAMES)),
+        "pair": ("pair", _strings([p[0] for p in pairs])),
+        "left": ("pair", _strings([p[1] for p in pairs])),
+        "right": ("pair", _strings([p[2] for p in pairs])),
+        "k": ("k", np.arange(top_k, dtype=np.int64)),
+        "tracked_id": ("tracked", np.asarray(tracked_ids, dtype=np.int64)),
+        "tracked_str": ("tracked", _strings(tracked_strs)),
+    }
+    return ds.assign_coords(coords).assign(data)

@@ -71,6 +71,12 @@ class StoreWriter:
         """The ``done(pass_, prompt)`` flags as a numpy bool array."""
         return np.asarray(self.group["done"][...], dtype=bool)
 
+    def lens_done(self) -> np.ndarray:
+        """The ``lens_done(prompt)`` flags; all True when the store has no lens statistics."""
+        if "lens_done" not in self.group:
+            return np.ones(self.group["done"].shape[1], dtype=bool)
+        return np.asarray(self.group["lens_done"][...], dtype=bool)
+
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
         """Write one pass x prompt-group region, then flag it done."""
         resid, final = self.group["resid"], self.group["final"]

@@ -33,7 +33,7 @@ PROMPTS = [
 
 
 def _config(arch: str, **overrides):
-    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128)
@@ -48,6 +48,8 @@ def _config(arch: str, **overrides):
         cfg = MistralConfig(**common, sliding_window=None)
     elif arch == "gemma":
         cfg = GemmaConfig(**common, head_dim=8)
+    elif arch == "gemma2":
+        cfg = Gemma2Config(**common, head_dim=8)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -1,0 +1,95 @@
+"""The statistics stage of a capture: logit-lens statistics from the stored residuals.
+
+It runs after every pass's residuals are written, when both models' lenses are in
+memory, and reads the residuals back from the store. Computing from the stored values
+(not the in-memory ones) means every statistic is reproducible from the store alone,
+and per-pass and per-pair numbers are computed from the same states.
+
+Axes legend: p = pass, q = pair, g = prompt in the group, l = layer, t = token,
+d = hidden, n = flattened real (non-padding) position, k = top-k rank, j = tracked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from capture.lens import Lens, lens_statistics
+from store.schema import LENS_NAMES
+from store.writer import StoreWriter
+
+ROWS_PER_BLOCK = 512
+
+
+def _real_mask_glt(n_tokens_g: np.ndarray, n_layers1: int, n_tokens: int) -> np.ndarray:
+    real_gt = np.arange(n_tokens)[None, :] < n_tokens_g[:, None]
+    return np.broadcast_to(real_gt[:, None, :], (len(n_tokens_g), n_layers1, n_tokens))
+
+
+# (statistic, LensStats field, lead axis, trailing axis, fill for padding)
+_FIELDS = (
+    ("entropy", "entropy_pn", "pass", None, np.nan), ("lse", "lse_pn", "pass", None, np.nan),
+    ("topk_id", "topk_id_pnk", "pass", "k", -1), ("topk_logit", "topk_logit_pnk", "pass", "k", np.nan),
+    ("tracked_logit", "tracked_pnj", "pass", "j", np.nan), ("kl", "kl_qn", "pair", None, np.nan),
+    ("rise_id", "rise_id_qnk", "pair", "k", -1), ("rise_shift", "rise_shift_qnk", "pair", "k", np.nan),
+    ("fall_id", "fall_id_qnk", "pair", "k", -1), ("fall_shift", "fall_shift_qnk", "pair", "k", np.nan),
+)
+
+
+def _group_statistics(
+    resid_pgltd: np.ndarray, mask_glt: np.ndarray, lenses: list[Lens], pairs: list[tuple[int, int]],
+    top_k: int, tracked_ids: list[int], device: torch.device, vocab_chunk: int,
+) -> dict[str, np.ndarray]:
+    """All statistics of one prompt group as arrays shaped (p or q, lens, g, l, t[, k or j])."""
+    n_pass = resid_pgltd.shape[0]
+    real_n = mask_glt.reshape(-1)
+    h_pnd = torch.from_numpy(resid_pgltd.reshape(n_pass, real_n.size, -1)[:, real_n])
+    leads = {"pass": n_pass, "pair": len(pairs)}
+    tails = {None: (), "k": (top_k,), "j": (len(tracked_ids),)}
+    fields = [f for f in _FIELDS if leads[f[2]] and (f[3] != "j" or tracked_ids)]
+    out = {
+        name: np.full((leads[lead], len(LENS_NAMES), real_n.size, *tails[tail]), fill,
+                      np.int32 if fill == -1 else np.float32)
+        for name, _, lead, tail, fill in fields
+    }
+    for lens_i, lens_name in enumerate(LENS_NAMES):
+        for start in range(0, h_pnd.shape[1], ROWS_PER_BLOCK):
+            rows = np.flatnonzero(real_n)[start:start + ROWS_PER_BLOCK]
+            h_by_pass = [h_pnd[p, start:start + ROWS_PER_BLOCK].to(device) for p in range(n_pass)]
+            if lens_name == "norm":
+                h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
+            stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
+            for name, field, *_ in fields:
+                out[name][:, lens_i, rows] = getattr(stats, field).cpu().numpy()
+    return {name: values.reshape(*values.shape[:2], *mask_glt.shape, *values.shape[3:])
+            for name, values in out.items()}
+
+
+def write_lens_statistics(
+    writer: StoreWriter,
+    lenses: list[Lens],
+    pairs: list[tuple[int, int]],
+    top_k: int,
+    tracked_ids: list[int],
+    groups: list[slice],
+    device: torch.device | str = "cpu",
+    vocab_chunk: int = 8192,
+    on_group: Callable[[slice], None] = lambda group: None,
+) -> None:
+    """Compute and write the statistics of every prompt group not yet flagged ``lens_done``."""
+    root = writer.group
+    n_tokens_p = np.asarray(root["n_tokens"][...])
+    n_layers1, n_tokens = root["resid"].shape[2], root["resid"].shape[3]
+    done = np.asarray(root["lens_done"][...], dtype=bool)
+    for group in groups:
+        if done[group].all():
+            continue
+        resid = np.asarray(root["resid"][:, group], dtype=np.float32)
+        mask = _real_mask_glt(n_tokens_p[group], n_layers1, n_tokens)
+        arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), vocab_chunk)
+        for name, values in arrays.items():
+            root[name][:, :, group] = values
+        root["lens_done"][group] = True
+        on_group(group)

@@ -1,0 +1,114 @@
+"""Logit-lens statistics against a plain float64 reference, one position at a time.
+
+The reference follows the formulas of the legacy format (section 1.4 of
+legacy-format.md): z = h W^T, p = softmax(z), entropy = -sum p log p,
+KL(right || left) = sum p_r (log p_r - log p_l), shifts = z_r - z_l.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capture.lens import Lens, lens_statistics
+from capture.models import final_norm
+from tests.conftest import ARCHS, PROMPTS, load
+
+
+def ref_position(h_l, h_r, w_l, w_r, k, tracked):
+    """Plain float64 statistics for one position (lists, loops, no batching)."""
+    z_l = [sum(float(a) * float(b) for a, b in zip(h_l, row, strict=True)) for row in w_l.double()]
+    z_r = [sum(float(a) * float(b) for a, b in zip(h_r, row, strict=True)) for row in w_r.double()]
+
+    def log_softmax(z):
+        m = max(z)
+        lse = m + math.log(sum(math.exp(x - m) for x in z))
+        return [x - lse for x in z]
+
+    lp_l, lp_r = log_softmax(z_l), log_softmax(z_r)
+    entropy_l = -sum(math.exp(a) * a for a in lp_l)
+    entropy_r = -sum(math.exp(a) * a for a in lp_r)
+    kl = sum(math.exp(b) * (b - a) for a, b in zip(lp_l, lp_r, strict=True))
+    shift = [b - a for a, b in zip(z_l, z_r, strict=True)]
+    order = sorted(range(len(shift)), key=lambda i: -shift[i])
+    top_l = sorted(range(len(z_l)), key=lambda i: -z_l[i])[:k]
+    return {
+        "entropy_l": entropy_l, "entropy_r": entropy_r, "kl": kl,
+        "rise": order[:k], "rise_val": [shift[i] for i in order[:k]],
+        "fall": order[::-1][:k], "fall_val": [shift[i] for i in order[::-1][:k]],
+        "top_l": top_l, "top_l_val": [z_l[i] for i in top_l],
+        "tracked_l": [z_l[i] for i in tracked], "tracked_r": [z_r[i] for i in tracked],
+    }
+
+
+def _close(a, b, rel=1e-5, abs_=1e-7):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + abs_
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama", "gemma"])
+def test_statistics_match_plain_reference(arch, make_model):
+    left, right = load(make_model(arch, seed=0)), load(make_model(arch, seed=1))
+    lens_l, lens_r = Lens.from_model(left), Lens.from_model(right)
+    gen = torch.Generator().manual_seed(0)
+    h_l = torch.randn(6, 32, generator=gen) * 3
+    h_r = h_l + 0.5 * torch.randn(6, 32, generator=gen)
+    tracked = [0, 5, 77, 319]
+    # Small chunks exercise the online merge across many chunks.
+    stats = lens_statistics([h_l, h_r], [lens_l, lens_r], [(0, 1)], top_k=5, tracked_ids=tracked, vocab_chunk=37)
+    for n in range(h_l.shape[0]):
+        ref = ref_position(h_l[n], h_r[n], lens_l.weight_vd, lens_r.weight_vd, 5, tracked)
+        assert _close(float(stats.entropy_pn[0, n]), ref["entropy_l"])
+        assert _close(float(stats.entropy_pn[1, n]), ref["entropy_r"])
+        assert _close(float(stats.kl_qn[0, n]), ref["kl"], abs_=1e-6)
+        assert stats.rise_id_qnk[0, n].tolist() == ref["rise"]
+        assert stats.fall_id_qnk[0, n].tolist() == ref["fall"]
+        assert stats.topk_id_pnk[0, n].tolist() == ref["top_l"]
+        for got, want in [(stats.rise_shift_qnk[0, n], ref["rise_val"]), (stats.fall_shift_qnk[0, n], ref["fall_val"]),
+                          (stats.topk_logit_pnk[0, n], ref["top_l_val"]), (stats.tracked_pnj[0, n], ref["tracked_l"]),
+                          (stats.tracked_pnj[1, n], ref["tracked_r"])]:
+            assert all(_close(float(g), w, abs_=1e-5) for g, w in zip(got, want, strict=True)), (got, want)
+
+
+def test_peaked_distribution_keeps_its_entropy(make_model):
+    lens = Lens.from_model(load(make_model("llama", seed=0)))
+    w = lens.weight_vd[7:8]
+    h = w * (60 / (w @ w.T))  # a state pointing at one token: logit 60 there, nearly all mass on it
+    stats = lens_statistics([h], [lens], [], top_k=3, tracked_ids=[], vocab_chunk=50)
+    ref = ref_position(h[0], h[0], lens.weight_vd, lens.weight_vd, 3, [])
+    assert ref["entropy_l"] < 1e-2
+    assert _close(float(stats.entropy_pn[0, 0]), ref["entropy_l"], rel=1e-4, abs_=1e-9)
+
+
+def test_kl_of_identical_passes_is_zero_and_kl_is_nonnegative(make_model):
+    lens_a, lens_b = Lens.from_model(load(make_model("qwen2", 0))), Lens.from_model(load(make_model("qwen2", 1)))
+    h = torch.randn(20, 32) * 2
+    stats = lens_statistics([h, h, h], [lens_a, lens_a, lens_b], [(0, 1), (0, 2), (2, 0)], top_k=4, tracked_ids=[])
+    assert torch.equal(stats.kl_qn[0], torch.zeros(20))
+    assert (stats.kl_qn[1:] > 0).all()
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma2"])
+def test_norm_lens_at_last_layer_reproduces_model_logits(arch, make_model, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    overrides = {"final_logit_softcapping": 0.05} if arch == "gemma2" else {}
+    model = load(make_model("gemma2" if arch == "gemma2" else arch, **overrides))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    last_block_raw = []
+    handle = model.get_decoder().layers[-1].register_forward_hook(
+        lambda m, a, o: last_block_raw.append(o[0] if isinstance(o, tuple) else o)
+    ) if hasattr(model.get_decoder(), "layers") else model.transformer.h[-1].register_forward_hook(
+        lambda m, a, o: last_block_raw.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    lens = Lens.from_model(model)
+    normed = lens.apply_norm(last_block_raw[0][0])
+    torch.testing.assert_close(normed, out.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lens.logits(normed), out.logits[0], atol=1e-5, rtol=1e-5)
+    assert final_norm(model) is not None
