@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,9 +53,10 @@ class Lens:
         bias = getattr(head, "bias", None)
         norm = copy.deepcopy(final_norm(model)).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         return cls(
-            weight_vd=head.weight.detach().to(device).clone(),
+            # A view, not a copy: it keeps the head weight alive after the model is freed.
+            weight_vd=head.weight.detach().to(device),
             norm=norm,
-            bias_v=None if bias is None else bias.detach().to(device=device, dtype=torch.float32).clone(),
+            bias_v=None if bias is None else bias.detach().to(device=device, dtype=torch.float32),
             multiplier=multiplier,
             softcap=getattr(config, "final_logit_softcapping", None),
         )
@@ -66,15 +68,17 @@ class Lens:
     def apply_norm(self, h_nd: torch.Tensor) -> torch.Tensor:
         return self.norm(h_nd.float()).float()
 
-    def logits(self, h_nd: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Float32 logits of rows ``h_nd`` for vocabulary rows ``start:stop``."""
-        z_nv = h_nd.float() @ self.weight_vd[start:stop].float().T
+    def logits(
+        self, h_nd: torch.Tensor, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits of rows ``h_nd`` for vocabulary rows ``start:stop`` (into ``out`` if given)."""
+        z_nv = torch.matmul(h_nd.float(), self.weight_vd[start:stop].float().T, out=out)
         if self.bias_v is not None:
             z_nv += self.bias_v[start:stop]
         if self.multiplier != 1.0:
             z_nv *= self.multiplier
         if self.softcap:
-            z_nv = torch.tanh(z_nv / self.softcap) * self.softcap
+            z_nv.div_(self.softcap).tanh_().mul_(self.softcap)
         return z_nv
 
     def gather(self, h_nd: torch.Tensor, ids_j: torch.Tensor) -> torch.Tensor:
@@ -88,59 +92,109 @@ class Lens:
         return z_nj
 
 
+GROUP = 64  # vocabulary entries per group for the grouped top-k and the partial sums
+
+
+def _grouped(x_nv: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``x_nv`` as (n, groups, GROUP) when the grouped top-k applies (CPU, whole groups), else None."""
+    n, width = x_nv.shape
+    if x_nv.is_cuda or width % GROUP or width // GROUP < k:
+        return None
+    return x_nv.view(n, width // GROUP, GROUP)
+
+
+def _rowsum64(x_nv: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """Row sums accumulated in float64 from float32 partial sums of a few entries (cheap, and exact
+    enough that KL of nearly equal distributions keeps its digits)."""
+    n, width = x_nv.shape
+    if width % group:
+        return x_nv.sum(dim=1, dtype=torch.float64)
+    return x_nv.view(n, width // group, group).sum(dim=2).sum(dim=1, dtype=torch.float64)
+
+
 @dataclass
 class _TopK:
-    """Running top-k (values and vocabulary ids) merged chunk by chunk."""
+    """Running top-k (values and vocabulary ids, best first) merged chunk by chunk.
+
+    On the CPU a full ``topk`` over every chunk costs more than the lens product itself,
+    so candidates are found by group: the k best entries of a chunk lie in its k groups
+    with the best group maxima, and only groups whose maximum beats the current k-th
+    value can contribute at all (usually few, after the first chunk).
+    """
 
     k: int
+    largest: bool = True
     values_nk: torch.Tensor | None = None
     ids_nk: torch.Tensor | None = None
 
-    def update(self, chunk_nv: torch.Tensor, start: int) -> None:
-        k = min(self.k, chunk_nv.shape[1])
-        vals, idx = chunk_nv.topk(k, dim=1)
-        idx = idx + start
+    def _candidates(
+        self, chunk_nv: torch.Tensor, best_ng: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n, width = chunk_nv.shape
+        k = min(self.k, width)
+        if best_ng is None:
+            return chunk_nv.topk(k, dim=1, largest=self.largest)
+        if self.values_nk is not None:
+            kth_n1 = self.values_nk[:, -1:]
+            k = min(k, int(((best_ng > kth_n1) if self.largest else (best_ng < kth_n1)).sum(1).max()))
+            if k == 0:
+                return None
+        group_ids = best_ng.topk(k, dim=1, largest=self.largest).indices
+        ids = (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=chunk_nv.device)).reshape(n, -1)
+        return chunk_nv.gather(1, ids), ids
+
+    def update(self, chunk_nv: torch.Tensor, start: int, best_ng: torch.Tensor | None = None) -> None:
+        """Fold in a chunk; ``best_ng`` are its group maxima (minima for ``largest=False``), if grouped."""
+        found = self._candidates(chunk_nv, best_ng)
+        if found is None:
+            return
+        vals, idx = found[0], found[1] + start
         if self.values_nk is not None:
             vals = torch.cat([self.values_nk, vals], dim=1)
             idx = torch.cat([self.ids_nk, idx], dim=1)
-            if vals.shape[1] > self.k:
-                vals, order = vals.topk(self.k, dim=1)
-                idx = idx.gather(1, order)
+        if vals.shape[1] > self.k or self.values_nk is None:
+            vals, order = vals.topk(min(self.k, vals.shape[1]), dim=1, largest=self.largest)
+            idx = idx.gather(1, order)
         self.values_nk, self.ids_nk = vals, idx
 
 
 @dataclass
 class _Softmax:
-    """Online log-sum-exp, entropy and the KL numerators of pairs whose right side this is."""
+    """Online log-sum-exp and entropy of every pass, relative to the running maximum."""
 
-    max_n: torch.Tensor
-    sum_n: torch.Tensor  # sum exp(z - max)
-    zsum_n: torch.Tensor  # sum exp(z - max) * (z - max)
+    max_pn: torch.Tensor
+    sum_pn: torch.Tensor  # sum exp(z - max), float64
+    zsum_pn: torch.Tensor  # sum exp(z - max) * (z - max), float64
 
     @classmethod
-    def empty(cls, n: int, device) -> _Softmax:
-        return cls(torch.full((n,), -torch.inf, device=device), torch.zeros(n, device=device, dtype=torch.float64),
-                   torch.zeros(n, device=device, dtype=torch.float64))
+    def empty(cls, n_pass: int, n: int, device) -> _Softmax:
+        zeros = torch.zeros(n_pass, n, device=device, dtype=torch.float64)
+        return cls(torch.full((n_pass, n), -torch.inf, device=device), zeros, zeros.clone())
 
-    def update(self, z_nv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold in a chunk; return (exp(z - new max), rescale factor for older sums)."""
-        new_max = torch.maximum(self.max_n, z_nv.max(dim=1).values)
-        rescale = torch.exp(self.max_n - new_max).double()
-        shift = (self.max_n - new_max).double()
-        e_nv = torch.exp(z_nv - new_max[:, None])
-        # Re-reference the old (z - max) sums to the new max before adding the chunk.
-        old_sum = self.sum_n
-        self.sum_n = old_sum * rescale + e_nv.sum(dim=1, dtype=torch.float64)
-        carried = torch.where(old_sum > 0, rescale * (self.zsum_n + old_sum * shift), 0.0)
-        self.zsum_n = carried + (e_nv * (z_nv - new_max[:, None])).sum(dim=1, dtype=torch.float64)
-        self.max_n = new_max
-        return e_nv, rescale
+    def begin_chunk(self, z_pnv: torch.Tensor, e_pnv: torch.Tensor) -> torch.Tensor:
+        """Move the running max to include the chunk and write exp(z - max) into ``e_pnv``.
+
+        Returns the factor that rescales sums taken relative to the old maximum.
+        """
+        new_max = torch.maximum(self.max_pn, z_pnv.amax(dim=2))
+        shift = (self.max_pn - new_max).double()
+        rescale = torch.exp(shift)
+        # Re-reference the old sums to the new max: sum e'(z - new) = r * (sum e(z - old) + sum e * shift).
+        self.zsum_pn = torch.where(self.sum_pn > 0, rescale * (self.zsum_pn + self.sum_pn * shift), 0.0)
+        self.sum_pn = self.sum_pn * rescale
+        self.max_pn = new_max
+        torch.sub(z_pnv, new_max[:, :, None], out=e_pnv).exp_()
+        return rescale
+
+    def add_chunk(self, chunk_sum_pn: torch.Tensor, chunk_zsum_pn: torch.Tensor) -> None:
+        self.sum_pn += chunk_sum_pn
+        self.zsum_pn += chunk_zsum_pn
 
     def lse(self) -> torch.Tensor:
-        return self.max_n.double() + torch.log(self.sum_n)
+        return self.max_pn.double() + torch.log(self.sum_pn)
 
     def entropy(self) -> torch.Tensor:
-        return torch.log(self.sum_n) - self.zsum_n / self.sum_n
+        return torch.log(self.sum_pn) - self.zsum_pn / self.sum_pn
 
 
 @dataclass
@@ -167,55 +221,105 @@ def lens_statistics(
     top_k: int,
     tracked_ids: list[int],
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    backend: str = "auto",
 ) -> LensStats:
     """Entropy, log-sum-exp, top-k and tracked logits per pass; KL(right || left) and the top-k
     logit rises (right - left) and falls per pair, for rows ``h_by_pass[p]`` (n x d each).
 
     The inputs are the states the lens reads (already normed for the ``norm`` lens).
+    ``backend``: ``kernels`` (fused numba kernels, CPU only), ``torch``, or ``auto``
+    (kernels on the CPU, torch elsewhere). Both give the same numbers.
     """
     n, device = h_by_pass[0].shape[0], h_by_pass[0].device
     vocab = lens_by_pass[0].vocab
     if any(lens.vocab != vocab for lens in lens_by_pass):
         raise ValueError("all unembeddings must have the same vocabulary size")
+    if backend == "auto":
+        backend = "kernels" if device.type == "cpu" else "torch"
     k = min(top_k, vocab)
-    soft = [_Softmax.empty(n, device) for _ in h_by_pass]
+    soft = _Softmax.empty(len(h_by_pass), n, device)
+    run = _chunks_with_kernels if backend == "kernels" else _chunks_with_torch
+    kl_num, tops, rises, falls = run(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk)
+    lse = soft.lse()
+    kl = [kl_num[q] / soft.sum_pn[r] - lse[r] + lse[lft] for q, (lft, r) in enumerate(pairs)]
+    ids_j = torch.as_tensor(tracked_ids, dtype=torch.long, device=device)
+    return LensStats(
+        entropy_pn=soft.entropy().float(),
+        lse_pn=lse.float(),
+        topk_id_pnk=tops[1], topk_logit_pnk=tops[0],
+        tracked_pnj=torch.stack([lens.gather(h, ids_j) for lens, h in zip(lens_by_pass, h_by_pass, strict=True)]),
+        # KL >= 0; float32 rounding can leave -1e-9 where the two distributions are equal.
+        kl_qn=torch.stack(kl).clamp(min=0).float() if pairs else torch.empty(0, n, device=device),
+        rise_id_qnk=rises[1], rise_shift_qnk=rises[0], fall_id_qnk=falls[1], fall_shift_qnk=falls[0],
+    )
+
+
+def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
+    """CPU path: torch for the products and the exponentials, numba for sums, top-k and pairs."""
+    from capture.kernels import FLOAT32_MAX, pair_chunk, pass_chunk
+
+    n_pass, n, n_pair = len(h_by_pass), h_by_pass[0].shape[0], len(pairs)
+    top = torch.full((n_pass, n, k), -FLOAT32_MAX), torch.full((n_pass, n, k), -1, dtype=torch.long)
+    rise = torch.full((n_pair, n, k), -FLOAT32_MAX), torch.full((n_pair, n, k), -1, dtype=torch.long)
+    fall = torch.full((n_pair, n, k), FLOAT32_MAX), torch.full((n_pair, n, k), -1, dtype=torch.long)
+    kl_num = torch.zeros(n_pair, n, dtype=torch.float64)
+    chunk_sum, chunk_zsum = torch.empty(n_pass, n, dtype=torch.float64), torch.empty(n_pass, n, dtype=torch.float64)
+    left = np.array([p[0] for p in pairs], dtype=np.int64)
+    right = np.array([p[1] for p in pairs], dtype=np.int64)
+    # Buffers reused across chunks: fresh chunk-sized tensors cost page faults, measurably.
+    z_full = torch.empty(n_pass, n, min(vocab_chunk, vocab))
+    e_full = torch.empty_like(z_full)
+    for start in range(0, vocab, vocab_chunk):
+        stop = min(start + vocab_chunk, vocab)
+        fits = stop - start == z_full.shape[2]
+        z_pnv = z_full if fits else torch.empty(n_pass, n, stop - start)
+        e_pnv = e_full if fits else torch.empty_like(z_pnv)
+        for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
+            lens.logits(h, start, stop, out=z_pnv[p])
+        rescale_pn = soft.begin_chunk(z_pnv, e_pnv)
+        pass_chunk(z_pnv.numpy(), e_pnv.numpy(), soft.max_pn.numpy(), start, chunk_sum.numpy(), chunk_zsum.numpy(),
+                   top[0].numpy(), top[1].numpy())
+        soft.add_chunk(chunk_sum, chunk_zsum)
+        if n_pair:
+            pair_chunk(z_pnv.numpy(), e_pnv.numpy(), left, right, rescale_pn.numpy(), start, kl_num.numpy(),
+                       rise[0].numpy(), rise[1].numpy(), fall[0].numpy(), fall[1].numpy())
+    return list(kl_num), top, rise, fall
+
+
+def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
+    """Device-agnostic path (GPU): plain torch ops, grouped top-k on the CPU."""
+    n, device = h_by_pass[0].shape[0], h_by_pass[0].device
     tops = [_TopK(k) for _ in h_by_pass]
-    rises, falls = [_TopK(k) for _ in pairs], [_TopK(k) for _ in pairs]
+    rises, falls = [_TopK(k) for _ in pairs], [_TopK(k, largest=False) for _ in pairs]
     kl_num = [torch.zeros(n, device=device, dtype=torch.float64) for _ in pairs]
     for start in range(0, vocab, vocab_chunk):
         stop = min(start + vocab_chunk, vocab)
-        z_by_pass = [lens.logits(h, start, stop) for lens, h in zip(lens_by_pass, h_by_pass, strict=True)]
-        e_by_pass, rescale_by_pass = [], []
-        for p, z_nv in enumerate(z_by_pass):
-            e_nv, rescale = soft[p].update(z_nv)
-            e_by_pass.append(e_nv)
-            rescale_by_pass.append(rescale)
+        z_pnv = torch.empty(len(h_by_pass), n, stop - start, device=device)
+        for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
+            lens.logits(h, start, stop, out=z_pnv[p])
             if k:
-                tops[p].update(z_nv, start)
+                groups = _grouped(z_pnv[p], k)
+                tops[p].update(z_pnv[p], start, groups.amax(2) if groups is not None else None)
+        e_pnv = torch.empty_like(z_pnv)
+        rescale_pn = soft.begin_chunk(z_pnv, e_pnv)
+        tmp_nv = torch.empty_like(z_pnv[0])
+        soft.add_chunk(
+            torch.stack([_rowsum64(e) for e in e_pnv]),
+            torch.stack([_rowsum64(torch.sub(z, m[:, None], out=tmp_nv).mul_(e))
+                         for z, m, e in zip(z_pnv, soft.max_pn, e_pnv, strict=True)]),
+        )
         for q, (left, right) in enumerate(pairs):
-            shift_nv = z_by_pass[right] - z_by_pass[left]
-            weighted_n = (e_by_pass[right] * shift_nv).sum(dim=1, dtype=torch.float64)
-            kl_num[q] = kl_num[q] * rescale_by_pass[right] + weighted_n
+            shift_nv = torch.sub(z_pnv[right], z_pnv[left], out=tmp_nv)
             if k:
-                rises[q].update(shift_nv, start)
-                falls[q].update(-shift_nv, start)
-    lse = [s.lse() for s in soft]
-    kl = [kl_num[q] / soft[r].sum_n - lse[r] + lse[lft] for q, (lft, r) in enumerate(pairs)]
-    ids_j = torch.as_tensor(tracked_ids, dtype=torch.long, device=device)
-    empty_nk = torch.empty(n, 0, device=device)
+                groups = _grouped(shift_nv, k)
+                # (torch.aminmax is several times slower than amax plus amin here)
+                rises[q].update(shift_nv, start, groups.amax(2) if groups is not None else None)
+                falls[q].update(shift_nv, start, groups.amin(2) if groups is not None else None)
+            kl_num[q] = kl_num[q] * rescale_pn[right] + _rowsum64(shift_nv.mul_(e_pnv[right]))
 
-    def stack(items, fallback):
-        return torch.stack(items) if items else fallback
+    def stack(items: list[_TopK], lead: int):
+        if not items or not k:
+            return torch.empty(lead, n, k, device=device), torch.empty(lead, n, k, dtype=torch.long, device=device)
+        return torch.stack([t.values_nk for t in items]), torch.stack([t.ids_nk for t in items])
 
-    return LensStats(
-        entropy_pn=torch.stack([s.entropy() for s in soft]).float(),
-        lse_pn=torch.stack(lse).float(),
-        topk_id_pnk=torch.stack([t.ids_nk if k else empty_nk.long() for t in tops]),
-        topk_logit_pnk=torch.stack([t.values_nk if k else empty_nk for t in tops]),
-        tracked_pnj=torch.stack([lens.gather(h, ids_j) for lens, h in zip(lens_by_pass, h_by_pass, strict=True)]),
-        kl_qn=stack([x.clamp(min=0).float() for x in kl], torch.empty(0, n, device=device)),
-        rise_id_qnk=stack([r.ids_nk if k else empty_nk.long() for r in rises], torch.empty(0, n, k).long()),
-        rise_shift_qnk=stack([r.values_nk if k else empty_nk for r in rises], torch.empty(0, n, k)),
-        fall_id_qnk=stack([f.ids_nk if k else empty_nk.long() for f in falls], torch.empty(0, n, k).long()),
-        fall_shift_qnk=stack([-f.values_nk if k else empty_nk for f in falls], torch.empty(0, n, k)),
-    )
+    return kl_num, stack(tops, len(h_by_pass)), stack(rises, len(pairs)), stack(falls, len(pairs))

@@ -11,6 +11,7 @@ import copy
 import gc
 import json
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -112,12 +113,15 @@ def load_model(
     return model
 
 
-def release_memory() -> None:
+def release_memory(model_ref: weakref.ref | None = None) -> None:
     """Return freed model memory (CPU and CUDA) before the next model loads.
 
-    Call it after dropping every reference to the model.
+    Call it after dropping every reference to the model. With a weak reference to
+    the model, the (slow, for a large heap) garbage collection runs only when a
+    reference cycle still holds the model alive.
     """
-    gc.collect()
+    if model_ref is None or model_ref() is not None:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -222,7 +226,9 @@ def load_input_embedding(
 
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
-        with _parameters_on_meta():
+        from transformers.initialization import no_init_weights
+
+        with _parameters_on_meta(), no_init_weights():
             skeleton = AutoModelForCausalLM.from_config(
                 config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
             )

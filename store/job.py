@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,13 +217,15 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
             bar.set_postfix_str(f"{speed.add(group.n_real_tokens):.0f} tok/s")
             bar.update(group.prompts.stop - group.prompts.start)
         embeddings.clear()
+        model_ref = weakref.ref(model)
         del model
-        release_memory()
+        release_memory(model_ref)
     for source in sorted(lens_needed - lenses.keys()):  # an unembedding whose LLM ran no pass
         model = load_model(refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code)
         lenses[source] = Lens.from_model(model)
+        model_ref = weakref.ref(model)
         del model
-        release_memory()
+        release_memory(model_ref)
     return lenses
 
 

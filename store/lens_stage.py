@@ -20,7 +20,7 @@ from capture.lens import Lens, lens_statistics
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter
 
-ROWS_PER_BLOCK = 512
+ROWS_PER_BLOCK = 1024
 
 
 def _real_mask_glt(n_tokens_g: np.ndarray, n_layers1: int, n_tokens: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def write_lens_statistics(
     tracked_ids: list[int],
     groups: list[slice],
     device: torch.device | str = "cpu",
-    vocab_chunk: int = 8192,
+    vocab_chunk: int = 4096,
     on_group: Callable[[slice], None] = lambda group: None,
 ) -> None:
     """Compute and write the statistics of every prompt group not yet flagged ``lens_done``."""

@@ -47,8 +47,9 @@ def _close(a, b, rel=1e-5, abs_=1e-7):
     return abs(a - b) <= rel * max(abs(a), abs(b)) + abs_
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama", "gemma"])
-def test_statistics_match_plain_reference(arch, make_model):
+def test_statistics_match_plain_reference(arch, backend, make_model):
     left, right = load(make_model(arch, seed=0)), load(make_model(arch, seed=1))
     lens_l, lens_r = Lens.from_model(left), Lens.from_model(right)
     gen = torch.Generator().manual_seed(0)
@@ -56,7 +57,8 @@ def test_statistics_match_plain_reference(arch, make_model):
     h_r = h_l + 0.5 * torch.randn(6, 32, generator=gen)
     tracked = [0, 5, 77, 319]
     # Small chunks exercise the online merge across many chunks.
-    stats = lens_statistics([h_l, h_r], [lens_l, lens_r], [(0, 1)], top_k=5, tracked_ids=tracked, vocab_chunk=37)
+    stats = lens_statistics([h_l, h_r], [lens_l, lens_r], [(0, 1)], top_k=5, tracked_ids=tracked, vocab_chunk=37,
+                            backend=backend)
     for n in range(h_l.shape[0]):
         ref = ref_position(h_l[n], h_r[n], lens_l.weight_vd, lens_r.weight_vd, 5, tracked)
         assert _close(float(stats.entropy_pn[0, n]), ref["entropy_l"])
@@ -79,6 +81,21 @@ def test_peaked_distribution_keeps_its_entropy(make_model):
     ref = ref_position(h[0], h[0], lens.weight_vd, lens.weight_vd, 3, [])
     assert ref["entropy_l"] < 1e-2
     assert _close(float(stats.entropy_pn[0, 0]), ref["entropy_l"], rel=1e-4, abs_=1e-9)
+
+
+def test_backends_agree_on_a_large_vocabulary(make_model):
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(1)
+    lenses = [Lens(torch.randn(5000, 24, generator=gen), nn.Identity()) for _ in range(2)]
+    h = [torch.randn(33, 24, generator=gen) for _ in range(3)]
+    args = (h, [lenses[0], lenses[1], lenses[0]], [(0, 1), (0, 2), (1, 2)], 7, [3, 4999])
+    a = lens_statistics(*args, vocab_chunk=1024, backend="kernels")
+    b = lens_statistics(*args, vocab_chunk=1024, backend="torch")
+    for field in ("topk_id_pnk", "rise_id_qnk", "fall_id_qnk"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    for field in ("entropy_pn", "lse_pn", "topk_logit_pnk", "kl_qn", "rise_shift_qnk", "fall_shift_qnk", "tracked_pnj"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6, msg=field)
 
 
 def test_kl_of_identical_passes_is_zero_and_kl_is_nonnegative(make_model):

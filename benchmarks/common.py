@@ -1,0 +1,72 @@
+"""Shared helpers for the benchmarks: random-init model pairs built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from capture.prompts import DEV_PROMPTS_FILE
+from capture.tiny import CHAT_FILE, CORPUS_FILE
+
+SHAPES = {
+    # name: (config class, kwargs)
+    "gpt2-small": ("GPT2Config", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "qwen0.5b": ("Qwen2Config", dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                                     num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                     tie_word_embeddings=True, max_position_embeddings=4096)),
+}
+
+
+def build_pair(shape: str, out_dir: Path, vocab_tokens: int = 400) -> tuple[Path, Path]:
+    """Two random-init models of ``shape`` (seeds 0 and 1) with a small byte-level tokenizer."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    dirs = out_dir / f"{shape}-base", out_dir / f"{shape}-sft"
+    if all((d / "config.json").exists() for d in dirs):
+        return dirs
+    bpe = ByteLevelBPETokenizer()
+    texts = CORPUS_FILE.read_text().splitlines() + CHAT_FILE.read_text().splitlines()
+    bpe.train_from_iterator(texts, vocab_size=vocab_tokens, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    cls_name, kwargs = SHAPES[shape]
+    for seed, path in enumerate(dirs):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs))
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        del model
+    return dirs
+
+
+def prompt_set(name: str) -> list[str]:
+    """``dev``: the four dev prompts; ``64x100``: 64 prompts of about 100 tokens from the corpus."""
+    if name == "dev":
+        return DEV_PROMPTS_FILE.read_text().splitlines()
+    lines = CORPUS_FILE.read_text().splitlines()
+    return [" ".join(lines[(i + j) % len(lines)] for j in range(4)) for i in range(64)]
+
+
+@contextmanager
+def timed(results: dict, key: str):
+    start = time.perf_counter()
+    yield
+    results[key] = time.perf_counter() - start
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
