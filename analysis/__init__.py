@@ -4,6 +4,7 @@ The metrics, reports and decompositions arrive with their issues; for now the en
 point is :func:`open_store`, which opens a store lazily after checking it.
 """
 
+from analysis.lens import LensNotSaved, lens_logits
 from store.reader import open_store
 
-__all__ = ["open_store"]
+__all__ = ["LensNotSaved", "lens_logits", "open_store"]

@@ -323,3 +323,41 @@ def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chu
         return torch.stack([t.values_nk for t in items]), torch.stack([t.ids_nk for t in items])
 
     return kl_num, stack(tops, len(h_by_pass)), stack(rises, len(pairs)), stack(falls, len(pairs))
+
+
+NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_unit_offset")
+
+
+def norm_formula(kind: str, h, weight, bias, eps: float, mean):
+    """The final norm as a formula over any array type (torch, numpy, xarray).
+
+    ``mean(x)`` must average over the hidden dimension and keep it broadcastable.
+    ``rmsnorm_unit_offset`` is the Gemma form, which scales by ``1 + weight``.
+    """
+    if kind == "layernorm":
+        centered = h - mean(h)
+        return centered / (mean(centered * centered) + eps) ** 0.5 * weight + bias
+    scale = weight + 1 if kind == "rmsnorm_unit_offset" else weight
+    return h / (mean(h * h) + eps) ** 0.5 * scale
+
+
+def describe_norm(norm: nn.Module) -> dict:
+    """Identify a final norm as one of :data:`NORM_KINDS` by checking it numerically.
+
+    Returns ``{"kind", "eps", "weight", "bias"}`` (float32 tensors); raises ValueError
+    when no known formula reproduces the module.
+    """
+    weight = norm.weight.detach().float().cpu()
+    bias = getattr(norm, "bias", None)
+    bias = torch.zeros_like(weight) if bias is None else bias.detach().float().cpu()
+    eps = next((float(getattr(norm, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(norm, a)), None)
+    if eps is None:
+        raise ValueError(f"{type(norm).__name__} has no eps attribute")
+    h = torch.randn(8, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    with torch.no_grad():
+        expected = copy.deepcopy(norm).float().cpu()(h)
+    for kind in NORM_KINDS:
+        got = norm_formula(kind, h, weight, bias, eps, lambda x: x.mean(-1, keepdim=True))
+        if torch.allclose(got, expected, atol=1e-5, rtol=1e-4):
+            return {"kind": kind, "eps": eps, "weight": weight, "bias": bias}
+    raise ValueError(f"the final norm {type(norm).__name__} matches none of {', '.join(NORM_KINDS)}")

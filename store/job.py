@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from capture.errors import StoreConflict, UsageError
-from capture.lens import Lens
+from capture.lens import Lens, describe_norm
 from capture.models import (
     DTYPES,
     check_compatible,
@@ -35,7 +35,15 @@ from capture.runner import Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings, resolve_models
 from store.lens_stage import write_lens_statistics
 from store.reader import check_store
-from store.schema import LAYER_SEMANTICS, Chunking, add_lens_variables, build_template, choose_chunking, write_groups
+from store.schema import (
+    LAYER_SEMANTICS,
+    Chunking,
+    add_lens_variables,
+    add_saved_lens_variables,
+    build_template,
+    choose_chunking,
+    write_groups,
+)
 from store.writer import StoreWriter, remove_store
 
 
@@ -111,7 +119,8 @@ class _Prepared:
 
     @property
     def lens_sources(self) -> set[str]:
-        return {p.unembedding for p in self.passes} if self.settings.lens else set()
+        wanted = self.settings.lens or self.settings.save_lens
+        return {p.unembedding for p in self.passes} if wanted else set()
 
 
 def _prepare(settings: CaptureSettings) -> _Prepared:
@@ -171,6 +180,9 @@ def _make_template(prep: _Prepared):
         token_pieces=prep.tokenized.pieces, n_layers1=prep.shapes["base"].n_layers + 1,
         hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
     )
+    if settings.save_lens:
+        ds = add_saved_lens_variables(ds, sources=sorted(prep.lens_sources), vocab=prep.shapes["base"].vocab,
+                                      hidden=prep.shapes["base"].hidden)
     if settings.lens:
         ds = add_lens_variables(
             ds, pairs=[tuple(x) for x in prep.fingerprint["pairs"]], top_k=prep.fingerprint["top_k"],
@@ -183,7 +195,8 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
     """Run every pass not yet done, one model resident at a time; return the lenses copied on the way."""
     settings, resolved, passes, refs = prep.settings, prep.resolved, prep.passes, prep.refs
     done_pp = writer.done_pp()
-    lens_needed = prep.lens_sources if not writer.lens_done().all() else set()
+    lens_needed = prep.lens_sources if not writer.lens_done().all() or (
+        prep.settings.save_lens and "saved_lens" not in writer.attrs) else set()
     lenses: dict[str, Lens] = {}
     kept: dict = {}  # input embedding modules of models no longer resident
     plan = schedule(passes)
@@ -229,6 +242,23 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
     return lenses
 
 
+def _save_lenses(writer: StoreWriter, lenses: dict[str, Lens]) -> dict:
+    """Write each unembedding's parameters; return what the attributes record of them."""
+    record = {}
+    for index, source in enumerate(sorted(lenses)):
+        lens = lenses[source]
+        try:
+            norm = describe_norm(lens.norm)
+        except ValueError as exc:
+            detail = f"--save-lens cannot store this model's lens: {exc}; capture without --save-lens"
+            raise UsageError(detail) from None
+        bias = lens.bias_v if lens.bias_v is not None else torch.zeros(lens.vocab)
+        writer.write_saved_lens(index, lens.weight_vd.float().cpu(), bias.cpu(), norm["weight"], norm["bias"])
+        record[source] = {"norm_kind": norm["kind"], "norm_eps": norm["eps"], "logit_multiplier": lens.multiplier,
+                          "logit_softcap": lens.softcap}
+    return record
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -241,13 +271,16 @@ def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
     stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
     groups = write_groups(len(prep.tokenized.texts), stored_chunk, settings.batch_size)
     done_pp, lens_done = writer.done_pp(), writer.lens_done()
-    if done_pp.all() and lens_done.all():
+    lens_saved = not settings.save_lens or "saved_lens" in writer.attrs
+    if done_pp.all() and lens_done.all() and lens_saved:
         log(f"{prep.path} is already complete; nothing to do (pass --overwrite to capture again)")
         return prep.path
     total = int(sum(g.stop - g.start for i in range(len(prep.passes)) for g in groups if not done_pp[i, g].all()))
     bar = tqdm(total=total, unit="prompt", desc="capture", disable=not progress, leave=True)
     lenses = _residual_stage(prep, writer, groups, bar)
     bar.close()
+    if settings.save_lens and "saved_lens" not in writer.attrs:
+        writer.finalize({"saved_lens": _save_lenses(writer, lenses)})
     if settings.lens and not lens_done.all():
         bar = tqdm(total=int((~lens_done).sum()), unit="prompt", desc="lens statistics", disable=not progress)
         write_lens_statistics(

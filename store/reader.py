@@ -59,7 +59,11 @@ def open_store(path: str | Path) -> xr.Dataset:
     ('prompt', 'layer', 'token', 'dim')
     """
     check_store(path)
-    return xr.open_zarr(str(path))
+    ds = xr.open_zarr(str(path))
+    # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read
+    # to pick data, so load them now; per-token labels stay lazy like the data.
+    small = {name: ds[name].load() for name, coord in ds.coords.items() if coord.ndim == 1 and name not in ds.dims}
+    return ds.assign_coords(small)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -189,3 +189,22 @@ def add_lens_variables(
         "tracked_str": ("tracked", _strings(tracked_strs)),
     }
     return ds.assign_coords(coords).assign(data)
+
+
+def add_saved_lens_variables(ds: xr.Dataset, *, sources: list[str], vocab: int, hidden: int) -> xr.Dataset:
+    """Room for each unembedding's parameters (``--save-lens``), so that lens statistics of
+    other tokens can be computed later from the store alone. Float32 keeps bf16 weights exact."""
+    rows = max(1, min(vocab, TARGET_CHUNK_BYTES // (hidden * 4)))
+    n_src = len(sources)
+    data = {
+        "lens_weight": (("source", "vocab", "dim"),
+                        da.zeros((n_src, vocab, hidden), dtype="float32", chunks=(1, rows, hidden)),
+                        {"long_name": "unembedding (lm_head) weight"}),
+        "lens_bias": (("source", "vocab"), da.zeros((n_src, vocab), dtype="float32", chunks=(1, vocab)),
+                      {"long_name": "lm_head bias (zero where the model has none)"}),
+        "lens_norm_weight": (("source", "dim"), da.zeros((n_src, hidden), dtype="float32", chunks=(1, hidden)),
+                             {"long_name": "final norm weight"}),
+        "lens_norm_bias": (("source", "dim"), da.zeros((n_src, hidden), dtype="float32", chunks=(1, hidden)),
+                           {"long_name": "final norm bias (zero where the norm has none)"}),
+    }
+    return ds.assign_coords(source=("source", _strings(sources))).assign(data)

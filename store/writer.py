@@ -84,6 +84,13 @@ class StoreWriter:
         final[pass_index, prompts] = final_gtd.astype(final.dtype, copy=False)
         self.group["done"][pass_index, prompts] = True
 
+    def write_saved_lens(self, source: int, weight_vd, bias_v, norm_weight_d, norm_bias_d) -> None:
+        """Write one unembedding's parameters (``--save-lens``)."""
+        self.group["lens_weight"][source] = np.asarray(weight_vd, dtype=np.float32)
+        self.group["lens_bias"][source] = np.asarray(bias_v, dtype=np.float32)
+        self.group["lens_norm_weight"][source] = np.asarray(norm_weight_d, dtype=np.float32)
+        self.group["lens_norm_bias"][source] = np.asarray(norm_bias_d, dtype=np.float32)
+
     def finalize(self, attrs: dict) -> None:
         """Record closing attributes (completion time, ...) and re-consolidate."""
         self.group.attrs.update(attrs)

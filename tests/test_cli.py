@@ -91,6 +91,32 @@ def test_overwrite_and_options(tiny_pair, tmp_path, capsys):
     assert list(open_store(path).pass_.values) == ["SS"]
 
 
+def test_lens_statistics_in_the_cli_store(tiny_store):
+    ds = open_store(tiny_store)
+    assert bool(ds.lens_done.all())
+    assert list(ds.pair.values) == ["BB-BS", "BB-SB", "BB-SS", "BS-SB", "BS-SS", "SB-SS"]
+    assert list(ds.lens.values) == ["raw", "norm"] and ds.sizes["k"] == 20
+    n = int(ds.n_tokens[0])
+    entropy = ds.entropy.isel(prompt=0).values
+    assert np.isfinite(entropy[..., :n]).all() and np.isnan(entropy[..., n:]).all()
+    # The SFT model was tuned on chat text: its norm lens differs from the base model's at the last layer.
+    assert float(ds.kl.sel(pair="BB-SS", lens="norm").isel(layer=-1).mean()) > 0.01
+
+
+def test_lens_options(tiny_pair, tmp_path, capsys):
+    path = tmp_path / "l.zarr"
+    common = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(path), "--quiet", "--prompt", "Why is it"]
+    assert main([*common, "--top-k", "3", "--track", "Ġthe", "--track", "7", "--pairs", "BB-SS"]) == 0
+    ds = open_store(path)
+    assert ds.sizes["k"] == 3 and list(ds.pair.values) == ["BB-SS"]
+    assert ds.tracked_str.values.tolist()[1] == "Ġthe" and ds.tracked_id.values[0] == 7
+    assert main([*common, "--no-lens", "--overwrite"]) == 0
+    assert "entropy" not in open_store(path) and "lens_done" not in open_store(path)
+    assert main([*common, "--overwrite", "--track", "Ġthee"]) == 2
+    err = capsys.readouterr().err
+    assert "tracked token 'Ġthee' is not a piece of the tokenizer; closest pieces: 'Ġthe'" in err
+
+
 def test_info_and_pairs(tiny_store, capsys):
     assert main(["info", str(tiny_store)]) == 0
     out = capsys.readouterr().out

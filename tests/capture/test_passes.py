@@ -88,3 +88,18 @@ def test_parse_passes():
 def test_schedule_groups_by_llm_base_first():
     assert schedule(DEFAULT_PASSES) == [("base", [0, 2]), ("sft", [1, 3])]
     assert schedule(parse_passes("SS,BB")) == [("base", [1]), ("sft", [0])]
+
+
+def test_parse_pairs():
+    from capture.plan import parse_pairs
+
+    default = parse_pairs(None, DEFAULT_PASSES)
+    assert [p.name for p in default] == ["BB-BS", "BB-SB", "BB-SS", "BS-SB", "BS-SS", "SB-SS"]
+    assert [(p.left, p.right) for p in default] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    custom = parse_pairs("ss-bb, mine=BS:SB", DEFAULT_PASSES)
+    assert [(p.name, p.left, p.right) for p in custom] == [("SS-BB", 3, 0), ("mine", 1, 2)]
+    with pytest.raises(UsageError, match="does not name two passes"):
+        parse_pairs("BB-XX", DEFAULT_PASSES)
+    with pytest.raises(UsageError, match="listed twice"):
+        parse_pairs("BB-SS,BB-SS", DEFAULT_PASSES)
+    assert [p.name for p in parse_pairs(None, parse_passes("SS,BB"))] == ["SS-BB"]

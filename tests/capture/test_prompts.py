@@ -50,3 +50,18 @@ def test_tokenize_limits_and_bos(tokenizer_dir):
         assert tokenize_prompts(tok, [text], max_tokens=3, truncate=True).lengths == [3]
     with pytest.raises(UsageError, match="no chat template"):
         tokenize_prompts(tok, [text], chat_template=True)
+
+
+def test_resolve_tracked_pieces_and_ids(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from capture.prompts import resolve_tracked
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    the = tok.convert_tokens_to_ids("Ġthe")
+    ids, strs = resolve_tracked(tok, ["Ġthe", "7", str(the)], vocab_rows=320)
+    assert ids == sorted({the, 7}) and strs == tok.convert_ids_to_tokens(ids)
+    with pytest.raises(UsageError, match=r"tracked token 'Ġthee' is not a piece.*closest pieces: 'Ġthe'"):
+        resolve_tracked(tok, ["Ġthee"], vocab_rows=320)
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        resolve_tracked(tok, ["320"], vocab_rows=320)
