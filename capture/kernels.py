@@ -34,13 +34,38 @@ def _insert(values, ids, value, vid, descending):  # pragma: no cover - compiled
     ids[j] = vid
 
 
+# 2**-j for j = 0..127: the exponent part of exp, looked up instead of built from bits.
+_POW2_NEG = np.ldexp(np.float32(1.0), -np.arange(128)).astype(np.float32)
+_LN2_HI, _LN2_LO = np.float32(0.693145751953125), np.float32(1.428606765330187e-06)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _exp_nonpositive(x):  # pragma: no cover - compiled
+    """exp(x) for x <= 0 in float32 (within 1e-7 relative), vectorisable: no libm call.
+
+    Cody-Waite reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial
+    for exp(r) (truncation 5e-9 relative), times 2**n from a table. Below -87 it returns
+    exp(-87) ~ 1.6e-38 instead of a smaller number, which no sum can notice.
+    """
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _POW2_NEG[np.int64(-n)]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def pass_chunk(z_pnv, e_pnv, max_pn, start, sum_pn, zsum_pn, top_val_pnk, top_id_pnk):  # pragma: no cover
-    """For each pass and row: the chunk's sum(e) and sum(e * (z - max)), accumulated in float64,
-    and the running top-k of the logits.
-
-    ``e = exp(z - max)`` is computed by torch (vectorised exp); ``max`` is the row's
-    new running maximum.
+    """For each pass and row: write ``e = exp(z - max)`` (``max`` is the row's new running
+    maximum), return the chunk's sum(e) and sum(e * (z - max)) accumulated in float64, and
+    fold the logits into the running top-k.
     """
     n_pass, n, width = z_pnv.shape
     k = top_val_pnk.shape[2]
@@ -51,12 +76,16 @@ def pass_chunk(z_pnv, e_pnv, max_pn, start, sum_pn, zsum_pn, top_val_pnk, top_id
             z, e, m = z_pnv[p, i], e_pnv[p, i], np.float32(max_pn[p, i])
             total = 0.0
             ztotal = 0.0
-            for b in range(n_blocks):  # vectorisable: no branches on the data
+            for v in range(width):  # vectorisable: no branches on the data
+                x = z[v] - m
+                ev = _exp_nonpositive(x)
+                e[v] = ev
+                total += np.float64(ev)
+                ztotal += np.float64(ev * x)
+            for b in range(n_blocks):
                 base = b * BLOCK
                 high = np.float32(-FLOAT32_MAX)
                 for j in range(min(BLOCK, width - base)):
-                    total += np.float64(e[base + j])
-                    ztotal += np.float64(e[base + j] * (z[base + j] - m))
                     high = max(high, z[base + j])
                 high_b[b] = high
             sum_pn[p, i] = total

@@ -171,8 +171,8 @@ class _Softmax:
         zeros = torch.zeros(n_pass, n, device=device, dtype=torch.float64)
         return cls(torch.full((n_pass, n), -torch.inf, device=device), zeros, zeros.clone())
 
-    def begin_chunk(self, z_pnv: torch.Tensor, e_pnv: torch.Tensor) -> torch.Tensor:
-        """Move the running max to include the chunk and write exp(z - max) into ``e_pnv``.
+    def begin_chunk(self, z_pnv: torch.Tensor, e_pnv: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the running max to include the chunk and write exp(z - max) into ``e_pnv`` if given.
 
         Returns the factor that rescales sums taken relative to the old maximum.
         """
@@ -183,7 +183,8 @@ class _Softmax:
         self.zsum_pn = torch.where(self.sum_pn > 0, rescale * (self.zsum_pn + self.sum_pn * shift), 0.0)
         self.sum_pn = self.sum_pn * rescale
         self.max_pn = new_max
-        torch.sub(z_pnv, new_max[:, :, None], out=e_pnv).exp_()
+        if e_pnv is not None:
+            torch.sub(z_pnv, new_max[:, :, None], out=e_pnv).exp_()
         return rescale
 
     def add_chunk(self, chunk_sum_pn: torch.Tensor, chunk_zsum_pn: torch.Tensor) -> None:
@@ -255,7 +256,7 @@ def lens_statistics(
 
 
 def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
-    """CPU path: torch for the products and the exponentials, numba for sums, top-k and pairs."""
+    """CPU path: torch for the products and the chunk maxima, numba kernels for the rest."""
     from capture.kernels import FLOAT32_MAX, pair_chunk, pass_chunk
 
     n_pass, n, n_pair = len(h_by_pass), h_by_pass[0].shape[0], len(pairs)
@@ -276,7 +277,7 @@ def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_c
         e_pnv = e_full if fits else torch.empty_like(z_pnv)
         for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
             lens.logits(h, start, stop, out=z_pnv[p])
-        rescale_pn = soft.begin_chunk(z_pnv, e_pnv)
+        rescale_pn = soft.begin_chunk(z_pnv)  # the kernel writes exp(z - max) itself
         pass_chunk(z_pnv.numpy(), e_pnv.numpy(), soft.max_pn.numpy(), start, chunk_sum.numpy(), chunk_zsum.numpy(),
                    top[0].numpy(), top[1].numpy())
         soft.add_chunk(chunk_sum, chunk_zsum)
