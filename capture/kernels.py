@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-BLOCK = 16  # entries per max/min check before scanning for top-k insertions
+LANES = 16  # entries per (interleaved) block checked before scanning for top-k insertions
 # Finite sentinels for empty top-k slots: fastmath kernels may assume no infinities.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -66,40 +66,57 @@ def pass_chunk(z_pnv, e_pnv, max_pn, start, sum_pn, zsum_pn, top_val_pnk, top_id
     """For each pass and row: write ``e = exp(z - max)`` (``max`` is the row's new running
     maximum), return the chunk's sum(e) and sum(e * (z - max)) accumulated in float64, and
     fold the logits into the running top-k.
+
+    Blocks are interleaved (block b holds entries b, b + stride, ...), so per-block maxima
+    and sums accumulate lane by lane with no horizontal reduction in the hot loop.
     """
     n_pass, n, width = z_pnv.shape
     k = top_val_pnk.shape[2]
-    n_blocks = (width + BLOCK - 1) // BLOCK
+    stride = width // LANES
     for i in prange(n):
-        high_b = np.empty(n_blocks, np.float32)
+        high_b = np.empty(stride, np.float32)
+        sum_b = np.empty(stride, np.float64)
+        zsum_b = np.empty(stride, np.float64)
         for p in range(n_pass):
             z, e, m = z_pnv[p, i], e_pnv[p, i], np.float32(max_pn[p, i])
+            for b in range(stride):
+                high_b[b] = z[b]
+                sum_b[b] = 0.0
+                zsum_b[b] = 0.0
+            for j in range(LANES):
+                off = j * stride
+                for b in range(stride):
+                    x = z[off + b] - m
+                    ev = _exp_nonpositive(x)
+                    e[off + b] = ev
+                    sum_b[b] += np.float64(ev)
+                    zsum_b[b] += np.float64(ev * x)
+                    high_b[b] = max(high_b[b], z[off + b])
             total = 0.0
             ztotal = 0.0
-            for v in range(width):  # vectorisable: no branches on the data
+            for b in range(stride):
+                total += sum_b[b]
+                ztotal += zsum_b[b]
+            for v in range(stride * LANES, width):  # tail
                 x = z[v] - m
                 ev = _exp_nonpositive(x)
                 e[v] = ev
                 total += np.float64(ev)
                 ztotal += np.float64(ev * x)
-            for b in range(n_blocks):
-                base = b * BLOCK
-                high = np.float32(-FLOAT32_MAX)
-                for j in range(min(BLOCK, width - base)):
-                    high = max(high, z[base + j])
-                high_b[b] = high
             sum_pn[p, i] = total
             zsum_pn[p, i] = ztotal
             if k == 0:
                 continue
             vals, ids = top_val_pnk[p, i], top_id_pnk[p, i]
-            for b in range(n_blocks):  # rare: only blocks that beat the current k-th entry
+            for b in range(stride):  # rare: only blocks that beat the current k-th entry
                 if high_b[b] > vals[k - 1]:
-                    for v in range(b * BLOCK, min(b * BLOCK + BLOCK, width)):
+                    for j in range(LANES):
+                        v = j * stride + b
                         if z[v] > vals[k - 1]:
                             _insert(vals, ids, z[v], start + v, True)
-
-
+            for v in range(stride * LANES, width):
+                if z[v] > vals[k - 1]:
+                    _insert(vals, ids, z[v], start + v, True)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -107,45 +124,58 @@ def pair_chunk(z_pnv, e_pnv, left_q, right_q, rescale_pn, start, kl_num_qn,
                rise_val_qnk, rise_id_qnk, fall_val_qnk, fall_id_qnk):  # pragma: no cover - compiled
     """Fold a chunk into each pair's KL numerator sum(e_right * shift) and its rises and falls.
 
-    Work goes block by block: a vectorisable pass adds the block to the float64 sum
-    and finds its shift extremes; only blocks whose
-    extremes beat the current k-th rise or fall are scanned for insertions.
+    Same interleaved blocks as :func:`pass_chunk`: a vectorised pass accumulates the
+    float64 sum and each block's shift extremes; only blocks whose extremes beat the
+    current k-th rise or fall are scanned for insertions.
     """
     n = z_pnv.shape[1]
     width = z_pnv.shape[2]
     n_pair = left_q.shape[0]
     k = rise_val_qnk.shape[2]
-    n_blocks = (width + BLOCK - 1) // BLOCK
+    stride = width // LANES
     for i in prange(n):
-        high_b = np.empty(n_blocks, np.float32)
-        low_b = np.empty(n_blocks, np.float32)
+        high_b = np.empty(stride, np.float32)
+        low_b = np.empty(stride, np.float32)
+        acc_b = np.empty(stride, np.float64)
         for q in range(n_pair):
             z_r, z_l, e_r = z_pnv[right_q[q], i], z_pnv[left_q[q], i], e_pnv[right_q[q], i]
+            for b in range(stride):
+                high_b[b] = -FLOAT32_MAX
+                low_b[b] = FLOAT32_MAX
+                acc_b[b] = 0.0
+            for j in range(LANES):
+                off = j * stride
+                for b in range(stride):
+                    shift = z_r[off + b] - z_l[off + b]
+                    high_b[b] = max(high_b[b], shift)
+                    low_b[b] = min(low_b[b], shift)
+                    acc_b[b] += np.float64(e_r[off + b] * shift)
             acc = 0.0
-            for b in range(n_blocks):  # vectorisable: no branches on the data
-                high = np.float32(-FLOAT32_MAX)
-                low = np.float32(FLOAT32_MAX)
-                base = b * BLOCK
-                for j in range(min(BLOCK, width - base)):
-                    shift = z_r[base + j] - z_l[base + j]
-                    acc += np.float64(e_r[base + j] * shift)
-                    high = max(high, shift)
-                    low = min(low, shift)
-                high_b[b] = high
-                low_b[b] = low
+            for b in range(stride):
+                acc += acc_b[b]
+            for v in range(stride * LANES, width):  # tail
+                acc += np.float64(e_r[v] * (z_r[v] - z_l[v]))
             kl_num_qn[q, i] = kl_num_qn[q, i] * rescale_pn[right_q[q], i] + acc
             if k == 0:
                 continue
             rise_v, rise_i = rise_val_qnk[q, i], rise_id_qnk[q, i]
             fall_v, fall_i = fall_val_qnk[q, i], fall_id_qnk[q, i]
-            for b in range(n_blocks):  # rare: only blocks that beat the current k-th entry
+            for b in range(stride):  # rare: only blocks that beat the current k-th entry
                 if high_b[b] > rise_v[k - 1]:
-                    for v in range(b * BLOCK, min(b * BLOCK + BLOCK, width)):
+                    for j in range(LANES):
+                        v = j * stride + b
                         shift = z_r[v] - z_l[v]
                         if shift > rise_v[k - 1]:
                             _insert(rise_v, rise_i, shift, start + v, True)
                 if low_b[b] < fall_v[k - 1]:
-                    for v in range(b * BLOCK, min(b * BLOCK + BLOCK, width)):
+                    for j in range(LANES):
+                        v = j * stride + b
                         shift = z_r[v] - z_l[v]
                         if shift < fall_v[k - 1]:
                             _insert(fall_v, fall_i, shift, start + v, False)
+            for v in range(stride * LANES, width):  # tail
+                shift = z_r[v] - z_l[v]
+                if shift > rise_v[k - 1]:
+                    _insert(rise_v, rise_i, shift, start + v, True)
+                if shift < fall_v[k - 1]:
+                    _insert(fall_v, fall_i, shift, start + v, False)

@@ -1,10 +1,13 @@
 """The capture job: from settings to a complete store, one model resident at a time.
 
 Order of work: validate everything that can be validated without weights (pair,
-shapes from configs, passes, prompts and their token lengths), write the template,
-then for each LLM (base first): load it, run its passes group by group, write each
-region and flag it done, free it. Regions already flagged done are skipped, which
-is what makes re-running the same command resume an interrupted capture.
+shapes from configs, passes, pairs, tracked tokens, prompts and their token lengths),
+write the template, then for each LLM (base first): load it, keep its lens, run its
+passes group by group, write each region and flag it done, free it. Then, with both
+lenses in memory, the lens statistics stage (``store.lens_stage``) reads the stored
+residuals back and writes the statistics, again flagged per prompt group. Regions
+already flagged done are skipped, which is what makes re-running the same command
+resume an interrupted capture.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from capture.models import (
 from capture.plan import Pass, PassPair, parse_pairs, parse_passes, schedule
 from capture.prompts import TokenizedPrompts, collect_prompts, resolve_tracked, tokenize_prompts
 from capture.runner import Throughput, run_passes
-from capture.settings import CONTENT_KEYS, CaptureSettings, resolve_models
+from capture.settings import CONTENT_KEYS, CaptureSettings, ResolvedModels, resolve_models
 from store.lens_stage import write_lens_statistics
 from store.reader import check_store
 from store.schema import (
@@ -109,7 +112,7 @@ class _Prepared:
     pairs: tuple[PassPair, ...]
     refs: dict[str, str]
     shapes: dict
-    resolved: object
+    resolved: ResolvedModels
     tokenizer: object
     tokenized: TokenizedPrompts
     tracked: tuple[list[int], list[str]]

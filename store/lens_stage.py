@@ -54,10 +54,14 @@ def _group_statistics(
                       np.int32 if fill == -1 else np.float32)
         for name, _, lead, tail, fill in fields
     }
+    # Equal row blocks: every block streams the whole unembedding, so a small last block
+    # would cost nearly as much as a full one.
+    n_rows = h_pnd.shape[1]
+    block = -(-n_rows // max(1, -(-n_rows // ROWS_PER_BLOCK)))
     for lens_i, lens_name in enumerate(LENS_NAMES):
-        for start in range(0, h_pnd.shape[1], ROWS_PER_BLOCK):
-            rows = np.flatnonzero(real_n)[start:start + ROWS_PER_BLOCK]
-            h_by_pass = [h_pnd[p, start:start + ROWS_PER_BLOCK].to(device) for p in range(n_pass)]
+        for start in range(0, n_rows, block):
+            rows = np.flatnonzero(real_n)[start:start + block]
+            h_by_pass = [h_pnd[p, start:start + block].to(device) for p in range(n_pass)]
             if lens_name == "norm":
                 h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
             stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
@@ -75,7 +79,7 @@ def write_lens_statistics(
     tracked_ids: list[int],
     groups: list[slice],
     device: torch.device | str = "cpu",
-    vocab_chunk: int = 4096,
+    vocab_chunk: int = 2048,
     on_group: Callable[[slice], None] = lambda group: None,
 ) -> None:
     """Compute and write the statistics of every prompt group not yet flagged ``lens_done``."""
