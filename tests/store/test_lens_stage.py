@@ -121,3 +121,29 @@ def test_pairs_option_and_kl_of_same_pass(make_model, tmp_path):
     kl_same = ds.kl.sel(pair="same").values
     assert np.nanmax(np.abs(kl_same)) == 0.0
     assert np.nanmin(ds.kl.sel(pair="BB-SS").values) >= 0
+
+
+def test_bfloat16_model_statistics_accumulate_in_float32(make_model, tmp_path):
+    """With a bf16 model, statistics of the stored states still agree with a float64 reference to
+    float32 precision: the products and sums are not done in the model dtype (as the legacy tool did)."""
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], device="cpu",
+                               store=str(tmp_path / "s"), store_dtype="float32", dtype="bfloat16", top_k=3)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    assert ds.attrs["model_dtype"] == "bfloat16"
+    weights = {name: load(path, torch.bfloat16).get_output_embeddings().weight.detach().double().numpy()
+               for name, path in (("base", base_dir), ("sft", sft_dir))}
+    for prompt in range(2):
+        for layer in range(ds.sizes["layer"]):
+            for token in range(int(ds.n_tokens[prompt])):
+                logp = {}
+                for p in ("BB", "SS"):
+                    h = ds.resid.sel(pass_=p).values[prompt, layer, token].astype(np.float64)
+                    z = weights[str(ds.unembedding.sel(pass_=p).values)] @ h
+                    logp[p] = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+                    entropy = -(np.exp(logp[p]) * logp[p]).sum()
+                    stored = ds.entropy.sel(pass_=p, lens="raw").values[prompt, layer, token]
+                    np.testing.assert_allclose(stored, entropy, rtol=1e-5)
+                kl = (np.exp(logp["SS"]) * (logp["SS"] - logp["BB"])).sum()
+                stored = ds.kl.sel(pair="BB-SS", lens="raw").values[prompt, layer, token]
+                np.testing.assert_allclose(stored, kl, rtol=1e-5, atol=5e-8)
