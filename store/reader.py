@@ -98,6 +98,15 @@ def describe_store(path: str | Path) -> str:
         f"complete   {int(done.sum())}/{done.size} pass x prompt regions"
         + ("" if done.all() else "  (incomplete: rerun the same capture command to resume)"),
     ]
+    if "lens_done" in ds:
+        lens_done = np.asarray(ds["lens_done"].values, dtype=bool)
+        tracked = ", ".join(str(t) for t in ds.tracked_str.values) if "tracked_str" in ds.coords else ""
+        lines.append(
+            f"lens       {', '.join(ds.lens.values)} lens; top-{ds.sizes.get('k', 0)}; "
+            f"pairs {', '.join(ds.pair.values) or 'none'}; tracked: {tracked or 'none'}; "
+            f"{int(lens_done.sum())}/{lens_done.size} prompts done"
+            + ("; lens saved" if "saved_lens" in attrs else "")
+        )
     chunks = ds["resid"].encoding.get("chunks") or ds["resid"].data.chunksize
     lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}")
     if attrs.get("completed_at"):
