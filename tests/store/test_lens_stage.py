@@ -147,3 +147,17 @@ def test_bfloat16_model_statistics_accumulate_in_float32(make_model, tmp_path):
                 kl = (np.exp(logp["SS"]) * (logp["SS"] - logp["BB"])).sum()
                 stored = ds.kl.sel(pair="BB-SS", lens="raw").values[prompt, layer, token]
                 np.testing.assert_allclose(stored, kl, rtol=1e-5, atol=5e-8)
+
+
+def test_pass_reads_out_with_its_own_unembedding(make_model, tmp_path):
+    """A base-LLM pass with the SFT unembedding (the SFT model never runs as LLM) uses the SFT head."""
+    base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:1], device="cpu",
+                               store=str(tmp_path / "s"), store_dtype="float32", passes="BB,X=base:base:sft")
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    np.testing.assert_array_equal(ds.resid.sel(pass_="X").values, ds.resid.sel(pass_="BB").values)
+    for name, path in (("BB", base_dir), ("X", sft_dir)):
+        w = load(path).get_output_embeddings().weight.detach().double().numpy()
+        z = w @ ds.resid.sel(pass_=name).values[0, 2, 3].astype(np.float64)
+        lse = z.max() + np.log(np.exp(z - z.max()).sum())
+        np.testing.assert_allclose(ds.lse.sel(pass_=name, lens="raw").values[0, 2, 3], lse, rtol=1e-6)
