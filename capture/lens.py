@@ -9,17 +9,19 @@ layer it reproduces the model's logits). Both apply what the model's head applie
 after the product: the lm_head bias, ``logit_scale`` (multiply), ``logits_scaling``
 (divide) and ``final_logit_softcapping`` (``cap * tanh(z / cap)``).
 
-Everything is accumulated in float32 whatever the model dtype. Softmax statistics
+Products are float32 and sums float64, whatever the model dtype. Softmax statistics
 use an online (streaming) log-sum-exp over vocabulary chunks, so memory is bounded
 by ``rows x vocab_chunk`` and no vocabulary-sized tensor is ever materialised per
-position. Entropy and KL are accumulated relative to the running maximum, so that a
-peaked distribution does not lose its entropy to cancellation.
+position. Entropy is accumulated relative to the running maximum, so that a peaked
+distribution does not lose its entropy to cancellation. On the CPU the per-chunk
+work after the products runs in the numba kernels of ``capture.kernels``; elsewhere
+(CUDA) in plain torch; tests hold both to the same numbers.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,69 +94,33 @@ class Lens:
         return z_nj
 
 
-GROUP = 64  # vocabulary entries per group for the grouped top-k and the partial sums
+ROWSUM_GROUP = 16  # entries per float32 partial sum in _rowsum64
 
 
-def _grouped(x_nv: torch.Tensor, k: int) -> torch.Tensor | None:
-    """``x_nv`` as (n, groups, GROUP) when the grouped top-k applies (CPU, whole groups), else None."""
-    n, width = x_nv.shape
-    if x_nv.is_cuda or width % GROUP or width // GROUP < k:
-        return None
-    return x_nv.view(n, width // GROUP, GROUP)
-
-
-def _rowsum64(x_nv: torch.Tensor, group: int = 16) -> torch.Tensor:
+def _rowsum64(x_nv: torch.Tensor) -> torch.Tensor:
     """Row sums accumulated in float64 from float32 partial sums of a few entries (cheap, and exact
     enough that KL of nearly equal distributions keeps its digits)."""
     n, width = x_nv.shape
-    if width % group:
+    if width % ROWSUM_GROUP:
         return x_nv.sum(dim=1, dtype=torch.float64)
-    return x_nv.view(n, width // group, group).sum(dim=2).sum(dim=1, dtype=torch.float64)
+    return x_nv.view(n, width // ROWSUM_GROUP, ROWSUM_GROUP).sum(dim=2).sum(dim=1, dtype=torch.float64)
 
 
 @dataclass
 class _TopK:
-    """Running top-k (values and vocabulary ids, best first) merged chunk by chunk.
-
-    On the CPU a full ``topk`` over every chunk costs more than the lens product itself,
-    so candidates are found by group: the k best entries of a chunk lie in its k groups
-    with the best group maxima, and only groups whose maximum beats the current k-th
-    value can contribute at all (usually few, after the first chunk).
-    """
+    """Running top-k (values and vocabulary ids, best first) merged chunk by chunk (torch path)."""
 
     k: int
     largest: bool = True
     values_nk: torch.Tensor | None = None
     ids_nk: torch.Tensor | None = None
 
-    def _candidates(
-        self, chunk_nv: torch.Tensor, best_ng: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        n, width = chunk_nv.shape
-        k = min(self.k, width)
-        if best_ng is None:
-            return chunk_nv.topk(k, dim=1, largest=self.largest)
+    def update(self, chunk_nv: torch.Tensor, start: int) -> None:
+        vals, idx = chunk_nv.topk(min(self.k, chunk_nv.shape[1]), dim=1, largest=self.largest)
+        idx = idx + start
         if self.values_nk is not None:
-            kth_n1 = self.values_nk[:, -1:]
-            k = min(k, int(((best_ng > kth_n1) if self.largest else (best_ng < kth_n1)).sum(1).max()))
-            if k == 0:
-                return None
-        group_ids = best_ng.topk(k, dim=1, largest=self.largest).indices
-        ids = (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=chunk_nv.device)).reshape(n, -1)
-        return chunk_nv.gather(1, ids), ids
-
-    def update(self, chunk_nv: torch.Tensor, start: int, best_ng: torch.Tensor | None = None) -> None:
-        """Fold in a chunk; ``best_ng`` are its group maxima (minima for ``largest=False``), if grouped."""
-        found = self._candidates(chunk_nv, best_ng)
-        if found is None:
-            return
-        vals, idx = found[0], found[1] + start
-        if self.values_nk is not None:
-            vals = torch.cat([self.values_nk, vals], dim=1)
-            idx = torch.cat([self.ids_nk, idx], dim=1)
-        if vals.shape[1] > self.k or self.values_nk is None:
-            vals, order = vals.topk(min(self.k, vals.shape[1]), dim=1, largest=self.largest)
-            idx = idx.gather(1, order)
+            vals, order = torch.cat([self.values_nk, vals], dim=1).topk(self.k, dim=1, largest=self.largest)
+            idx = torch.cat([self.ids_nk, idx], dim=1).gather(1, order)
         self.values_nk, self.ids_nk = vals, idx
 
 
@@ -212,7 +178,6 @@ class LensStats:
     rise_shift_qnk: torch.Tensor
     fall_id_qnk: torch.Tensor
     fall_shift_qnk: torch.Tensor
-    extra: dict = field(default_factory=dict)
 
 
 def lens_statistics(
@@ -288,7 +253,7 @@ def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_c
 
 
 def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
-    """Device-agnostic path (GPU): plain torch ops, grouped top-k on the CPU."""
+    """Device-agnostic path (GPU): plain torch ops."""
     n, device = h_by_pass[0].shape[0], h_by_pass[0].device
     tops = [_TopK(k) for _ in h_by_pass]
     rises, falls = [_TopK(k) for _ in pairs], [_TopK(k, largest=False) for _ in pairs]
@@ -299,8 +264,7 @@ def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chu
         for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
             lens.logits(h, start, stop, out=z_pnv[p])
             if k:
-                groups = _grouped(z_pnv[p], k)
-                tops[p].update(z_pnv[p], start, groups.amax(2) if groups is not None else None)
+                tops[p].update(z_pnv[p], start)
         e_pnv = torch.empty_like(z_pnv)
         rescale_pn = soft.begin_chunk(z_pnv, e_pnv)
         tmp_nv = torch.empty_like(z_pnv[0])
@@ -312,10 +276,8 @@ def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chu
         for q, (left, right) in enumerate(pairs):
             shift_nv = torch.sub(z_pnv[right], z_pnv[left], out=tmp_nv)
             if k:
-                groups = _grouped(shift_nv, k)
-                # (torch.aminmax is several times slower than amax plus amin here)
-                rises[q].update(shift_nv, start, groups.amax(2) if groups is not None else None)
-                falls[q].update(shift_nv, start, groups.amin(2) if groups is not None else None)
+                rises[q].update(shift_nv, start)
+                falls[q].update(shift_nv, start)
             kl_num[q] = kl_num[q] * rescale_pn[right] + _rowsum64(shift_nv.mul_(e_pnv[right]))
 
     def stack(items: list[_TopK], lead: int):
