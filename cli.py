@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt (repeatable); after the prompts files")
     inp.add_argument("--prompts-file", dest="prompts_files", action="append", metavar="FILE",
                      help="file with one prompt per line (repeatable); default: the four dev prompts")
+    inp.add_argument("--prompt-variant", dest="variants", action="append", metavar="NAME",
+                     help="rewrite each prompt with this variant (repeatable; default identity): identity, "
+                     "mirror_halves, reverse_sentences, shuffle_sentences, symmetric_concat, base_prefixed, "
+                     "sft_prefixed, dual_channel")
+    inp.add_argument("--normalize-length", action="store_true", default=None,
+                     help="cut every prompt to the shortest prompt's token count, and say so")
     inp.add_argument("--add-bos", action="store_true", default=None, help="prepend the BOS token")
     inp.add_argument("--chat-template", action="store_true", default=None,
                      help="wrap each prompt as a user turn with the tokenizer's chat template")

@@ -121,3 +121,22 @@ def resolve_tracked(tokenizer, specs: list[str] | None, vocab_rows: int) -> tupl
         ids.add(token_id)
     ordered = sorted(ids)
     return ordered, [str(p) if p is not None else "" for p in tokenizer.convert_ids_to_tokens(ordered)]
+
+
+def normalize_lengths(tokenizer, tokenized: TokenizedPrompts) -> tuple[TokenizedPrompts, str | None]:
+    """Cut every prompt to the shortest prompt's token count (``--normalize-length``).
+
+    The cut is made on token ids (no decode and re-encode, so every prompt ends up with
+    exactly that many tokens); the stored text becomes the decoded kept tokens.
+    Returns the prompts and a message saying what changed (None when nothing did).
+    """
+    lengths = tokenized.lengths
+    target = min(lengths)
+    if target == max(lengths):
+        return tokenized, None
+    ids = [seq[:target] for seq in tokenized.ids]
+    texts = [tokenizer.decode(seq) if len(seq) < n else text
+             for seq, n, text in zip(ids, lengths, tokenized.texts, strict=True)]
+    pieces = [p[:target] for p in tokenized.pieces]
+    message = f"normalized prompt lengths to {target} tokens (previous max length {max(lengths)} tokens)"
+    return TokenizedPrompts(texts=texts, ids=ids, pieces=pieces), message

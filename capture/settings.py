@@ -15,6 +15,7 @@ from capture.pairs import TINY, get_pair
 CONTENT_KEYS = (
     "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts", "dtype", "store_dtype",
     "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pairs", "save_lens",
+    "variants", "variant_options", "normalize_length",
 )
 
 
@@ -47,6 +48,9 @@ class CaptureSettings:
     track: list[str] = field(default_factory=list)
     pairs: str | None = None
     save_lens: bool = False
+    variants: list[str] = field(default_factory=lambda: ["identity"])
+    variant_options: dict = field(default_factory=dict)
+    normalize_length: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,9 +33,16 @@ from capture.models import (
     release_memory,
 )
 from capture.plan import Pass, PassPair, parse_pairs, parse_passes, schedule
-from capture.prompts import TokenizedPrompts, collect_prompts, resolve_tracked, tokenize_prompts
+from capture.prompts import (
+    TokenizedPrompts,
+    collect_prompts,
+    normalize_lengths,
+    resolve_tracked,
+    tokenize_prompts,
+)
 from capture.runner import Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings, ResolvedModels, resolve_models
+from capture.variants import expand_prompts
 from store.lens_stage import write_lens_statistics
 from store.reader import check_store
 from store.schema import (
@@ -126,13 +133,14 @@ class _Prepared:
         return {p.unembedding for p in self.passes} if wanted else set()
 
 
-def _prepare(settings: CaptureSettings) -> _Prepared:
+def _prepare(settings: CaptureSettings, log) -> _Prepared:
     # Cheap checks first, so that bad input fails before any model is built or read.
     passes = parse_passes(settings.passes)
     pairs = parse_pairs(settings.pairs, passes) if settings.lens else ()
     if settings.top_k < 0:
         raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
-    texts = collect_prompts(settings.prompts_files, settings.prompts)
+    sources = collect_prompts(settings.prompts_files, settings.prompts)
+    texts, prompt_index, variants = expand_prompts(sources, settings.variants, settings.variant_options)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
@@ -150,6 +158,9 @@ def _prepare(settings: CaptureSettings) -> _Prepared:
         limit, why = shapes["base"].max_positions, "the model's context length"
     tokenized = tokenize_prompts(tokenizer, texts, add_bos=settings.add_bos, chat_template=settings.chat_template,
                                  max_tokens=limit, truncate=settings.truncate, limit_reason=why)
+    if settings.normalize_length:
+        tokenized, message = normalize_lengths(tokenizer, tokenized)
+        log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
     n_layers1, hidden = shapes["base"].n_layers + 1, shapes["base"].hidden
     itemsize = 2 if settings.store_dtype == "float16" else 4
     chunking = choose_chunking(len(texts), n_layers1, max(tokenized.lengths), hidden, itemsize)
@@ -160,6 +171,8 @@ def _prepare(settings: CaptureSettings) -> _Prepared:
         "max_tokens": settings.max_tokens, "truncate": settings.truncate, "lens": settings.lens,
         "top_k": min(settings.top_k, vocab), "tracked": tracked[0],
         "pairs": [[q.name, passes[q.left].name, passes[q.right].name] for q in pairs], "save_lens": settings.save_lens,
+        "variants": variants, "variant_options": settings.variant_options, "prompt_index": prompt_index,
+        "normalize_length": settings.normalize_length,
     }
     path = Path(settings.store or f"outputs/{resolved.label}.zarr")
     return _Prepared(settings, passes, pairs, refs, shapes, resolved, tokenizer, tokenized, tracked, path, chunking,
@@ -181,6 +194,7 @@ def _make_template(prep: _Prepared):
     ds = build_template(
         passes=[p.to_dict() for p in prep.passes], texts=prep.tokenized.texts, token_ids=prep.tokenized.ids,
         token_pieces=prep.tokenized.pieces, n_layers1=prep.shapes["base"].n_layers + 1,
+        prompt_index=prep.fingerprint["prompt_index"], variants=prep.fingerprint["variants"],
         hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
     )
     if settings.save_lens:
@@ -269,7 +283,7 @@ def _pad_id(tokenizer) -> int:
 def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
-    prep = _prepare(settings)
+    prep = _prepare(settings, log)
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: _make_template(prep))
     stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
     groups = write_groups(len(prep.tokenized.texts), stored_chunk, settings.batch_size)

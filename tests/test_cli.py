@@ -117,6 +117,22 @@ def test_lens_options(tiny_pair, tmp_path, capsys):
     assert "tracked token 'Ġthee' is not a piece of the tokenizer; closest pieces: 'Ġthe'" in err
 
 
+def test_prompt_variants_and_normalize_length(tiny_pair, tmp_path, capsys):
+    path = tmp_path / "v.zarr"
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(path), "--quiet", "--no-lens",
+            "--prompt", "Why does ice float? It is light.", "--prompt", "Explain the moon landing.",
+            "--prompt-variant", "identity", "--prompt-variant", "reverse_sentences", "--normalize-length"]
+    assert main(args) == 0
+    assert "normalized prompt lengths to" in capsys.readouterr().out
+    ds = open_store(path)
+    assert ds.prompt_index.values.tolist() == [0, 0, 1, 1]
+    assert ds.variant.values.tolist() == ["identity", "reverse_sentences"] * 2
+    lengths = set(ds.n_tokens.values.tolist())
+    assert len(lengths) == 1 and (ds.token_id.values >= 0).all()
+    assert main([*args[:-3], "--prompt-variant", "nope", "--overwrite"]) == 2
+    assert "unknown prompt variant 'nope'" in capsys.readouterr().err
+
+
 def test_info_and_pairs(tiny_store, capsys):
     assert main(["info", str(tiny_store)]) == 0
     out = capsys.readouterr().out
