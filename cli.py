@@ -45,6 +45,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_json(args: argparse.Namespace) -> int:
+    from store.export_json import export_json
+
+    path = export_json(args.store, args.out, lens=args.lens)
+    print(f"Wrote comparison JSON to: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -110,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_capture)
+
+    p = sub.add_parser(
+        "export-json", help="write the legacy multi-pass JSON (format_version 2) from a store",
+        description="Export the legacy format-2 JSON, its .meta.json sidecar and a manifest_multi.csv row, as the "
+        "old tool wrote them, derived from the store. Streams one prompt at a time.",
+    )
+    p.add_argument("store", help="path of a store written by `capture` (with lens statistics)")
+    p.add_argument("--out", default="outputs/export",
+                   help="output directory: files go to OUT/<pair_label>/, the manifest to OUT/ "
+                   "(default outputs/export)")
+    p.add_argument("--lens", choices=["raw", "norm"], default="raw",
+                   help="raw: the legacy semantics (default); norm: the standard logit lens at every layer "
+                   "(a deviation)")
+    p.set_defaults(func=_cmd_export_json)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")
