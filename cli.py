@@ -32,7 +32,17 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from store.reader import describe_store
 
     fields = CaptureSettings.__dataclass_fields__
-    settings = CaptureSettings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    from_file: dict = {}
+    if args.config:
+        from capture.config import load_legacy_config
+
+        from_file, notes = load_legacy_config(args.config)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if "pair" in given:  # a pair on the command line replaces the file's models
+            from_file = {k: v for k, v in from_file.items() if k not in ("base", "sft", "tokenizer")}
+    settings = CaptureSettings(**{**from_file, **given})
     path = run_capture(settings, progress=not args.quiet)
     print(describe_store(path))
     return 0
@@ -71,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Re-running the same command on an existing store resumes it.",
     )
     src = p.add_argument_group("models")
+    src.add_argument("--config", metavar="FILE.yaml",
+                     help="a legacy config (its residual_compare section); RESIDUAL_* environment variables apply "
+                     "on top, command-line flags on top of both")
     src.add_argument("--pair", help="registered pair name (see `cli.py pairs`); default: tiny, built offline")
     src.add_argument("--base", help="base model: hub id or local directory (with --sft, replaces --pair)")
     src.add_argument("--sft", help="SFT model: hub id or local directory")

@@ -51,9 +51,15 @@ class CaptureSettings:
     variants: list[str] = field(default_factory=lambda: ["identity"])
     variant_options: dict = field(default_factory=dict)
     normalize_length: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+    tokenizer_kwargs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def load_kwargs(self) -> dict:
+        """Extra ``from_pretrained`` arguments for models; the dtype is resdiff's own option."""
+        return {k: v for k, v in self.model_kwargs.items() if k not in ("torch_dtype", "dtype", "low_cpu_mem_usage")}
 
 
 @dataclass(frozen=True)

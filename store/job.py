@@ -145,7 +145,7 @@ def _prepare(settings: CaptureSettings, log) -> _Prepared:
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
     check_compatible(shapes["base"], shapes["sft"])
-    tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code, **settings.tokenizer_kwargs)
     vocab = shapes["base"].vocab
     if len(tokenizer) > vocab:
         raise UsageError(
@@ -227,7 +227,7 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
             continue
         bar.set_description(f"load {llm}")
         model = load_model(refs[llm], resolved.dtype, resolved.device, settings.device_map,
-                           settings.trust_remote_code)
+                           settings.trust_remote_code, **settings.load_kwargs())
         device = next(model.parameters()).device
         embeddings = {llm: model.get_input_embeddings(), **kept}
         for other in {passes[i].embedding for i in todo} - embeddings.keys():
@@ -251,7 +251,8 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
         del model
         release_memory(model_ref)
     for source in sorted(lens_needed - lenses.keys()):  # an unembedding whose LLM ran no pass
-        model = load_model(refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code)
+        model = load_model(refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code,
+                           **settings.load_kwargs())
         lenses[source] = Lens.from_model(model)
         model_ref = weakref.ref(model)
         del model

@@ -1,0 +1,150 @@
+"""Legacy YAML configs (the ``residual_compare:`` section) turned into capture settings.
+
+Users keep their old config files: ``cli.py capture --config dev_config.yaml``. The
+``RESIDUAL_*`` environment overrides apply on top of the file, and command-line flags
+on top of both. Keys that only made sense for the old rented-GPU runs are accepted
+and reported as ignored; unknown keys are an error (a typo should not pass silently).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from capture.errors import UsageError
+
+SECTION = "residual_compare"
+IGNORED_KEYS = {
+    "local_run": "GPU-rental checks of the old tool; resdiff runs wherever it is started",
+    "model_sweep": "sweep entries are pair definitions for a sweep, not for one capture",
+}
+DTYPE_NAMES = {"auto": "float32", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+ENV_KEYS = {
+    "RESIDUAL_BASE_MODEL": "base_model", "RESIDUAL_SFT_MODEL": "sft_model", "RESIDUAL_TOKENIZER": "tokenizer",
+    "RESIDUAL_DEVICE": "device", "RESIDUAL_DTYPE": "dtype", "RESIDUAL_PROMPT_FILE": "prompt_file",
+    "RESIDUAL_TOKENIZER_KWARGS": "tokenizer_kwargs", "RESIDUAL_MODEL_KWARGS": "model_kwargs",
+}
+KNOWN_KEYS = {
+    "base_model", "sft_model", "tokenizer", "device", "dtype", "top_k", "prompts", "prompt_file", "prompt_variants",
+    "prompt_variant_options", "tracked_token_ids", "tracked_token_strings", "interesting_token_map",
+    "model_kwargs", "tokenizer_kwargs", "multi_pass", "embedding_variants", *IGNORED_KEYS,
+}
+
+
+def _env_overrides(section: dict, environ) -> dict:
+    section = dict(section)
+    for var, key in ENV_KEYS.items():
+        value = (environ.get(var) or "").strip()
+        if not value:
+            continue
+        if key.endswith("_kwargs"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{var} must be a JSON object: {exc}") from None
+        section[key] = value
+    return section
+
+
+def _pairs_spec(entries: list, config: Path) -> str:
+    """``pairwise_differences`` in its three spellings -> ``--pairs``."""
+    specs = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            left, right = entry.get("base", entry.get("lhs")), entry.get("sft", entry.get("rhs"))
+            name = entry.get("name")
+        elif isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
+            left, right, name = entry[0], entry[1], entry[2] if len(entry) == 3 else None
+        else:
+            left = right = name = None
+        if not left or not right:
+            raise UsageError(f"{config}: multi_pass.pairwise_differences entry {entry!r} must name a left and a "
+                             "right run: [left, right], [left, right, name] or {base: ..., sft: ..., name: ...}")
+        specs.append(f"{name}={left}-{right}" if name else f"{left}-{right}")
+    return ",".join(specs)
+
+
+def _passes_spec(runs: list, config: Path) -> str:
+    specs = []
+    for run in runs:
+        if not isinstance(run, dict) or not run.get("name") or run.get("model") not in ("base", "sft"):
+            raise UsageError(f"{config}: multi_pass.runs entry {run!r} needs a name and model: base or sft")
+        embedding = run.get("embedding_source") or run["model"]
+        unembedding = run.get("unembedding_source") or run["model"]
+        specs.append(f"{run['name']}={run['model']}:{embedding}:{unembedding}")
+    return ",".join(specs)
+
+
+def _tracked(section: dict) -> list[str]:
+    tracked = [str(int(i)) for i in section.get("tracked_token_ids") or []]
+    tracked += [str(s) for s in section.get("tracked_token_strings") or []]
+    tracked += [str(v) for v in (section.get("interesting_token_map") or {}).values()]
+    return tracked
+
+
+def load_legacy_config(path: str | Path, environ=os.environ) -> tuple[dict, list[str]]:
+    """Read a legacy config; return (CaptureSettings fields, notes for the user)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file {str(path)!r} does not exist; check the path") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(document, dict) or not isinstance(document.get(SECTION, document), dict):
+        raise UsageError(f"config file {str(path)!r} must be a mapping with a {SECTION!r} section")
+    section = _env_overrides(document.get(SECTION, document), environ)
+    unknown = sorted(set(section) - KNOWN_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} in {SECTION}; known keys: "
+                         f"{', '.join(sorted(KNOWN_KEYS))}")
+    notes = [f"{path}: {key} ignored ({why})" for key, why in IGNORED_KEYS.items() if key in section]
+    fields: dict = {}
+    if section.get("base_model") or section.get("sft_model"):
+        fields["base"] = section.get("base_model") or section.get("sft_model")
+        fields["sft"] = section.get("sft_model") or section.get("base_model")
+        fields["pair"] = None
+        fields["tokenizer"] = section.get("tokenizer") or fields["sft"]  # legacy: null means the SFT's
+    elif section.get("tokenizer"):
+        fields["tokenizer"] = section["tokenizer"]
+    if section.get("device"):
+        fields["device"] = str(section["device"])
+    if section.get("dtype") is not None:
+        dtype = str(section["dtype"]).lower()
+        if dtype not in DTYPE_NAMES:
+            raise UsageError(f"{path}: dtype {section['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
+        fields["dtype"] = DTYPE_NAMES[dtype]
+    if section.get("top_k") is not None:
+        fields["top_k"] = int(section["top_k"])
+    if section.get("prompts"):
+        fields["prompts"] = [str(p) for p in section["prompts"]]
+    if section.get("prompt_file"):
+        prompt_file = Path(section["prompt_file"])
+        if not prompt_file.is_absolute() and not prompt_file.exists() and (path.parent / prompt_file).exists():
+            prompt_file = path.parent / prompt_file
+        fields["prompts_files"] = [str(prompt_file)]
+    if section.get("prompt_variants"):
+        fields["variants"] = [str(v) for v in section["prompt_variants"]]
+    if section.get("prompt_variant_options"):
+        fields["variant_options"] = dict(section["prompt_variant_options"])
+    if _tracked(section):
+        fields["track"] = _tracked(section)
+    for key in ("model_kwargs", "tokenizer_kwargs"):
+        if section.get(key):
+            fields[key] = dict(section[key])
+    multi = section.get("multi_pass") or {}
+    if section.get("embedding_variants") and not multi.get("enabled"):
+        raise UsageError(f"{path}: embedding_variants without multi_pass are not supported yet; enable multi_pass "
+                         "(its BB, BS, SB, SS passes cover the same swaps)")
+    if multi.get("enabled"):
+        if section.get("embedding_variants"):
+            notes.append(f"{path}: embedding_variants ignored because multi_pass is enabled (as the old tool did)")
+        if multi.get("runs"):
+            fields["passes"] = _passes_spec(multi["runs"], path)
+        if multi.get("pairwise_differences"):
+            fields["pairs"] = _pairs_spec(multi["pairwise_differences"], path)
+    return fields, notes
