@@ -63,6 +63,14 @@ def _cmd_export_json(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_netcdf(args: argparse.Namespace) -> int:
+    from store.export_netcdf import export_netcdf
+
+    path = export_netcdf(args.store, args.out, args.sel, args.vars)
+    print(f"Wrote netCDF to: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -145,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw: the legacy semantics (default); norm: the standard logit lens at every layer "
                    "(a deviation)")
     p.set_defaults(func=_cmd_export_json)
+
+    p = sub.add_parser(
+        "export-netcdf", help="write a selection of a store as float32 netCDF4",
+        description="Write a selection of a store to a netCDF4 file (float32; netCDF4 has no float16).",
+    )
+    p.add_argument("store", help="path of a store written by `capture`")
+    p.add_argument("out", help="the .nc file to write")
+    p.add_argument("--sel", action="append", metavar="DIM=VALUE", help="select one label, e.g. pass_=SS (repeatable)")
+    p.add_argument("--vars", nargs="+", metavar="VAR", help="variables to write (default: all)")
+    p.set_defaults(func=_cmd_export_netcdf)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")
