@@ -71,6 +71,15 @@ def _cmd_export_netcdf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_json(args: argparse.Namespace) -> int:
+    from store.import_json import import_json
+    from store.reader import describe_store
+
+    path = import_json(args.file, args.store, overwrite=bool(args.overwrite))
+    print(describe_store(path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -163,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sel", action="append", metavar="DIM=VALUE", help="select one label, e.g. pass_=SS (repeatable)")
     p.add_argument("--vars", nargs="+", metavar="VAR", help="variables to write (default: all)")
     p.set_defaults(func=_cmd_export_netcdf)
+
+    p = sub.add_parser(
+        "import-json", help="convert a legacy JSON file (format 1 or 2) into a statistics-only store",
+        description="Read a legacy results file streaming (twice: shapes, then values) and write its statistics "
+        "as a store without residuals. Legacy layer key k becomes layer k + 1.",
+    )
+    p.add_argument("file", help="a residual_compare_*.json or multi_pass_*.json file")
+    p.add_argument("--store", help="store path (default: the file's path with .zarr)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(func=_cmd_import_json)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")

@@ -81,10 +81,11 @@ def describe_store(path: str | Path) -> str:
     done = np.asarray(ds["done"].values, dtype=bool)
     models = attrs.get("models", {})
     settings = attrs.get("capture_settings", {})
+    content = (f"{_fmt_bytes(ds['resid'].nbytes)} of residuals as {ds['resid'].dtype}" if "resid" in ds
+               else f"statistics only, imported from {attrs.get('imported_from')}")
     lines = [
-        f"store      {path}  (format {attrs.get(FORMAT_ATTR)}, {_fmt_bytes(ds['resid'].nbytes)} of residuals"
-        f" as {ds['resid'].dtype})",
-        "dims       " + ", ".join(f"{k}={ds.sizes[k]}" for k in DIMS),
+        f"store      {path}  (format {attrs.get(FORMAT_ATTR)}, {content})",
+        "dims       " + ", ".join(f"{k}={ds.sizes[k]}" for k in DIMS if k in ds.sizes),
         f"base       {models.get('base', {}).get('ref', '?')}",
         f"sft        {models.get('sft', {}).get('ref', '?')}",
         f"model      {attrs.get('model_dtype', '?')} on {attrs.get('device', '?')}, "
@@ -107,8 +108,9 @@ def describe_store(path: str | Path) -> str:
             f"{int(lens_done.sum())}/{lens_done.size} prompts done"
             + ("; lens saved" if "saved_lens" in attrs else "")
         )
-    chunks = ds["resid"].encoding.get("chunks") or ds["resid"].data.chunksize
-    lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}")
+    if "resid" in ds:
+        chunks = ds["resid"].encoding.get("chunks") or ds["resid"].data.chunksize
+        lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}")
     if attrs.get("completed_at"):
         lines.append(f"captured   {attrs['completed_at']}")
     return "\n".join(lines)
