@@ -77,6 +77,25 @@ def _passes_spec(runs: list, config: Path) -> str:
     return ",".join(specs)
 
 
+def _embedding_variants(entries: list, config: Path) -> dict:
+    """Legacy ``embedding_variants`` -> passes ``v.base``, ``v.sft`` and pair ``v`` for each variant ``v``."""
+    passes, pairs, names = [], [], []
+    for entry in entries:
+        name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+        if not name or any(ch in name for ch in "-:,="):
+            raise UsageError(f"{config}: embedding_variants entry {entry!r} needs a name without - : , =")
+        for side in ("base", "sft"):
+            options = entry.get(side) or {}
+            sources = [options.get(key) or "self" for key in ("embedding_source", "unembedding_source")]
+            embedding, unembedding = (side if s == "self" else s for s in sources)
+            if embedding not in ("base", "sft") or unembedding not in ("base", "sft"):
+                raise UsageError(f"{config}: embedding_variants {name}.{side} sources must be base, sft or self")
+            passes.append(f"{name}.{side}={side}:{embedding}:{unembedding}")
+        pairs.append(f"{name}={name}.base-{name}.sft")
+        names.append(name)
+    return {"passes": ",".join(passes), "pairs": ",".join(pairs), "embedding_variants": names}
+
+
 def _tracked(section: dict) -> list[str]:
     tracked = [str(int(i)) for i in section.get("tracked_token_ids") or []]
     tracked += [str(s) for s in section.get("tracked_token_strings") or []]
@@ -137,10 +156,9 @@ def load_legacy_config(path: str | Path, environ=os.environ) -> tuple[dict, list
         if section.get(key):
             fields[key] = dict(section[key])
     multi = section.get("multi_pass") or {}
-    if section.get("embedding_variants") and not multi.get("enabled"):
-        raise UsageError(f"{path}: embedding_variants without multi_pass are not supported yet; enable multi_pass "
-                         "(its BB, BS, SB, SS passes cover the same swaps)")
-    if multi.get("enabled"):
+    if not multi.get("enabled"):  # the legacy single-pass mode: one pass pair per embedding variant (format 1)
+        fields.update(_embedding_variants(section.get("embedding_variants") or [{"name": "default"}], path))
+    else:
         if section.get("embedding_variants"):
             notes.append(f"{path}: embedding_variants ignored because multi_pass is enabled (as the old tool did)")
         if multi.get("runs"):

@@ -51,6 +51,7 @@ class CaptureSettings:
     variants: list[str] = field(default_factory=lambda: ["identity"])
     variant_options: dict = field(default_factory=dict)
     normalize_length: bool = False
+    embedding_variants: list[str] = field(default_factory=list)  # legacy single-pass mode: format-1 export
     model_kwargs: dict = field(default_factory=dict)
     tokenizer_kwargs: dict = field(default_factory=dict)
 

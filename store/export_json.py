@@ -139,17 +139,32 @@ def prompt_records(ds: xr.Dataset, prompt: int, lens: str = "raw") -> dict:
             "metadata": {**meta, "multi_pass": True}, "runs": runs, "pairwise": pairwise}
 
 
+def format1_records(ds: xr.Dataset, prompt: int, lens: str = "raw") -> list[dict]:
+    """The format-1 records of one stored prompt: one per embedding variant (one pair each)."""
+    records = []
+    for pair in prompt_records(ds, prompt, lens)["pairwise"]:
+        meta = {key: pair["metadata"][key] for key in ("prompt_idx", "variant_name")}
+        records.append({"prompt": pair["prompt"], "tokens": pair["tokens"],
+                        "metadata": {**meta, "embedding_variant": pair["name"]},
+                        "swap_options": pair["swap_options"], "layers": pair["layers"]})
+    return records
+
+
 def iter_json_chunks(ds: xr.Dataset, lens: str = "raw") -> Iterator[str]:
-    """The file's text in pieces, one record at a time (same bytes as ``json.dump(all, indent=2)``)."""
-    n = ds.sizes["prompt"]
-    if n == 0:
-        yield "[]"
-        return
-    yield "[\n"
-    for prompt in range(n):
-        text = json.dumps(prompt_records(ds, prompt, lens), indent=2)
-        yield textwrap.indent(text, "  ") + (",\n" if prompt < n - 1 else "\n")
-    yield "]"
+    """The file's text in pieces, one prompt at a time (same bytes as ``json.dump(all, indent=2)``).
+
+    Format 2 (multi-pass) by default; format 1 when the store was captured in the legacy
+    single-pass mode (``embedding_variants``).
+    """
+    single_pass = bool(ds.attrs.get("embedding_variants"))
+    first = True
+    yield "["
+    for prompt in range(ds.sizes["prompt"]):
+        records = format1_records(ds, prompt, lens) if single_pass else [prompt_records(ds, prompt, lens)]
+        for record in records:
+            yield ("\n" if first else ",\n") + textwrap.indent(json.dumps(record, indent=2), "  ")
+            first = False
+    yield "]" if first else "\n]"
 
 
 def _check_exportable(ds: xr.Dataset, path) -> None:
@@ -164,29 +179,39 @@ def _check_exportable(ds: xr.Dataset, path) -> None:
             "store_format", path=path, detail="the capture is incomplete; rerun the capture command to finish it")
 
 
+def _write_json(ds: xr.Dataset, lens: str, json_path: Path) -> Path:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = json_path.with_suffix(".json.partial")
+    with open(partial, "w", encoding="ascii") as fh:
+        for piece in iter_json_chunks(ds, lens):
+            fh.write(piece)
+    partial.replace(json_path)
+    return json_path
+
+
 def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens: str = "raw") -> Path:
     """Write ``multi_pass_<ts>_<label>.json``, its ``.meta.json`` sidecar and a manifest row.
 
     Files go to ``out_dir/<pair_label>/``, the manifest to ``out_dir/manifest_multi.csv``
-    (the legacy ``h200_outputs_multi`` layout). The JSON is written to a temporary
-    name and renamed when complete, so a failed export leaves no partial file.
+    (the legacy ``h200_outputs_multi`` layout). A store captured in the legacy
+    single-pass mode (``embedding_variants``) gives ``out_dir/residual_compare_<ts>_<sft>.json``
+    in format 1, with no sidecar, as the old tool did. The JSON is written to a
+    temporary name and renamed when complete, so a failed export leaves no partial file.
     """
     if lens not in ("raw", "norm"):
         raise UsageError(f"--lens must be raw or norm, got {lens!r}")
     ds = open_store(store)
     _check_exportable(ds, store)
     models = ds.attrs.get("models", {})
-    label = sanitize_label(f"{models.get('base', {}).get('ref', 'base')}_to_{models.get('sft', {}).get('ref', 'sft')}")
+    base_ref, sft_ref = models.get("base", {}).get("ref", "base"), models.get("sft", {}).get("ref", "sft")
+    label = sanitize_label(f"{base_ref}_to_{sft_ref}")
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%d_%H%M%S")
+    if ds.attrs.get("embedding_variants"):  # legacy single-pass mode: format 1, no sidecar or manifest
+        return _write_json(ds, lens, Path(out_dir) / f"residual_compare_{stamp}_{sanitize_label(sft_ref)}.json")
     target = Path(out_dir) / label
     target.mkdir(parents=True, exist_ok=True)
-    json_path = target / f"multi_pass_{stamp}_{label}.json"
-    partial = json_path.with_suffix(".json.partial")
-    with open(partial, "w", encoding="ascii") as fh:
-        for piece in iter_json_chunks(ds, lens):
-            fh.write(piece)
-    partial.replace(json_path)
+    json_path = _write_json(ds, lens, target / f"multi_pass_{stamp}_{label}.json")
     meta_path = target / f"{stamp}_{label}.meta.json"
     variants = list(dict.fromkeys(str(v) for v in ds.variant.values))
     meta = {"timestamp": stamp, "base_model": models.get("base", {}).get("ref"),

@@ -190,6 +190,7 @@ def _make_template(prep: _Prepared):
         "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "chunking": {"prompt": chunking.prompt, "layer": chunking.layer},
+        "embedding_variants": list(settings.embedding_variants),
     }
     ds = build_template(
         passes=[p.to_dict() for p in prep.passes], texts=prep.tokenized.texts, token_ids=prep.tokenized.ids,

@@ -107,3 +107,50 @@ def test_config_runs_end_to_end_with_flags_on_top(config_file, tmp_path, monkeyp
     assert ds.prompt_text.values[1] == ">> Explain the moon landing."
     assert ds.prompt_text.values[4] == "Why does ice float?"
     assert len(ds.tracked_id) == 3
+
+
+SINGLE_PASS = """
+residual_compare:
+  base_model: {base}
+  sft_model: {sft}
+  device: cpu
+  top_k: 3
+  prompts: ["Why does ice float?", "Explain the moon landing."]
+  prompt_variants: [identity, mirror_halves]
+  embedding_variants:
+    - {{name: default}}
+    - {{name: sft_unembed, base: {{embedding_source: self, unembedding_source: sft}}, sft: {{embedding_source: base}}}}
+"""
+
+
+def test_single_pass_config_exports_format_1(tiny_pair, tmp_path):
+    import json
+
+    base, sft, _ = tiny_pair
+    config = tmp_path / "prod.yaml"
+    config.write_text(SINGLE_PASS.format(base=base, sft=sft))
+    fields, _ = load_legacy_config(config, environ={})
+    assert fields["passes"] == ("default.base=base:base:base,default.sft=sft:sft:sft,"
+                                "sft_unembed.base=base:base:sft,sft_unembed.sft=sft:base:sft")
+    assert fields["pairs"] == "default=default.base-default.sft,sft_unembed=sft_unembed.base-sft_unembed.sft"
+    store = tmp_path / "f1.zarr"
+    assert main(["capture", "--config", str(config), "--store", str(store), "--quiet", "--store-dtype", "float32"]) == 0
+    assert main(["export-json", str(store), "--out", str(tmp_path / "out")]) == 0
+    (path,) = (tmp_path / "out").glob("residual_compare_*.json")
+    import re
+
+    from capture.settings import sanitize_label
+
+    assert re.fullmatch(rf"residual_compare_\d{{8}}_\d{{6}}_{re.escape(sanitize_label(sft))}\.json", path.name)
+    records = json.loads(path.read_text())
+    assert len(records) == 2 * 2 * 2  # prompts x prompt variants x embedding variants
+    assert [(r["metadata"]["prompt_idx"], r["metadata"]["variant_name"], r["metadata"]["embedding_variant"])
+            for r in records[:4]] == [(0, "identity", "default"), (0, "identity", "sft_unembed"),
+                                      (0, "mirror_halves", "default"), (0, "mirror_halves", "sft_unembed")]
+    first = records[1]
+    assert list(first) == ["prompt", "tokens", "metadata", "swap_options", "layers"]
+    assert first["swap_options"] == {"base": {"embedding_source": "base", "unembedding_source": "sft"},
+                                     "sft": {"embedding_source": "base", "unembedding_source": "sft"}}
+    ds = open_store(store)
+    assert first["layers"]["0"]["0"]["kl_div"] == float(ds.kl.sel(pair="sft_unembed", lens="raw").values[0, 1, 0])
+    assert len(first["layers"]["0"]["0"]) == 15 and not (tmp_path / "out" / "manifest_multi.csv").exists()
