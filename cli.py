@@ -37,10 +37,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if args.config:
         from capture.config import load_legacy_config
 
-        from_file, notes = load_legacy_config(args.config)
+        from_file, notes = load_legacy_config(args.config, pair=given.get("pair"))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        if "pair" in given:  # a pair on the command line replaces the file's models
+        if any(note.endswith(f"model_sweep entry {given.get('pair')!r}") for note in notes):
+            given.pop("pair")  # the pair names an entry of the file's model_sweep
+        elif "pair" in given:  # a registered pair on the command line replaces the file's models
             from_file = {k: v for k, v in from_file.items() if k not in ("base", "sft", "tokenizer")}
     settings = CaptureSettings(**{**from_file, **given})
     path = run_capture(settings, progress=not args.quiet)

@@ -17,7 +17,6 @@ from capture.errors import UsageError
 SECTION = "residual_compare"
 IGNORED_KEYS = {
     "local_run": "GPU-rental checks of the old tool; resdiff runs wherever it is started",
-    "model_sweep": "sweep entries are pair definitions for a sweep, not for one capture",
 }
 DTYPE_NAMES = {"auto": "float32", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -29,7 +28,7 @@ ENV_KEYS = {
 KNOWN_KEYS = {
     "base_model", "sft_model", "tokenizer", "device", "dtype", "top_k", "prompts", "prompt_file", "prompt_variants",
     "prompt_variant_options", "tracked_token_ids", "tracked_token_strings", "interesting_token_map",
-    "model_kwargs", "tokenizer_kwargs", "multi_pass", "embedding_variants", *IGNORED_KEYS,
+    "model_kwargs", "tokenizer_kwargs", "multi_pass", "embedding_variants", "model_sweep", *IGNORED_KEYS,
 }
 
 
@@ -96,6 +95,21 @@ def _embedding_variants(entries: list, config: Path) -> dict:
     return {"passes": ",".join(passes), "pairs": ",".join(pairs), "embedding_variants": names}
 
 
+def sweep_pairs(section: dict, config: Path) -> dict[str, dict]:
+    """``model_sweep`` entries as named pairs: name -> CaptureSettings fields (base, sft, tokenizer, dtype)."""
+    pairs = {}
+    for entry in section.get("model_sweep") or []:
+        base = entry.get("base_model") or entry.get("base") if isinstance(entry, dict) else None
+        sft = (entry.get("sft_model") or entry.get("sft") or base) if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not entry.get("name") or not base:
+            raise UsageError(f"{config}: model_sweep entry {entry!r} needs a name and a base_model")
+        fields = {"base": str(base), "sft": str(sft), "pair": None, "tokenizer": entry.get("tokenizer") or str(sft)}
+        if entry.get("dtype"):
+            fields["dtype"] = DTYPE_NAMES.get(str(entry["dtype"]).lower(), str(entry["dtype"]))
+        pairs[str(entry["name"])] = fields
+    return pairs
+
+
 def _tracked(section: dict) -> list[str]:
     tracked = [str(int(i)) for i in section.get("tracked_token_ids") or []]
     tracked += [str(s) for s in section.get("tracked_token_strings") or []]
@@ -103,8 +117,11 @@ def _tracked(section: dict) -> list[str]:
     return tracked
 
 
-def load_legacy_config(path: str | Path, environ=os.environ) -> tuple[dict, list[str]]:
-    """Read a legacy config; return (CaptureSettings fields, notes for the user)."""
+def load_legacy_config(path: str | Path, environ=os.environ, pair: str | None = None) -> tuple[dict, list[str]]:
+    """Read a legacy config; return (CaptureSettings fields, notes for the user).
+
+    ``pair`` names a ``model_sweep`` entry to capture instead of base_model/sft_model.
+    """
     import yaml
 
     path = Path(path)
@@ -122,6 +139,9 @@ def load_legacy_config(path: str | Path, environ=os.environ) -> tuple[dict, list
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} in {SECTION}; known keys: "
                          f"{', '.join(sorted(KNOWN_KEYS))}")
     notes = [f"{path}: {key} ignored ({why})" for key, why in IGNORED_KEYS.items() if key in section]
+    if section.get("model_sweep"):
+        names = ", ".join(sweep_pairs(section, path))
+        notes.append(f"{path}: model_sweep entries usable as --pair NAME with this config: {names}")
     fields: dict = {}
     if section.get("base_model") or section.get("sft_model"):
         fields["base"] = section.get("base_model") or section.get("sft_model")
@@ -155,6 +175,10 @@ def load_legacy_config(path: str | Path, environ=os.environ) -> tuple[dict, list
     for key in ("model_kwargs", "tokenizer_kwargs"):
         if section.get(key):
             fields[key] = dict(section[key])
+    sweep = sweep_pairs(section, path)
+    if pair is not None and pair in sweep:
+        fields.update(sweep[pair])
+        notes.append(f"{path}: --pair {pair} is the config's model_sweep entry {pair!r}")
     multi = section.get("multi_pass") or {}
     if not multi.get("enabled"):  # the legacy single-pass mode: one pass pair per embedding variant (format 1)
         fields.update(_embedding_variants(section.get("embedding_variants") or [{"name": "default"}], path))

@@ -68,7 +68,12 @@ def test_every_key_maps_to_settings(config_file, tiny_pair):
     assert fields["model_kwargs"] == {"low_cpu_mem_usage": True, "attn_implementation": "eager"}
     assert fields["passes"] == "BB=base:base:base,SS=sft:sft:sft,BS=sft:base:base"
     assert fields["pairs"] == "BB-SS,named=BB-BS,back=SS-BB"
-    assert any("local_run ignored" in n for n in notes) and any("model_sweep ignored" in n for n in notes)
+    assert any("local_run ignored" in n for n in notes)
+    assert any("model_sweep entries usable as --pair NAME with this config: qwen-0.5b" in n for n in notes)
+    sweep, sweep_notes = load_legacy_config(config_file, environ={}, pair="qwen-0.5b")
+    assert any(n.endswith("--pair qwen-0.5b is the config's model_sweep entry 'qwen-0.5b'") for n in sweep_notes)
+    assert (sweep["base"], sweep["sft"], sweep["tokenizer"]) == (
+        "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
     assert any("embedding_variants ignored because multi_pass is enabled" in n for n in notes)
 
 
@@ -154,3 +159,15 @@ def test_single_pass_config_exports_format_1(tiny_pair, tmp_path):
     ds = open_store(store)
     assert first["layers"]["0"]["0"]["kl_div"] == float(ds.kl.sel(pair="sft_unembed", lens="raw").values[0, 1, 0])
     assert len(first["layers"]["0"]["0"]) == 15 and not (tmp_path / "out" / "manifest_multi.csv").exists()
+
+
+def test_sweep_entry_as_pair_on_the_command_line(tiny_pair, tmp_path):
+    base, sft, _ = tiny_pair
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"residual_compare:\n  device: cpu\n  model_sweep:\n"
+                      f"    - {{name: mine, base_model: {base}, sft_model: {sft}, dtype: fp32}}\n")
+    store = tmp_path / "m.zarr"
+    assert main(["capture", "--config", str(config), "--pair", "mine", "--store", str(store), "--quiet",
+                 "--no-lens", "--prompt", "hello"]) == 0
+    ds = open_store(store)
+    assert ds.attrs["models"]["base"]["ref"] == base and ds.attrs["models"]["sft"]["ref"] == sft
