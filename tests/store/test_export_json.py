@@ -164,3 +164,20 @@ def test_export_refuses_stores_without_statistics(make_model, tmp_path, capsys):
     assert main(["export-json", str(tmp_path / "s"), "--out", str(tmp_path / "o")]) == 2
     assert "recapture without --no-lens" in capsys.readouterr().err
     assert not list((tmp_path / "o").rglob("*.json"))
+
+
+def test_norm_lens_export_uses_the_standard_lens_at_every_key(make_model, tmp_path):
+    from store.reader import open_store
+
+    base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:1], store=str(tmp_path / "s"),
+                               store_dtype="float32", device="cpu", top_k=2)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False))
+    assert main(["export-json", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--lens", "norm"]) == 0
+    (path,) = (tmp_path / "o").rglob("multi_pass_*.json")
+    record = json.loads(path.read_text())[0]
+    for key in range(ds.sizes["layer"] - 1):
+        got = record["runs"][1]["layers"][str(key)]["0"]["entropy"]
+        assert got == float(ds.entropy.sel(pass_="BS", lens="norm").values[0, key + 1, 0])
+        raw = float(ds.entropy.sel(pass_="BS", lens="raw").values[0, key + 1, 0])
+        assert key == ds.sizes["layer"] - 2 or got != raw
