@@ -1,0 +1,125 @@
+"""Geometric metrics of the residual stream, lazily, per pass and per pair of passes.
+
+Axes: pass_ or pair, prompt, layer, token (the ``dim`` axis is reduced away). Every
+function returns Dask-backed xarray objects and computes nothing; float16 residuals
+are accumulated in float32. Padding positions are NaN in ``resid`` and so NaN here,
+which every reduction skips.
+
+Names and signs, once (the legacy ``norm_delta`` meant two different things):
+
+- ``norm``: ||h_l||, the L2 norm of the residual at layer l.
+- ``norm_delta``: ||h_l|| - ||h_{l-1}||, the change from the previous layer of the same
+  pass (NaN at layer 0). Never a difference between passes.
+- ``cosine_prev``: cos(h_l, h_{l-1}) within a pass (NaN at layer 0).
+- per pair (left, right): ``norm_left``, ``norm_right``, ``norm_diff`` = ||h_right - h_left||,
+  ``cosine_sim`` = cos(h_left, h_right), ``cosine_prev_left/right``,
+  ``norm_delta_left/right``, and from the stored lens statistics ``entropy_left/right``
+  and ``kl`` = KL(right || left).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from capture.errors import UsageError
+
+EPS = 1e-8
+PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
+PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "cosine_sim", "cosine_prev_left", "cosine_prev_right",
+                "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl")
+
+
+def _resid32(ds: xr.Dataset) -> xr.DataArray:
+    if "resid" not in ds:
+        raise UsageError("this store has no residuals (a statistics-only store from import-json); geometric "
+                         "metrics come from its stored variables instead")
+    return ds.resid.astype("float32")
+
+
+def _norm(h: xr.DataArray) -> xr.DataArray:
+    return np.sqrt((h * h).sum("dim", skipna=False))
+
+
+def _cosine(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    return (a * b).sum("dim", skipna=False) / np.maximum(_norm(a) * _norm(b), EPS)
+
+
+def _previous_layer(x: xr.DataArray) -> xr.DataArray:
+    return x.shift(layer=1)
+
+
+def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
+    """``norm``, ``norm_delta`` and ``cosine_prev`` for every (pass_, prompt, layer, token), lazily.
+
+    On a statistics-only store the stored values are returned.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> m = pass_metrics(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
+    >>> sorted(m.data_vars), m.norm.dims
+    (['cosine_prev', 'norm', 'norm_delta'], ('pass_', 'prompt', 'layer', 'token'))
+    """
+    if "resid" not in ds and all(name in ds for name in PASS_METRICS):
+        return ds[list(PASS_METRICS)]
+    h = _resid32(ds)
+    norm = _norm(h)
+    return xr.Dataset({
+        "norm": norm.assign_attrs(long_name="||h_l||"),
+        "norm_delta": (norm - _previous_layer(norm)).assign_attrs(long_name="||h_l|| - ||h_(l-1)||, same pass"),
+        "cosine_prev": _cosine(h, _previous_layer(h)).assign_attrs(long_name="cos(h_l, h_(l-1)), same pass"),
+    })
+
+
+def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
+    """The per-pair metrics of :data:`PAIR_METRICS` for every (pair, prompt, layer, token), lazily.
+
+    ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
+    """
+    if "pair" not in ds.dims or ds.sizes["pair"] == 0:
+        raise UsageError("this store has no pairs of passes; capture with at least two passes")
+    if "lens" in ds.dims and lens not in ds.lens.values:
+        raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
+    left, right = ds.left.rename("pass_"), ds.right.rename("pass_")
+    per_pass = pass_metrics(ds)
+
+    pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
+
+    def side(x: xr.DataArray, labels: xr.DataArray) -> xr.DataArray:
+        # The pass's own labels (model, embedding...) differ between sides: keep only the pair's.
+        picked = x.sel(pass_=labels.values).drop_vars(pass_labels, errors="ignore")
+        return picked.rename(pass_="pair").assign_coords(pair=ds.pair.values)
+
+    out = {
+        "norm_left": side(per_pass.norm, left), "norm_right": side(per_pass.norm, right),
+        "cosine_prev_left": side(per_pass.cosine_prev, left), "cosine_prev_right": side(per_pass.cosine_prev, right),
+        "norm_delta_left": side(per_pass.norm_delta, left), "norm_delta_right": side(per_pass.norm_delta, right),
+    }
+    if "resid" in ds:
+        h = _resid32(ds)
+        h_left, h_right = side(h, left), side(h, right)
+        out["norm_diff"] = _norm(h_right - h_left).assign_attrs(long_name="||h_right - h_left||")
+        out["cosine_sim"] = _cosine(h_left, h_right).assign_attrs(long_name="cos(h_left, h_right)")
+    else:
+        out["norm_diff"], out["cosine_sim"] = ds.norm_diff, ds.cosine_sim
+    if "entropy" in ds:
+        entropy = ds.entropy.sel(lens=lens, drop=True)
+        out["entropy_left"], out["entropy_right"] = side(entropy, left), side(entropy, right)
+        out["kl"] = ds.kl.sel(lens=lens, drop=True).assign_attrs(long_name="KL(right || left)", units="nats")
+    return xr.Dataset({name: out[name] for name in PAIR_METRICS if name in out})
+
+
+def summarize_over(metric: xr.DataArray, axis: str = "layer") -> xr.Dataset:
+    """mean, std (population), min and max of a metric per ``axis`` value (``layer`` or ``token``),
+    over every other position axis; padding (NaN) never enters a statistic. Lazy."""
+    if axis not in ("layer", "token"):
+        raise UsageError(f"axis must be layer or token, got {axis!r}")
+    over = [d for d in ("prompt", "layer", "token") if d in metric.dims and d != axis]
+    values = metric.astype("float32")
+    return xr.Dataset({
+        "mean": values.mean(over, skipna=True), "std": values.std(over, skipna=True),
+        "min": values.min(over, skipna=True), "max": values.max(over, skipna=True),
+    })
