@@ -1,7 +1,8 @@
 """Lazy analysis of resdiff stores (Dask-backed; nothing is computed until asked).
 
-The metrics, reports and decompositions arrive with their issues; for now the entry
-point is :func:`open_store`, which opens a store lazily after checking it.
+:func:`open_store` opens a store lazily after checking it; :mod:`analysis.metrics`
+derives the geometric metrics per pass and per pair and summarises them;
+:mod:`analysis.lens` computes lens logits of any token from a store's saved lens.
 """
 
 from analysis.lens import LensNotSaved, lens_logits
