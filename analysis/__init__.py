@@ -7,6 +7,10 @@ derives the geometric metrics per pass and per pair and summarises them;
 
 from analysis.lens import LensNotSaved, lens_logits
 from analysis.metrics import pair_metrics, pass_metrics, summarize_over
+from analysis.reductions import correlation, hotspots, seven_number_summary
 from store.reader import open_store
 
-__all__ = ["LensNotSaved", "lens_logits", "open_store", "pair_metrics", "pass_metrics", "summarize_over"]
+__all__ = [
+    "LensNotSaved", "correlation", "hotspots", "lens_logits", "open_store", "pair_metrics", "pass_metrics",
+    "seven_number_summary", "summarize_over",
+]

@@ -1,0 +1,85 @@
+"""Hotspots, correlations and seven-number summaries against plain Python over real positions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import dask
+import numpy as np
+import pytest
+
+from analysis import correlation, hotspots, open_store, pair_metrics, seven_number_summary
+from capture.errors import UsageError
+from capture.settings import CaptureSettings
+from store.job import run_capture
+from store.testing import CountingScheduler
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def store(make_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("reductions") / "s.zarr"
+    base, sft = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base), sft=str(sft), prompts=PROMPTS, store=str(path), store_dtype="float32",
+                               device="cpu", top_k=2)
+    run_capture(settings, log=lambda *a: None, progress=False)
+    return open_store(path)
+
+
+def _cells(ds, values_pqlt, q):
+    """(value, prompt, layer, token) of every real position of pair q."""
+    return [(float(values_pqlt[q, p, layer, t]), p, layer, t) for p in range(ds.sizes["prompt"])
+            for layer in range(ds.sizes["layer"]) for t in range(int(ds.n_tokens.values[p]))]
+
+
+def test_lazy(store):
+    metrics = pair_metrics(store)
+    with dask.config.set(scheduler=CountingScheduler(0)):
+        results = [hotspots(metrics.norm_diff, 3), correlation(metrics.norm_diff, metrics.kl),
+                   seven_number_summary(metrics.cosine_sim)]
+    for result in results:
+        for var in result.data_vars.values() if hasattr(result, "data_vars") else [result]:
+            assert isinstance(var.data, dask.array.Array)
+
+
+def test_hotspots_are_the_largest_magnitudes(store):
+    metrics = pair_metrics(store)
+    metric = metrics.norm_right - metrics.norm_left  # both signs present, no ties at the top
+    got = hotspots(metric, top_n=4).compute()
+    values = metric.values
+    for q in range(store.sizes["pair"]):
+        expected = sorted(_cells(store, values, q), key=lambda c: -abs(c[0]))[:4]
+        assert [round(v, 5) for v in got.value.values[q]] == [round(c[0], 5) for c in expected]
+        for r, (value, p, layer, t) in enumerate(expected):
+            assert (got.prompt.values[q, r], got.layer.values[q, r], got.token.values[q, r]) == (p, layer, t)
+            assert value == pytest.approx(float(values[q, p, layer, t]))
+    with pytest.raises(UsageError, match="at least 1"):
+        hotspots(metric, 0)
+
+
+def test_correlation_over_real_positions(store):
+    metrics = pair_metrics(store)
+    got = correlation(metrics.norm_diff, metrics.kl).values
+    a, b = metrics.norm_diff.values, metrics.kl.values
+    for q in range(store.sizes["pair"]):
+        xs = [c[0] for c in _cells(store, a, q)]
+        ys = [c[0] for c in _cells(store, b, q)]
+        assert got[q] == pytest.approx(statistics.correlation(xs, ys), rel=1e-6)
+
+
+def test_seven_number_summary(store):
+    metric = pair_metrics(store).kl
+    got = seven_number_summary(metric).compute()
+    values = metric.values
+    for q in range(store.sizes["pair"]):
+        per_prompt = [statistics.fmean(float(values[q, p, layer, t]) for layer in range(store.sizes["layer"])
+                                       for t in range(int(store.n_tokens.values[p])))
+                      for p in range(store.sizes["prompt"])]
+        q1, median, q3 = statistics.quantiles(per_prompt, n=4, method="inclusive")
+        expected = {"min": min(per_prompt), "q1": q1, "median": median, "q3": q3, "max": max(per_prompt),
+                    "mean": statistics.fmean(per_prompt), "std": statistics.pstdev(per_prompt)}
+        for name, value in expected.items():
+            assert float(got[name].values[q]) == pytest.approx(value, rel=1e-6), name
+    assert not any(math.isnan(float(v)) for v in got["median"].values)
+    assert np.isfinite(got["std"].values).all()
