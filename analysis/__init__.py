@@ -2,15 +2,18 @@
 
 :func:`open_store` opens a store lazily after checking it; :mod:`analysis.metrics`
 derives the geometric metrics per pass and per pair and summarises them;
-:mod:`analysis.lens` computes lens logits of any token from a store's saved lens.
+:mod:`analysis.reductions` finds hotspots, correlations and seven-number summaries;
+:mod:`analysis.tracked` follows tracked tokens; :mod:`analysis.lens` computes lens
+logits of any token from a store's saved lens.
 """
 
 from analysis.lens import LensNotSaved, lens_logits
 from analysis.metrics import pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import correlation, hotspots, seven_number_summary
+from analysis.tracked import tracked_changes, tracked_trajectory
 from store.reader import open_store
 
 __all__ = [
     "LensNotSaved", "correlation", "hotspots", "lens_logits", "open_store", "pair_metrics", "pass_metrics",
-    "seven_number_summary", "summarize_over",
+    "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]
