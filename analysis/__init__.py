@@ -8,12 +8,13 @@ logits of any token from a store's saved lens.
 """
 
 from analysis.lens import LensNotSaved, lens_logits
-from analysis.metrics import pair_metrics, pass_metrics, summarize_over
+from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import correlation, hotspots, seven_number_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.reader import open_store
 
 __all__ = [
-    "LensNotSaved", "correlation", "hotspots", "lens_logits", "open_store", "pair_metrics", "pass_metrics",
+    "LensNotSaved", "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
+    "pass_metrics",
     "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]

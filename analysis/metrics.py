@@ -123,3 +123,36 @@ def summarize_over(metric: xr.DataArray, axis: str = "layer") -> xr.Dataset:
         "mean": values.mean(over, skipna=True), "std": values.std(over, skipna=True),
         "min": values.min(over, skipna=True), "max": values.max(over, skipna=True),
     })
+
+
+def open_stores(paths: list, names: list[str] | None = None) -> xr.Dataset:
+    """Open several stores lazily and stack them along a new ``model_pair`` dimension.
+
+    They must agree in every size and in their prompts' tokens (stores of the same
+    prompts captured on models of one shape, e.g. a sweep of checkpoints); otherwise a
+    :class:`UsageError` names the first difference.
+    """
+    from pathlib import Path
+
+    from store.reader import open_store
+
+    stores = [open_store(p) for p in paths]
+    names = list(names or [ds.attrs.get("pair_label") or Path(p).stem for ds, p in zip(stores, paths, strict=True)])
+    if len(set(names)) != len(names):
+        raise UsageError(f"model_pair names must be unique, got {names}; pass names explicitly")
+    first = stores[0]
+    for name, ds in zip(names[1:], stores[1:], strict=True):
+        for dim in sorted(set(first.sizes) | set(ds.sizes)):
+            if first.sizes.get(dim) != ds.sizes.get(dim):
+                raise UsageError(f"stores {names[0]!r} and {name!r} cannot be combined: {dim} is "
+                                 f"{first.sizes.get(dim)} vs {ds.sizes.get(dim)}; combine stores of one shape "
+                                 "or analyse them separately")
+    # Labels are compared straight from Zarr, so that opening computes nothing through Dask.
+    labels = [xr.open_zarr(str(p), chunks=None) for p in paths]
+    for name, ds in zip(names[1:], labels[1:], strict=True):
+        for coord in ("pass_", "token_id"):
+            if coord in labels[0].coords and not np.array_equal(labels[0][coord].values, ds[coord].values):
+                raise UsageError(f"stores {names[0]!r} and {name!r} cannot be combined: their {coord} differ")
+    combined = xr.concat(stores, dim="model_pair", coords="minimal", compat="override", join="override",
+                         combine_attrs="drop_conflicts")
+    return combined.assign_coords(model_pair=names)

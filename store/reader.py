@@ -61,9 +61,13 @@ def open_store(path: str | Path) -> xr.Dataset:
     check_store(path)
     ds = xr.open_zarr(str(path))
     # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read
-    # to pick data, so load them now; per-token labels stay lazy like the data.
-    small = {name: ds[name].load() for name, coord in ds.coords.items() if coord.ndim == 1 and name not in ds.dims}
-    return ds.assign_coords(small)
+    # to pick data, so load them now, straight from Zarr (no Dask computation); per-token
+    # labels stay lazy like the data.
+    names = [name for name, coord in ds.coords.items() if coord.ndim == 1 and name not in ds.dims]
+    if not names:
+        return ds
+    eager = xr.open_zarr(str(path), chunks=None)
+    return ds.assign_coords({name: eager[name].load() for name in names})
 
 
 def _fmt_bytes(n: float) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import open_store, pair_metrics, pass_metrics, summarize_over
+from capture.errors import UsageError
 from capture.settings import CaptureSettings
 from store.job import run_capture
 from store.testing import CountingScheduler
@@ -119,3 +120,23 @@ def test_statistics_only_stores_use_their_stored_metrics(store, tmp_path):
     ours = pair_metrics(store).norm_diff.sel(layer=1).values
     np.testing.assert_allclose(per_pair.norm_diff.sel(layer=1).values, ours, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert sorted(pass_metrics(imported).data_vars) == ["cosine_prev", "norm", "norm_delta"]
+
+
+def test_open_stores_stacks_compatible_stores(store, make_model, tmp_path):
+    from analysis import open_stores
+
+    other = tmp_path / "other.zarr"
+    settings = CaptureSettings(base=str(make_model("llama", seed=2)), sft=str(make_model("llama", seed=3)),
+                               prompts=PROMPTS, store=str(other), store_dtype="float32", device="cpu", top_k=2)
+    run_capture(settings, log=lambda *a: None, progress=False)
+    path = store.attrs["capture_settings"]["store"]
+    with dask.config.set(scheduler=CountingScheduler(0)):
+        both = open_stores([path, other], names=["first", "second"])
+        metric = pair_metrics(both).norm_diff
+    assert metric.dims == ("model_pair", "pair", "prompt", "layer", "token")
+    np.testing.assert_array_equal(metric.sel(model_pair="first").values, pair_metrics(store).norm_diff.values)
+    short = tmp_path / "short.zarr"
+    run_capture(CaptureSettings(**{**settings.__dict__, "store": str(short), "prompts": PROMPTS[:2]}),
+                log=lambda *a: None, progress=False)
+    with pytest.raises(UsageError, match="cannot be combined: prompt is 4 vs 2"):
+        open_stores([path, short])
