@@ -82,6 +82,22 @@ def _cmd_import_json(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report, check_export_path, export_rows
+    from store.reader import open_store
+
+    if args.export:
+        check_export_path(args.export)  # before any work
+    text, rows = build_report(
+        open_store(args.store), metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n,
+        lens=args.lens, labels=args.pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
+    )
+    print(text)
+    if args.export:
+        print(f"Exported {len(rows)} rows to {export_rows(rows, args.export)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -184,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store path (default: the file's path with .zarr)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(func=_cmd_import_json)
+
+    p = sub.add_parser(
+        "report", help="per-layer or per-token summaries, hotspots and tracked-token changes of a store",
+        description="Summaries (mean, std, min, max; padding excluded) of metrics per layer or token, the top-n "
+        "|value| hotspots, and tracked-token logit changes. Pair metrics are right relative to left.",
+    )
+    p.add_argument("store", help="a store from `capture` or `import-json`")
+    p.add_argument("--metric", action="append", help="metric (repeatable); default norm_diff (pairwise) or norm (runs)")
+    p.add_argument("--axis", choices=["layer", "token"], default="layer", help="summaries per layer or per token")
+    p.add_argument("--record-type", choices=["pairwise", "runs"], default="pairwise", help="pairs or single passes")
+    p.add_argument("--top-n", type=int, default=5, help="hotspots and tracked changes listed (largest |value|)")
+    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of entropy and KL")
+    p.add_argument("--pair", action="append", help="only these pairs (repeatable)")
+    p.add_argument("--pass", dest="pass_", action="append", help="only these passes with --record-type runs")
+    p.add_argument("--token-id", type=int, action="append", help="only these tracked token ids (repeatable)")
+    p.add_argument("--export", metavar="OUT.csv|OUT.json", help="write the hotspot and tracked-change rows")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")
