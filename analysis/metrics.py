@@ -74,6 +74,14 @@ def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
     })
 
 
+def select_side(ds: xr.Dataset, x: xr.DataArray, side: str) -> xr.DataArray:
+    """``x`` (over pass_) taken at each pair's ``left`` or ``right`` pass, as a DataArray over ``pair``."""
+    # The pass's own labels (model, embedding...) differ between sides: keep only the pair's.
+    pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
+    picked = x.sel(pass_=ds[side].values).drop_vars(pass_labels, errors="ignore")
+    return picked.rename(pass_="pair").assign_coords(pair=ds.pair.values)
+
+
 def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
     """The per-pair metrics of :data:`PAIR_METRICS` for every (pair, prompt, layer, token), lazily.
 
@@ -83,15 +91,11 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
         raise UsageError("this store has no pairs of passes; capture with at least two passes")
     if "lens" in ds.dims and lens not in ds.lens.values:
         raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
-    left, right = ds.left.rename("pass_"), ds.right.rename("pass_")
     per_pass = pass_metrics(ds)
+    left, right = "left", "right"
 
-    pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
-
-    def side(x: xr.DataArray, labels: xr.DataArray) -> xr.DataArray:
-        # The pass's own labels (model, embedding...) differ between sides: keep only the pair's.
-        picked = x.sel(pass_=labels.values).drop_vars(pass_labels, errors="ignore")
-        return picked.rename(pass_="pair").assign_coords(pair=ds.pair.values)
+    def side(x: xr.DataArray, which: str) -> xr.DataArray:
+        return select_side(ds, x, which)
 
     out = {
         "norm_left": side(per_pass.norm, left), "norm_right": side(per_pass.norm, right),

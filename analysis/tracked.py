@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xarray as xr
 
+from analysis.metrics import select_side
 from capture.errors import UsageError
 
 
@@ -26,13 +27,7 @@ def tracked_trajectory(ds: xr.Dataset, token_id: int, lens: str = "raw") -> xr.D
     """Per pair: ``logit_left``, ``logit_right`` and ``shift`` (right - left) of one tracked token, lazily."""
     index = _tracked_index(ds, token_id)
     logit = ds.tracked_logit.sel(lens=lens, drop=True).isel(tracked=index, drop=True)
-    pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
-
-    def side(labels: xr.DataArray) -> xr.DataArray:
-        picked = logit.sel(pass_=labels.values).drop_vars(pass_labels, errors="ignore")
-        return picked.rename(pass_="pair").assign_coords(pair=ds.pair.values)
-
-    left, right = side(ds.left), side(ds.right)
+    left, right = select_side(ds, logit, "left"), select_side(ds, logit, "right")
     return xr.Dataset({"logit_left": left, "logit_right": right, "shift": right - left}).assign_attrs(
         token_id=int(token_id), lens=lens)
 

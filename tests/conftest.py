@@ -110,3 +110,20 @@ def load(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def capture_store(make_model, tmp_path_factory):
+    """Factory: ``capture_store(arch, **settings)`` -> path of a float32 store of a random ``arch`` pair
+    (seeds 0 and 1) over ``PROMPTS``, captured with the real capture job."""
+    from capture.settings import CaptureSettings
+    from store.job import run_capture
+
+    def capture(arch: str = "llama", **overrides) -> Path:
+        path = tmp_path_factory.mktemp(f"store-{arch}") / "s.zarr"
+        settings = {"prompts": PROMPTS, "device": "cpu", "store_dtype": "float32", "top_k": 2, **overrides}
+        run_capture(CaptureSettings(base=str(make_model(arch, seed=0)), sft=str(make_model(arch, seed=1)),
+                                    store=str(path), **settings), log=lambda *a: None, progress=False)
+        return path
+
+    return capture

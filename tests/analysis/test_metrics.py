@@ -15,14 +15,9 @@ from tests.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def store(make_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("metrics") / "s.zarr"
-    base, sft = make_model("llama", seed=0), make_model("llama", seed=1)
+def store(capture_store):
     # PROMPTS has a 1-2 token prompt beside long ones: padding dominates some rows.
-    settings = CaptureSettings(base=str(base), sft=str(sft), prompts=PROMPTS, store=str(path), store_dtype="float32",
-                               device="cpu", top_k=2)
-    run_capture(settings, log=lambda *a: None, progress=False)
-    return open_store(path)
+    return open_store(capture_store("llama"))
 
 
 def _real_positions(ds):

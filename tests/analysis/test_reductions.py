@@ -11,20 +11,12 @@ import pytest
 
 from analysis import correlation, hotspots, open_store, pair_metrics, seven_number_summary
 from capture.errors import UsageError
-from capture.settings import CaptureSettings
-from store.job import run_capture
 from store.testing import CountingScheduler
-from tests.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def store(make_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("reductions") / "s.zarr"
-    base, sft = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
-    settings = CaptureSettings(base=str(base), sft=str(sft), prompts=PROMPTS, store=str(path), store_dtype="float32",
-                               device="cpu", top_k=2)
-    run_capture(settings, log=lambda *a: None, progress=False)
-    return open_store(path)
+def store(capture_store):
+    return open_store(capture_store("qwen2"))
 
 
 def _cells(ds, values_pqlt, q):

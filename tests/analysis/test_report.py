@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 
 from analysis import open_store, pair_metrics, summarize_over
-from capture.settings import CaptureSettings
 from cli import main
-from store.job import run_capture
-from tests.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def store_path(make_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("report") / "s.zarr"
-    settings = CaptureSettings(base=str(make_model("llama", seed=0)), sft=str(make_model("llama", seed=1)),
-                               prompts=PROMPTS, store=str(path), device="cpu", top_k=2, track=["7", "40"])
-    run_capture(settings, log=lambda *a: None, progress=False)
-    return path
+def store_path(capture_store):
+    return capture_store("llama", store_dtype="float16", track=["7", "40"])
 
 
 def test_report_tables_and_exports(store_path, tmp_path, capsys):

@@ -8,20 +8,13 @@ import pytest
 
 from analysis import open_store, tracked_changes, tracked_trajectory
 from capture.errors import UsageError
-from capture.settings import CaptureSettings
-from store.job import run_capture
 from store.testing import CountingScheduler
 from tests.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def store(make_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tracked") / "s.zarr"
-    base, sft = make_model("gemma", seed=0), make_model("gemma", seed=1)
-    settings = CaptureSettings(base=str(base), sft=str(sft), prompts=PROMPTS[:3], store=str(path), device="cpu",
-                               store_dtype="float32", top_k=2, track=["7", "40"])
-    run_capture(settings, log=lambda *a: None, progress=False)
-    return open_store(path)
+def store(capture_store):
+    return open_store(capture_store("gemma", prompts=PROMPTS[:3], track=["7", "40"]))
 
 
 def test_trajectory_and_changes(store):
