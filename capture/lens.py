@@ -75,23 +75,21 @@ class Lens:
     ) -> torch.Tensor:
         """Float32 logits of rows ``h_nd`` for vocabulary rows ``start:stop`` (into ``out`` if given)."""
         z_nv = torch.matmul(h_nd.float(), self.weight_vd[start:stop].float().T, out=out)
+        return self._head_extras_(z_nv, slice(start, stop))
+
+    def gather(self, h_nd: torch.Tensor, ids_j: torch.Tensor) -> torch.Tensor:
+        """Logits of a few vocabulary rows (tracked tokens) only."""
+        return self._head_extras_(h_nd.float() @ self.weight_vd[ids_j].float().T, ids_j)
+
+    def _head_extras_(self, z_nv: torch.Tensor, rows) -> torch.Tensor:
+        """Apply, in place, what the head applies after the product, for vocabulary ``rows``."""
         if self.bias_v is not None:
-            z_nv += self.bias_v[start:stop]
+            z_nv += self.bias_v[rows]
         if self.multiplier != 1.0:
             z_nv *= self.multiplier
         if self.softcap:
             z_nv.div_(self.softcap).tanh_().mul_(self.softcap)
         return z_nv
-
-    def gather(self, h_nd: torch.Tensor, ids_j: torch.Tensor) -> torch.Tensor:
-        """Logits of a few vocabulary rows (tracked tokens) only."""
-        z_nj = h_nd.float() @ self.weight_vd[ids_j].float().T
-        if self.bias_v is not None:
-            z_nj += self.bias_v[ids_j]
-        z_nj *= self.multiplier
-        if self.softcap:
-            z_nj = torch.tanh(z_nj / self.softcap) * self.softcap
-        return z_nj
 
 
 ROWSUM_GROUP = 16  # entries per float32 partial sum in _rowsum64

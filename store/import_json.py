@@ -18,6 +18,7 @@ passes ``v.base`` and ``v.sft`` and a pair ``v``; it has no per-pass top-k.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import numpy as np
 import xarray as xr
 
 from capture.errors import StoreConflict, UsageError
-from store.schema import FORMAT_ATTR, FORMAT_VERSION
-from store.writer import StoreWriter, consolidate
+from store.schema import FORMAT_ATTR, FORMAT_VERSION, string_array
+from store.writer import StoreWriter, consolidate, remove_store
 
 READ_BYTES = 1 << 22
 
@@ -149,23 +150,22 @@ def _template(shape: _Shape, source: Path) -> xr.Dataset:
     tokens = np.full((n_prompt, n_tok), "", dtype=object)
     for i, prompt in enumerate(shape.prompts.values()):
         tokens[i, : len(prompt["tokens"])] = prompt["tokens"]
-    strings = lambda values: np.array(list(values), dtype=object)  # noqa: E731
     passes, pairs = shape.passes, shape.pairs
     coords = {
-        "pass_": strings(passes), "model": ("pass_", strings(p["model"] for p in passes.values())),
-        "embedding": ("pass_", strings(p["embedding"] for p in passes.values())),
-        "unembedding": ("pass_", strings(p["unembedding"] for p in passes.values())),
-        "pair": strings(pairs), "left": ("pair", strings(q["left"] for q in pairs.values())),
-        "right": ("pair", strings(q["right"] for q in pairs.values())),
-        "lens": strings(["raw"]), "prompt": np.arange(n_prompt),
-        "prompt_text": ("prompt", strings(p["text"] for p in shape.prompts.values())),
+        "pass_": string_array(passes), "model": ("pass_", string_array(p["model"] for p in passes.values())),
+        "embedding": ("pass_", string_array(p["embedding"] for p in passes.values())),
+        "unembedding": ("pass_", string_array(p["unembedding"] for p in passes.values())),
+        "pair": string_array(pairs), "left": ("pair", string_array(q["left"] for q in pairs.values())),
+        "right": ("pair", string_array(q["right"] for q in pairs.values())),
+        "lens": string_array(["raw"]), "prompt": np.arange(n_prompt),
+        "prompt_text": ("prompt", string_array(p["text"] for p in shape.prompts.values())),
         "prompt_index": ("prompt", np.array([key[0] if key[0] is not None else -1 for key in shape.prompts])),
-        "variant": ("prompt", strings(str(key[1]) for key in shape.prompts)),
+        "variant": ("prompt", string_array(str(key[1]) for key in shape.prompts)),
         "n_tokens": ("prompt", np.array([len(p["tokens"]) for p in shape.prompts.values()], dtype=np.int32)),
         "layer": np.arange(1, n_keys + 1), "token": np.arange(n_tok), "k": np.arange(k),
         "token_str": (("prompt", "token"), tokens),
         "tracked_id": ("tracked", np.array(sorted(shape.tracked), dtype=np.int64)),
-        "tracked_str": ("tracked", strings(str(t) for t in sorted(shape.tracked))),
+        "tracked_str": ("tracked", string_array(str(t) for t in sorted(shape.tracked))),
     }
     attrs = {
         FORMAT_ATTR: FORMAT_VERSION, "statistics_only": True, "imported_from": str(source),
@@ -257,9 +257,7 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
     if not shape.prompts:
         raise UsageError(f"{source} holds no records; nothing to import")
     partial = path.with_name(path.name + ".partial")
-    if partial.exists():
-        import shutil
-
+    if partial.exists():  # left by an interrupted import
         shutil.rmtree(partial)
     writer = StoreWriter.create(partial, _template(shape, source))
     prompt_at = {key: i for i, key in enumerate(shape.prompts)}
@@ -268,8 +266,6 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
         _fill(writer.group, record, shape, prompt_at[(meta.get("prompt_idx"), meta.get("variant_name"))])
     consolidate(partial)
     if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
+        remove_store(path)
     partial.rename(path)
     return path

@@ -62,9 +62,9 @@ def write_groups(n_prompts: int, chunk_prompt: int, batch_size: int) -> list[sli
     return [slice(start, min(start + size, n_prompts)) for start in range(0, n_prompts, size)]
 
 
-def _strings(values) -> np.ndarray:
+def string_array(values) -> np.ndarray:
     # Object dtype becomes variable-length UTF-8 in Zarr v3; fixed-width '<U' warns.
-    return np.array(values, dtype=object)
+    return np.array(list(values), dtype=object)
 
 
 def build_template(
@@ -102,14 +102,14 @@ def build_template(
             "done": (("pass_", "prompt"), done, {"long_name": "region fully written"}),
         },
         coords={
-            "pass_": ("pass_", _strings([p["name"] for p in passes])),
-            "model": ("pass_", _strings([p["llm"] for p in passes])),
-            "embedding": ("pass_", _strings([p["embedding"] for p in passes])),
-            "unembedding": ("pass_", _strings([p["unembedding"] for p in passes])),
+            "pass_": ("pass_", string_array([p["name"] for p in passes])),
+            "model": ("pass_", string_array([p["llm"] for p in passes])),
+            "embedding": ("pass_", string_array([p["embedding"] for p in passes])),
+            "unembedding": ("pass_", string_array([p["unembedding"] for p in passes])),
             "prompt": ("prompt", np.arange(n_prompts, dtype=np.int64)),
-            "prompt_text": ("prompt", _strings(texts)),
+            "prompt_text": ("prompt", string_array(texts)),
             "prompt_index": ("prompt", np.asarray(prompt_index or range(n_prompts), dtype=np.int64)),
-            "variant": ("prompt", _strings(variants or ["identity"] * n_prompts)),
+            "variant": ("prompt", string_array(variants or ["identity"] * n_prompts)),
             "n_tokens": ("prompt", np.array([len(i) for i in token_ids], dtype=np.int32)),
             "layer": ("layer", np.arange(n_layers1, dtype=np.int64)),
             "token": ("token", np.arange(n_tokens, dtype=np.int64)),
@@ -180,13 +180,13 @@ def add_lens_variables(
     data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=chunk_prompt),
                          {"long_name": "lens statistics of this prompt fully written"})
     coords = {
-        "lens": ("lens", _strings(LENS_NAMES)),
-        "pair": ("pair", _strings([p[0] for p in pairs])),
-        "left": ("pair", _strings([p[1] for p in pairs])),
-        "right": ("pair", _strings([p[2] for p in pairs])),
+        "lens": ("lens", string_array(LENS_NAMES)),
+        "pair": ("pair", string_array([p[0] for p in pairs])),
+        "left": ("pair", string_array([p[1] for p in pairs])),
+        "right": ("pair", string_array([p[2] for p in pairs])),
         "k": ("k", np.arange(top_k, dtype=np.int64)),
         "tracked_id": ("tracked", np.asarray(tracked_ids, dtype=np.int64)),
-        "tracked_str": ("tracked", _strings(tracked_strs)),
+        "tracked_str": ("tracked", string_array(tracked_strs)),
     }
     return ds.assign_coords(coords).assign(data)
 
@@ -207,4 +207,4 @@ def add_saved_lens_variables(ds: xr.Dataset, *, sources: list[str], vocab: int, 
         "lens_norm_bias": (("source", "dim"), da.zeros((n_src, hidden), dtype="float32", chunks=(1, hidden)),
                            {"long_name": "final norm bias (zero where the norm has none)"}),
     }
-    return ds.assign_coords(source=("source", _strings(sources))).assign(data)
+    return ds.assign_coords(source=("source", string_array(sources))).assign(data)

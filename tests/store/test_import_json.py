@@ -95,3 +95,16 @@ def test_bad_files(tmp_path):
     with pytest.raises(UsageError, match="not a legacy results file"):
         imp.import_json(path)
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
+    from capture.errors import StoreFormatError
+
+    path = tmp_path / "residual_compare_20251127_000000_x.json"
+    path.write_text(json.dumps([_format1_record(0, "default")], indent=2))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreFormatError, match="not a Zarr store, so it was not removed"):
+        imp.import_json(path, store=precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
