@@ -265,7 +265,11 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
         meta = record["metadata"]
         _fill(writer.group, record, shape, prompt_at[(meta.get("prompt_idx"), meta.get("variant_name"))])
     consolidate(partial)
-    if path.exists():
-        remove_store(path)
+    try:
+        if path.exists():
+            remove_store(path)
+    except Exception:
+        shutil.rmtree(partial, ignore_errors=True)  # leave things as they were
+        raise
     partial.rename(path)
     return path

@@ -108,3 +108,4 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
     with pytest.raises(StoreFormatError, match="not a Zarr store, so it was not removed"):
         imp.import_json(path, store=precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "precious.partial").exists()
