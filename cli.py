@@ -83,15 +83,23 @@ def _cmd_import_json(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report, check_export_path, export_rows
+    from analysis.compute import compute_on, parse_memory, tile_bytes
+    from analysis.export_rows import check_export_path, export_rows
+    from analysis.report import build_report
     from store.reader import open_store
 
     if args.export:
         check_export_path(args.export)  # before any work
-    text, rows = build_report(
-        open_store(args.store), metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n,
-        lens=args.lens, labels=args.pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
-    )
+    limit = parse_memory(args.memory_limit) if args.memory_limit else None
+    ds = open_store(args.store)
+    with compute_on(args.scheduler, args.local_cluster, limit, tile_bytes(ds)) as where:
+        if not args.quiet:
+            print(f"computing on {where}", file=sys.stderr)
+        text, rows = build_report(
+            ds, metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n, lens=args.lens,
+            labels=args.pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
+            logit_source=args.logit_source, prompt=args.prompt,
+        )
     print(text)
     if args.export:
         print(f"Exported {len(rows)} rows to {export_rows(rows, args.export)}")
@@ -203,19 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report", help="per-layer or per-token summaries, hotspots and tracked-token changes of a store",
-        description="Summaries (mean, std, min, max; padding excluded) of metrics per layer or token, the top-n "
-        "|value| hotspots, and tracked-token logit changes. Pair metrics are right relative to left.",
+        description="Summaries (mean, std, min, max; padding excluded) of metrics per layer or token, seven-number "
+        "summaries across prompts, the top-n |value| hotspots, tracked-token logit changes and, with --token-id, "
+        "logit-grid and top-k-membership previews. Pair metrics are right relative to left.",
     )
     p.add_argument("store", help="a store from `capture` or `import-json`")
-    p.add_argument("--metric", action="append", help="metric (repeatable); default norm_diff (pairwise) or norm (runs)")
+    p.add_argument("--metric", action="append",
+                   help="metric (repeatable); default norm_diff (pairwise) or norm (runs). Pairwise: "
+                   "norm_left, norm_right, norm_diff, cosine_sim, cosine_prev_left/right, norm_delta_left/right, "
+                   "entropy_left/right, kl. Runs: norm, norm_delta, cosine_prev, entropy")
     p.add_argument("--axis", choices=["layer", "token"], default="layer", help="summaries per layer or per token")
     p.add_argument("--record-type", choices=["pairwise", "runs"], default="pairwise", help="pairs or single passes")
-    p.add_argument("--top-n", type=int, default=5, help="hotspots and tracked changes listed (largest |value|)")
-    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of entropy and KL")
+    p.add_argument("--top-n", type=int, default=5,
+                   help="hotspots and tracked changes listed (largest |value|), grid preview rows and columns")
+    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of entropy, KL and logits")
     p.add_argument("--pair", action="append", help="only these pairs (repeatable)")
     p.add_argument("--pass", dest="pass_", action="append", help="only these passes with --record-type runs")
-    p.add_argument("--token-id", type=int, action="append", help="only these tracked token ids (repeatable)")
-    p.add_argument("--export", metavar="OUT.csv|OUT.json", help="write the hotspot and tracked-change rows")
+    p.add_argument("--token-id", type=int, action="append",
+                   help="token id (repeatable): restricts tracked changes and previews its logit grid and top-k "
+                   "membership")
+    p.add_argument("--logit-source", choices=["left", "right", "diff"], default="diff",
+                   help="grid previewed with --token-id: the left or right pass's logit, or diff = right - left "
+                   "(the legacy base|sft|diff with diff = base - sft is not copied)")
+    p.add_argument("--prompt", type=int, default=0, help="prompt index of the --token-id previews (default 0)")
+    p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet", help="write the hotspot and tracked-change rows")
+    scale = p.add_argument_group("where to compute (default: threads on this machine)")
+    scale.add_argument("--memory-limit", metavar="SIZE",
+                       help="bound the computation's memory, e.g. 1GB (the process's own ~0.4 GB of libraries "
+                       "comes on top); sets the threads, or each --local-cluster worker's limit")
+    scale.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                       help="run on an existing dask.distributed scheduler (workers need resdiff importable and "
+                       "the store path readable)")
+    scale.add_argument("--local-cluster", type=int, metavar="N",
+                       help="start N single-threaded worker processes on loopback and run there")
+    p.add_argument("--quiet", action="store_true", help="do not say where the computation runs")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")

@@ -19,9 +19,11 @@ Names and signs, once (the legacy ``norm_delta`` meant two different things):
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
+from analysis.kernels import residual_sums
 from capture.errors import UsageError
 
 EPS = 1e-8
@@ -31,18 +33,62 @@ PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "cosine_sim", "cosine_pr
 
 
 def _resid32(ds: xr.Dataset) -> xr.DataArray:
+    _require_resid(ds)
+    return ds.resid.astype("float32")
+
+
+def _require_resid(ds: xr.Dataset) -> None:
     if "resid" not in ds:
         raise UsageError("this store has no residuals (a statistics-only store from import-json); geometric "
                          "metrics come from its stored variables instead")
-    return ds.resid.astype("float32")
+
+
+def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Lazy ``sum h^2`` (pass_, ...), ``sum h_left h_right`` and ``sum (h_right - h_left)^2`` (pair, ...).
+
+    One fused task per (prompt, layer) tile reads all passes of the tile once; the
+    graph is deterministic, so metrics built from it in one compute share the reads.
+    """
+    _require_resid(ds)
+    names, left, right = store_pairs(ds)
+    passes = [str(p) for p in ds.pass_.values]
+    left_q = np.array([passes.index(p) for p in left], dtype=np.int64)
+    right_q = np.array([passes.index(p) for p in right], dtype=np.int64)
+    resid = ds.resid.transpose(..., "pass_", "prompt", "layer", "token", "dim")
+    lead = resid.dims[:-5]  # e.g. model_pair from open_stores
+    data = resid.data if isinstance(resid.data, da.Array) else da.from_array(resid.data)
+    n_lead = len(lead)
+    data = data.rechunk({n_lead + 4: -1})
+    n_pass, n_pair = len(passes), len(names)
+    per_pass = [data[(slice(None),) * n_lead + (slice(s, s + 1),)] for s in range(n_pass)]
+    sums = da.map_blocks(_block_sums, *per_pass, left_q=left_q, right_q=right_q, n_lead=n_lead, dtype=np.float64,
+                         drop_axis=n_lead + 4,
+                         chunks=(*data.chunks[:n_lead], (n_pass + 2 * n_pair,), *data.chunks[n_lead + 1:n_lead + 4]),
+                         meta=np.empty((0,) * (n_lead + 4), np.float64))
+    dims = (*lead, "term", "prompt", "layer", "token")
+    coords = {d: resid[d] for d in dims if d in resid.coords and d != "term"}
+    sums = xr.DataArray(sums, dims=dims, coords=coords)
+    sumsq = sums.isel(term=slice(0, n_pass)).rename(term="pass_").assign_coords(pass_=ds.pass_)
+    pair_coords = {"pair": names, "left": ("pair", left), "right": ("pair", right)}
+    dot = sums.isel(term=slice(n_pass, n_pass + n_pair)).rename(term="pair").assign_coords(pair_coords)
+    sqdiff = sums.isel(term=slice(n_pass + n_pair, None)).rename(term="pair").assign_coords(pair_coords)
+    return sumsq, dot, sqdiff
+
+
+def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_lead: int) -> np.ndarray:
+    # Each block is one pass: (*lead, 1, prompt, layer, token, dim).
+    lead_shape = blocks[0].shape[:n_lead]
+    out = None
+    for index in np.ndindex(*lead_shape):
+        sums = residual_sums([b[index][0] for b in blocks], left_q, right_q)
+        if out is None:
+            out = np.empty(lead_shape + sums.shape, dtype=sums.dtype)
+        out[index] = sums
+    return out
 
 
 def _norm(h: xr.DataArray) -> xr.DataArray:
     return np.sqrt((h * h).sum("dim", skipna=False))
-
-
-def _cosine(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
-    return (a * b).sum("dim", skipna=False) / np.maximum(_norm(a) * _norm(b), EPS)
 
 
 def _previous_layer(x: xr.DataArray) -> xr.DataArray:
@@ -65,21 +111,41 @@ def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
     """
     if "resid" not in ds and all(name in ds for name in PASS_METRICS):
         return ds[list(PASS_METRICS)]
+    sumsq = _residual_sums(ds)[0]
+    norm = np.sqrt(sumsq)
     h = _resid32(ds)
-    norm = _norm(h)
+    # cos(h_l, h_{l-1}) crosses layer tiles, so it stays an xarray expression.
+    dot_prev = (h * _previous_layer(h)).sum("dim", skipna=False)
+    cosine_prev = dot_prev / np.maximum(norm * _previous_layer(norm), EPS)
     return xr.Dataset({
-        "norm": norm.assign_attrs(long_name="||h_l||"),
-        "norm_delta": (norm - _previous_layer(norm)).assign_attrs(long_name="||h_l|| - ||h_(l-1)||, same pass"),
-        "cosine_prev": _cosine(h, _previous_layer(h)).assign_attrs(long_name="cos(h_l, h_(l-1)), same pass"),
+        "norm": norm.astype("float32").assign_attrs(long_name="||h_l||"),
+        "norm_delta": (norm - _previous_layer(norm)).astype("float32").assign_attrs(
+            long_name="||h_l|| - ||h_(l-1)||, same pass"),
+        "cosine_prev": cosine_prev.astype("float32").assign_attrs(long_name="cos(h_l, h_(l-1)), same pass"),
     })
+
+
+def store_pairs(ds: xr.Dataset) -> tuple[list[str], list[str], list[str]]:
+    """(names, left passes, right passes) of the store's pairs.
+
+    A store captured with lens statistics lists its pairs; one without (``--no-lens``)
+    gets every pair of its passes in pass order (BB-BS, BB-SB, ... SB-SS for the default
+    four), so that geometric pair metrics work on residual-only stores too.
+    """
+    if "pair" in ds.dims:
+        return [str(x) for x in ds.pair.values], [str(x) for x in ds.left.values], [str(x) for x in ds.right.values]
+    passes = [str(p) for p in ds.pass_.values]
+    combos = [(a, b) for i, a in enumerate(passes) for b in passes[i + 1:]]
+    return [f"{a}-{b}" for a, b in combos], [a for a, _ in combos], [b for _, b in combos]
 
 
 def select_side(ds: xr.Dataset, x: xr.DataArray, side: str) -> xr.DataArray:
     """``x`` (over pass_) taken at each pair's ``left`` or ``right`` pass, as a DataArray over ``pair``."""
+    names, left, right = store_pairs(ds)
     # The pass's own labels (model, embedding...) differ between sides: keep only the pair's.
     pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
-    picked = x.sel(pass_=ds[side].values).drop_vars(pass_labels, errors="ignore")
-    return picked.rename(pass_="pair").assign_coords(pair=ds.pair.values)
+    picked = x.sel(pass_=left if side == "left" else right).drop_vars(pass_labels, errors="ignore")
+    return picked.rename(pass_="pair").assign_coords(pair=names, left=("pair", left), right=("pair", right))
 
 
 def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
@@ -87,7 +153,7 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
 
     ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
     """
-    if "pair" not in ds.dims or ds.sizes["pair"] == 0:
+    if not store_pairs(ds)[0]:
         raise UsageError("this store has no pairs of passes; capture with at least two passes")
     if "lens" in ds.dims and lens not in ds.lens.values:
         raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
@@ -103,10 +169,10 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
         "norm_delta_left": side(per_pass.norm_delta, left), "norm_delta_right": side(per_pass.norm_delta, right),
     }
     if "resid" in ds:
-        h = _resid32(ds)
-        h_left, h_right = side(h, left), side(h, right)
-        out["norm_diff"] = _norm(h_right - h_left).assign_attrs(long_name="||h_right - h_left||")
-        out["cosine_sim"] = _cosine(h_left, h_right).assign_attrs(long_name="cos(h_left, h_right)")
+        sumsq, dot, sqdiff = _residual_sums(ds)
+        scale = np.maximum(np.sqrt(side(sumsq, left)) * np.sqrt(side(sumsq, right)), EPS)
+        out["norm_diff"] = np.sqrt(sqdiff).astype("float32").assign_attrs(long_name="||h_right - h_left||")
+        out["cosine_sim"] = (dot / scale).astype("float32").assign_attrs(long_name="cos(h_left, h_right)")
     else:
         out["norm_diff"], out["cosine_sim"] = ds.norm_diff, ds.cosine_sim
     if "entropy" in ds:

@@ -1,28 +1,31 @@
-"""The text report of ``cli.py report``: per-layer (or per-token) summaries, hotspots and tracked
-changes, per pair (or per pass), as aligned tables, with an optional row export.
+"""The text report of ``cli.py report``: per-layer (or per-token) summaries, seven-number
+summaries across prompts, hotspots, tracked-token changes and token-id previews, per pair (or
+per pass), as aligned tables, with the rows an export writes.
 
-Everything is computed from the lazy metrics; one ``dask.compute`` per table.
+All metrics' tables are computed in one ``dask.compute``, so each residual chunk is read
+once per report.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
+import warnings
 
 import dask
 import numpy as np
 import xarray as xr
 
 from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
-from analysis.reductions import hotspots
-from analysis.tracked import tracked_changes
+from analysis.reductions import hotspots, seven_number_summary
+from analysis.tracked import tracked_changes, tracked_trajectory
 from capture.errors import UsageError
 
 RUN_METRICS = (*PASS_METRICS, "entropy")
+LOGIT_SOURCES = ("left", "right", "diff")
+CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
+    """Right-aligned columns; floats with 4 decimals."""
     cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
@@ -37,10 +40,8 @@ def _metrics(ds: xr.Dataset, record_type: str, lens: str) -> xr.Dataset:
     return out
 
 
-def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "layer",
-                 record_type: str = "pairwise", top_n: int = 5, lens: str = "raw",
-                 labels: list[str] | None = None, token_ids: list[int] | None = None) -> tuple[str, list[dict]]:
-    """Return (text, rows): the report and the rows an export writes (hotspots and tracked changes)."""
+def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: str,
+            labels: list[str] | None) -> tuple[xr.Dataset, list[str], str, list[str]]:
     if record_type not in ("pairwise", "runs"):
         raise UsageError(f"--record-type must be pairwise or runs, got {record_type!r}")
     known = PAIR_METRICS if record_type == "pairwise" else RUN_METRICS
@@ -49,72 +50,141 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     if unknown:
         raise UsageError(f"unknown {record_type} metric {unknown[0]!r}; known: {', '.join(known)}")
     lead = "pair" if record_type == "pairwise" else "pass_"
-    table = _metrics(ds, record_type, lens)
-    missing = [m for m in metrics if m not in table]
+    values = _metrics(ds, record_type, lens)
+    missing = [m for m in metrics if m not in values]
     if missing:
         raise UsageError(f"metric {missing[0]!r} needs data this store does not have (resid or lens statistics)")
-    chosen = [str(x) for x in table[lead].values] if not labels else labels
-    bad = [x for x in chosen if x not in set(map(str, table[lead].values))]
+    have = [str(x) for x in values[lead].values]
+    chosen = labels or have
+    bad = [x for x in chosen if x not in have]
     if bad:
-        raise UsageError(f"unknown {'pair' if lead == 'pair' else 'pass'} {bad[0]!r}; the store has "
-                         f"{', '.join(map(str, table[lead].values))}")
-    table = table.sel({lead: chosen})
+        raise UsageError(f"unknown {'pair' if lead == 'pair' else 'pass'} {bad[0]!r}; the store has {', '.join(have)}")
+    return values.sel({lead: chosen})[metrics], chosen, lead, metrics
+
+
+def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens) -> tuple[list[str], list[dict]]:
+    lazy = {m: (summarize_over(values[m], axis), hotspots(values[m], top_n), seven_number_summary(values[m]))
+            for m in metrics}
+    with warnings.catch_warnings():
+        # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
+        warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN|Degrees of freedom)",
+                                RuntimeWarning)
+        (computed,) = dask.compute(lazy)
+    tokens = ds.token_str.values
+    word = "pair" if lead == "pair" else "pass"
     lines, rows = [], []
     for metric in metrics:
-        summary, spots = dask.compute(summarize_over(table[metric], axis), hotspots(table[metric], top_n))
-        tokens = ds.token_str.values
+        summary, spots, seven = computed[metric]
         for label in chosen:
             s = summary.sel({lead: label})
-            lines.append(f"\n{metric} by {axis} ({'pair' if lead == 'pair' else 'pass'} {label}, lens {lens}):")
-            lines.append(_table([axis, "mean", "std", "min", "max"],
-                                [[int(i), float(s["mean"][j]), float(s["std"][j]), float(s["min"][j]),
-                                  float(s["max"][j])] for j, i in enumerate(s[axis].values)]))
+            lines.append(f"\n{metric} by {axis} ({word} {label}, lens {lens}):")
+            lines.append(table([axis, "mean", "std", "min", "max"],
+                               [[int(i), *(float(s[k][j]) for k in ("mean", "std", "min", "max"))]
+                                for j, i in enumerate(s[axis].values)]))
             h = spots.sel({lead: label})
-            spot_rows = []
-            for r in range(h.sizes["rank"]):
-                prompt, layer, token = (int(h[k].values[r]) for k in ("prompt", "layer", "token"))
-                if prompt < 0:
-                    continue
-                row = {"metric": metric, lead: label, "rank": r + 1, "prompt": prompt, "layer": layer,
-                       "token_idx": token, "token": str(tokens[prompt, token]), "value": float(h.value.values[r])}
-                spot_rows.append(row)
+            spot_rows = [
+                {"metric": metric, lead: label, "rank": r + 1, "prompt": int(h.prompt.values[r]),
+                 "layer": int(h.layer.values[r]), "token_idx": int(h.token.values[r]),
+                 "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
+                 "value": float(h.value.values[r])}
+                for r in range(h.sizes["rank"]) if int(h.prompt.values[r]) >= 0
+            ]
             rows += spot_rows
             lines.append(f"top {top_n} |{metric}| hotspots:")
-            lines.append(_table(["rank", "prompt", "layer", "token_idx", "token", "value"],
-                                [[r["rank"], r["prompt"], r["layer"], r["token_idx"], r["token"], r["value"]]
-                                 for r in spot_rows]))
+            lines.append(table(["rank", "prompt", "layer", "token_idx", "token", "value"],
+                               [[r["rank"], r["prompt"], r["layer"], r["token_idx"], r["token"], r["value"]]
+                                for r in spot_rows]))
+        names = list(seven.data_vars)
+        lines.append(f"\n{metric} across prompts (each prompt's mean over layers and tokens):")
+        lines.append(table([word, *names], [[label, *(float(seven[n].sel({lead: label})) for n in names)]
+                                            for label in chosen]))
+    return lines, rows
+
+
+def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], list[dict]]:
+    tracked = [int(t) for t in ds.tracked_id.values]
+    ids = [t for t in token_ids if t in tracked] if token_ids else tracked
+    if not ids:
+        return [f"\ntracked logit changes: none of token ids {token_ids} is tracked (tracked: {tracked})"], []
+    changes = tracked_changes(ds, CHANGE_THRESHOLD, lens, ids).sel(pair=chosen).compute()
+    found = changes.to_series().dropna()
+    ordered = found.reindex(found.abs().sort_values(ascending=False).index).head(top_n)
+    rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
+             "token_idx": int(t), "token": str(ds.token_str.values[int(pr), int(t)]), "shift": float(v)}
+            for (q, p, pr, la, t), v in ordered.items()]
+    lines = [f"\ntracked logit changes, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
+             table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
+                   [[r["token_id"], r["pair"], r["prompt"], r["layer"], r["token_idx"], r["token"], r["shift"]]
+                    for r in rows]) if rows else "(none)"]
+    return lines, rows
+
+
+def _grid_lines(grid_lt: np.ndarray, tokens: np.ndarray, n_real: int, top_n: int) -> list[str]:
+    lines = []
+    for layer in range(min(top_n, grid_lt.shape[0])):
+        cells = [f"{tokens[t]}:{grid_lt[layer, t]:.3f}" for t in range(min(top_n, n_real))
+                 if np.isfinite(grid_lt[layer, t])]
+        lines.append(f"  L{layer}: " + (", ".join(cells) if cells else "-"))
+    return lines
+
+
+def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> list[str]:
+    """Grids over (layer, token) of one prompt: a tracked logit, and where the id is among the rises."""
+    if not 0 <= prompt < ds.sizes["prompt"]:
+        raise UsageError(f"--prompt {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
+    tracked = [int(t) for t in ds.tracked_id.values] if "tracked_id" in ds.coords else []
+    tokens = ds.token_str.values[prompt]
+    n_real = int(ds.n_tokens.values[prompt])
+    lines = []
+    for token_id in token_ids:
+        for pair in chosen:
+            head = f"token {token_id}, pair {pair}, prompt {prompt}, lens {lens}"
+            if token_id in tracked:
+                traj = tracked_trajectory(ds, token_id, lens).sel(pair=pair, prompt=prompt)
+                grid = {"left": traj.logit_left, "right": traj.logit_right, "diff": traj["shift"]}[source]
+                lines.append(f"\nlogit grid preview ({source}{' = right - left' if source == 'diff' else ''}; "
+                             f"{head}):")
+                lines += _grid_lines(grid.values, tokens, n_real, top_n)
+            else:
+                lines.append(f"\nlogit grid preview: token {token_id} is not tracked in this store "
+                             "(capture with --track)")
+            if "rise_id" in ds:
+                rises = ds.rise_id.sel(pair=pair, lens=lens, prompt=prompt)
+                shift = ds.rise_shift.sel(pair=pair, lens=lens, prompt=prompt)
+                member = shift.where(rises == token_id).max("k")
+                lines.append(f"top-k membership (increase; shift where the token is among the top-k rises; {head}):")
+                lines += _grid_lines(member.values, tokens, n_real, top_n)
+    return lines
+
+
+def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "layer",
+                 record_type: str = "pairwise", top_n: int = 5, lens: str = "raw",
+                 labels: list[str] | None = None, token_ids: list[int] | None = None,
+                 logit_source: str = "diff", prompt: int = 0) -> tuple[str, list[dict]]:
+    """Return (text, rows): the report and the rows an export writes (hotspots and tracked changes).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
+    >>> text.splitlines()[0], len(rows)
+    ('norm_diff by layer (pair BB-BS, lens raw):', 6)
+    """
+    if top_n < 1:
+        raise UsageError(f"--top-n must be at least 1, got {top_n}")
+    if logit_source not in LOGIT_SOURCES:
+        raise UsageError(f"--logit-source must be one of {', '.join(LOGIT_SOURCES)}, got {logit_source!r}")
+    if token_ids and record_type != "pairwise":
+        raise UsageError("--token-id works with --record-type pairwise (tracked logits are compared per pair)")
+    values, chosen, lead, metrics = _choose(ds, record_type, metrics, lens, labels)
+    lines, rows = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens)
     if record_type == "pairwise" and "tracked_logit" in ds:
-        ids = token_ids or [int(t) for t in ds.tracked_id.values]
-        changes = tracked_changes(ds, 0.5, lens, ids).sel(pair=chosen).compute()
-        found = changes.to_series().dropna()
-        ordered = found.reindex(found.abs().sort_values(ascending=False).index).head(top_n)
-        change_rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
-                        "token_idx": int(t), "token": str(ds.token_str.values[int(pr), int(t)]), "shift": float(v)}
-                       for (q, p, pr, la, t), v in ordered.items()]
-        rows += change_rows
-        lines.append(f"\ntracked logit changes, |right - left| >= 0.5 (top {top_n}):")
-        lines.append(_table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
-                            [[r["token_id"], r["pair"], r["prompt"], r["layer"], r["token_idx"], r["token"],
-                              r["shift"]] for r in change_rows]) if change_rows else "(none)")
+        more_lines, more_rows = _tracked_section(ds, chosen, lens, top_n, token_ids)
+        lines += more_lines
+        rows += more_rows
+    if token_ids:
+        lines += _token_id_section(ds, chosen, lens, top_n, token_ids, logit_source, prompt)
     return "\n".join(lines).lstrip("\n"), rows
 
-
-def check_export_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix not in (".csv", ".json"):
-        raise UsageError(f"--export needs a .csv or .json path, got {path.name!r}")
-    return path
-
-
-def export_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write report rows as .csv (columns: the union of all keys) or .json."""
-    path = check_export_path(path)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else x))
-    elif path.suffix == ".csv":
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    return path

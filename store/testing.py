@@ -38,21 +38,28 @@ class CountingScheduler:
 
 def tiny_template(
     n_prompts: int = 3, n_layers1: int = 3, hidden: int = 8, lengths: tuple[int, ...] | None = None,
-    store_dtype: str = "float32", chunk_prompt: int = 2,
+    store_dtype: str = "float32", chunk_prompt: int = 2, chunking: Chunking | None = None,
 ) -> xr.Dataset:
-    """A small template with the default four passes and made-up tokens."""
+    """A small template with the default four passes and made-up tokens.
+
+    ``chunking`` overrides the default tiles (``chunk_prompt`` prompts x all layers).
+    """
     lengths = lengths or tuple(5 - (i % 3) for i in range(n_prompts))
     ids = [list(range(10, 10 + n)) for n in lengths]
     return build_template(
         passes=[p.to_dict() for p in DEFAULT_PASSES], texts=[f"prompt {i}" for i in range(n_prompts)],
         token_ids=ids, token_pieces=[[f"t{i}" for i in row] for row in ids], n_layers1=n_layers1,
-        hidden=hidden, store_dtype=store_dtype, chunking=Chunking(prompt=chunk_prompt, layer=n_layers1),
+        hidden=hidden, store_dtype=store_dtype, chunking=chunking or Chunking(prompt=chunk_prompt, layer=n_layers1),
         attrs={"pair_label": "synthetic"},
     )
 
 
 def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path:
-    """Write a complete synthetic store of random residuals (NaN on padding)."""
+    """Write a complete synthetic store of random residuals (NaN on padding).
+
+    ``template_kwargs`` go to :func:`tiny_template`; large benchmark stores use the
+    same builder with more prompts, layers and a real ``chunking``.
+    """
     template = tiny_template(**template_kwargs)
     writer = StoreWriter.create(path, template)
     rng = np.random.default_rng(seed)
@@ -62,8 +69,9 @@ def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path
         for start in range(0, template.sizes["prompt"], chunk):
             rows = slice(start, min(start + chunk, template.sizes["prompt"]))
             lengths = template.n_tokens.values[rows]
-            resid = rng.standard_normal((len(lengths), template.sizes["layer"], n_tok, template.sizes["dim"]))
-            final = rng.standard_normal((len(lengths), n_tok, template.sizes["dim"]))
+            shape = (len(lengths), template.sizes["layer"], n_tok, template.sizes["dim"])
+            resid = rng.standard_normal(shape, dtype=np.float32)
+            final = rng.standard_normal((len(lengths), n_tok, template.sizes["dim"]), dtype=np.float32)
             for i, n in enumerate(lengths):
                 resid[i, :, n:] = np.nan
                 final[i, n:] = np.nan

@@ -115,14 +115,15 @@ def load(path, dtype=torch.float32):
 @pytest.fixture(scope="session")
 def capture_store(make_model, tmp_path_factory):
     """Factory: ``capture_store(arch, **settings)`` -> path of a float32 store of a random ``arch`` pair
-    (seeds 0 and 1) over ``PROMPTS``, captured with the real capture job."""
+    (seeds 0 and 1, ``model_overrides`` on their configs) over ``PROMPTS``, captured with the real capture job."""
     from capture.settings import CaptureSettings
     from store.job import run_capture
 
-    def capture(arch: str = "llama", **overrides) -> Path:
+    def capture(arch: str = "llama", model_overrides: dict | None = None, **overrides) -> Path:
         path = tmp_path_factory.mktemp(f"store-{arch}") / "s.zarr"
         settings = {"prompts": PROMPTS, "device": "cpu", "store_dtype": "float32", "top_k": 2, **overrides}
-        run_capture(CaptureSettings(base=str(make_model(arch, seed=0)), sft=str(make_model(arch, seed=1)),
+        base, sft = (make_model(arch, seed=seed, **(model_overrides or {})) for seed in (0, 1))
+        run_capture(CaptureSettings(base=str(base), sft=str(sft),
                                     store=str(path), **settings), log=lambda *a: None, progress=False)
         return path
 

@@ -1,0 +1,151 @@
+"""Where lazy results are computed: local threads (default), threads under a memory limit, or a
+dask.distributed cluster (an existing one, or one started on loopback).
+
+Analysis functions stay lazy; :func:`compute_on` only sets the scheduler that a later
+``.compute()`` uses. BLAS libraries get one thread per Dask worker thread everywhere:
+Dask already runs one task per core, and BLAS threads on top of that fight over the
+same cores (a Dask QR on 2 cores took twice as long with BLAS's default threads).
+
+Memory model of a bounded local run (measured in ``benchmarks/report.py``): each
+running task holds the chunks of one (prompt, layer) tile of every pass, and the
+scheduler keeps about one more tile in flight per thread plus one being released, so
+the working set is about ``(1 + 2 x threads) x tile`` bytes on top of the process's own
+footprint (interpreter, libraries, store metadata), which the limit does not count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Iterator
+
+import dask
+import numpy as np
+import xarray as xr
+from dask.utils import format_bytes, parse_bytes
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from capture.errors import UsageError
+
+_BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life of the process
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``1GB``, ``512MiB``, ``2e9`` or an int; a one-line error otherwise."""
+    try:
+        value = parse_bytes(text) if isinstance(text, str) else int(text)
+    except (ValueError, TypeError):
+        raise UsageError(f"--memory-limit {text!r} is not a size; write e.g. 1GB or 512MiB") from None
+    if value <= 0:
+        raise UsageError(f"--memory-limit must be positive, got {text!r}")
+    return value
+
+
+def tile_bytes(ds: xr.Dataset) -> int:
+    """Bytes of one (prompt, layer) tile of every pass (or pair): the unit a metric task holds."""
+    largest = 0
+    for var in ds.data_vars.values():
+        if var.chunks is None or var.ndim < 4:
+            continue
+        chunk = int(np.prod([max(c) for c in var.chunks], dtype=np.int64)) * var.dtype.itemsize
+        lead = next((var.sizes[d] for d in ("pass_", "pair") if d in var.dims), 1)
+        largest = max(largest, chunk * lead)
+    return largest
+
+
+def threads_for(limit: int, tile: int, cores: int | None = None) -> int:
+    """Threads whose working set ``(1 + 2 x threads) x tile`` fits ``limit``; an error if one does not."""
+    cores = cores or os.cpu_count() or 1
+    threads = min(cores, (limit // max(tile, 1) - 1) // 2)
+    if threads < 1:
+        need = 3 * tile
+        raise UsageError(f"--memory-limit {format_bytes(limit)} is below what one task of this store needs "
+                         f"(about {format_bytes(need)}: 3 x a {format_bytes(tile)} tile of all passes); "
+                         f"raise it to at least {format_bytes(need)}")
+    return threads
+
+
+def pin_blas_threads() -> None:
+    """Limit BLAS/OpenMP pools of this process to one thread, for as long as it lives."""
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController()
+    controller.limit(limits=1)
+    _BLAS_LIMIT.append(controller)
+
+
+def release_freed_memory_early() -> None:
+    """Make glibc return freed chunk buffers to the OS at once (no-op elsewhere).
+
+    Chunk-sized buffers otherwise drift below glibc's adaptive mmap threshold and stay
+    in the heap after they are freed, which inflates a bounded run's peak RSS by a third.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+class PinBlasPlugin(WorkerPlugin):
+    """dask.distributed worker plugin: one BLAS thread per worker process, new workers included."""
+
+    name = "resdiff-pin-blas"
+
+    def setup(self, worker) -> None:
+        pin_blas_threads()
+
+
+def _connect(scheduler: str | None, local_cluster: int | None, memory_limit: int | None):
+    from distributed import Client, LocalCluster
+
+    if local_cluster is not None:
+        if local_cluster < 1:
+            raise UsageError(f"--local-cluster needs at least 1 worker, got {local_cluster}")
+        per_worker = memory_limit // local_cluster if memory_limit else "auto"
+        cluster = LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True,
+                               dashboard_address=None, memory_limit=per_worker)
+        return Client(cluster), cluster
+    try:
+        return Client(scheduler, timeout="10s"), None
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"could not reach the Dask scheduler at {scheduler} ({exc.__class__.__name__}); "
+                         "start one with `dask scheduler` and workers with `dask worker ADDRESS`, "
+                         "or use --local-cluster N") from None
+
+
+@contextlib.contextmanager
+def compute_on(scheduler: str | None = None, local_cluster: int | None = None, memory_limit: int | None = None,
+               tile: int = 0) -> Iterator[str]:
+    """Run the block's computations on a cluster or on local threads; yields a one-line description.
+
+    ``scheduler`` is a ``tcp://HOST:PORT`` address of a running dask.distributed
+    scheduler, ``local_cluster`` a number of worker processes to start on loopback
+    (one thread each), ``memory_limit`` bytes for the computation (split between
+    local-cluster workers; for local threads it sets the thread count from ``tile``).
+    """
+    if scheduler and local_cluster is not None:
+        raise UsageError("give either --scheduler or --local-cluster, not both")
+    if scheduler or local_cluster is not None:
+        client, cluster = _connect(scheduler, local_cluster, memory_limit)
+        try:
+            client.register_plugin(PinBlasPlugin())
+            n = len(client.scheduler_info()["workers"])
+            yield f"dask.distributed at {client.scheduler.address} ({n} workers)"
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return
+    threads = os.cpu_count() or 1
+    if memory_limit:
+        release_freed_memory_early()
+        threads = threads_for(memory_limit, tile, threads)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1), dask.config.set(scheduler="threads", num_workers=threads):
+        limit = f", memory limit {format_bytes(memory_limit)}" if memory_limit else ""
+        yield f"local threads ({threads}{limit})"

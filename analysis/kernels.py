@@ -1,0 +1,90 @@
+"""Fused per-position sums over ``dim`` for the geometric metrics, one read of each residual.
+
+Every geometric metric of a pass or a pair is a function of three sums over ``dim``:
+``sum h^2`` per pass, and ``sum h_left * h_right`` and ``sum (h_right - h_left)^2``
+per pair. Computing them in one loop reads each residual once, where the xarray
+expression form read each pass three times (once per pair it is in) and held float32
+copies of whole chunks. ``sum (h_right - h_left)^2`` is summed directly, never derived
+from the other two, which would cancel catastrophically where the passes nearly agree.
+
+Axes legend: s = pass, q = pair, n = position (prompt x layer x token, flattened),
+d = dim. Sums are accumulated in float64 from float32 values (float16 is widened
+exactly); NaN (padding) propagates to the position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Reassociation lets LLVM vectorise the sums; NaN and inf semantics are kept (no 'nnan'/'ninf').
+_FAST = {"reassoc", "contract", "nsz"}
+# float16 bits shifted into float32 position are the value times 2**-112 (subnormals included).
+_HALF_SCALE = np.float32(2.0**112)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _widen_half(src_d, bits_d, out_d):  # pragma: no cover - compiled
+    # numba has no float16 on the CPU; numpy's own conversion is the slowest step of the sums.
+    for d in range(src_d.shape[0]):
+        h = np.uint32(src_d[d])
+        bits = ((h & 0x7FFF) << 13) | ((h & 0x8000) << 16)
+        bits_d[d] = bits | (np.uint32(0x7F800000) * np.uint32(((h >> 10) & 0x1F) == 0x1F))  # inf / NaN
+    for d in range(out_d.shape[0]):
+        out_d[d] = out_d[d] * _HALF_SCALE
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _sums(x_snd, half, left_q, right_q, out_rn):  # pragma: no cover - compiled
+    # x_snd: a tuple of S arrays (n, d), one per pass, so the passes' chunks are never copied together.
+    n_pass = len(x_snd)
+    n_rows, n_dim = x_snd[0].shape
+    n_pair = left_q.shape[0]
+    bits_sd = np.empty((n_pass, n_dim), dtype=np.uint32)
+    row_sd = bits_sd.view(np.float32)
+    for n in range(n_rows):
+        for s in range(n_pass):
+            if half:
+                _widen_half(x_snd[s][n], bits_sd[s], row_sd[s])
+            else:
+                for d in range(n_dim):
+                    row_sd[s, d] = x_snd[s][n, d]
+            acc = 0.0
+            for d in range(n_dim):
+                v = np.float64(row_sd[s, d])
+                acc += v * v
+            out_rn[s, n] = acc
+        for q in range(n_pair):
+            a, b = left_q[q], right_q[q]
+            dot = 0.0
+            sq = 0.0
+            for d in range(n_dim):
+                va = np.float64(row_sd[a, d])
+                vb = np.float64(row_sd[b, d])
+                dot += va * vb
+                sq += (vb - va) * (vb - va)
+            out_rn[n_pass + q, n] = dot
+            out_rn[n_pass + n_pair + q, n] = sq
+
+
+def residual_sums(passes: list[np.ndarray], left_q: np.ndarray, right_q: np.ndarray) -> np.ndarray:
+    """Sums over the last axis of S same-shaped blocks ``(..., dim)``, one per pass.
+
+    Returns ``(S + 2Q, ...)`` float64: ``sum h^2`` for each of the S passes, then
+    ``sum h_left h_right`` for each of the Q pairs, then ``sum (h_right - h_left)^2``.
+    float16 is widened to float32 exactly; float64 input is rounded to float32.
+
+    >>> x = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]  # 2 passes, 1 position, 2 dims
+    >>> residual_sums(x, np.array([0]), np.array([1]))[:, 0].tolist()
+    [25.0, 1.0, 4.0, 18.0]
+    """
+    *middle, n_dim = passes[0].shape
+    n_rows = int(np.prod(middle, dtype=np.int64))
+    half = all(x.dtype == np.float16 for x in passes)
+    if half:
+        x_snd = tuple(np.ascontiguousarray(x).view(np.uint16).reshape(n_rows, n_dim) for x in passes)
+    else:
+        x_snd = tuple(np.ascontiguousarray(x, dtype=np.float32).reshape(n_rows, n_dim) for x in passes)
+    out = np.empty((len(passes) + 2 * len(left_q), n_rows), dtype=np.float64)
+    _sums(x_snd, half, np.asarray(left_q, dtype=np.int64), np.asarray(right_q, dtype=np.int64), out)
+    return out.reshape(out.shape[0], *middle)

@@ -1,0 +1,84 @@
+"""Where reports compute: bounded local threads, a real LocalCluster on loopback, BLAS pinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dask
+import pytest
+from distributed import LocalCluster
+
+from analysis.compute import compute_on, parse_memory, threads_for, tile_bytes
+from capture.errors import UsageError
+from cli import main
+from store.reader import open_store
+
+REPORT = ["--metric", "norm_diff", "--metric", "kl", "--metric", "cosine_prev_left", "--top-n", "3",
+          "--token-id", "7", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def store_path(capture_store):
+    return capture_store("gpt2", store_dtype="float16", track=["7"])
+
+
+def test_memory_sizes_and_threads():
+    assert parse_memory("1GB") == 10**9 and parse_memory("512MiB") == 512 * 2**20
+    with pytest.raises(UsageError, match=r"is not a size; write e\.g\. 1GB"):
+        parse_memory("lots")
+    assert threads_for(10**9, 100 * 10**6, cores=8) == 4  # (1 + 2 x 4) x 100 MB <= 1 GB
+    assert threads_for(10**9, 10**6, cores=2) == 2
+    with pytest.raises(UsageError, match=r"below what one task of this store needs .* raise it to at least"):
+        threads_for(10**6, 10**6)
+
+
+def test_memory_limit_sets_local_threads(store_path):
+    ds = open_store(store_path)
+    tile = tile_bytes(ds)
+    assert tile == ds.resid.sizes["pass_"] * ds.resid.data.chunksize[1] * ds.resid.data.chunksize[2] * \
+        ds.sizes["token"] * ds.sizes["dim"] * 2
+    with compute_on(memory_limit=3 * tile, tile=tile) as where:
+        assert dask.config.get("num_workers") == 1 and "local threads (1" in where
+
+
+def test_blas_is_pinned_to_one_thread():
+    code = ("import numpy, json; from threadpoolctl import threadpool_info as i; "
+            "b = [p['num_threads'] for p in i()]; "
+            "from analysis.compute import pin_blas_threads as pin; pin(); "
+            "print(json.dumps([b, [p['num_threads'] for p in i()]]))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    before, after = json.loads(out.stdout)
+    assert after and all(n == 1 for n in after)
+    assert (os.cpu_count() or 1) == 1 or max(before) > 1  # the pin changed something
+
+
+def test_report_on_a_local_cluster_matches_threads(store_path, capsys):
+    assert main(["report", str(store_path), *REPORT]) == 0
+    threaded = capsys.readouterr().out
+    assert main(["report", str(store_path), *REPORT, "--local-cluster", "2", "--memory-limit", "2GB"]) == 0
+    assert capsys.readouterr().out == threaded
+    assert "logit grid preview" in threaded and "norm_diff across prompts" in threaded
+
+
+def test_report_on_an_existing_scheduler_with_pinned_workers(store_path, capsys):
+    assert main(["report", str(store_path), *REPORT]) == 0
+    threaded = capsys.readouterr().out
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(["report", str(store_path), *REPORT, "--scheduler", cluster.scheduler_address]) == 0
+        assert capsys.readouterr().out == threaded
+        with compute_on(scheduler=cluster.scheduler_address):
+            from distributed import get_client
+            from threadpoolctl import threadpool_info
+
+            threads = get_client().run(lambda: [p["num_threads"] for p in threadpool_info()])
+    assert len(threads) == 2 and all(n == 1 for per_worker in threads.values() for n in per_worker)
+
+
+def test_unreachable_scheduler_is_a_one_line_error(store_path, capsys):
+    assert main(["report", str(store_path), "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 2
+    assert "could not reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
