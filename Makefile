@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint env clean
+.PHONY: demo test lint env clean browser
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(PY) cli.py capture --pair tiny --store outputs/tiny.zarr --overwrite
 
-test: $(STAMP)
+# The HTML report's test renders it in Debian's chromium; installed here where apt-get can (root), else skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "note: chromium is not installed; the HTML rendering test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -83,16 +83,14 @@ def _cmd_import_json(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.compute import compute_on, parse_memory, tile_bytes
     from analysis.export_rows import check_export_path, export_rows
     from analysis.report import build_report
     from store.reader import open_store
 
     if args.export:
         check_export_path(args.export)  # before any work
-    limit = parse_memory(args.memory_limit) if args.memory_limit else None
     ds = open_store(args.store)
-    with compute_on(args.scheduler, args.local_cluster, limit, tile_bytes(ds)) as where:
+    with _compute_context(args, ds) as where:
         if not args.quiet:
             print(f"computing on {where}", file=sys.stderr)
         text, rows = build_report(
@@ -103,6 +101,96 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(text)
     if args.export:
         print(f"Exported {len(rows)} rows to {export_rows(rows, args.export)}")
+    return 0
+
+
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    scale = p.add_argument_group("where to compute (default: threads on this machine)")
+    scale.add_argument("--memory-limit", metavar="SIZE",
+                       help="bound the computation's memory, e.g. 1GB (the process's own ~0.4 GB of libraries "
+                       "comes on top); sets the threads, or each --local-cluster worker's limit")
+    scale.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                       help="run on an existing dask.distributed scheduler (workers need resdiff importable and "
+                       "the store path readable)")
+    scale.add_argument("--local-cluster", type=int, metavar="N",
+                       help="start N single-threaded worker processes on loopback and run there")
+
+
+def _compute_context(args: argparse.Namespace, ds):
+    from analysis.compute import compute_on, parse_memory, tile_bytes
+
+    limit = parse_memory(args.memory_limit) if args.memory_limit else None
+    return compute_on(args.scheduler, args.local_cluster, limit, tile_bytes(ds))
+
+
+def _tucker_ranks(text: str | None):
+    from capture.errors import UsageError
+
+    if not text:
+        return None
+    try:
+        ranks = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--tucker-ranks takes three integers like 2,4,8, got {text!r}") from None
+    if len(ranks) != 3:
+        raise UsageError(f"--tucker-ranks takes three integers (pair, layer, dim ranks), got {text!r}")
+    return ranks
+
+
+def _cmd_decompose(args: argparse.Namespace) -> int:
+    import xarray as xr
+
+    from analysis.decompose import decompose_store
+    from analysis.report import table
+    from store.reader import open_store
+
+    with _compute_context(args, open_store(args.store)):
+        path, reused = decompose_store(args.store, top_k=args.top_k, cp_rank=args.cp_rank,
+                                       tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pair, out=args.out,
+                                       force=args.force, progress=not args.quiet)
+    res = xr.open_zarr(str(path))
+    print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
+    rows = [[str(q), int(la), float(res.participation_ratio.sel(pair=q, layer=la)),
+             int(res.rank90.sel(pair=q, layer=la)), int(res.rank99.sel(pair=q, layer=la))]
+            for q in res.pair.values for la in res.layer.values]
+    print(table(["pair", "layer", "participation", "rank90", "rank99"], rows))
+    print(f"CP rank {res.sizes['cp_rank']}: relative error {res.attrs['cp_relative_error']:.3e}; "
+          f"Tucker ranks {tuple(res.attrs['tucker_ranks'])}: relative error {res.attrs['tucker_relative_error']:.3e}")
+    print(f"open with: xr.open_zarr({str(path)!r})")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import xarray as xr
+
+    from analysis import plots
+    from analysis.decompose import decompose_store
+    from store.reader import open_store
+
+    ds = open_store(args.store)
+    out = Path(args.out) if args.out else Path(str(Path(args.store).with_suffix("")) + "-plots")
+    out.mkdir(parents=True, exist_ok=True)
+    with _compute_context(args, ds):
+        images = [plots.layer_curves(ds, out, args.lens)]
+        images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens))
+        if args.pass_metric:
+            images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens))
+        path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet)
+    result = xr.open_zarr(str(path)).load()
+    images += plots.spectra_plots(result, out)
+    images.append(plots.cp_plot(result, out))
+    for image in images:
+        print(f"Wrote {image}")
+    if args.html:
+        rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
+            [str(q), f"{float(result.participation_ratio.sel(pair=q).mean()):.2f}",
+             int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
+            for q in result.pair.values]
+        settings = {"store": str(args.store), **ds.attrs}
+        page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings)
+        print(f"Wrote {page}")
     return 0
 
 
@@ -235,17 +323,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the legacy base|sft|diff with diff = base - sft is not copied)")
     p.add_argument("--prompt", type=int, default=0, help="prompt index of the --token-id previews (default 0)")
     p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet", help="write the hotspot and tracked-change rows")
-    scale = p.add_argument_group("where to compute (default: threads on this machine)")
-    scale.add_argument("--memory-limit", metavar="SIZE",
-                       help="bound the computation's memory, e.g. 1GB (the process's own ~0.4 GB of libraries "
-                       "comes on top); sets the threads, or each --local-cluster worker's limit")
-    scale.add_argument("--scheduler", metavar="tcp://HOST:PORT",
-                       help="run on an existing dask.distributed scheduler (workers need resdiff importable and "
-                       "the store path readable)")
-    scale.add_argument("--local-cluster", type=int, metavar="N",
-                       help="start N single-threaded worker processes on loopback and run there")
+    _scale_args(p)
     p.add_argument("--quiet", action="store_true", help="do not say where the computation runs")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "decompose", help="spectra, effective ranks, principal angles, CP and Tucker of the pairwise differences",
+        description="Per pair and layer: the spectrum of the difference vectors h_right - h_left over all real "
+        "positions (uncentred), participation ratio, rank to 90/99%% of variance, top-k directions and principal "
+        "angles between pairs' top-k subspaces; CP and Tucker of the pair x layer x dim tensor of mean "
+        "differences. Written to a sibling store named by the settings; the same settings reuse it.",
+    )
+    p.add_argument("store", help="a store from `capture` (needs resid)")
+    p.add_argument("--pair", action="append", help="only these pairs (repeatable; default all)")
+    p.add_argument("--top-k", type=int, default=8, help="principal directions kept and compared (default 8)")
+    p.add_argument("--cp-rank", type=int, help="CP rank (default: smallest <= 8 with relative error <= 5%%)")
+    p.add_argument("--tucker-ranks", metavar="P,L,D", help="Tucker ranks (default: 99%% energy per mode)")
+    p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr)")
+    p.add_argument("--force", action="store_true", help="recompute and replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _scale_args(p)
+    p.set_defaults(func=_cmd_decompose)
+
+    p = sub.add_parser(
+        "plot", help="PNG figures (and --html, one self-contained page) of a store",
+        description="Layer curves of norm_diff, cosine_sim and KL for all pairs; layer x token heatmaps of one "
+        "prompt per pair (and per pass); spectra, effective ranks and CP factors of the decomposition.",
+    )
+    p.add_argument("store", help="a store from `capture`")
+    p.add_argument("--out", help="output directory (default: STORE without .zarr, plus -plots)")
+    p.add_argument("--html", action="store_true", help="also write report.html with the images embedded")
+    p.add_argument("--metric", default="norm_diff", help="pair metric of the heatmaps (default norm_diff)")
+    p.add_argument("--pass-metric", default="norm", help="pass metric of the per-pass heatmaps (default norm; "
+                   "empty to skip)")
+    p.add_argument("--prompt", type=int, default=0, help="prompt index of the heatmaps (default 0)")
+    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of KL (default raw)")
+    p.add_argument("--top-k", type=int, default=8, help="principal directions of the decomposition")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _scale_args(p)
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")

@@ -9,8 +9,10 @@ same cores (a Dask QR on 2 cores took twice as long with BLAS's default threads)
 Memory model of a bounded local run (measured in ``benchmarks/report.py``): each
 running task holds the chunks of one (prompt, layer) tile of every pass, and the
 scheduler keeps about one more tile in flight per thread plus one being released, so
-the working set is about ``(1 + 2 x threads) x tile`` bytes on top of the process's own
-footprint (interpreter, libraries, store metadata), which the limit does not count.
+the working set is about ``(1 + 2 x threads) x tile`` bytes, plus three tiles that
+glibc keeps for reuse unless told otherwise (see :func:`threads_for`), on top of the
+process's own footprint (interpreter, libraries, store metadata), which the limit
+does not count.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import dask
 import numpy as np
 import xarray as xr
 from dask.utils import format_bytes, parse_bytes
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from capture.errors import UsageError
 
@@ -54,16 +55,25 @@ def tile_bytes(ds: xr.Dataset) -> int:
     return largest
 
 
-def threads_for(limit: int, tile: int, cores: int | None = None) -> int:
-    """Threads whose working set ``(1 + 2 x threads) x tile`` fits ``limit``; an error if one does not."""
+def threads_for(limit: int, tile: int, cores: int | None = None) -> tuple[int, bool]:
+    """(threads, tight): the most threads whose working set fits ``limit``; an error if one does not.
+
+    Roomy limits use ``(4 + 2 x threads)`` tiles, glibc's default allocator included
+    (it keeps freed chunk buffers for reuse: fast, but they count). Tight limits use
+    ``(1 + 2 x threads)`` tiles with freed buffers returned to the OS at once
+    (:func:`release_freed_memory_early`), which costs about a quarter of the speed.
+    """
     cores = cores or os.cpu_count() or 1
-    threads = min(cores, (limit // max(tile, 1) - 1) // 2)
-    if threads < 1:
+    roomy = min(cores, (limit // max(tile, 1) - 4) // 2)
+    if roomy >= 1:
+        return roomy, False
+    tight = min(cores, (limit // max(tile, 1) - 1) // 2)
+    if tight < 1:
         need = 3 * tile
         raise UsageError(f"--memory-limit {format_bytes(limit)} is below what one task of this store needs "
                          f"(about {format_bytes(need)}: 3 x a {format_bytes(tile)} tile of all passes); "
                          f"raise it to at least {format_bytes(need)}")
-    return threads
+    return tight, True
 
 
 def pin_blas_threads() -> None:
@@ -88,15 +98,6 @@ def release_freed_memory_early() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 20)
     libc.mallopt(m_trim_threshold, 1 << 20)
-
-
-class PinBlasPlugin(WorkerPlugin):
-    """dask.distributed worker plugin: one BLAS thread per worker process, new workers included."""
-
-    name = "resdiff-pin-blas"
-
-    def setup(self, worker) -> None:
-        pin_blas_threads()
 
 
 def _connect(scheduler: str | None, local_cluster: int | None, memory_limit: int | None):
@@ -132,6 +133,8 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
     if scheduler or local_cluster is not None:
         client, cluster = _connect(scheduler, local_cluster, memory_limit)
         try:
+            from analysis.cluster import PinBlasPlugin  # imports distributed: only when a cluster is used
+
             client.register_plugin(PinBlasPlugin())
             n = len(client.scheduler_info()["workers"])
             yield f"dask.distributed at {client.scheduler.address} ({n} workers)"
@@ -142,8 +145,9 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
         return
     threads = os.cpu_count() or 1
     if memory_limit:
-        release_freed_memory_early()
-        threads = threads_for(memory_limit, tile, threads)
+        threads, tight = threads_for(memory_limit, tile, threads)
+        if tight:
+            release_freed_memory_early()
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1), dask.config.set(scheduler="threads", num_workers=threads):

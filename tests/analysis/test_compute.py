@@ -29,8 +29,9 @@ def test_memory_sizes_and_threads():
     assert parse_memory("1GB") == 10**9 and parse_memory("512MiB") == 512 * 2**20
     with pytest.raises(UsageError, match=r"is not a size; write e\.g\. 1GB"):
         parse_memory("lots")
-    assert threads_for(10**9, 100 * 10**6, cores=8) == 4  # (1 + 2 x 4) x 100 MB <= 1 GB
-    assert threads_for(10**9, 10**6, cores=2) == 2
+    assert threads_for(10**9, 100 * 10**6, cores=8) == (3, False)  # (4 + 2 x 3) x 100 MB <= 1 GB
+    assert threads_for(10**9, 10**6, cores=2) == (2, False)
+    assert threads_for(5 * 10**8, 100 * 10**6, cores=8) == (2, True)  # tight: (1 + 2 x 2) x 100 MB
     with pytest.raises(UsageError, match=r"below what one task of this store needs .* raise it to at least"):
         threads_for(10**6, 10**6)
 

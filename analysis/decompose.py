@@ -1,0 +1,207 @@
+"""Dimension-collapse decompositions of the pairwise differences, out of core.
+
+Per pair and layer, the difference vectors ``h_right - h_left`` of every real position
+(padding excluded) form an ``N x dim`` matrix. Its spectrum comes from the ``dim x dim``
+Gram matrix, accumulated with Dask one layer tile at a time (never the full array), then
+``eigh``. The spectrum is of the uncentred differences: a shift shared by all positions
+is a direction like any other.
+
+- ``singular_value`` (pair, layer, component): sqrt of the Gram eigenvalues, descending;
+- ``participation_ratio`` (sum s^2)^2 / sum s^4, and ``rank90`` / ``rank99``, the fewest
+  components that reach 90% / 99% of sum s^2;
+- ``direction`` (pair, layer, k, dim): the top-k right singular vectors;
+- ``principal_angle`` (pair, pair_b, layer, k): angles in degrees between two pairs'
+  top-k subspaces (0: the same subspace);
+- ``mean_diff`` (pair, layer, dim): the mean difference vector, and a tensorly CP
+  (``cp_pair``, ``cp_layer``, ``cp_dim``, ``cp_weight``) and Tucker decomposition of that
+  pair x layer x dim tensor with their relative reconstruction errors.
+
+Axes legend: q = pair, l = layer, n = position, d = dim, k = component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from analysis.metrics import store_pairs
+from capture.errors import UsageError
+from store.schema import string_array
+
+DEFAULTS = {"top_k": 8, "cp_rank": None, "tucker_ranks": None, "pairs": None}
+
+
+def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    # (prompt, layer, token, dim) -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.
+    diff_lnd = np.moveaxis(right.astype(np.float64) - left.astype(np.float64), 1, 0)
+    diff_lnd = diff_lnd.reshape(diff_lnd.shape[0], -1, diff_lnd.shape[-1])
+    real = ~np.isnan(diff_lnd).any(axis=-1)
+    diff_lnd = np.where(real[..., None], diff_lnd, 0.0)
+    gram = np.einsum("lnd,lne->lde", diff_lnd, diff_lnd)
+    extra = np.stack([diff_lnd.sum(axis=1), np.broadcast_to(real.sum(axis=1)[:, None], gram.shape[:2])], axis=-1)
+    return np.concatenate([gram, extra], axis=-1)[None]
+
+
+def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> da.Array:
+    a = ds.resid.sel(pass_=left).isel(layer=layers).data
+    b = ds.resid.sel(pass_=right).isel(layer=layers).data
+    a, b = a.rechunk({1: -1, 2: -1, 3: -1}), b.rechunk({1: -1, 2: -1, 3: -1})
+    n_layer, n_dim = a.shape[1], a.shape[3]
+    blocks = da.map_blocks(_gram_block, a, b, dtype=np.float64, drop_axis=[2, 3], new_axis=[2, 3],
+                           chunks=((1,) * a.numblocks[0], (n_layer,), (n_dim,), (n_dim + 2,)))
+    return blocks.sum(axis=0)
+
+
+def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh(gram_dd)
+    order = np.argsort(values)[::-1]
+    singular = np.sqrt(np.clip(values[order], 0.0, None))
+    return singular, vectors[:, order[:top_k]].T
+
+
+def _ranks(singular_k: np.ndarray) -> tuple[float, int, int]:
+    power = singular_k**2
+    total = power.sum()
+    if total <= 0:
+        return float("nan"), 0, 0
+    share = np.cumsum(power) / total
+    ratio = float(total**2 / (power**2).sum())
+    return ratio, int(np.searchsorted(share, 0.9 - 1e-12) + 1), int(np.searchsorted(share, 0.99 - 1e-12) + 1)
+
+
+def principal_angles(a_kd: np.ndarray, b_kd: np.ndarray) -> np.ndarray:
+    """Angles (degrees, ascending) between the row spaces of two orthonormal bases."""
+    cosines = np.linalg.svd(a_kd @ b_kd.T, compute_uv=False)
+    return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
+
+
+def settings_key(ds: xr.Dataset, settings: dict) -> str:
+    """A short hash of the settings and the source store's identity: same key, same result."""
+    source = {k: ds.attrs.get(k) for k in ("completed_at", "created_at", "pair_label")}
+    text = json.dumps({"settings": settings, "source": source, "sizes": dict(ds.sizes)}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, progress=None) -> xr.Dataset:
+    """Spectra, effective ranks, top directions, principal angles and mean differences per pair and layer.
+
+    Computes one layer tile of the store at a time (use :func:`analysis.compute.compute_on`
+    to choose threads or a cluster).
+    """
+    if "resid" not in ds:
+        raise UsageError("decompositions need residuals; this store is statistics-only (from import-json)")
+    names, lefts, rights = store_pairs(ds)
+    chosen = pairs or names
+    unknown = [p for p in chosen if p not in names]
+    if unknown:
+        raise UsageError(f"unknown pair {unknown[0]!r}; the store has {', '.join(names)}")
+    n_layer, n_dim = ds.sizes["layer"], ds.sizes["dim"]
+    top_k = max(1, min(top_k, n_dim))
+    n_comp = n_dim
+    singular = np.full((len(chosen), n_layer, n_comp), np.nan)
+    direction = np.full((len(chosen), n_layer, top_k, n_dim), np.nan)
+    mean_diff = np.full((len(chosen), n_layer, n_dim), np.nan)
+    ranks = np.full((3, len(chosen), n_layer), np.nan)
+    tile = ds.resid.data.chunksize[2] if hasattr(ds.resid.data, "chunksize") else n_layer
+    for start in range(0, n_layer, tile):
+        layers = slice(start, min(start + tile, n_layer))
+        lazy = [_layer_sums(ds, lefts[names.index(p)], rights[names.index(p)], layers) for p in chosen]
+        (sums,) = dask.compute(lazy)
+        for q, sums_lde in enumerate(sums):
+            for offset, gram_de in enumerate(sums_lde):
+                layer = start + offset
+                count = gram_de[0, -1]
+                singular[q, layer], direction[q, layer] = _spectrum(gram_de[:, :n_dim], top_k)
+                mean_diff[q, layer] = gram_de[:, n_dim] / max(count, 1)
+                ranks[:, q, layer] = _ranks(singular[q, layer])
+        if progress:
+            progress(layers.stop - layers.start)
+    angles = np.full((len(chosen), len(chosen), n_layer, top_k), np.nan)
+    for a in range(len(chosen)):
+        for b in range(len(chosen)):
+            for layer in range(n_layer):
+                angles[a, b, layer] = principal_angles(direction[a, layer], direction[b, layer])
+    layer = ds.layer.values
+    return xr.Dataset(
+        {
+            "singular_value": (("pair", "layer", "component"), singular,
+                               {"long_name": "singular values of the difference vectors (uncentred)"}),
+            "participation_ratio": (("pair", "layer"), ranks[0], {"long_name": "(sum s^2)^2 / sum s^4"}),
+            "rank90": (("pair", "layer"), ranks[1], {"long_name": "components reaching 90% of sum s^2"}),
+            "rank99": (("pair", "layer"), ranks[2], {"long_name": "components reaching 99% of sum s^2"}),
+            "direction": (("pair", "layer", "k", "dim"), direction, {"long_name": "top-k principal directions"}),
+            "principal_angle": (("pair", "pair_b", "layer", "k"), angles,
+                                {"long_name": "principal angles between top-k subspaces", "units": "degrees"}),
+            "mean_diff": (("pair", "layer", "dim"), mean_diff,
+                          {"long_name": "mean of h_right - h_left over real positions"}),
+        },
+        coords={"pair": string_array(chosen), "pair_b": string_array(chosen), "layer": layer,
+                "component": np.arange(n_comp), "k": np.arange(top_k), "dim": np.arange(n_dim)},
+    )
+
+
+def default_output(store: str | Path, key: str) -> Path:
+    store = Path(store)
+    return store.with_name(f"{store.stem}.decomp-{key}.zarr")
+
+
+def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = None,
+                    tucker_ranks: tuple[int, int, int] | None = None, pairs: list[str] | None = None,
+                    out: str | Path | None = None, force: bool = False, progress: bool = False) -> tuple[Path, bool]:
+    """Decompose a store and write the labelled results as a sibling Zarr store; (path, reused).
+
+    The output is named by a hash of the settings and the source store, so rerunning
+    with the same settings reuses it (unless ``force``); it is written to a temporary
+    name and renamed, so an interrupted run leaves nothing half-written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> path, reused = decompose_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"), top_k=2, cp_rank=1)
+    >>> xr.open_zarr(path).rank99.dims, reused
+    (('pair', 'layer'), False)
+    """
+    from store.reader import open_store
+    from store.writer import consolidate, remove_store
+
+    ds = open_store(store)
+    settings = {"top_k": top_k, "cp_rank": cp_rank, "tucker_ranks": list(tucker_ranks) if tucker_ranks else None,
+                "pairs": pairs}
+    key = settings_key(ds, settings)
+    path = Path(out) if out else default_output(store, key)
+    if path.exists() and not force:
+        existing = xr.open_zarr(str(path))
+        if existing.attrs.get("settings_key") == key:
+            return path, True
+        raise UsageError(f"{path} holds a decomposition with other settings or of another store; "
+                         "pass --force to replace it, or another --out")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=ds.sizes["layer"], desc="decompose", unit="layer")
+    result = spectra(ds, top_k=top_k, pairs=pairs, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    from analysis.tensor import tensor_decompositions
+
+    tensors = tensor_decompositions(result.mean_diff, cp_rank, tucker_ranks)
+    result = result.merge(tensors).assign_attrs(**tensors.attrs, settings_key=key, settings=json.dumps(settings),
+                                                source_store=str(store))
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        remove_store(tmp)
+    result.to_zarr(str(tmp), mode="w-", consolidated=False)
+    consolidate(tmp)  # a plain xr.open_zarr(path) then opens fast and silently
+    if path.exists():
+        remove_store(path)
+    tmp.rename(path)
+    return path, False

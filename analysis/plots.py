@@ -1,0 +1,155 @@
+"""Pictures of a store: layer curves of the six pairs, layer x token heatmaps, spectra, CP factors,
+and a self-contained HTML page that embeds them.
+
+Every figure says what it shows in its title and axis labels, with units where there
+are any; pair metrics are right relative to left (``||h_right - h_left||``, KL(right || left)).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import dask
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+from analysis.metrics import pair_metrics, pass_metrics
+
+CURVES = (("norm_diff", "||h_right - h_left||"), ("cosine_sim", "cos(h_left, h_right)"),
+          ("kl", "KL(right || left) [nats]"))
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
+    """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
+    metrics = pair_metrics(ds, lens)
+    present = [(m, label) for m, label in CURVES if m in metrics]
+    (means,) = dask.compute({m: metrics[m].mean(["prompt", "token"]) for m, _ in present})
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], present, strict=True):
+        for pair in means[metric].pair.values:
+            ax.plot(means[metric].layer.values, means[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
+        ax.set(title=f"{metric} by layer (mean over prompts and tokens)", xlabel="layer (0 = embeddings)",
+               ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title="pair (left-right)", fontsize=8)
+    return _save(fig, out / "layer_curves.png")
+
+
+def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "raw") -> Path:
+    """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass."""
+    table = pair_metrics(ds, lens) if metric in pair_metrics(ds, lens) else pass_metrics(ds)
+    lead = "pair" if "pair" in table[metric].dims else "pass_"
+    n_real = int(ds.n_tokens.values[prompt])
+    grid = table[metric].isel(prompt=prompt, token=slice(0, n_real)).compute()
+    tokens = [str(t) for t in ds.token_str.values[prompt, :n_real]]
+    labels = [str(x) for x in grid[lead].values]
+    cols = min(3, len(labels))
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    vmin, vmax = float(np.nanmin(grid.values)), float(np.nanmax(grid.values))
+    for ax, label in zip(axes.flat, labels, strict=False):
+        image = ax.imshow(grid.sel({lead: label}).values, aspect="auto", origin="lower", vmin=vmin, vmax=vmax,
+                          cmap="viridis")
+        ax.set(title=f"{metric}, {'pair' if lead == 'pair' else 'pass'} {label}", xlabel="token", ylabel="layer")
+        step = max(1, n_real // 12)
+        ax.set_xticks(range(0, n_real, step), tokens[::step], rotation=60, fontsize=7)
+        fig.colorbar(image, ax=ax)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(f"prompt {prompt}: {ds.prompt_text.values[prompt][:80]!r}", fontsize=9)
+    return _save(fig, out / f"heatmap_{metric}_prompt{prompt}.png")
+
+
+def spectra_plots(result: xr.Dataset, out: Path) -> list[Path]:
+    """Normalised spectra per layer (one panel per pair) and effective ranks per layer."""
+    pairs = [str(p) for p in result.pair.values]
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    n_layer = result.sizes["layer"]
+    for ax, pair in zip(axes.flat, pairs, strict=False):
+        for layer in range(n_layer):
+            s = result.singular_value.sel(pair=pair).isel(layer=layer).values
+            if np.nansum(s) > 0:
+                share = s**2 / np.nansum(s**2)
+                ax.semilogy(np.arange(1, len(s) + 1), np.maximum(share, 1e-12), color=cmap(layer / max(1, n_layer - 1)))
+        ax.set(title=f"spectrum of {pair} differences", xlabel="component", ylabel="share of variance")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layer - 1)), ax=axes, label="layer")
+    spectra_png = out / "spectra.png"
+    fig.savefig(spectra_png, dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for pair in pairs:
+        axes[0].plot(result.layer.values, result.participation_ratio.sel(pair=pair).values, marker="o", ms=3,
+                     label=pair)
+        axes[1].plot(result.layer.values, result.rank90.sel(pair=pair).values, marker="o", ms=3, label=pair)
+    axes[0].set(title="participation ratio by layer", xlabel="layer", ylabel="(sum s^2)^2 / sum s^4")
+    axes[1].set(title="components reaching 90% of variance", xlabel="layer", ylabel="rank90")
+    axes[0].legend(title="pair", fontsize=8)
+    return [spectra_png, _save(fig, out / "effective_rank.png")]
+
+
+def cp_plot(result: xr.Dataset, out: Path) -> Path:
+    """CP factors of the pair x layer x dim tensor of mean differences."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ranks = result.sizes["cp_rank"]
+    for r in range(ranks):
+        axes[0].bar(np.arange(result.sizes["pair"]) + r / (ranks + 1), result.cp_pair.isel(cp_rank=r).values,
+                    width=1 / (ranks + 1), label=f"component {r} (weight {float(result.cp_weight[r]):.3g})")
+        axes[1].plot(result.layer.values, result.cp_layer.isel(cp_rank=r).values, marker="o", ms=3)
+        axes[2].plot(result.dim.values, result.cp_dim.isel(cp_rank=r).values, lw=0.8)
+    axes[0].set_xticks(range(result.sizes["pair"]), [str(p) for p in result.pair.values], rotation=30)
+    axes[0].set(title="CP factor over pairs", ylabel="loading (unit-norm factor)")
+    axes[0].legend(fontsize=7)
+    axes[1].set(title="CP factor over layers", xlabel="layer", ylabel="loading")
+    axes[2].set(title="CP factor over hidden dimensions", xlabel="dim", ylabel="loading")
+    fig.suptitle(f"CP of mean differences, rank {ranks}, relative error {result.attrs['cp_relative_error']:.2e}")
+    return _save(fig, out / "cp_factors.png")
+
+
+def html_report(images: list[Path], out: Path, title: str, summary_rows: list[list], settings: dict) -> Path:
+    """One self-contained HTML file: images embedded as data URIs, a summary table and the settings."""
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in images)
+    head, *body = summary_rows
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+             + "</table>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<h2>Summary</h2>{table}
+<h2>Figures</h2>{figures}
+<h2>Capture settings</h2><pre>{html.escape(json.dumps(settings, indent=2, default=str))}</pre>
+<script>window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-rendered", ok + "/" + imgs.length);
+}});</script>
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

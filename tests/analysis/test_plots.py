@@ -1,0 +1,45 @@
+"""Figures and the self-contained HTML page, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from cli import main
+
+FIGURES = ("layer_curves", "heatmap_norm_diff_prompt1", "heatmap_norm_prompt1", "spectra", "effective_rank",
+           "cp_factors")
+
+
+@pytest.fixture(scope="module")
+def plotted(capture_store, tmp_path_factory):
+    store = capture_store("qwen2", store_dtype="float16")
+    out = tmp_path_factory.mktemp("plots")
+    assert main(["plot", str(store), "--out", str(out), "--html", "--prompt", "1", "--quiet"]) == 0
+    return out
+
+
+def test_every_figure_is_a_png(plotted):
+    for name in FIGURES:
+        data = (plotted / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+def test_html_renders_every_image_in_chromium(plotted, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium where apt-get can)")
+    page = plotted / "report.html"
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == len(FIGURES) and "<table>" in text and "src=\"http" not in text
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    rendered = re.search(r'data-images-rendered="(\d+)/(\d+)"', dom)
+    assert rendered, dom[:500]
+    assert rendered.group(1) == rendered.group(2) == str(len(FIGURES))
