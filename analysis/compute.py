@@ -58,22 +58,38 @@ def tile_bytes(ds: xr.Dataset) -> int:
 def threads_for(limit: int, tile: int, cores: int | None = None) -> tuple[int, bool]:
     """(threads, tight): the most threads whose working set fits ``limit``; an error if one does not.
 
-    Roomy limits use ``(4 + 2 x threads)`` tiles, glibc's default allocator included
-    (it keeps freed chunk buffers for reuse: fast, but they count). Tight limits use
-    ``(1 + 2 x threads)`` tiles with freed buffers returned to the OS at once
-    (:func:`release_freed_memory_early`), which costs about a quarter of the speed.
+    With glibc's default allocator (which keeps freed chunk buffers for reuse: fast, but
+    they count) a thread needs ``(4 + 2 x threads)`` tiles; with freed buffers returned
+    to the OS at once (:func:`release_freed_memory_early`, "tight") ``(1 + 2 x threads)``
+    tiles, at about a quarter less speed per thread. Tight is chosen when it allows at
+    least twice the threads.
     """
     cores = cores or os.cpu_count() or 1
-    roomy = min(cores, (limit // max(tile, 1) - 4) // 2)
-    if roomy >= 1:
-        return roomy, False
-    tight = min(cores, (limit // max(tile, 1) - 1) // 2)
+    tiles = limit // max(tile, 1)
+    roomy, tight = min(cores, (tiles - 4) // 2), min(cores, (tiles - 1) // 2)
     if tight < 1:
         need = 3 * tile
         raise UsageError(f"--memory-limit {format_bytes(limit)} is below what one task of this store needs "
                          f"(about {format_bytes(need)}: 3 x a {format_bytes(tile)} tile of all passes); "
                          f"raise it to at least {format_bytes(need)}")
-    return tight, True
+    # Returning buffers to the OS costs page faults: worth it only for twice the threads.
+    if tight >= 2 * max(roomy, 0):
+        return tight, True
+    return roomy, False
+
+
+def parallelism() -> int:
+    """Tasks that run at once under the current scheduler: a cluster's threads or the local threads."""
+    import sys
+
+    if "distributed" in sys.modules:
+        from distributed import get_client
+
+        try:
+            return max(1, sum(w["nthreads"] for w in get_client().scheduler_info()["workers"].values()))
+        except ValueError:  # no client in this context
+            pass
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
 def pin_blas_threads() -> None:
@@ -85,8 +101,9 @@ def pin_blas_threads() -> None:
     _BLAS_LIMIT.append(controller)
 
 
-def release_freed_memory_early() -> None:
-    """Make glibc return freed chunk buffers to the OS at once (no-op elsewhere).
+def release_freed_memory_early(mmap_threshold: int = 1 << 20) -> None:
+    """Make glibc return freed buffers of ``mmap_threshold`` bytes or more to the OS at once
+    (no-op elsewhere).
 
     Chunk-sized buffers otherwise drift below glibc's adaptive mmap threshold and stay
     in the heap after they are freed, which inflates a bounded run's peak RSS by a third.
@@ -96,8 +113,13 @@ def release_freed_memory_early() -> None:
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_mmap_threshold, int(mmap_threshold))
     libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+def memory_limit() -> int | None:
+    """The ``--memory-limit`` of the enclosing :func:`compute_on`, if any (for steps that size themselves)."""
+    return dask.config.get("resdiff.memory_limit", None)
 
 
 def _connect(scheduler: str | None, local_cluster: int | None, memory_limit: int | None):
@@ -150,6 +172,7 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
             release_freed_memory_early()
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1), dask.config.set(scheduler="threads", num_workers=threads):
+    with threadpool_limits(limits=1), dask.config.set({"scheduler": "threads", "num_workers": threads,
+                                                       "resdiff.memory_limit": memory_limit}):
         limit = f", memory limit {format_bytes(memory_limit)}" if memory_limit else ""
         yield f"local threads ({threads}{limit})"

@@ -38,24 +38,57 @@ DEFAULTS = {"top_k": 8, "cp_rank": None, "tucker_ranks": None, "pairs": None}
 
 
 def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    # (prompt, layer, token, dim) -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.
-    diff_lnd = np.moveaxis(right.astype(np.float64) - left.astype(np.float64), 1, 0)
-    diff_lnd = diff_lnd.reshape(diff_lnd.shape[0], -1, diff_lnd.shape[-1])
-    real = ~np.isnan(diff_lnd).any(axis=-1)
-    diff_lnd = np.where(real[..., None], diff_lnd, 0.0)
-    gram = np.einsum("lnd,lne->lde", diff_lnd, diff_lnd)
-    extra = np.stack([diff_lnd.sum(axis=1), np.broadcast_to(real.sum(axis=1)[:, None], gram.shape[:2])], axis=-1)
-    return np.concatenate([gram, extra], axis=-1)[None]
+    # (prompt, layer, token, dim) x 2 -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.
+    # One layer at a time keeps the float64 difference small; the Gram is a BLAS product.
+    n_layer, n_dim = left.shape[1], left.shape[3]
+    out = np.zeros((1, n_layer, n_dim, n_dim + 2))
+    for layer in range(n_layer):
+        diff_nd = (right[:, layer].astype(np.float64) - left[:, layer]).reshape(-1, n_dim)
+        real = ~np.isnan(diff_nd).any(axis=1)
+        diff_nd = diff_nd[real]
+        out[0, layer, :, :n_dim] = diff_nd.T @ diff_nd
+        out[0, layer, :, n_dim] = diff_nd.sum(axis=0)
+        out[0, layer, :, n_dim + 1] = real.sum()
+    return out
 
 
-def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> da.Array:
+def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> np.ndarray:
+    """Gram, row sums and counts per layer of ``layers``, accumulated block by block in place.
+
+    A few prompt blocks (one per worker thread) are computed at a time and added into one
+    float64 accumulator, so memory holds the accumulator plus those blocks, never a tree
+    of Gram-sized partial sums.
+    """
     a = ds.resid.sel(pass_=left).isel(layer=layers).data
     b = ds.resid.sel(pass_=right).isel(layer=layers).data
     a, b = a.rechunk({1: -1, 2: -1, 3: -1}), b.rechunk({1: -1, 2: -1, 3: -1})
     n_layer, n_dim = a.shape[1], a.shape[3]
     blocks = da.map_blocks(_gram_block, a, b, dtype=np.float64, drop_axis=[2, 3], new_axis=[2, 3],
                            chunks=((1,) * a.numblocks[0], (n_layer,), (n_dim,), (n_dim + 2,)))
-    return blocks.sum(axis=0)
+    total = np.zeros((n_layer, n_dim, n_dim + 2))
+    step = _blocks_at_once(total.nbytes, a.dtype.itemsize * int(np.prod(a.chunksize)))
+    for start in range(0, blocks.numblocks[0], step):
+        for part in dask.compute(*[blocks.blocks[i] for i in range(start, min(start + step, blocks.numblocks[0]))]):
+            total += part[0]
+    return total
+
+
+def _blocks_at_once(gram_bytes: int, chunk_bytes: int) -> int:
+    """Prompt blocks computed together: one per worker thread, fewer under a memory limit."""
+    from analysis.compute import memory_limit, parallelism, release_freed_memory_early
+
+    step, limit = parallelism(), memory_limit()
+    if limit is None:
+        return step
+    # Gram-sized buffers go straight back to the OS; chunk-sized ones are reused from the heap.
+    release_freed_memory_early(mmap_threshold=min(gram_bytes, 32 * 2**20))
+    per_block = 2 * chunk_bytes + 2 * gram_bytes  # both passes' chunks, the block's Gram, its float64 rows
+    fits = (limit - gram_bytes) // per_block
+    if fits < 1:
+        raise UsageError(f"--memory-limit {limit / 1e6:.0f} MB is too small to decompose this store: one block "
+                         f"needs about {(gram_bytes + per_block) / 1e6:.0f} MB (layer tile x dim x dim Gram "
+                         "matrices in float64); raise the limit")
+    return max(1, min(step, fits))
 
 
 def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +145,9 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     tile = ds.resid.data.chunksize[2] if hasattr(ds.resid.data, "chunksize") else n_layer
     for start in range(0, n_layer, tile):
         layers = slice(start, min(start + tile, n_layer))
-        lazy = [_layer_sums(ds, lefts[names.index(p)], rights[names.index(p)], layers) for p in chosen]
-        (sums,) = dask.compute(lazy)
-        for q, sums_lde in enumerate(sums):
+        # One pair per computation: its Gram matrices are the largest objects alive (reads repeat, FLOPs do not).
+        for q, pair in enumerate(chosen):
+            sums_lde = _layer_sums(ds, lefts[names.index(pair)], rights[names.index(pair)], layers)
             for offset, gram_de in enumerate(sums_lde):
                 layer = start + offset
                 count = gram_de[0, -1]

@@ -10,7 +10,9 @@ process so that peak RSS belongs to one measurement:
   raw-dask  the same read through Dask with the same threads as ``metric``;
   metric    ``summarize_over(pair_metrics(ds).norm_diff, "layer")`` for all six pairs;
   report    ``cli.py report STORE --memory-limit LIMIT`` end to end (summaries,
-            hotspots, seven-number summaries).
+            hotspots, seven-number summaries);
+  decompose (with ``--decompose``) ``cli.py decompose STORE --memory-limit LIMIT`` once:
+            Gram matrices of all six pairs at every layer, spectra, CP and Tucker.
 
 and prints raw / metric (target >= 0.6: the metric reads at >= 60% of a raw read) and
 peak RSS of ``report`` against LIMIT + overhead.
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--limit", default="512MB", help="--memory-limit given to the report")
     parser.add_argument("--store-dir", help="keep the store here between runs (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
+    parser.add_argument("--decompose", action="store_true", help="also time and measure `decompose` once")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "STORE", "LIMIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,6 +133,10 @@ def main() -> None:
         runs["report"].append(result["seconds"])
         peaks["report"].append(peak)
     limit = parse_bytes(args.limit)
+    if args.decompose:
+        result, peak = _run([sys.executable, str(ROOT / "cli.py"), "decompose", str(store), "--memory-limit",
+                             args.limit, "--quiet", "--force", "--out", str(work / "decomposition.zarr")])
+        runs["decompose"], peaks["decompose"] = [result["seconds"]], [peak]
     best = {k: min(v) for k, v in runs.items()}
     summary = {
         "machine": f"CPU x{os.cpu_count()}", "store_bytes_on_disk": size, "store": format_bytes(size),
@@ -139,6 +146,9 @@ def main() -> None:
         "peak_rss": {k: format_bytes(max(v)) for k, v in peaks.items()},
         "report_peak_minus_overhead": format_bytes(max(peaks["report"]) - overhead),
         "report_peak_within_limit_plus_overhead": max(peaks["report"]) <= limit + overhead,
+        **({"decompose_peak_minus_overhead": format_bytes(max(peaks["decompose"]) - overhead),
+            "decompose_peak_within_limit_plus_overhead": max(peaks["decompose"]) <= limit + overhead}
+           if args.decompose else {}),
         "raw_over_metric": round(best["raw"] / best["metric"], 3),
         "raw_dask_over_metric": round(best["raw-dask"] / best["metric"], 3),
     }

@@ -31,7 +31,8 @@ def test_memory_sizes_and_threads():
         parse_memory("lots")
     assert threads_for(10**9, 100 * 10**6, cores=8) == (3, False)  # (4 + 2 x 3) x 100 MB <= 1 GB
     assert threads_for(10**9, 10**6, cores=2) == (2, False)
-    assert threads_for(5 * 10**8, 100 * 10**6, cores=8) == (2, True)  # tight: (1 + 2 x 2) x 100 MB
+    assert threads_for(5 * 10**8, 100 * 10**6, cores=8) == (2, True)  # (1 + 2 x 2) x 100 MB; roomy: none
+    assert threads_for(5 * 10**8, 66 * 10**6, cores=2) == (2, True)  # roomy would give 1 thread
     with pytest.raises(UsageError, match=r"below what one task of this store needs .* raise it to at least"):
         threads_for(10**6, 10**6)
 
