@@ -50,6 +50,19 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from store.verify import verify_store
+
+    problems = verify_store(args.store)
+    if not problems:
+        print(f"OK: {args.store} is a sound, complete store")
+        return 0
+    print(f"{args.store}: {len(problems)} problem(s)")
+    for problem in problems:
+        print(f"- {problem}")
+    return 1
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from store.reader import describe_store
 
@@ -362,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_args(p)
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "verify", help="check a store: format, shapes, coords, done coverage, NaN only on padding, no inf",
+        description="Check a store against its own metadata; prints each problem on a line and exits 1 if any.",
+    )
+    p.add_argument("store", help="path of a store")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
     p.add_argument("store", help="path of a store written by `capture`")

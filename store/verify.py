@@ -1,0 +1,119 @@
+"""``cli.py verify``: check that a store is what its metadata says, one prompt block at a time.
+
+Checks: format version; dims, coords and their sizes; labels that agree with the
+attributes (pass plan, store dtype, pairs); ``done`` and ``lens_done`` coverage; in
+every done region, residuals finite at real positions and NaN exactly on padding; no
+infinities in any float variable. Memory stays at one prompt block of one variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from capture.errors import ResdiffError
+from store.reader import check_store
+from store.schema import DIMS
+
+MAX_LISTED = 20  # problems of one kind listed before they are counted
+
+
+def _structure(ds: xr.Dataset, attrs: dict) -> list[str]:
+    problems = []
+    for name, dims in (("resid", DIMS), ("final", ("pass_", "prompt", "token", "dim")), ("done", ("pass_", "prompt"))):
+        if name not in ds and not (name in ("resid", "final") and attrs.get("imported_from")):
+            problems.append(f"variable {name!r} is missing")
+        elif name in ds and ds[name].dims != dims:
+            problems.append(f"{name} has dims {ds[name].dims}, expected {dims}")
+    for dim in ("pass_", "prompt", "layer", "token"):
+        if dim not in ds.coords:
+            problems.append(f"coordinate {dim!r} is missing")
+    if "pass_" in ds.coords and len(set(map(str, ds.pass_.values))) != ds.sizes["pass_"]:
+        problems.append(f"pass names are not unique: {list(map(str, ds.pass_.values))}")
+    plan = [p.get("name") for p in attrs.get("pass_plan", [])]
+    if plan and plan != [str(p) for p in ds.pass_.values]:
+        problems.append(f"attribute pass_plan names {plan} but the pass_ coordinate has {list(ds.pass_.values)}")
+    if "resid" in ds and attrs.get("store_dtype") and str(ds.resid.dtype) != attrs["store_dtype"]:
+        problems.append(f"attribute store_dtype is {attrs['store_dtype']} but resid is {ds.resid.dtype}")
+    fingerprint = attrs.get("content_fingerprint", {})
+    if "pair" in ds.coords and fingerprint.get("pairs") is not None:
+        pairs = [p[0] for p in fingerprint["pairs"]]
+        if pairs != [str(p) for p in ds.pair.values]:
+            problems.append(f"attribute pairs {pairs} differ from the pair coordinate {list(ds.pair.values)}")
+    if "n_tokens" in ds.coords and int(ds.n_tokens.max()) > ds.sizes.get("token", 0):
+        problems.append("n_tokens exceeds the token dimension")
+    return problems
+
+
+def _coverage(ds: xr.Dataset) -> list[str]:
+    problems = []
+    done = np.asarray(ds["done"].values, dtype=bool) if "done" in ds else np.ones((0, 0), bool)
+    if done.size and not done.all():
+        missing = [f"{ds.pass_.values[p]}/prompt {q}" for p, q in zip(*np.nonzero(~done), strict=True)]
+        problems.append(f"{len(missing)} of {done.size} pass x prompt regions not done (resume the capture): "
+                        + ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else ""))
+    if "lens_done" in ds:
+        lens_done = np.asarray(ds["lens_done"].values, dtype=bool)
+        if not lens_done.all():
+            problems.append(f"lens statistics of {int((~lens_done).sum())} of {lens_done.size} prompts not done")
+    return problems
+
+
+def _values(ds: xr.Dataset) -> list[str]:
+    problems: list[str] = []
+    n_tokens = ds.n_tokens.values.astype(int)
+    real_pt = np.arange(ds.sizes["token"])[None, :] < n_tokens[:, None]  # (prompt, token)
+    done = np.asarray(ds["done"].values, dtype=bool) if "done" in ds else None
+    block = int(ds.resid.data.chunksize[1]) if "resid" in ds else ds.sizes["prompt"]
+    for start in range(0, ds.sizes["prompt"], block):
+        rows = slice(start, min(start + block, ds.sizes["prompt"]))
+        real = real_pt[rows]
+        for name, var in ds.data_vars.items():
+            if var.dtype.kind != "f" or "prompt" not in var.dims:
+                continue
+            values = var.isel(prompt=rows).values
+            if np.isinf(values).any():
+                where = dict(zip(var.dims, np.argwhere(np.isinf(values))[0].tolist(), strict=False))
+                where["prompt"] += rows.start
+                problems.append(f"{name} has infinite values, e.g. at {where}")
+            if name not in ("resid", "final"):
+                continue
+            for p in range(ds.sizes["pass_"]):
+                for i, prompt in enumerate(range(rows.start, rows.stop)):
+                    if done is not None and not done[p, prompt]:
+                        continue
+                    x = values[p, i]  # (layer,) token, dim
+                    nan_td = np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1]).any(axis=(0, 2))
+                    label = f"{name} pass {ds.pass_.values[p]} prompt {prompt}"
+                    if (nan_td & real[i]).any():
+                        token = int(np.argmax(nan_td & real[i]))
+                        problems.append(f"{label}: NaN at real token {token} (a region marked done has gaps)")
+                    if (~np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1]).all(axis=(0, 2)) & ~real[i]).any():
+                        problems.append(f"{label}: values on padding positions (should be NaN)")
+    return problems
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Every problem found, as one line each; an empty list for a sound store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> verify_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))
+    []
+    """
+    try:
+        attrs = check_store(path)
+    except ResdiffError as exc:
+        return [str(exc)]
+    ds = xr.open_zarr(str(path))
+    problems = _structure(ds, attrs)
+    if problems:
+        return problems  # values cannot be checked against a broken layout
+    problems = _coverage(ds) + (_values(ds) if "resid" in ds else [])
+    if len(problems) > MAX_LISTED:
+        problems = [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more"]
+    return problems
