@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
     out = p.add_argument_group("output")
     out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
+    out.add_argument("--chunk-prompts", type=int, metavar="N",
+                     help="prompts per store chunk (default: chunks of about 16 MB); smaller chunks let readers "
+                     "and resumes work in finer steps")
     out.add_argument("--store-dtype", choices=["float16", "float32"],
                      help="dtype of stored residuals (default float16)")
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")

@@ -40,6 +40,7 @@ class CaptureSettings:
     chat_template: bool = False
     store: str | None = None
     store_dtype: str = "float16"
+    chunk_prompts: int | None = None  # prompts per store chunk (default: chunks of about 16 MB)
     overwrite: bool = False
     trust_remote_code: bool = False
     cache_dir: str | None = None
@@ -108,6 +109,8 @@ def resolve_models(settings: CaptureSettings, ensure_tiny=None) -> ResolvedModel
     dtype = settings.dtype or dtype
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if settings.chunk_prompts is not None and settings.chunk_prompts < 1:
+        raise UsageError(f"--chunk-prompts must be at least 1, got {settings.chunk_prompts}")
     if settings.store_dtype not in ("float16", "float32"):
         raise UsageError(f"--store-dtype must be float16 or float32, got {settings.store_dtype!r}")
     return ResolvedModels(label, base_ref, sft_ref, settings.tokenizer or tokenizer or base_ref, dtype, device)

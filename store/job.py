@@ -164,6 +164,8 @@ def _prepare(settings: CaptureSettings, log) -> _Prepared:
     n_layers1, hidden = shapes["base"].n_layers + 1, shapes["base"].hidden
     itemsize = 2 if settings.store_dtype == "float16" else 4
     chunking = choose_chunking(len(texts), n_layers1, max(tokenized.lengths), hidden, itemsize)
+    if settings.chunk_prompts:
+        chunking = Chunking(prompt=min(settings.chunk_prompts, len(texts)), layer=chunking.layer)
     fingerprint = {
         "base_ref": resolved.base_ref, "sft_ref": resolved.sft_ref, "tokenizer_ref": resolved.tokenizer_ref,
         "passes": [p.to_dict() for p in passes], "prompt_texts": texts, "dtype": resolved.dtype,

@@ -18,7 +18,7 @@ import torch
 
 from capture.lens import Lens, lens_statistics
 from store.schema import LENS_NAMES
-from store.writer import StoreWriter
+from store.writer import StoreWriter, fault_point
 
 ROWS_PER_BLOCK = 1024
 
@@ -93,7 +93,9 @@ def write_lens_statistics(
         resid = np.asarray(root["resid"][:, group], dtype=np.float32)
         mask = _real_mask_glt(n_tokens_p[group], n_layers1, n_tokens)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), vocab_chunk)
-        for name, values in arrays.items():
+        for index, (name, values) in enumerate(arrays.items()):
             root[name][:, :, group] = values
+            if index == 0:
+                fault_point("lens")  # testing hook: a crash between a group's arrays and its lens_done flag
         root["lens_done"][group] = True
         on_group(group)

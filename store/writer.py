@@ -9,7 +9,9 @@ sees a half-written region.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -27,6 +29,22 @@ def consolidate(path: str | Path) -> None:
         # Zarr 3 warns that consolidated metadata is not in the v3 spec; we rely on it on purpose.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(str(path))
+
+
+FAULT_ENV = "RESDIFF_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(kind: str) -> None:
+    """Testing hook: with ``RESDIFF_FAULT=KIND:N`` the process kills itself (SIGKILL) at the N-th
+    ``fault_point(KIND)``. The crash-resume tests use it to die in the middle of a write; unset, it
+    does nothing."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if not wanted.startswith(kind + ":"):
+        return
+    _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
+    if _fault_counts[kind] == int(wanted.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_store(path: str | Path) -> None:
@@ -58,9 +76,18 @@ class StoreWriter:
 
     @classmethod
     def create(cls, path: str | Path, template: xr.Dataset) -> StoreWriter:
-        """Write the template (metadata, coordinates, no data chunks) and consolidate it."""
-        template.to_zarr(str(path), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
-        consolidate(path)
+        """Write the template (metadata, coordinates, no data chunks) and consolidate it.
+
+        It is written under a temporary name and renamed, so a crash never leaves a
+        half-made store at ``path`` (a leftover ``*.creating`` directory is replaced).
+        """
+        path = Path(path)
+        staging = path.with_name(path.name + ".creating")
+        if staging.exists():
+            shutil.rmtree(staging)
+        template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
+        consolidate(staging)
+        staging.rename(path)
         return cls(path)
 
     @property
@@ -81,6 +108,7 @@ class StoreWriter:
         """Write one pass x prompt-group region, then flag it done."""
         resid, final = self.group["resid"], self.group["final"]
         resid[pass_index, prompts] = resid_gltd.astype(resid.dtype, copy=False)
+        fault_point("region")  # a crash here leaves data without its done flag: rewritten on resume
         final[pass_index, prompts] = final_gtd.astype(final.dtype, copy=False)
         self.group["done"][pass_index, prompts] = True
 
