@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--tokenizer", help="tokenizer id or directory (default: the base model's)")
     src.add_argument("--trust-remote-code", action="store_true", default=None,
                      help="allow model code from the checkpoint (off by default)")
+    src.add_argument("--allow-pickle", action="store_true", default=None,
+                     help="accept checkpoints whose weights are pickle files (.bin/.pt), which can run code when "
+                     "loaded; by default only safetensors are loaded")
     src.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
     inp = p.add_argument_group("prompts")
     inp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",

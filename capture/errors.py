@@ -18,6 +18,8 @@ MESSAGES: dict[str, str] = {
     "model_missing": "cannot load {what} {ref!r}: it is not a local directory and could not be fetched "
     "from the model hub ({reason}); download it where you have network and pass its local directory instead",
     "model_load": "cannot load {what} {ref!r}: {reason}",
+    "pickle_refused": "{ref!r} has only pickle weights ({files}), which can run code when loaded; convert them "
+    "to safetensors, or pass --allow-pickle if you trust their source",
     "incompatible": "base and SFT models cannot be swapped: {detail}; resdiff needs two models of the "
     "same shape (the same vocabulary size, hidden size and layer count)",
     "unknown_pass": "unknown pass {name!r}; use BB, BS, SB, SS or define it as NAME=LLM:EMBEDDING[:UNEMBEDDING] "

@@ -13,6 +13,7 @@ import json
 import os
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +46,25 @@ def _load_error(what: str, ref: str, exc: Exception) -> ModelLoadError:
     if ref.startswith((".", "/", "~")) or os.sep + os.sep in ref:
         return ModelLoadError.from_template("model_load", what=what, ref=ref, reason="no such directory")
     return ModelLoadError.from_template("model_missing", what=what, ref=ref, reason=reason)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safe_weights(ref: str, allow_pickle: bool = False) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickle files, unless ``allow_pickle``.
+
+    Hub ids are checked by transformers itself (``use_safetensors=True``, see
+    :meth:`CaptureSettings.load_kwargs`).
+    """
+    if allow_pickle or not _is_local(ref):
+        return
+    files = [p.name for p in Path(ref).iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError.from_template("pickle_refused", ref=ref, files=", ".join(pickles[:3]))
 
 
 def _text_config(config):
@@ -214,7 +234,8 @@ def _read_checkpoint_tensor(ref: str, keys: list[str]) -> torch.Tensor | None:
 
 
 def load_input_embedding(
-    ref: str, dtype: str = "float32", device: str | torch.device = "cpu", trust_remote_code: bool = False
+    ref: str, dtype: str = "float32", device: str | torch.device = "cpu", trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Load only a model's input embedding module (weights read from its checkpoint).
 
@@ -240,6 +261,8 @@ def load_input_embedding(
     except Exception as exc:
         raise _load_error("input embeddings of", ref, exc) from None
     if weight is None:
+        if not allow_pickle:
+            raise ModelLoadError.from_template("pickle_refused", ref=ref, files="no safetensors file")
         full = load_model(ref, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
         module = input_embedding_copy(full, device)
         del full

@@ -43,6 +43,7 @@ class CaptureSettings:
     chunk_prompts: int | None = None  # prompts per store chunk (default: chunks of about 16 MB)
     overwrite: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # pickle checkpoints can run code on load: refused unless asked
     cache_dir: str | None = None
     lens: bool = True
     top_k: int = 20
@@ -61,7 +62,9 @@ class CaptureSettings:
 
     def load_kwargs(self) -> dict:
         """Extra ``from_pretrained`` arguments for models; the dtype is resdiff's own option."""
-        return {k: v for k, v in self.model_kwargs.items() if k not in ("torch_dtype", "dtype", "low_cpu_mem_usage")}
+        extra = {k: v for k, v in self.model_kwargs.items() if k not in ("torch_dtype", "dtype", "low_cpu_mem_usage")}
+        # use_safetensors=False would refuse safetensors; None prefers them and falls back to pickle.
+        return {"use_safetensors": None if self.allow_pickle else True, **extra}
 
 
 @dataclass(frozen=True)

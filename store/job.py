@@ -25,6 +25,7 @@ from capture.lens import Lens, describe_norm
 from capture.models import (
     DTYPES,
     check_compatible,
+    check_safe_weights,
     input_embedding_copy,
     load_input_embedding,
     load_model,
@@ -143,6 +144,8 @@ def _prepare(settings: CaptureSettings, log) -> _Prepared:
     texts, prompt_index, variants = expand_prompts(sources, settings.variants, settings.variant_options)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
+    for ref in refs.values():
+        check_safe_weights(ref, settings.allow_pickle)
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
     check_compatible(shapes["base"], shapes["sft"])
     tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code, **settings.tokenizer_kwargs)
@@ -226,7 +229,8 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
         later_needs = {passes[i].embedding for _, idx in plan[step + 1:] for i in idx}
         if not todo and llm not in lens_needed:  # resumed past this LLM
             if llm in later_needs:
-                kept[llm] = load_input_embedding(refs[llm], resolved.dtype, resolved.device, settings.trust_remote_code)
+                kept[llm] = load_input_embedding(refs[llm], resolved.dtype, resolved.device, settings.trust_remote_code,
+                                                     settings.allow_pickle)
             continue
         bar.set_description(f"load {llm}")
         model = load_model(refs[llm], resolved.dtype, resolved.device, settings.device_map,
@@ -234,7 +238,8 @@ def _residual_stage(prep: _Prepared, writer: StoreWriter, groups: list[slice], b
         device = next(model.parameters()).device
         embeddings = {llm: model.get_input_embeddings(), **kept}
         for other in {passes[i].embedding for i in todo} - embeddings.keys():
-            embeddings[other] = load_input_embedding(refs[other], resolved.dtype, device, settings.trust_remote_code)
+            embeddings[other] = load_input_embedding(refs[other], resolved.dtype, device, settings.trust_remote_code,
+                                                         settings.allow_pickle)
         if llm in later_needs:
             kept[llm] = input_embedding_copy(model, device)
         if llm in lens_needed:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from capture.errors import IncompatibleModels, ModelLoadError
 from capture.models import check_compatible, load_model, read_shape
@@ -43,3 +44,29 @@ def test_missing_model_errors_say_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="pass its local directory instead") as info:
         load_model("some-org/model-that-is-not-here")
     assert isinstance(info.value, OSError)
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(make_model, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cli import main
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(make_model("llama", seed=0), pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    store = tmp_path / "s.zarr"
+    args = ["capture", "--base", str(pickled), "--sft", str(make_model("llama", seed=1)), "--store", str(store),
+            "--prompt", "hello", "--quiet", "--no-lens"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "has only pickle weights (pytorch_model.bin)" in err and "--allow-pickle" in err
+    assert not store.exists()
+    assert main([*args, "--allow-pickle"]) == 0
+    assert store.exists()
+    # the other side: the pickled model as the SFT, whose embeddings are read alone
+    args[2], args[4] = str(make_model("llama", seed=1)), str(pickled)
+    assert main([*args, "--store", str(tmp_path / "t.zarr")]) == 2
+    assert main([*args, "--store", str(tmp_path / "t.zarr"), "--allow-pickle"]) == 0
