@@ -37,6 +37,8 @@ MESSAGES: dict[str, str] = {
     "non_finite": "non-finite activation in pass {pass_}, prompt {prompt}, layer {layer}, position {token} "
     "({value}); run with --dtype float32 or --store-dtype float32",
     "bad_option": "{detail}",
+    "store_write": "cannot write the store at {path}: {reason}; free space or fix the permissions (or choose "
+    "another --store), then rerun the same command: completed regions are kept and the rest resumes",
 }
 
 
@@ -81,6 +83,10 @@ class StoreFormatError(ResdiffError, ValueError):
 
 class StoreConflict(ResdiffError, FileExistsError):
     """A store that exists with settings that differ from the requested ones."""
+
+
+class StoreWriteError(ResdiffError, OSError):
+    """The file system refused a write (full disk, quota, read-only or forbidden directory)."""
 
 
 class CaptureError(ResdiffError, RuntimeError):

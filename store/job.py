@@ -13,6 +13,7 @@ resume an interrupted capture.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import platform
 import weakref
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from capture.errors import StoreConflict, UsageError
+from capture.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from capture.lens import Lens, describe_norm
 from capture.models import (
     DTYPES,
@@ -290,9 +291,19 @@ def _pad_id(tokenizer) -> int:
 
 
 def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
+    prep = _prepare(settings, log)
+    try:
+        return _capture_into_store(prep, settings, log, progress)
+    except ResdiffError:
+        raise
+    except OSError as exc:  # ENOSPC, EDQUOT, EROFS, EACCES... from the store's writes
+        reason = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, 'no errno')})"
+        raise StoreWriteError.from_template("store_write", path=prep.path, reason=reason) from None
+
+
+def _capture_into_store(prep: _Prepared, settings: CaptureSettings, log, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
-    prep = _prepare(settings, log)
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: _make_template(prep))
     stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
     groups = write_groups(len(prep.tokenized.texts), stored_chunk, settings.batch_size)

@@ -85,9 +85,13 @@ class StoreWriter:
         staging = path.with_name(path.name + ".creating")
         if staging.exists():
             shutil.rmtree(staging)
-        template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
-        consolidate(staging)
-        staging.rename(path)
+        try:
+            template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
+            consolidate(staging)
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return cls(path)
 
     @property
