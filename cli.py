@@ -104,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         check_export_path(args.export)  # before any work
     ds = open_store(args.store)
     with _compute_context(args, ds) as where:
-        if not args.quiet:
+        if not args.quiet and (args.scheduler or args.local_cluster or args.memory_limit):
             print(f"computing on {where}", file=sys.stderr)
         text, rows = build_report(
             ds, metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n, lens=args.lens,

@@ -1,0 +1,107 @@
+"""The bad-input matrix: each case ends in one line saying what was wrong and what to do, exit code 2,
+and no store (or an untouched one)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cli import main
+from store.reader import open_store
+from store.verify import verify_store
+
+
+def _fails(args, message, capsys) -> str:
+    capsys.readouterr()  # drop what building the test models printed
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    return err
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "s.zarr"
+
+
+def _capture(make_model, store, base=None, sft=None, *extra):
+    return ["capture", "--base", str(base or make_model("llama", 0)), "--sft", str(sft or make_model("llama", 1)),
+            "--store", str(store), "--quiet", "--prompt", "hello world", *extra]
+
+
+@pytest.mark.parametrize(("overrides", "what"), [
+    ({"hidden_size": 48}, "hidden"), ({"num_hidden_layers": 2}, "layer"), ({"vocab_size": 352}, "vocab"),
+])
+def test_models_of_different_shapes(make_model, store, overrides, what, capsys):
+    err = _fails(_capture(make_model, store, sft=make_model("llama", 1, **overrides)), "cannot be swapped", capsys)
+    assert what in err and not store.exists()
+
+
+def test_hub_id_without_network(make_model, store, capsys):
+    err = _fails(_capture(make_model, store, base="nobody-here/no-such-model"), "could not be fetched", capsys)
+    assert "pass its local directory" in err and not store.exists()
+
+
+def test_tokenizer_larger_than_the_models_vocab(make_model, store, capsys):
+    small = make_model("llama", 0, vocab_size=64)
+    args = _capture(make_model, store, base=small, sft=make_model("llama", 1, vocab_size=64))
+    _fails(args, "embedding rows; pass the models' own tokenizer", capsys)
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--passes", "BB,BB"], "listed twice in --passes"),
+    (["--passes", "BB,XY"], "unknown pass 'XY'"),
+    (["--pairs", "BB-QQ"], "does not name two passes of the plan"),
+    (["--max-tokens", "1"], "more than the limit of 1 (--max-tokens)"),
+    (["--prompt", ""], "is empty"),
+    (["--chunk-prompts", "0"], "--chunk-prompts must be at least 1"),
+    (["--track", "no-such-piece-at-all"], "is not a piece of the tokenizer"),
+])
+def test_bad_options(make_model, store, extra, message, capsys):
+    _fails(_capture(make_model, store, None, None, *extra), message, capsys)
+    assert not store.exists()
+
+
+def test_empty_prompts_file(make_model, store, tmp_path, capsys):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n")
+    args = ["capture", "--base", str(make_model("llama", 0)), "--sft", str(make_model("llama", 1)), "--store",
+            str(store), "--prompts-file", str(empty), "--quiet"]
+    _fails(args, "no prompts to capture", capsys)
+    assert not store.exists()
+
+
+def test_non_finite_activations_are_reported_not_written(make_model, store, tmp_path, capsys):
+    from tests.conftest import load
+
+    dirs = []
+    for seed in (0, 1):
+        model = load(make_model("llama", seed))
+        for block in model.model.layers:
+            block.mlp.down_proj.weight.data *= 1e6  # float16 overflows in the first block
+        model.save_pretrained(tmp_path / f"m{seed}")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(make_model("llama", seed) / name, tmp_path / f"m{seed}")
+        dirs.append(tmp_path / f"m{seed}")
+    args = _capture(make_model, store, dirs[0], dirs[1], "--dtype", "float16", "--no-lens")
+    err = _fails(args, "non-finite activation in pass BB, prompt 0, layer", capsys)
+    assert "run with --dtype float32" in err
+    assert not bool(open_store(store).done.values.any())  # nothing non-finite is marked done
+    assert all("not done" in p for p in verify_store(store))
+
+
+def test_report_and_store_errors(make_model, store, tmp_path, capsys):
+    assert main(_capture(make_model, store, None, None, "--no-lens")) == 0
+    capsys.readouterr()
+    before = sorted(p.stat().st_mtime_ns for p in store.rglob("*"))
+    _fails(["report", str(store), "--metric", "kl"], "needs data this store does not have", capsys)
+    _fails(["report", str(store), "--metric", "nope"], "unknown pairwise metric 'nope'", capsys)
+    _fails(["report", str(store), "--pair", "BB-XX"], "unknown pair 'BB-XX'", capsys)
+    _fails(["report", str(store), "--record-type", "runs", "--pass", "XX"], "unknown pass 'XX'", capsys)
+    assert sorted(p.stat().st_mtime_ns for p in store.rglob("*")) == before  # untouched
+    (tmp_path / "plain").mkdir()
+    _fails(["report", str(tmp_path / "plain")], "not a Zarr v3 store", capsys)
+    _fails(["info", str(tmp_path / "missing.zarr")], "no resdiff store at", capsys)
