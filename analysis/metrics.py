@@ -2,7 +2,8 @@
 
 Axes: pass_ or pair, prompt, layer, token (the ``dim`` axis is reduced away). Every
 function returns Dask-backed xarray objects and computes nothing; float16 residuals
-are accumulated in float32. Padding positions are NaN in ``resid`` and so NaN here,
+are summed in float64 by the fused kernel of :mod:`analysis.kernels` (``cosine_prev``'s
+dot product, which crosses layer tiles, in float32). Padding positions are NaN in ``resid`` and so NaN here,
 which every reduction skips.
 
 Names and signs, once (the legacy ``norm_delta`` meant two different things):
@@ -85,10 +86,6 @@ def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_
             out = np.empty(lead_shape + sums.shape, dtype=sums.dtype)
         out[index] = sums
     return out
-
-
-def _norm(h: xr.DataArray) -> xr.DataArray:
-    return np.sqrt((h * h).sum("dim", skipna=False))
 
 
 def _previous_layer(x: xr.DataArray) -> xr.DataArray:
