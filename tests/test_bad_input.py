@@ -105,3 +105,41 @@ def test_report_and_store_errors(make_model, store, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     _fails(["report", str(tmp_path / "plain")], "not a Zarr v3 store", capsys)
     _fails(["info", str(tmp_path / "missing.zarr")], "no resdiff store at", capsys)
+
+
+def test_remote_code_is_not_run_without_the_flag(make_model, store, tmp_path, capsys):
+    import json
+
+    evil = tmp_path / "evil"
+    shutil.copytree(make_model("llama", 0), evil)
+    marker = tmp_path / "code-ran"
+    (evil / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'llama'\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (evil / "config.json").write_text(json.dumps(config))
+    main(_capture(make_model, store, evil, None, "--no-lens"))  # transformers may use its own class
+    assert not marker.exists()  # the checkpoint's code never ran
+    main(_capture(make_model, tmp_path / "t.zarr", evil, None, "--no-lens", "--trust-remote-code"))
+    assert marker.exists()  # ... and runs only when asked
+
+
+def test_names_never_escape_the_output_directory(tmp_path):
+    from capture.settings import CaptureSettings, resolve_models, sanitize_label
+
+    assert "/" not in sanitize_label("../../etc/passwd") and ".." not in sanitize_label("../../etc/passwd")
+    resolved = resolve_models(CaptureSettings(base="../../a/../b", sft="/x/../../c"))
+    assert "/" not in resolved.label and resolved.label.strip("._")
+
+
+def test_store_of_a_newer_format_is_refused_untouched(tmp_path, capsys):
+    from store.testing import write_tiny_store
+    from store.writer import StoreWriter
+
+    path = write_tiny_store(tmp_path / "s.zarr")
+    StoreWriter(path).finalize({"resdiff_format_version": 99})
+    before = sorted(p.stat().st_mtime_ns for p in path.rglob("*"))
+    _fails(["report", str(path)], "format version 99 is newer than this resdiff reads", capsys)
+    _fails(["export-json", str(path), "--out", str(tmp_path / "x")], "upgrade resdiff", capsys)
+    assert sorted(p.stat().st_mtime_ns for p in path.rglob("*")) == before
