@@ -143,3 +143,14 @@ def test_store_of_a_newer_format_is_refused_untouched(tmp_path, capsys):
     _fails(["report", str(path)], "format version 99 is newer than this resdiff reads", capsys)
     _fails(["export-json", str(path), "--out", str(tmp_path / "x")], "upgrade resdiff", capsys)
     assert sorted(p.stat().st_mtime_ns for p in path.rglob("*")) == before
+
+
+def test_prompt_longer_than_the_models_context(make_model, store, capsys):
+    long_prompt = "the lazy dog sleeps " * 60  # more tokens than max_position_embeddings (128)
+    args = ["capture", "--base", str(make_model("llama", 0)), "--sft", str(make_model("llama", 1)), "--store",
+            str(store), "--quiet", "--prompt", long_prompt]
+    _fails(args, "more than the limit of 128 (the model's context length)", capsys)
+    assert not store.exists()
+    capsys.readouterr()
+    assert main([*args, "--truncate", "--no-lens"]) == 0  # cut with a warning, when asked
+    assert int(open_store(store).n_tokens.max()) == 128
