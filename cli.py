@@ -63,6 +63,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from capture.settings import CaptureSettings
+    from store.sweep import run_sweep
+
+    fields = CaptureSettings.__dataclass_fields__
+    given = {k: v for k, v in vars(args).items() if k in fields and k != "pairs" and v is not None}
+    manifest, rows = run_sweep(args.pairs.split(","), CaptureSettings(**given), args.store_dir,
+                               log=lambda msg: print(msg, file=sys.stderr), progress=not args.quiet)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("success", "skipped", "failed")}
+    print(f"Sweep: {counts['success']} captured, {counts['skipped']} skipped (complete), {counts['failed']} failed; "
+          f"manifest: {manifest}")
+    return 1 if counts["failed"] else 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from store.reader import describe_store
 
@@ -207,6 +221,44 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> None:
+    """The prompt, run and lens options shared by ``capture`` and ``sweep``."""
+    inp = p.add_argument_group("prompts")
+    inp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                     help="a prompt (repeatable); after the prompts files")
+    inp.add_argument("--prompts-file", dest="prompts_files", action="append", metavar="FILE",
+                     help="file with one prompt per line (repeatable); default: the four dev prompts")
+    inp.add_argument("--prompt-variant", dest="variants", action="append", metavar="NAME",
+                     help="rewrite each prompt with this variant (repeatable; default identity): identity, "
+                     "mirror_halves, reverse_sentences, shuffle_sentences, symmetric_concat, base_prefixed, "
+                     "sft_prefixed, dual_channel")
+    inp.add_argument("--normalize-length", action="store_true", default=None,
+                     help="cut every prompt to the shortest prompt's token count, and say so")
+    inp.add_argument("--add-bos", action="store_true", default=None, help="prepend the BOS token")
+    inp.add_argument("--chat-template", action="store_true", default=None,
+                     help="wrap each prompt as a user turn with the tokenizer's chat template")
+    inp.add_argument("--max-tokens", type=int, help="longest prompt allowed, in tokens (default: model context)")
+    inp.add_argument("--truncate", action="store_true", default=None,
+                     help="cut prompts longer than --max-tokens with a warning instead of failing")
+    run = p.add_argument_group("run")
+    run.add_argument("--passes", help="comma-separated passes, default BB,BS,SB,SS; custom: NAME=LLM:EMB[:UNEMB]")
+    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the pair's)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
+    run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
+    lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
+                      help="capture residuals only, no lens statistics")
+    lens.add_argument("--top-k", type=int, help="top-k logits, rises and falls kept per position (default 20)")
+    lens.add_argument("--track", action="append", metavar="TOKEN",
+                      help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")
+    if pass_pairs:  # sweep's --pairs names model pairs
+        lens.add_argument("--pairs", help="comma-separated pass pairs LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
+                          "statistics are right relative to left, KL(right || left)")
+    lens.add_argument("--save-lens", action="store_true", default=None,
+                      help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -238,39 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept checkpoints whose weights are pickle files (.bin/.pt), which can run code when "
                      "loaded; by default only safetensors are loaded")
     src.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
-    inp = p.add_argument_group("prompts")
-    inp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
-                     help="a prompt (repeatable); after the prompts files")
-    inp.add_argument("--prompts-file", dest="prompts_files", action="append", metavar="FILE",
-                     help="file with one prompt per line (repeatable); default: the four dev prompts")
-    inp.add_argument("--prompt-variant", dest="variants", action="append", metavar="NAME",
-                     help="rewrite each prompt with this variant (repeatable; default identity): identity, "
-                     "mirror_halves, reverse_sentences, shuffle_sentences, symmetric_concat, base_prefixed, "
-                     "sft_prefixed, dual_channel")
-    inp.add_argument("--normalize-length", action="store_true", default=None,
-                     help="cut every prompt to the shortest prompt's token count, and say so")
-    inp.add_argument("--add-bos", action="store_true", default=None, help="prepend the BOS token")
-    inp.add_argument("--chat-template", action="store_true", default=None,
-                     help="wrap each prompt as a user turn with the tokenizer's chat template")
-    inp.add_argument("--max-tokens", type=int, help="longest prompt allowed, in tokens (default: model context)")
-    inp.add_argument("--truncate", action="store_true", default=None,
-                     help="cut prompts longer than --max-tokens with a warning instead of failing")
-    run = p.add_argument_group("run")
-    run.add_argument("--passes", help="comma-separated passes, default BB,BS,SB,SS; custom: NAME=LLM:EMB[:UNEMB]")
-    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the pair's)")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
-    run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
-    run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
-    lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
-    lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
-                      help="capture residuals only, no lens statistics")
-    lens.add_argument("--top-k", type=int, help="top-k logits, rises and falls kept per position (default 20)")
-    lens.add_argument("--track", action="append", metavar="TOKEN",
-                      help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")
-    lens.add_argument("--pairs", help="comma-separated pass pairs LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
-                      "statistics are right relative to left, KL(right || left)")
-    lens.add_argument("--save-lens", action="store_true", default=None,
-                      help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
+    _capture_options(p)
     out = p.add_argument_group("output")
     out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
     out.add_argument("--chunk-prompts", type=int, metavar="N",
@@ -281,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_capture)
+
+    p = sub.add_parser(
+        "sweep", help="capture several registered pairs, one store each, with a status manifest",
+        description="Capture each pair of --pairs into STORE_DIR/<pair>.zarr. A failed pair is recorded with its "
+        "reason and the sweep goes on; complete stores are skipped; STORE_DIR/sweep_manifest.csv lists the "
+        "outcome of every pair. Exit code 1 if any pair failed. Rerun the same command to resume.",
+    )
+    p.add_argument("--pairs", required=True, help="comma-separated registered pair names (see `cli.py pairs`)")
+    p.add_argument("--store-dir", default="outputs/sweep", help="where the stores go (default outputs/sweep)")
+    p.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="capture again even complete stores")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _capture_options(p, pass_pairs=False)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
         "export-json", help="write the legacy multi-pass JSON (format_version 2) from a store",
