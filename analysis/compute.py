@@ -97,8 +97,7 @@ def pin_blas_threads() -> None:
     from threadpoolctl import ThreadpoolController
 
     controller = ThreadpoolController()
-    controller.limit(limits=1)
-    _BLAS_LIMIT.append(controller)
+    _BLAS_LIMIT.append((controller, controller.limit(limits=1)))  # kept: the limit lasts while they live
 
 
 def release_freed_memory_early(mmap_threshold: int = 1 << 20) -> None:
