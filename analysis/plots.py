@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.ticker import MaxNLocator
 
 from analysis.metrics import pair_metrics, pass_metrics
 
@@ -44,6 +45,7 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
             ax.plot(means[metric].layer.values, means[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
         ax.set(title=f"{metric} by layer (mean over prompts and tokens)", xlabel="layer (0 = embeddings)",
                ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(title="pair (left-right)", fontsize=8)
     return _save(fig, out / "layer_curves.png")
@@ -103,6 +105,8 @@ def spectra_plots(result: xr.Dataset, out: Path) -> list[Path]:
     axes[0].set(title="participation ratio by layer", xlabel="layer", ylabel="(sum s^2)^2 / sum s^4")
     axes[1].set(title="components reaching 90% of variance", xlabel="layer", ylabel="rank90")
     axes[0].legend(title="pair", fontsize=8)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return [spectra_png, _save(fig, out / "effective_rank.png")]
 
 
