@@ -34,8 +34,6 @@ from analysis.metrics import store_pairs
 from capture.errors import UsageError
 from store.schema import string_array
 
-DEFAULTS = {"top_k": 8, "cp_rank": None, "tucker_ranks": None, "pairs": None}
-
 
 def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     # (prompt, layer, token, dim) x 2 -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.

@@ -53,7 +53,9 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
 
 def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "raw") -> Path:
     """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass."""
-    table = pair_metrics(ds, lens) if metric in pair_metrics(ds, lens) else pass_metrics(ds)
+    table = pair_metrics(ds, lens)
+    if metric not in table:
+        table = pass_metrics(ds)
     lead = "pair" if "pair" in table[metric].dims else "pass_"
     n_real = int(ds.n_tokens.values[prompt])
     grid = table[metric].isel(prompt=prompt, token=slice(0, n_real)).compute()

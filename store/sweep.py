@@ -15,26 +15,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from capture.errors import ResdiffError, UsageError
 from capture.pairs import get_pair
 from capture.settings import CaptureSettings, sanitize_label
 from store.job import run_capture
+from store.writer import StoreWriter
 
 MANIFEST = "sweep_manifest.csv"
 COLUMNS = ("pair", "status", "store", "seconds", "finished_at", "reason")
 
 
 def _complete(store: Path) -> bool:
-    import zarr
-
+    """Complete as the capture job itself judges it: every region and every prompt's statistics done,
+    and the closing attributes written."""
     if not (store / "zarr.json").exists():
         return False
     try:
-        group = zarr.open_group(str(store), mode="r")
-        lens_ok = "lens_done" not in group or bool(np.all(group["lens_done"][...]))
-        return bool(np.all(group["done"][...])) and lens_ok and "completed_at" in group.attrs
+        writer = StoreWriter(store)
+        return bool(writer.done_pp().all() and writer.lens_done().all()) and "completed_at" in writer.attrs
     except Exception:  # unreadable: let the capture itself say what is wrong
         return False
 

@@ -85,12 +85,13 @@ def _values(ds: xr.Dataset) -> list[str]:
                     if done is not None and not done[p, prompt]:
                         continue
                     x = values[p, i]  # (layer,) token, dim
-                    nan_td = np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1]).any(axis=(0, 2))
+                    nan_ntd = np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1])
+                    any_nan_t, all_nan_t = nan_ntd.any(axis=(0, 2)), nan_ntd.all(axis=(0, 2))
                     label = f"{name} pass {ds.pass_.values[p]} prompt {prompt}"
-                    if (nan_td & real[i]).any():
-                        token = int(np.argmax(nan_td & real[i]))
+                    if (any_nan_t & real[i]).any():
+                        token = int(np.argmax(any_nan_t & real[i]))
                         problems.append(f"{label}: NaN at real token {token} (a region marked done has gaps)")
-                    if (~np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1]).all(axis=(0, 2)) & ~real[i]).any():
+                    if (~all_nan_t & ~real[i]).any():
                         problems.append(f"{label}: values on padding positions (should be NaN)")
     return problems
 
