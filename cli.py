@@ -45,6 +45,11 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         elif "pair" in given:  # a registered pair on the command line replaces the file's models
             from_file = {k: v for k, v in from_file.items() if k not in ("base", "sft", "tokenizer")}
     settings = CaptureSettings(**{**from_file, **given})
+    if args.plan:
+        from store.capture_plan import plan_capture
+
+        print(plan_capture(settings, log=lambda msg: print(msg, file=sys.stderr)).describe())
+        return 0
     path = run_capture(settings, progress=not args.quiet)
     print(describe_store(path))
     return 0
@@ -246,6 +251,9 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
     run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    run.add_argument("--max-memory", metavar="SIZE",
+                     help="refuse before loading any weights when the predicted peak memory (process RSS on the "
+                     "CPU, allocated memory on CUDA) is over SIZE, e.g. 24GB; see `capture --plan`")
     lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
     lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
                       help="capture residuals only, no lens statistics")
@@ -300,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of stored residuals (default float16)")
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="print the pass schedule, store size and predicted peak memory, then stop (reads configs "
+                   "and tokenizers only, no weights)")
     p.set_defaults(func=_cmd_capture)
 
     p = sub.add_parser(

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 import dask
 import numpy as np
 import xarray as xr
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes
 
+from capture.budget import parse_size
 from capture.errors import UsageError
 
 _BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life of the process
@@ -34,13 +35,7 @@ _BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life 
 
 def parse_memory(text: str | int) -> int:
     """Bytes from ``1GB``, ``512MiB``, ``2e9`` or an int; a one-line error otherwise."""
-    try:
-        value = parse_bytes(text) if isinstance(text, str) else int(text)
-    except (ValueError, TypeError):
-        raise UsageError(f"--memory-limit {text!r} is not a size; write e.g. 1GB or 512MiB") from None
-    if value <= 0:
-        raise UsageError(f"--memory-limit must be positive, got {text!r}")
-    return value
+    return parse_size(text, "--memory-limit")
 
 
 def tile_bytes(ds: xr.Dataset) -> int:

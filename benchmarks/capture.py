@@ -8,12 +8,16 @@ Measures, on a random-init pair of a given shape built locally:
 and prints the ratios resid / forward (target <= 1.15) and full / (forward + lens) (target <= 1.5).
 
     python benchmarks/capture.py                       # GPT-2-small shape, dev prompts, CPU
-    python benchmarks/capture.py --shape qwen0.5b --prompts 64x100 --device cuda
+    python benchmarks/capture.py --shape qwen1.5b --prompts 64x100 --device cuda --dtype bfloat16
+
+On CUDA it also reports tokens/s (prompt tokens, each through all four passes) and the
+GPU's idle fraction during the full capture (NVML utilisation, sampled every 50 ms).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import build_pair, machine, prompt_set, timed
+from benchmarks.common import SHAPES, GpuBusy, build_pair, machine, prompt_set, timed
 from capture.lens import Lens
 from capture.models import decoder, load_model, release_memory
 from capture.plan import DEFAULT_PASSES
@@ -32,6 +36,7 @@ from capture.prompts import tokenize_prompts
 from capture.runner import _pad_batch
 from capture.settings import CaptureSettings
 from store.job import run_capture
+from store.lens_stage import statistics_blocks
 
 
 @torch.inference_mode()
@@ -60,22 +65,24 @@ def bare_forward_and_lens(base: Path, sft: Path, prompts: list[str], batch: int,
                 states.append((spec, torch.cat([h[mask_bt.bool()] for h in out.hidden_states]).float()))
         del model
         release_memory()
+    rows, chunk = statistics_blocks(device)
     with timed(times, "lens"):
         for spec, h_nd in states:
             lens = lenses[spec.unembedding]
             for lens_input in (h_nd, lens.apply_norm(h_nd)):
-                for start in range(0, h_nd.shape[0], 512):
-                    for v in range(0, lens.vocab, 8192):
-                        lens.logits(lens_input[start:start + 512], v, v + 8192)
+                for start in range(0, h_nd.shape[0], rows):
+                    for v in range(0, lens.vocab, chunk):
+                        lens.logits(lens_input[start:start + rows], v, v + chunk)
     return times, sum(len(i) for i in ids)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="gpt2-small", choices=["gpt2-small", "qwen0.5b"])
+    parser.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))
     parser.add_argument("--prompts", default="dev", choices=["dev", "64x100"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="model dtype (also the saved checkpoint's)")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--models-dir", default=None, help="reuse built models here (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
@@ -83,7 +90,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-bench-"))
     models_dir = Path(args.models_dir) if args.models_dir else work
-    base, sft = build_pair(args.shape, models_dir)
+    base, sft = build_pair(args.shape, models_dir, dtype=args.dtype,
+                           device="cuda" if args.device.startswith("cuda") else "cpu")
     prompts = prompt_set(args.prompts)
     common = dict(base=str(base), sft=str(sft), prompts=prompts, device=args.device, dtype=args.dtype,
                   batch_size=args.batch_size)
@@ -91,15 +99,20 @@ def main() -> None:
     bare_forward_and_lens(base, sft, prompts[:1], args.batch_size, args.device, args.dtype)
     run_capture(CaptureSettings(**{**common, "prompts": prompts[:1]}, store=str(work / "warm.zarr")), progress=False)
     runs: dict[str, list[float]] = {"forward": [], "lens": [], "resid": [], "full": []}
+    on_cuda = args.device.startswith("cuda")
+    idle: dict[str, list[float]] = {"resid": [], "full": []}
     for attempt in range(args.repeat):
         baseline, n_tokens = bare_forward_and_lens(base, sft, prompts, args.batch_size, args.device, args.dtype)
         for key, value in baseline.items():
             runs[key].append(value)
         for key, lens in (("resid", False), ("full", True)):
             settings = CaptureSettings(**common, lens=lens, store=str(work / f"{key}{attempt}.zarr"))
-            with timed(baseline, key):
+            with GpuBusy() if on_cuda else contextlib.nullcontext() as busy, timed(baseline, key):
                 run_capture(settings, progress=False)
             runs[key].append(baseline[key])
+            if busy is not None:
+                idle[key].append(busy.idle_fraction)
+            shutil.rmtree(work / f"{key}{attempt}.zarr", ignore_errors=True)
     results = {key: min(values) for key, values in runs.items()}
     report = {
         "machine": machine(), "shape": args.shape, "prompts": args.prompts, "tokens": n_tokens,
@@ -108,8 +121,14 @@ def main() -> None:
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_forward": round(results["resid"] / results["forward"], 3),
         "full_over_forward_plus_lens": round(results["full"] / (results["forward"] + results["lens"]), 3),
+        "tokens_per_s": {k: round(n_tokens / results[k], 1) for k in ("resid", "full")},
     }
+    if on_cuda:
+        report["gpu_idle_fraction"] = {k: [round(x, 3) for x in v] for k, v in idle.items()}
+        report["cuda_max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -19,16 +19,25 @@ SHAPES = {
     "qwen0.5b": ("Qwen2Config", dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
                                      num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                                      tie_word_embeddings=True, max_position_embeddings=4096)),
+    "qwen1.5b": ("Qwen2Config", dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
+                                     num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                                     tie_word_embeddings=True, max_position_embeddings=4096)),
 }
 
 
-def build_pair(shape: str, out_dir: Path, vocab_tokens: int = 400) -> tuple[Path, Path]:
-    """Two random-init models of ``shape`` (seeds 0 and 1) with a small byte-level tokenizer."""
+def build_pair(shape: str, out_dir: Path, vocab_tokens: int = 400, dtype: str = "float32",
+               device: str = "cpu") -> tuple[Path, Path]:
+    """Two random-init models of ``shape`` (seeds 0 and 1) with a small byte-level tokenizer.
+
+    ``dtype`` is the dtype saved in the checkpoint; ``device`` where the random init runs
+    (``cuda`` builds a 1.5B model in seconds).
+    """
     import transformers
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    dirs = out_dir / f"{shape}-base", out_dir / f"{shape}-sft"
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    dirs = out_dir / f"{shape}{suffix}-base", out_dir / f"{shape}{suffix}-sft"
     if all((d / "config.json").exists() for d in dirs):
         return dirs
     bpe = ByteLevelBPETokenizer()
@@ -40,7 +49,9 @@ def build_pair(shape: str, out_dir: Path, vocab_tokens: int = 400) -> tuple[Path
     cls_name, kwargs = SHAPES[shape]
     for seed, path in enumerate(dirs):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs),
+                                                     dtype=getattr(torch, dtype))
         model.save_pretrained(path)
         tok.save_pretrained(path)
         del model
@@ -55,11 +66,55 @@ def prompt_set(name: str) -> list[str]:
     return [" ".join(lines[(i + j) % len(lines)] for j in range(4)) for i in range(64)]
 
 
+def sync() -> None:
+    """Wait for queued CUDA work, so that a timer measures it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def timed(results: dict, key: str):
+    sync()
     start = time.perf_counter()
     yield
+    sync()
     results[key] = time.perf_counter() - start
+
+
+class GpuBusy:
+    """Samples NVML's GPU utilisation every ``interval`` seconds while in use.
+
+    NVML reports, per sample period (1/6 s to 1 s depending on the card), the percentage
+    of time one or more kernels ran; ``idle_fraction`` is one minus its mean over the run.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.samples = interval, []
+
+    def __enter__(self) -> GpuBusy:
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.wait(self.interval):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def idle_fraction(self) -> float | None:
+        return 1 - sum(self.samples) / (100 * len(self.samples)) if self.samples else None
 
 
 def peak_rss_bytes() -> int:

@@ -37,6 +37,9 @@ MESSAGES: dict[str, str] = {
     "non_finite": "non-finite activation in pass {pass_}, prompt {prompt}, layer {layer}, position {token} "
     "({value}); run with --dtype float32 or --store-dtype float32",
     "bad_option": "{detail}",
+    "over_memory": "capture would need about {peak} at its peak, more than --max-memory {limit} ({baseline} "
+    "in use before loading, then {step}); lower --batch-size or --chunk-prompts, load the models in "
+    "--dtype bfloat16, capture --no-lens, or raise --max-memory (see `capture --plan`)",
     "store_write": "cannot write the store at {path}: {reason}; free space or fix the permissions (or choose "
     "another --store), then rerun the same command: completed regions are kept and the rest resumes",
 }
@@ -91,3 +94,7 @@ class StoreWriteError(ResdiffError, OSError):
 
 class CaptureError(ResdiffError, RuntimeError):
     """A failure during the forward passes, such as non-finite activations."""
+
+
+class MemoryBudgetExceeded(ResdiffError, MemoryError):
+    """A capture whose predicted peak memory is over the ``--max-memory`` the user set."""

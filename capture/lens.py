@@ -54,9 +54,13 @@ class Lens:
             multiplier /= float(config.logits_scaling)
         bias = getattr(head, "bias", None)
         norm = copy.deepcopy(final_norm(model)).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        weight_vd = head.weight.detach().to(device)
+        if weight_vd.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr():
+            # Own copy: on the CPU a view would keep the model's whole memory-mapped
+            # checkpoint file resident after the model is freed.
+            weight_vd = weight_vd.clone()
         return cls(
-            # A view, not a copy: it keeps the head weight alive after the model is freed.
-            weight_vd=head.weight.detach().to(device),
+            weight_vd=weight_vd,
             norm=norm,
             bias_v=None if bias is None else bias.detach().to(device=device, dtype=torch.float32),
             multiplier=multiplier,

@@ -181,13 +181,21 @@ def final_norm(model: nn.Module) -> nn.Module:
     )
 
 
-def input_embedding_copy(model: nn.Module, device: str | torch.device) -> nn.Module:
+def input_embedding_copy(
+    model: nn.Module, device: str | torch.device, shared_weight: torch.Tensor | None = None
+) -> nn.Module:
     """A detached copy of the model's input embedding module, kept after the model is freed.
 
     The module (not its weight) is copied so that architectures which scale inside
-    the embedding module (the Gemma family) keep doing so.
+    the embedding module (the Gemma family) keep doing so. ``shared_weight``, when the
+    model's embedding is tied to its head and the lens already holds a copy of that
+    weight on ``device``, is used instead of a second copy.
     """
-    module = copy.deepcopy(model.get_input_embeddings()).to(device)
+    original = model.get_input_embeddings()
+    memo = {}
+    if shared_weight is not None and original.weight is model.get_output_embeddings().weight:
+        memo[id(original.weight)] = nn.Parameter(shared_weight, requires_grad=False)
+    module = copy.deepcopy(original, memo).to(device)
     return module.eval().requires_grad_(False)
 
 

@@ -42,6 +42,7 @@ class CaptureSettings:
     store_dtype: str = "float16"
     chunk_prompts: int | None = None  # prompts per store chunk (default: chunks of about 16 MB)
     overwrite: bool = False
+    max_memory: str | None = None  # refuse before loading when the predicted peak is over it
     trust_remote_code: bool = False
     allow_pickle: bool = False  # pickle checkpoints can run code on load: refused unless asked
     cache_dir: str | None = None

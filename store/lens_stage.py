@@ -20,7 +20,14 @@ from capture.lens import Lens, lens_statistics
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter, fault_point
 
-ROWS_PER_BLOCK = 1024
+# (rows, vocabulary chunk) per lens product. The CPU kernels want cache-sized chunks; on
+# CUDA bigger blocks amortise the launches of the per-chunk torch ops (~1 GB per tensor).
+BLOCKS = {"cpu": (1024, 2048), "cuda": (4096, 16384)}
+
+
+def statistics_blocks(device: torch.device | str) -> tuple[int, int]:
+    """(rows per block, vocabulary chunk) of the statistics stage on ``device``."""
+    return BLOCKS["cpu" if torch.device(device).type == "cpu" else "cuda"]
 
 
 def _real_mask_glt(n_tokens_g: np.ndarray, n_layers1: int, n_tokens: int) -> np.ndarray:
@@ -40,7 +47,7 @@ _FIELDS = (
 
 def _group_statistics(
     resid_pgltd: np.ndarray, mask_glt: np.ndarray, lenses: list[Lens], pairs: list[tuple[int, int]],
-    top_k: int, tracked_ids: list[int], device: torch.device, vocab_chunk: int,
+    top_k: int, tracked_ids: list[int], device: torch.device, block_rows: int, vocab_chunk: int,
 ) -> dict[str, np.ndarray]:
     """All statistics of one prompt group as arrays shaped (p or q, lens, g, l, t[, k or j])."""
     n_pass = resid_pgltd.shape[0]
@@ -57,7 +64,7 @@ def _group_statistics(
     # Equal row blocks: every block streams the whole unembedding, so a small last block
     # would cost nearly as much as a full one.
     n_rows = h_pnd.shape[1]
-    block = -(-n_rows // max(1, -(-n_rows // ROWS_PER_BLOCK)))
+    block = -(-n_rows // max(1, -(-n_rows // block_rows)))
     for lens_i, lens_name in enumerate(LENS_NAMES):
         for start in range(0, n_rows, block):
             rows = np.flatnonzero(real_n)[start:start + block]
@@ -79,10 +86,12 @@ def write_lens_statistics(
     tracked_ids: list[int],
     groups: list[slice],
     device: torch.device | str = "cpu",
-    vocab_chunk: int = 2048,
+    vocab_chunk: int | None = None,
     on_group: Callable[[slice], None] = lambda group: None,
 ) -> None:
     """Compute and write the statistics of every prompt group not yet flagged ``lens_done``."""
+    block_rows, default_chunk = statistics_blocks(device)
+    vocab_chunk = vocab_chunk or default_chunk
     root = writer.group
     n_tokens_p = np.asarray(root["n_tokens"][...])
     n_layers1, n_tokens = root["resid"].shape[2], root["resid"].shape[3]
@@ -92,7 +101,8 @@ def write_lens_statistics(
             continue
         resid = np.asarray(root["resid"][:, group], dtype=np.float32)
         mask = _real_mask_glt(n_tokens_p[group], n_layers1, n_tokens)
-        arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), vocab_chunk)
+        arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
+                                   vocab_chunk)
         for index, (name, values) in enumerate(arrays.items()):
             root[name][:, :, group] = values
             if index == 0:

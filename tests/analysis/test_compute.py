@@ -27,7 +27,7 @@ def store_path(capture_store):
 
 def test_memory_sizes_and_threads():
     assert parse_memory("1GB") == 10**9 and parse_memory("512MiB") == 512 * 2**20
-    with pytest.raises(UsageError, match=r"is not a size; write e\.g\. 1GB"):
+    with pytest.raises(UsageError, match=r"--memory-limit .lots. is not a size; write e\.g\. 24GB"):
         parse_memory("lots")
     assert threads_for(10**9, 100 * 10**6, cores=8) == (3, False)  # (4 + 2 x 3) x 100 MB <= 1 GB
     assert threads_for(10**9, 10**6, cores=2) == (2, False)
