@@ -199,10 +199,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     from analysis import plots
     from analysis.decompose import decompose_store
+    from store.location import local_sibling
     from store.reader import open_store
 
     ds = open_store(args.store)
-    out = Path(args.out) if args.out else Path(str(Path(args.store).with_suffix("")) + "-plots")
+    out = Path(args.out) if args.out else local_sibling(args.store, "-plots")
     out.mkdir(parents=True, exist_ok=True)
     with _compute_context(args, ds):
         images = [plots.layer_curves(ds, out, args.lens)]
@@ -251,6 +252,12 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
     run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                     help="run the passes on this dask.distributed scheduler's workers (each keeps its model "
+                     "loaded; CUDA tasks ask for the worker resource GPU=1); the store must be on a path all "
+                     "workers see")
+    run.add_argument("--local-cluster", type=int, metavar="N",
+                     help="run the passes on N worker processes started on this machine")
     run.add_argument("--max-memory", metavar="SIZE",
                      help="refuse before loading any weights when the predicted peak memory (process RSS on the "
                      "CPU, allocated memory on CUDA) is over SIZE, e.g. 24GB; see `capture --plan`")
@@ -273,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="resdiff: capture and compare the residual streams of a base LLM and its SFT variant.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                        help="option for stores at fsspec URLs (s3://bucket/x.zarr, gs://, memory://), e.g. "
+                        "endpoint_url=http://127.0.0.1:9000 or anon=true; repeatable, dotted keys nest "
+                        "(client_kwargs.region_name=eu-west-1); give it before the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pairs", help="list the registered model pairs")
@@ -444,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from capture.errors import ResdiffError
+    from store.location import parse_storage_options, set_storage_options
 
     try:
+        set_storage_options(parse_storage_options(args.storage_options))
         return args.func(args)
     except ResdiffError as exc:
         if args.debug:

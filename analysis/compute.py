@@ -116,24 +116,6 @@ def memory_limit() -> int | None:
     return dask.config.get("resdiff.memory_limit", None)
 
 
-def _connect(scheduler: str | None, local_cluster: int | None, memory_limit: int | None):
-    from distributed import Client, LocalCluster
-
-    if local_cluster is not None:
-        if local_cluster < 1:
-            raise UsageError(f"--local-cluster needs at least 1 worker, got {local_cluster}")
-        per_worker = memory_limit // local_cluster if memory_limit else "auto"
-        cluster = LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True,
-                               dashboard_address=None, memory_limit=per_worker)
-        return Client(cluster), cluster
-    try:
-        return Client(scheduler, timeout="10s"), None
-    except (OSError, TimeoutError) as exc:
-        raise UsageError(f"could not reach the Dask scheduler at {scheduler} ({exc.__class__.__name__}); "
-                         "start one with `dask scheduler` and workers with `dask worker ADDRESS`, "
-                         "or use --local-cluster N") from None
-
-
 @contextlib.contextmanager
 def compute_on(scheduler: str | None = None, local_cluster: int | None = None, memory_limit: int | None = None,
                tile: int = 0) -> Iterator[str]:
@@ -144,10 +126,10 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
     (one thread each), ``memory_limit`` bytes for the computation (split between
     local-cluster workers; for local threads it sets the thread count from ``tile``).
     """
-    if scheduler and local_cluster is not None:
-        raise UsageError("give either --scheduler or --local-cluster, not both")
     if scheduler or local_cluster is not None:
-        client, cluster = _connect(scheduler, local_cluster, memory_limit)
+        from store.cluster import connect
+
+        client, cluster = connect(scheduler, local_cluster, memory_limit)
         try:
             from analysis.cluster import PinBlasPlugin  # imports distributed: only when a cluster is used
 

@@ -180,8 +180,10 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
 
 
 def default_output(store: str | Path, key: str) -> Path:
-    store = Path(store)
-    return store.with_name(f"{store.stem}.decomp-{key}.zarr")
+    """``NAME.decomp-KEY.zarr`` beside the store (under ``outputs/`` for a store at a URL)."""
+    from store.location import local_sibling
+
+    return local_sibling(store, f".decomp-{key}.zarr")
 
 
 def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = None,

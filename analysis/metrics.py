@@ -26,6 +26,7 @@ import xarray as xr
 
 from analysis.kernels import residual_sums
 from capture.errors import UsageError
+from store.location import xarray_kwargs
 
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
@@ -215,7 +216,7 @@ def open_stores(paths: list, names: list[str] | None = None) -> xr.Dataset:
                                  f"{first.sizes.get(dim)} vs {ds.sizes.get(dim)}; combine stores of one shape "
                                  "or analyse them separately")
     # Labels are compared straight from Zarr, so that opening computes nothing through Dask.
-    labels = [xr.open_zarr(str(p), chunks=None) for p in paths]
+    labels = [xr.open_zarr(str(p), chunks=None, **xarray_kwargs(p)) for p in paths]
     for name, ds in zip(names[1:], labels[1:], strict=True):
         for coord in ("pass_", "token_id"):
             if coord in labels[0].coords and not np.array_equal(labels[0][coord].values, ds[coord].values):

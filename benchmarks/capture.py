@@ -40,13 +40,14 @@ from store.lens_stage import statistics_blocks
 
 
 @torch.inference_mode()
-def bare_forward_and_lens(base: Path, sft: Path, prompts: list[str], batch: int, device: str, dtype: str):
+def bare_forward_and_lens(base: Path, sft: Path, prompts: list[str], batch: int, device: str, dtype: str,
+                          lens_products: bool = True):
     """Time the minimal work: load each model once, four plain forwards, then the lens products."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     ids = tokenize_prompts(tok, prompts).ids
-    times: dict[str, float] = {"forward": 0.0, "lens": 0.0}
+    times: dict[str, float] = {"forward": 0.0, **({"lens": 0.0} if lens_products else {})}
     embeds, lenses, states = {}, {}, []
     for llm, ref in (("base", base), ("sft", sft)):
         with timed(times, "t"):
@@ -65,6 +66,8 @@ def bare_forward_and_lens(base: Path, sft: Path, prompts: list[str], batch: int,
                 states.append((spec, torch.cat([h[mask_bt.bool()] for h in out.hidden_states]).float()))
         del model
         release_memory()
+    if not lens_products:
+        return times, sum(len(i) for i in ids)
     rows, chunk = statistics_blocks(device)
     with timed(times, "lens"):
         for spec, h_nd in states:
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="model dtype (also the saved checkpoint's)")
     parser.add_argument("--out", help="also write the JSON report to this file")
+    parser.add_argument("--resid-only", action="store_true",
+                        help="measure forward and resid only (no lens products, no full capture)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--models-dir", default=None, help="reuse built models here (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
@@ -102,10 +107,11 @@ def main() -> None:
     on_cuda = args.device.startswith("cuda")
     idle: dict[str, list[float]] = {"resid": [], "full": []}
     for attempt in range(args.repeat):
-        baseline, n_tokens = bare_forward_and_lens(base, sft, prompts, args.batch_size, args.device, args.dtype)
+        baseline, n_tokens = bare_forward_and_lens(base, sft, prompts, args.batch_size, args.device, args.dtype,
+                                                   lens_products=not args.resid_only)
         for key, value in baseline.items():
             runs[key].append(value)
-        for key, lens in (("resid", False), ("full", True)):
+        for key, lens in (("resid", False), ("full", True))[:1 if args.resid_only else 2]:
             settings = CaptureSettings(**common, lens=lens, store=str(work / f"{key}{attempt}.zarr"))
             with GpuBusy() if on_cuda else contextlib.nullcontext() as busy, timed(baseline, key):
                 run_capture(settings, progress=False)
@@ -113,16 +119,17 @@ def main() -> None:
             if busy is not None:
                 idle[key].append(busy.idle_fraction)
             shutil.rmtree(work / f"{key}{attempt}.zarr", ignore_errors=True)
-    results = {key: min(values) for key, values in runs.items()}
+    results = {key: min(values) for key, values in runs.items() if values}
     report = {
         "machine": machine(), "shape": args.shape, "prompts": args.prompts, "tokens": n_tokens,
         "device": args.device, "dtype": args.dtype, "repeat": args.repeat,
         "seconds": {k: round(v, 2) for k, v in results.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_forward": round(results["resid"] / results["forward"], 3),
-        "full_over_forward_plus_lens": round(results["full"] / (results["forward"] + results["lens"]), 3),
-        "tokens_per_s": {k: round(n_tokens / results[k], 1) for k in ("resid", "full")},
+        "tokens_per_s": {k: round(n_tokens / results[k], 1) for k in ("resid", "full") if k in results},
     }
+    if "full" in results:
+        report["full_over_forward_plus_lens"] = round(results["full"] / (results["forward"] + results["lens"]), 3)
     if on_cuda:
         report["gpu_idle_fraction"] = {k: [round(x, 3) for x in v] for k, v in idle.items()}
         report["cuda_max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -34,6 +34,8 @@ class CaptureSettings:
     device: str = "auto"
     device_map: str | None = None
     batch_size: int = 8
+    scheduler: str | None = None  # tcp://HOST:PORT of a dask.distributed scheduler
+    local_cluster: int | None = None  # worker processes to start on loopback
     max_tokens: int | None = None
     truncate: bool = False
     add_bos: bool = False

@@ -31,8 +31,9 @@ from capture.runner import CapturedGroup, Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings
 from store.capture_plan import build_plan
 from store.lens_stage import write_lens_statistics
-from store.prepare import Prepared, make_template, prepare
-from store.reader import check_store
+from store.location import StorePath, exists, is_url
+from store.prepare import Prepared, make_template, pad_id_of, prepare
+from store.reader import check_store, is_unfinished
 from store.schema import write_groups
 from store.writer import StoreWriter, remove_store
 
@@ -42,16 +43,17 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}"[:160] for k in keys)
 
 
-def _open_or_create(path: Path, settings: CaptureSettings, fingerprint: dict, template) -> StoreWriter:
-    if path.exists() and settings.overwrite:
+def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dict, template) -> StoreWriter:
+    if exists(path) and settings.overwrite:
         remove_store(path)
-    if path.exists():
+    if exists(path) and not is_unfinished(path):
         attrs = check_store(path)
         stored = attrs.get("content_fingerprint", {})
         if stored != fingerprint:
             raise StoreConflict.from_template("store_exists", path=path, diff=_diff(stored, fingerprint) or "unknown")
         return StoreWriter(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     return StoreWriter.create(path, template())
 
 
@@ -69,12 +71,30 @@ def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) 
             hf_logging.enable_progress_bar()
 
 
+def _lenses_needed(prep: Prepared, writer: StoreWriter) -> set[str]:
+    """The unembeddings the rest of the capture still needs (statistics or --save-lens)."""
+    pending = not writer.lens_done().all() or (prep.settings.save_lens and "saved_lens" not in writer.attrs)
+    return prep.lens_sources if pending else set()
+
+
+def _load_lenses(prep: Prepared, sources: set[str]) -> dict[str, Lens]:
+    """Load each model of ``sources`` in turn and keep only its lens."""
+    settings, resolved, lenses = prep.settings, prep.resolved, {}
+    for source in sorted(sources):
+        model = load_model(prep.refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code,
+                           **settings.load_kwargs())
+        lenses[source] = Lens.from_model(model)
+        model_ref = weakref.ref(model)
+        del model
+        release_memory(model_ref)
+    return lenses
+
+
 def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], bar) -> dict[str, Lens]:
     """Run every pass not yet done, one model resident at a time; return the lenses copied on the way."""
     settings, resolved, passes, refs = prep.settings, prep.resolved, prep.passes, prep.refs
     done_pp = writer.done_pp()
-    lens_needed = prep.lens_sources if not writer.lens_done().all() or (
-        prep.settings.save_lens and "saved_lens" not in writer.attrs) else set()
+    lens_needed = _lenses_needed(prep, writer)
     lenses: dict[str, Lens] = {}
     kept: dict = {}  # input embedding modules of models no longer resident
     plan = schedule(passes)
@@ -102,7 +122,7 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
         captured = run_passes(
             model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups,
             batch_size=settings.batch_size, n_tokens_store=max(prep.tokenized.lengths),
-            out_dtype=DTYPES[settings.store_dtype], pad_id=_pad_id(prep.tokenizer),
+            out_dtype=DTYPES[settings.store_dtype], pad_id=pad_id_of(prep.tokenizer),
             skip=lambda i, g: bool(done_pp[i, g].all()),
         )
         for group in _written_behind(writer, captured):
@@ -113,13 +133,7 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
         model_ref = weakref.ref(model)
         del model
         release_memory(model_ref)
-    for source in sorted(lens_needed - lenses.keys()):  # an unembedding whose LLM ran no pass
-        model = load_model(refs[source], resolved.dtype, resolved.device, None, settings.trust_remote_code,
-                           **settings.load_kwargs())
-        lenses[source] = Lens.from_model(model)
-        model_ref = weakref.ref(model)
-        del model
-        release_memory(model_ref)
+    lenses.update(_load_lenses(prep, lens_needed - lenses.keys()))  # unembeddings whose LLM ran no pass
     return lenses
 
 
@@ -173,10 +187,6 @@ def _save_lenses(writer: StoreWriter, lenses: dict[str, Lens]) -> dict:
     return record
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
     limit = parse_size(settings.max_memory) if settings.max_memory is not None else None
     prep = prepare(settings, log)
@@ -204,7 +214,13 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
         return prep.path
     total = int(sum(g.stop - g.start for i in range(len(prep.passes)) for g in groups if not done_pp[i, g].all()))
     bar = tqdm(total=total, unit="prompt", desc="capture", disable=not progress, leave=True)
-    lenses = _residual_stage(prep, writer, groups, bar)
+    if settings.scheduler or settings.local_cluster is not None:
+        from store.distributed import residual_stage_on_cluster
+
+        residual_stage_on_cluster(prep, writer, groups, bar, log)
+        lenses = _load_lenses(prep, _lenses_needed(prep, writer))
+    else:
+        lenses = _residual_stage(prep, writer, groups, bar)
     bar.close()
     if settings.save_lens and "saved_lens" not in writer.attrs:
         writer.finalize({"saved_lens": _save_lenses(writer, lenses)})

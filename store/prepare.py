@@ -20,6 +20,7 @@ from capture.plan import Pass, PassPair, parse_pairs, parse_passes
 from capture.prompts import TokenizedPrompts, collect_prompts, normalize_lengths, resolve_tracked, tokenize_prompts
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
 from capture.variants import expand_prompts
+from store.location import StorePath, normalize
 from store.schema import (
     LAYER_SEMANTICS,
     Chunking,
@@ -65,7 +66,7 @@ class Prepared:
     tokenizer: object
     tokenized: TokenizedPrompts
     tracked: tuple[list[int], list[str]]
-    path: Path
+    path: StorePath
     chunking: Chunking
     fingerprint: dict
 
@@ -120,7 +121,7 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         "variants": variants, "variant_options": settings.variant_options, "prompt_index": prompt_index,
         "normalize_length": settings.normalize_length,
     }
-    path = Path(settings.store or f"outputs/{resolved.label}.zarr")
+    path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
     return Prepared(settings, passes, pairs, refs, shapes, resolved, tokenizer, tokenized, tracked, path, chunking,
                      fingerprint)
 
@@ -153,3 +154,8 @@ def make_template(prep: Prepared):
             tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
         )
     return ds
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id right-padded positions get (masked out, so any valid id does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

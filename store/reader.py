@@ -9,28 +9,47 @@ import numpy as np
 import xarray as xr
 
 from capture.errors import StoreFormatError, StoreNotFound
+from store.location import CREATING_ATTR, StorePath, is_url, normalize, read_root_metadata, xarray_kwargs
 from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION
 
 
-def _read_attrs(path: Path) -> dict:
-    meta = path / "zarr.json"
-    if not path.exists():
+def _read_attrs(path: StorePath) -> dict:
+    if not is_url(path) and not Path(path).exists():
         raise StoreNotFound.from_template("store_not_found", path=path)
-    if not meta.exists():
+    try:
+        raw = read_root_metadata(path)
+    except OSError as exc:
+        detail = f"zarr.json is unreadable ({exc})"
+        raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
+    if raw is None:
+        if is_url(path):
+            raise StoreNotFound.from_template("store_not_found", path=path)
         raise StoreFormatError.from_template(
             "store_format", path=path, detail="it has no zarr.json (not a Zarr v3 store)"
         )
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError) as exc:
+        return json.loads(raw).get("attributes", {})
+    except ValueError as exc:
         detail = f"zarr.json is unreadable ({exc})"
         raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
 
 
-def check_store(path: str | Path) -> dict:
+def is_unfinished(path: StorePath) -> bool:
+    """True for a store at a URL whose template was being written when its capture stopped."""
+    try:
+        return bool(_read_attrs(normalize(path)).get(CREATING_ATTR))
+    except (StoreNotFound, StoreFormatError):
+        return False
+
+
+def check_store(path: StorePath) -> dict:
     """Return the store's attributes after checking its format version."""
-    path = Path(path)
+    path = normalize(path)
     attrs = _read_attrs(path)
+    if attrs.get(CREATING_ATTR):
+        raise StoreFormatError.from_template(
+            "store_format", path=path, detail="its template was never finished (the capture that made it stopped "
+            "early); rerun the capture command to replace it")
     version = attrs.get(FORMAT_ATTR)
     if version is None:
         raise StoreFormatError.from_template(
@@ -44,7 +63,7 @@ def check_store(path: str | Path) -> dict:
     return attrs
 
 
-def open_store(path: str | Path) -> xr.Dataset:
+def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Dataset:
     """Open a store lazily (Dask-backed) after checking it.
 
     Equivalent to ``xr.open_zarr(path)`` plus validation; nothing is loaded.
@@ -59,14 +78,15 @@ def open_store(path: str | Path) -> xr.Dataset:
     ('prompt', 'layer', 'token', 'dim')
     """
     check_store(path)
-    ds = xr.open_zarr(str(path))
+    where = xarray_kwargs(path, storage_options)
+    ds = xr.open_zarr(str(path), **where)
     # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read
     # to pick data, so load them now, straight from Zarr (no Dask computation); per-token
     # labels stay lazy like the data.
     names = [name for name, coord in ds.coords.items() if coord.ndim == 1 and name not in ds.dims]
     if not names:
         return ds
-    eager = xr.open_zarr(str(path), chunks=None)
+    eager = xr.open_zarr(str(path), chunks=None, **where)
     return ds.assign_coords({name: eager[name].load() for name in names})
 
 

@@ -80,6 +80,42 @@ def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path
     return Path(path)
 
 
+def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) -> Path:
+    """Fill every lens statistic of a store written by :func:`write_tiny_store` with random
+    values of the right kinds (ids below ``vocab``, NaN on padding) and flag it complete.
+
+    The numbers mean nothing; the layout is a real capture's, for exports and benchmarks.
+    """
+    from capture.plan import parse_pairs
+    from store.schema import add_lens_variables
+
+    writer = StoreWriter(path)
+    ds = open_store(path)
+    names = [p.name for p in DEFAULT_PASSES]
+    pairs = [(q.name, names[q.left], names[q.right]) for q in parse_pairs(None, DEFAULT_PASSES)]
+    chunk = ds["resid"].data.chunksize[1]
+    stats = add_lens_variables(ds, pairs=pairs, top_k=20, tracked_ids=[], tracked_strs=[], chunk_prompt=chunk)
+    new = stats.drop_vars([v for v in stats.variables if v in ds.variables])
+    new.to_zarr(str(path), mode="a", compute=False, consolidated=False)
+    root, rng = writer.group, np.random.default_rng(seed)
+    real_glt = ds.n_tokens.values[:, None, None] > ds.token.values[None, None, :]
+    for name in new.data_vars:
+        if name == "lens_done":
+            continue
+        for start in range(0, ds.sizes["prompt"], chunk):
+            shape = (*root[name].shape[:2], min(chunk, ds.sizes["prompt"] - start), *root[name].shape[3:])
+            if root[name].dtype.kind == "i":
+                values = rng.integers(0, vocab, shape, dtype=np.int32)
+            else:
+                values = rng.standard_normal(shape, dtype=np.float32)
+                mask = np.broadcast_to(real_glt[start:start + shape[2]], shape[2:5])
+                values[:, :, ~mask] = np.nan
+            root[name][:, :, start:start + shape[2]] = values
+    root["lens_done"][:] = True
+    writer.finalize({})
+    return Path(path)
+
+
 def assert_stores_equal(a: str | Path | xr.Dataset, b: str | Path | xr.Dataset, *, atol: float = 0.0,
                         ignore_attrs: tuple[str, ...] = ("created_at", "completed_at", "capture_settings")) -> None:
     """Assert two stores hold the same coords and data (NaN == NaN), within ``atol``."""

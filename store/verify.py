@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from capture.errors import ResdiffError
+from store.location import xarray_kwargs
 from store.reader import check_store
 from store.schema import DIMS
 
@@ -110,7 +111,7 @@ def verify_store(path: str | Path) -> list[str]:
         attrs = check_store(path)
     except ResdiffError as exc:
         return [str(exc)]
-    ds = xr.open_zarr(str(path))
+    ds = xr.open_zarr(str(path), **xarray_kwargs(path))
     problems = _structure(ds, attrs)
     if problems:
         return problems  # values cannot be checked against a broken layout

@@ -20,15 +20,16 @@ import xarray as xr
 import zarr
 
 from capture.errors import StoreFormatError
+from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
 from store.schema import FORMAT_ATTR, encoding
 
 
-def consolidate(path: str | Path) -> None:
+def consolidate(path: StorePath, storage_options: dict | None = None) -> None:
     """Consolidate metadata so that a plain ``xr.open_zarr(path)`` opens fast and silently."""
     with warnings.catch_warnings():
         # Zarr 3 warns that consolidated metadata is not in the v3 spec; we rely on it on purpose.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_store(path, storage_options))
 
 
 FAULT_ENV = "RESDIFF_FAULT"
@@ -47,7 +48,10 @@ def fault_point(kind: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def remove_store(path: str | Path) -> None:
+def remove_store(path: StorePath, storage_options: dict | None = None) -> None:
+    if is_url(path):
+        remove(path, storage_options)
+        return
     path = Path(path)
     if path.is_dir() and not (path / "zarr.json").exists():
         raise StoreFormatError.from_template(
@@ -70,17 +74,21 @@ class StoreWriter:
     [True, True, False]
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
+    def __init__(self, path: StorePath, storage_options: dict | None = None) -> None:
+        self.path = normalize(path)
+        self.storage_options = storage_options
+        self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
 
     @classmethod
-    def create(cls, path: str | Path, template: xr.Dataset) -> StoreWriter:
+    def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None) -> StoreWriter:
         """Write the template (metadata, coordinates, no data chunks) and consolidate it.
 
         It is written under a temporary name and renamed, so a crash never leaves a
         half-made store at ``path`` (a leftover ``*.creating`` directory is replaced).
+        At an fsspec URL it is written in place, marked unfinished until the end.
         """
+        if is_url(path):
+            return cls._create_in_place(normalize(path), template, storage_options)
         path = Path(path)
         staging = path.with_name(path.name + ".creating")
         if staging.exists():
@@ -93,6 +101,19 @@ class StoreWriter:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return cls(path)
+
+    @classmethod
+    def _create_in_place(cls, url: str, template: xr.Dataset, storage_options: dict | None) -> StoreWriter:
+        remove(url, storage_options)  # the caller replaces only missing or unfinished stores
+        marked = template.copy(deep=False)
+        marked.attrs = {k: v for k, v in template.attrs.items() if k != FORMAT_ATTR} | {CREATING_ATTR: True}
+        marked.to_zarr(url, mode="w-", compute=False, encoding=encoding(marked), consolidated=False,
+                       **xarray_kwargs(url, storage_options))
+        writer = cls(url, storage_options)
+        writer.group.attrs.update({FORMAT_ATTR: template.attrs[FORMAT_ATTR]})
+        del writer.group.attrs[CREATING_ATTR]
+        consolidate(url, storage_options)
+        return writer
 
     @property
     def attrs(self) -> dict:
@@ -126,7 +147,7 @@ class StoreWriter:
     def finalize(self, attrs: dict) -> None:
         """Record closing attributes (completion time, ...) and re-consolidate."""
         self.group.attrs.update(attrs)
-        consolidate(self.path)
+        consolidate(self.path, self.storage_options)
 
     def format_version(self) -> int | None:
         return self.attrs.get(FORMAT_ATTR)

@@ -23,3 +23,13 @@ def test_sweep_records_each_pair_and_resumes(tiny_pair, tmp_path, capsys):
     assert main([*args[:2], "tiny", *args[3:]]) == 0  # rerun: the complete store is skipped
     rows = list(csv.DictReader((tmp_path / MANIFEST).open()))
     assert [(r["pair"], r["status"]) for r in rows] == [("tiny", "skipped")]
+
+
+def test_sweep_on_a_cluster(tiny_pair, tmp_path, capsys):
+    args = ["sweep", "--pairs", "tiny,no-such-pair", "--store-dir", str(tmp_path), "--cache-dir", str(tiny_pair[2]),
+            "--prompt", "hello there", "--quiet", "--local-cluster", "2"]
+    assert main(args) == 1
+    rows = list(csv.DictReader((tmp_path / MANIFEST).open()))
+    assert [(r["pair"], r["status"]) for r in rows] == [("tiny", "success"), ("no-such-pair", "failed")]
+    assert verify_store(rows[0]["store"]) == []
+    assert "capturing on dask.distributed" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""Where a store lives: a local directory, or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``).
+
+Local paths keep the local-file guarantees (a template written under a temporary name
+and renamed). On object storage there is no rename: the template is written in place
+with a ``resdiff_creating`` attribute and no format version, which is set last, so a
+half-made template is recognised and replaced rather than read.
+
+Options for the file system (credentials, ``endpoint_url``...) come from
+:func:`set_storage_options` (``--storage-option KEY=VALUE`` on the command line), from
+the ``storage_options`` argument where a function takes one, or from fsspec's own
+configuration and the provider's environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from capture.errors import UsageError
+
+STORAGE_OPTIONS: dict = {}
+CREATING_ATTR = "resdiff_creating"
+
+StorePath = str | Path
+
+
+def set_storage_options(options: dict) -> None:
+    """Options used for every fsspec URL opened in this process (the CLI's ``--storage-option``)."""
+    STORAGE_OPTIONS.clear()
+    STORAGE_OPTIONS.update(options)
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict:
+    """``["endpoint_url=http://h:9000", "anon=false", "client_kwargs.region_name=eu"]`` -> nested dict.
+
+    Values are read as JSON where they parse (``false``, ``3``), else kept as text.
+
+    >>> parse_storage_options(["anon=false", "client_kwargs.region_name=eu-west-1"])
+    {'anon': False, 'client_kwargs': {'region_name': 'eu-west-1'}}
+    """
+    options: dict = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = options
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return options
+
+
+def is_url(path: StorePath | None) -> bool:
+    return path is not None and "://" in str(path)
+
+
+def normalize(path: StorePath) -> StorePath:
+    """A URL stays text (``Path`` would fold ``s3://`` into ``s3:/``); anything else becomes a ``Path``."""
+    return str(path).rstrip("/") if is_url(path) else Path(path)
+
+
+def local_sibling(path: StorePath, suffix: str) -> Path:
+    """A local path named after the store: beside it, or under ``outputs/`` for a store at a URL.
+
+    >>> local_sibling("runs/a.zarr", "-plots"), local_sibling("s3://bucket/x/a.zarr", ".decomp.zarr")
+    (PosixPath('runs/a-plots'), PosixPath('outputs/a.decomp.zarr'))
+    """
+    stem = Path(str(path).rstrip("/").rsplit("/", 1)[-1]).stem
+    parent = Path("outputs") if is_url(path) else Path(path).parent
+    return parent / f"{stem}{suffix}"
+
+
+def _options(storage_options: dict | None) -> dict:
+    return {**STORAGE_OPTIONS, **(storage_options or {})}
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec file system, path inside it) of ``url``."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(url, **_options(storage_options))
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"cannot open {url}: {exc}; install the fsspec backend for its protocol "
+                         "(s3fs for s3://, gcsfs for gs://)") from None
+
+
+def zarr_store(path: StorePath, storage_options: dict | None = None, read_only: bool = False):
+    """What ``zarr.open_group`` takes for ``path``: the path itself, or an fsspec-backed store."""
+    if not is_url(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(str(path), storage_options=_options(storage_options), read_only=read_only)
+
+
+def xarray_kwargs(path: StorePath, storage_options: dict | None = None) -> dict:
+    """Keyword arguments that let ``xr.open_zarr`` / ``to_zarr`` reach ``path``."""
+    return {"storage_options": _options(storage_options)} if is_url(path) else {}
+
+
+def exists(path: StorePath, storage_options: dict | None = None) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    fs, root = filesystem(str(path), storage_options)
+    return fs.exists(f"{root}/zarr.json")
+
+
+def read_root_metadata(path: StorePath, storage_options: dict | None = None) -> bytes | None:
+    """The bytes of the store's ``zarr.json``, or None when there is none."""
+    if not is_url(path):
+        meta = Path(path) / "zarr.json"
+        return meta.read_bytes() if meta.exists() else None
+    fs, root = filesystem(str(path), storage_options)
+    try:
+        return fs.cat_file(f"{root}/zarr.json")
+    except FileNotFoundError:
+        return None
+
+
+def remove(path: StorePath, storage_options: dict | None = None) -> None:
+    """Delete everything under the URL ``path`` (local paths: see ``store.writer.remove_store``)."""
+    fs, root = filesystem(str(path), storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
