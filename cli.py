@@ -254,8 +254,8 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
     run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                      help="run the passes on this dask.distributed scheduler's workers (each keeps its model "
-                     "loaded; CUDA tasks ask for the worker resource GPU=1); the store must be on a path all "
-                     "workers see")
+                     "loaded; CUDA tasks ask for the worker resource GPU=1); the store must be where all "
+                     "workers reach it: a shared file system or an s3:// URL")
     run.add_argument("--local-cluster", type=int, metavar="N",
                      help="run the passes on N worker processes started on this machine")
     run.add_argument("--max-memory", metavar="SIZE",
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
     _capture_options(p)
     out = p.add_argument_group("output")
-    out.add_argument("--store", help="store path (default: outputs/<pair>.zarr)")
+    out.add_argument("--store", help="store path or fsspec URL such as s3://bucket/run.zarr (with --storage-option "
+                     "before the command); default: outputs/<pair>.zarr")
     out.add_argument("--chunk-prompts", type=int, metavar="N",
                      help="prompts per store chunk (default: chunks of about 16 MB); smaller chunks let readers "
                      "and resumes work in finer steps")

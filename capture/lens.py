@@ -108,6 +108,30 @@ def _rowsum64(x_nv: torch.Tensor) -> torch.Tensor:
     return x_nv.view(n, width // ROWSUM_GROUP, ROWSUM_GROUP).sum(dim=2).sum(dim=1, dtype=torch.float64)
 
 
+TOPK_SEGMENT = 128
+
+
+def _chunk_topk(x_nv: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_nv.topk(k, dim=1)`` through segment extremes: the same values, and on a GPU far fewer passes.
+
+    Each of the k best entries lies in one of the k segments with the best extremes
+    (a segment outside them has k better segments, each holding an entry better than
+    everything in it), so a full-width selection is replaced by one reduction, a
+    selection over segment extremes and one over k segments. Ids agree with ``topk``'s
+    except among exactly equal values, whose order ``topk`` leaves unspecified too.
+    """
+    n, width = x_nv.shape
+    if width % TOPK_SEGMENT or width < 4 * k * TOPK_SEGMENT:
+        return x_nv.topk(k, dim=1, largest=largest)
+    segments = x_nv.view(n, width // TOPK_SEGMENT, TOPK_SEGMENT)
+    extremes = segments.amax(dim=2) if largest else segments.amin(dim=2)
+    best_segments = extremes.topk(k, dim=1, largest=largest).indices  # (n, k)
+    candidates = segments.gather(1, best_segments[:, :, None].expand(n, k, TOPK_SEGMENT)).view(n, k * TOPK_SEGMENT)
+    values, at = candidates.topk(k, dim=1, largest=largest)
+    ids = best_segments.gather(1, at // TOPK_SEGMENT) * TOPK_SEGMENT + at % TOPK_SEGMENT
+    return values, ids
+
+
 @dataclass
 class _TopK:
     """Running top-k (values and vocabulary ids, best first) merged chunk by chunk (torch path)."""
@@ -118,7 +142,7 @@ class _TopK:
     ids_nk: torch.Tensor | None = None
 
     def update(self, chunk_nv: torch.Tensor, start: int) -> None:
-        vals, idx = chunk_nv.topk(min(self.k, chunk_nv.shape[1]), dim=1, largest=self.largest)
+        vals, idx = _chunk_topk(chunk_nv, min(self.k, chunk_nv.shape[1]), self.largest)
         idx = idx + start
         if self.values_nk is not None:
             vals, order = torch.cat([self.values_nk, vals], dim=1).topk(self.k, dim=1, largest=self.largest)

@@ -56,12 +56,21 @@ def parse_storage_options(pairs: list[str] | None) -> dict:
 
 
 def is_url(path: StorePath | None) -> bool:
-    return path is not None and "://" in str(path)
+    """True for a remote or in-memory fsspec URL; ``file://`` URLs are local paths."""
+    return path is not None and "://" in str(path) and not str(path).startswith("file://")
 
 
 def normalize(path: StorePath) -> StorePath:
-    """A URL stays text (``Path`` would fold ``s3://`` into ``s3:/``); anything else becomes a ``Path``."""
-    return str(path).rstrip("/") if is_url(path) else Path(path)
+    """A URL stays text (``Path`` would fold ``s3://`` into ``s3:/``); a local path or ``file://`` URL
+    becomes a ``Path``.
+
+    >>> normalize("s3://bucket/a.zarr/"), normalize("file:///tmp/a.zarr")
+    ('s3://bucket/a.zarr', PosixPath('/tmp/a.zarr'))
+    """
+    text = str(path)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    return text.rstrip("/") if is_url(text) else Path(text)
 
 
 def local_sibling(path: StorePath, suffix: str) -> Path:
@@ -70,8 +79,9 @@ def local_sibling(path: StorePath, suffix: str) -> Path:
     >>> local_sibling("runs/a.zarr", "-plots"), local_sibling("s3://bucket/x/a.zarr", ".decomp.zarr")
     (PosixPath('runs/a-plots'), PosixPath('outputs/a.decomp.zarr'))
     """
-    stem = Path(str(path).rstrip("/").rsplit("/", 1)[-1]).stem
-    parent = Path("outputs") if is_url(path) else Path(path).parent
+    path = normalize(path)
+    stem = Path(str(path).rsplit("/", 1)[-1]).stem
+    parent = Path("outputs") if is_url(path) else path.parent
     return parent / f"{stem}{suffix}"
 
 

@@ -77,6 +77,7 @@ def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Datas
     >>> ds.resid.sel(pass_="SS").dims
     ('prompt', 'layer', 'token', 'dim')
     """
+    path = normalize(path)
     check_store(path)
     where = xarray_kwargs(path, storage_options)
     ds = xr.open_zarr(str(path), **where)

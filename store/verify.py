@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from capture.errors import ResdiffError
-from store.location import xarray_kwargs
+from store.location import normalize, xarray_kwargs
 from store.reader import check_store
 from store.schema import DIMS
 
@@ -107,6 +107,7 @@ def verify_store(path: str | Path) -> list[str]:
     >>> verify_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))
     []
     """
+    path = normalize(path)
     try:
         attrs = check_store(path)
     except ResdiffError as exc:

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import warnings
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -49,10 +48,10 @@ def fault_point(kind: str) -> None:
 
 
 def remove_store(path: StorePath, storage_options: dict | None = None) -> None:
+    path = normalize(path)
     if is_url(path):
         remove(path, storage_options)
         return
-    path = Path(path)
     if path.is_dir() and not (path / "zarr.json").exists():
         raise StoreFormatError.from_template(
             "store_format", path=path, detail="it is a directory but not a Zarr store, so it was not removed"
@@ -87,9 +86,9 @@ class StoreWriter:
         half-made store at ``path`` (a leftover ``*.creating`` directory is replaced).
         At an fsspec URL it is written in place, marked unfinished until the end.
         """
+        path = normalize(path)
         if is_url(path):
-            return cls._create_in_place(normalize(path), template, storage_options)
-        path = Path(path)
+            return cls._create_in_place(path, template, storage_options)
         staging = path.with_name(path.name + ".creating")
         if staging.exists():
             shutil.rmtree(staging)

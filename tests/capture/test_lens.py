@@ -83,15 +83,16 @@ def test_peaked_distribution_keeps_its_entropy(make_model):
     assert _close(float(stats.entropy_pn[0, 0]), ref["entropy_l"], rel=1e-4, abs_=1e-9)
 
 
-def test_backends_agree_on_a_large_vocabulary(make_model):
+@pytest.mark.parametrize("vocab_chunk", [1024, 4096])  # 4096: the torch path selects through segments
+def test_backends_agree_on_a_large_vocabulary(vocab_chunk):
     from torch import nn
 
     gen = torch.Generator().manual_seed(1)
-    lenses = [Lens(torch.randn(5000, 24, generator=gen), nn.Identity()) for _ in range(2)]
+    lenses = [Lens(torch.randn(9000, 24, generator=gen), nn.Identity()) for _ in range(2)]
     h = [torch.randn(33, 24, generator=gen) for _ in range(3)]
-    args = (h, [lenses[0], lenses[1], lenses[0]], [(0, 1), (0, 2), (1, 2)], 7, [3, 4999])
-    a = lens_statistics(*args, vocab_chunk=1024, backend="kernels")
-    b = lens_statistics(*args, vocab_chunk=1024, backend="torch")
+    args = (h, [lenses[0], lenses[1], lenses[0]], [(0, 1), (0, 2), (1, 2)], 7, [3, 8999])
+    a = lens_statistics(*args, vocab_chunk=vocab_chunk, backend="kernels")
+    b = lens_statistics(*args, vocab_chunk=vocab_chunk, backend="torch")
     for field in ("topk_id_pnk", "rise_id_qnk", "fall_id_qnk"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     for field in ("entropy_pn", "lse_pn", "topk_logit_pnk", "kl_qn", "rise_shift_qnk", "fall_shift_qnk", "tracked_pnj"):
@@ -129,3 +130,17 @@ def test_norm_lens_at_last_layer_reproduces_model_logits(arch, make_model, token
     torch.testing.assert_close(normed, out.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lens.logits(normed), out.logits[0], atol=1e-5, rtol=1e-5)
     assert final_norm(model) is not None
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_segment_topk_equals_topk(largest):
+    from capture.lens import TOPK_SEGMENT, _chunk_topk
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 40 * TOPK_SEGMENT, generator=gen)
+    x[:8, 3 * TOPK_SEGMENT:3 * TOPK_SEGMENT + 20] += 50 if largest else -50  # every winner in one segment
+    x[8:16, ::TOPK_SEGMENT] += 50 if largest else -50  # every winner in its own segment
+    for width in (x.shape[1], 35 * TOPK_SEGMENT, 1000):  # segments, segments, plain topk
+        want = x[:, :width].topk(20, dim=1, largest=largest)
+        got = _chunk_topk(x[:, :width].contiguous(), 20, largest)
+        assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices), width

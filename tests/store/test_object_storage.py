@@ -64,6 +64,7 @@ def test_capture_report_export_on_s3(tiny_pair, s3_options, tmp_path, capsys):
     assert f"store      {url}" in capsys.readouterr().out
     assert_stores_equal(open_store(url, storage_options=s3_options), local, ignore_attrs=IGNORED)
     assert main([*storage, "verify", url]) == 0
+    assert main(["verify", f"file://{local}"]) == 0  # file:// URLs are local paths
     assert main([*storage, "capture", *_capture_args(tiny_pair, url)[1:]]) == 0  # complete: nothing to do
     assert "already complete" in capsys.readouterr().out
     assert main([*storage, "report", url, "--metric", "kl", "--top-n", "2"]) == 0
