@@ -55,9 +55,11 @@ class Lens:
         bias = getattr(head, "bias", None)
         norm = copy.deepcopy(final_norm(model)).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         weight_vd = head.weight.detach().to(device)
-        if weight_vd.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr():
+        shared = weight_vd.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr()
+        if shared and weight_vd.device.type == "cpu":
             # Own copy: on the CPU a view would keep the model's whole memory-mapped
-            # checkpoint file resident after the model is freed.
+            # checkpoint file resident after the model is freed. On a GPU each parameter
+            # has its own allocation, and a view keeps only the head alive.
             weight_vd = weight_vd.clone()
         return cls(
             weight_vd=weight_vd,

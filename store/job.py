@@ -3,7 +3,9 @@
 Order of work: validate everything that can be validated without weights (pair,
 shapes from configs, passes, pairs, tracked tokens, prompts and their token lengths),
 write the template, then for each LLM (base first): load it, keep its lens, run its
-passes group by group, write each region and flag it done, free it. Then, with both
+passes group by group, write each region and flag it done (in a background thread,
+while the next group computes), free it. With ``--scheduler``/``--local-cluster`` the
+groups run as tasks on dask.distributed workers instead (``store.distributed``). Then, with both
 lenses in memory, the lens statistics stage (``store.lens_stage``) reads the stored
 residuals back and writes the statistics, again flagged per prompt group. Regions
 already flagged done are skipped, which is what makes re-running the same command
@@ -57,7 +59,7 @@ def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dic
     return StoreWriter.create(path, template())
 
 
-def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) -> Path:
+def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) -> StorePath:
     """Run a capture described by ``settings`` and return the store path."""
     from transformers.utils import logging as hf_logging
 
@@ -187,7 +189,7 @@ def _save_lenses(writer: StoreWriter, lenses: dict[str, Lens]) -> dict:
     return record
 
 
-def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
+def _run_capture(settings: CaptureSettings, log, progress: bool) -> StorePath:
     limit = parse_size(settings.max_memory) if settings.max_memory is not None else None
     prep = prepare(settings, log)
     if limit is not None:
@@ -201,7 +203,7 @@ def _run_capture(settings: CaptureSettings, log, progress: bool) -> Path:
         raise StoreWriteError.from_template("store_write", path=prep.path, reason=reason) from None
 
 
-def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress: bool) -> Path:
+def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress: bool) -> StorePath:
     from tqdm.auto import tqdm
 
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep))
