@@ -5,7 +5,8 @@ LLM in schedule order, submits one task per write group still to do. A task runs
 LLM's passes over its group and writes the regions, with their done flags, straight
 into the shared store; groups are whole store chunks, so no two tasks touch a chunk.
 Each worker keeps the model it last loaded (and the other model's input embedding) in
-a process-wide slot, so it loads each model once per phase however many tasks it runs.
+a worker plugin (:class:`ResidentModel`), so it loads each model once per phase however
+many tasks it runs; unregistering the plugin at the end frees it.
 The coordinator then loads the lenses, runs the statistics stage and finalises the
 store, as a single-process capture does; a re-run resumes from the done flags.
 
@@ -18,6 +19,9 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+from distributed import as_completed, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from capture.models import DTYPES, load_input_embedding, load_model, release_memory
 from capture.plan import Pass, schedule
 from capture.prompts import TokenizedPrompts
@@ -26,8 +30,7 @@ from store.location import STORAGE_OPTIONS
 from store.prepare import Prepared, pad_id_of
 from store.writer import StoreWriter
 
-# One model per worker process: {"key": (ref, dtype, device), "model": module, "embeddings": {ref: module}}.
-_RESIDENT: dict = {}
+PLUGIN_NAME = "resdiff-resident-model"
 
 
 @dataclass(frozen=True)
@@ -52,34 +55,58 @@ class GroupTask:
     storage_options: dict  # for a store at an fsspec URL: the coordinator's options
 
 
-def _resident(task: GroupTask):
-    """The worker's model for ``task``, loading it (and dropping the previous one) only when it changes."""
-    key = (task.llm_ref, task.dtype, task.device)
-    if _RESIDENT.get("key") != key:
-        previous = _RESIDENT.get("model")
-        _RESIDENT.clear()
-        if previous is not None:
-            previous_ref = weakref.ref(previous)
-            del previous
-            release_memory(previous_ref)
-        model = load_model(task.llm_ref, task.dtype, task.device, None, task.trust_remote_code, **task.load_kwargs)
-        _RESIDENT.update(key=key, model=model, embeddings={})
-    return _RESIDENT["model"]
+class ResidentModel(WorkerPlugin):
+    """Worker plugin holding one model per worker process (and the other models' input embeddings).
+
+    The coordinator
+    registers one per capture and unregisters it at the end, which frees the model.
+    A task loads a model only when it differs from the one held.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model = None
+        self.embeddings: dict = {}
+
+    def teardown(self, worker) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.model is None:
+            return
+        model_ref = weakref.ref(self.model)
+        self.key, self.model, self.embeddings = None, None, {}
+        release_memory(model_ref)
+
+    def model_for(self, task: GroupTask):
+        key = (task.llm_ref, task.dtype, task.device)
+        if self.key != key:
+            self.release()
+            self.model = load_model(task.llm_ref, task.dtype, task.device, None, task.trust_remote_code,
+                                    **task.load_kwargs)
+            self.key = key
+        return self.model
+
+    def embedding_for(self, ref: str, task: GroupTask, device):
+        if ref not in self.embeddings:
+            self.embeddings[ref] = load_input_embedding(ref, task.dtype, device, task.trust_remote_code,
+                                                        task.allow_pickle)
+        return self.embeddings[ref]
 
 
-def capture_group(task: GroupTask) -> int:
-    """Run on a worker: capture and write the task's regions not yet done; return the real tokens written."""
-    model = _resident(task)
+def capture_group(task: GroupTask) -> tuple[int, bool]:
+    """Run on a worker: capture and write the task's regions not yet done.
+
+    Returns the real tokens written and whether the worker had to load the model.
+    """
+    resident = get_worker().plugins[PLUGIN_NAME]
+    loaded = resident.key != (task.llm_ref, task.dtype, task.device)
+    model = resident.model_for(task)
     device = next(model.parameters()).device
-    embeddings = {}
-    for source, ref in task.embedding_refs.items():
-        if ref == task.llm_ref:
-            embeddings[source] = model.get_input_embeddings()
-            continue
-        if ref not in _RESIDENT["embeddings"]:
-            _RESIDENT["embeddings"][ref] = load_input_embedding(ref, task.dtype, device, task.trust_remote_code,
-                                                                task.allow_pickle)
-        embeddings[source] = _RESIDENT["embeddings"][ref]
+    embeddings = {source: model.get_input_embeddings() if ref == task.llm_ref else
+                  resident.embedding_for(ref, task, device) for source, ref in task.embedding_refs.items()}
     writer = StoreWriter(task.store, task.storage_options)
     done_pp = writer.done_pp()
     tokens = 0
@@ -90,23 +117,11 @@ def capture_group(task: GroupTask) -> int:
     ):
         writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
         tokens += captured.n_real_tokens
-    return tokens
-
-
-def _release_worker_models() -> None:
-    """Run on each worker at the end: free the resident model."""
-    model = _RESIDENT.pop("model", None)
-    _RESIDENT.clear()
-    if model is not None:
-        model_ref = weakref.ref(model)
-        del model
-        release_memory(model_ref)
+    return tokens, loaded
 
 
 def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[slice], bar, log=print) -> None:
     """Capture every region not yet done on the cluster named by ``prep.settings``."""
-    from distributed import as_completed
-
     from store.cluster import connect
 
     settings, resolved, passes = prep.settings, prep.resolved, prep.passes
@@ -116,9 +131,11 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
     client, cluster = connect(settings.scheduler, settings.local_cluster,
                               resources={"GPU": 1} if on_gpu and settings.local_cluster else None)
     try:
+        client.register_plugin(ResidentModel(), name=PLUGIN_NAME)
         n_workers = len(client.scheduler_info()["workers"])
         log(f"capturing on dask.distributed at {client.scheduler.address} ({n_workers} workers)")
         done_pp = writer.done_pp()
+        loads, tasks_run = 0, []
         for llm, pass_indices in schedule(passes):
             bar.set_description(f"{llm} on {n_workers} workers")
             specs = tuple((i, passes[i]) for i in pass_indices)
@@ -135,14 +152,17 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                 )
                 for group in groups if not all(done_pp[i, group].all() for i in pass_indices)
             ]
+            tasks_run.append(len(tasks))
             futures = [client.submit(capture_group, task, pure=False, resources={"GPU": 1} if on_gpu else None)
                        for task in tasks]
             size_of = {f.key: sum(int((~done_pp[i, t.group]).sum()) for i in pass_indices)
                        for f, t in zip(futures, tasks, strict=True)}
             for future in as_completed(futures):
-                future.result()  # re-raises a worker's error here
+                _, loaded = future.result()  # re-raises a worker's error here
+                loads += loaded
                 bar.update(size_of[future.key])
-        client.run(_release_worker_models)
+        client.unregister_worker_plugin(PLUGIN_NAME)  # teardown frees each worker's model
+        log(f"cluster capture done: {sum(tasks_run)} tasks, {loads} model loads on {n_workers} workers")
     finally:
         client.close()
         if cluster is not None:

@@ -33,6 +33,9 @@ def test_local_cluster_capture_equals_single_process(tiny_pair, reference, tmp_p
     messages = []
     run_capture(_settings(tiny_pair, store, local_cluster=2), log=messages.append, progress=False)
     assert any("(2 workers)" in m for m in messages), messages
+    # 6 write groups x 2 LLMs = 12 tasks; each worker loads each model at most once.
+    assert "cluster capture done: 12 tasks" in messages[-1]
+    assert int(messages[-1].split(", ")[1].split()[0]) <= 4, messages[-1]
     assert_stores_equal(store, reference, ignore_attrs=IGNORED)
     assert verify_store(store) == []
 
