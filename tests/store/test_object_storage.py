@@ -110,3 +110,17 @@ def test_memory_urls_and_bad_options(tiny_pair, tmp_path, capsys):
     assert main(["info", "memory://resdiff/missing.zarr"]) == 2
     assert "no resdiff store at memory://resdiff/missing.zarr" in capsys.readouterr().err
     assert STORAGE_OPTIONS == {}
+
+
+def test_analysis_and_exports_read_url_stores(tmp_path, monkeypatch, capsys):
+    from store.testing import write_tiny_store
+
+    monkeypatch.chdir(tmp_path)
+    url = "memory://resdiff/synthetic.zarr"
+    write_tiny_store(url)
+    assert main(["export-netcdf", url, str(tmp_path / "ss.nc"), "--sel", "pass_=SS", "--vars", "resid"]) == 0
+    assert (tmp_path / "ss.nc").stat().st_size > 0
+    assert main(["decompose", url, "--quiet"]) == 0  # results are files: written locally, under outputs/
+    assert len(list((tmp_path / "outputs").glob("synthetic.decomp-*.zarr"))) == 1
+    assert main(["plot", url, "--quiet"]) == 0
+    assert list((tmp_path / "outputs" / "synthetic-plots").glob("*.png"))
