@@ -16,6 +16,7 @@ GPU with ``--resources GPU=1`` (``dask worker``) or use dask-cuda's LocalCUDAClu
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -161,9 +162,10 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                 _, loaded = future.result()  # re-raises a worker's error here
                 loads += loaded
                 bar.update(size_of[future.key])
-        client.unregister_worker_plugin(PLUGIN_NAME)  # teardown frees each worker's model
         log(f"cluster capture done: {sum(tasks_run)} tasks, {loads} model loads on {n_workers} workers")
     finally:
+        with contextlib.suppress(Exception):  # best effort: a broken connection must not hide the real error
+            client.unregister_worker_plugin(PLUGIN_NAME)  # teardown frees each worker's model
         client.close()
         if cluster is not None:
             cluster.close()
