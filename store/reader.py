@@ -13,11 +13,11 @@ from store.location import CREATING_ATTR, StorePath, is_url, normalize, read_roo
 from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION
 
 
-def _read_attrs(path: StorePath) -> dict:
+def _read_attrs(path: StorePath, storage_options: dict | None = None) -> dict:
     if not is_url(path) and not Path(path).exists():
         raise StoreNotFound.from_template("store_not_found", path=path)
     try:
-        raw = read_root_metadata(path)
+        raw = read_root_metadata(path, storage_options)
     except OSError as exc:
         detail = f"zarr.json is unreadable ({exc})"
         raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
@@ -42,10 +42,10 @@ def is_unfinished(path: StorePath) -> bool:
         return False
 
 
-def check_store(path: StorePath) -> dict:
+def check_store(path: StorePath, storage_options: dict | None = None) -> dict:
     """Return the store's attributes after checking its format version."""
     path = normalize(path)
-    attrs = _read_attrs(path)
+    attrs = _read_attrs(path, storage_options)
     if attrs.get(CREATING_ATTR):
         raise StoreFormatError.from_template(
             "store_format", path=path, detail="its template was never finished (the capture that made it stopped "
@@ -78,7 +78,7 @@ def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Datas
     ('prompt', 'layer', 'token', 'dim')
     """
     path = normalize(path)
-    check_store(path)
+    check_store(path, storage_options)
     where = xarray_kwargs(path, storage_options)
     ds = xr.open_zarr(str(path), **where)
     # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read

@@ -62,6 +62,7 @@ def test_capture_report_export_on_s3(tiny_pair, s3_options, tmp_path, capsys):
     assert main(_capture_args(tiny_pair, local)) == 0
     assert main([*storage, *_capture_args(tiny_pair, url)]) == 0
     assert f"store      {url}" in capsys.readouterr().out
+    set_storage_options({})  # the explicit argument alone must reach the server
     assert_stores_equal(open_store(url, storage_options=s3_options), local, ignore_attrs=IGNORED)
     assert main([*storage, "verify", url]) == 0
     assert main(["verify", f"file://{local}"]) == 0  # file:// URLs are local paths
