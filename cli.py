@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="principal directions kept and compared (default 8)")
     p.add_argument("--cp-rank", type=int, help="CP rank (default: smallest <= 8 with relative error <= 5%%)")
     p.add_argument("--tucker-ranks", metavar="P,L,D", help="Tucker ranks (default: 99%% energy per mode)")
-    p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr)")
+    p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr; "
+                   "for a store at a URL, under outputs/)")
     p.add_argument("--force", action="store_true", help="recompute and replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_args(p)
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt per pair (and per pass); spectra, effective ranks and CP factors of the decomposition.",
     )
     p.add_argument("store", help="a store from `capture`")
-    p.add_argument("--out", help="output directory (default: STORE without .zarr, plus -plots)")
+    p.add_argument("--out", help="output directory (default: STORE without .zarr, plus -plots; for a store at a "
+                   "URL, under outputs/)")
     p.add_argument("--html", action="store_true", help="also write report.html with the images embedded")
     p.add_argument("--metric", default="norm_diff", help="pair metric of the heatmaps (default norm_diff)")
     p.add_argument("--pass-metric", default="norm", help="pass metric of the per-pass heatmaps (default norm; "

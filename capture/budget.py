@@ -107,7 +107,7 @@ def model_footprint(ref: str, dtype: str, device: str, trust_remote_code: bool =
     config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    itemsize = DTYPES[dtype].itemsize
     params = {id(p): p.numel() for p in model.parameters()}
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight

@@ -105,8 +105,8 @@ def _lens_bytes(fp: ModelFootprint, itemsize: int) -> int:
 
 def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, group: int) -> list[PlanStep]:
     passes, settings = prep.passes, prep.settings
-    itemsize = torch.empty(0, dtype=DTYPES[prep.resolved.dtype]).element_size()
-    out_itemsize = torch.empty(0, dtype=DTYPES[settings.store_dtype]).element_size()
+    itemsize = DTYPES[prep.resolved.dtype].itemsize
+    out_itemsize = DTYPES[settings.store_dtype].itemsize
     n_tokens = max(prep.tokenized.lengths)
     batch = min(settings.batch_size, len(prep.tokenized.texts))
     plan = schedule(passes)
@@ -146,8 +146,8 @@ def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool
 
 def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, group: int) -> PlanStep:
     settings = prep.settings
-    itemsize = torch.empty(0, dtype=DTYPES[prep.resolved.dtype]).element_size()
-    store_itemsize = torch.empty(0, dtype=DTYPES[settings.store_dtype]).element_size()
+    itemsize = DTYPES[prep.resolved.dtype].itemsize
+    store_itemsize = DTYPES[settings.store_dtype].itemsize
     work = statistics_working_set(
         fp, len(prep.passes), len(prep.pairs), group, max(prep.tokenized.lengths), store_itemsize,
         prep.fingerprint["top_k"], len(prep.tracked[0]), *statistics_blocks(prep.resolved.device))
