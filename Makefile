@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint env clean browser
+.PHONY: demo test test-fast lint env clean browser
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ browser:
 	  apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "note: chromium is not installed; the HTML rendering test will be skipped"
 
+# The full suite, as CI runs it (slow tests included).
 test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The edit loop: everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

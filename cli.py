@@ -13,10 +13,10 @@ import traceback
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from capture.pairs import PAIRS
+    from capture.model_pairs import MODEL_PAIRS
 
     print(f"{'pair':<16}{'base':<40}{'sft':<44}{'dtype':<10}{'est. memory':>12}")
-    for spec in PAIRS.values():
+    for spec in MODEL_PAIRS.values():
         gib = spec.memory_estimate_bytes() / 2**30
         base = "(built locally)" if spec.name == "tiny" else spec.base
         sft = "(built locally)" if spec.name == "tiny" else spec.sft
@@ -27,8 +27,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
+    from capture.job import run_capture
     from capture.settings import CaptureSettings
-    from store.job import run_capture
     from store.reader import describe_store
 
     fields = CaptureSettings.__dataclass_fields__
@@ -37,16 +37,16 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if args.config:
         from capture.config import load_legacy_config
 
-        from_file, notes = load_legacy_config(args.config, pair=given.get("pair"))
+        from_file, notes = load_legacy_config(args.config, model_pair=given.get("model_pair"))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        if any(note.endswith(f"model_sweep entry {given.get('pair')!r}") for note in notes):
-            given.pop("pair")  # the pair names an entry of the file's model_sweep
-        elif "pair" in given:  # a registered pair on the command line replaces the file's models
+        if any(note.endswith(f"model_sweep entry {given.get('model_pair')!r}") for note in notes):
+            given.pop("model_pair")  # the pair names an entry of the file's model_sweep
+        elif "model_pair" in given:  # a registered pair on the command line replaces the file's models
             from_file = {k: v for k, v in from_file.items() if k not in ("base", "sft", "tokenizer")}
     settings = CaptureSettings(**{**from_file, **given})
     if args.plan:
-        from store.capture_plan import plan_capture
+        from capture.memory_plan import plan_capture
 
         print(plan_capture(settings, log=lambda msg: print(msg, file=sys.stderr)).describe())
         return 0
@@ -70,11 +70,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from capture.settings import CaptureSettings
-    from store.sweep import run_sweep
+    from capture.sweep import run_sweep
 
     fields = CaptureSettings.__dataclass_fields__
-    given = {k: v for k, v in vars(args).items() if k in fields and k != "pairs" and v is not None}
-    manifest, rows = run_sweep(args.pairs.split(","), CaptureSettings(**given), args.store_dir,
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    manifest, rows = run_sweep(args.model_pairs.split(","), CaptureSettings(**given), args.store_dir,
                                log=lambda msg: print(msg, file=sys.stderr), progress=not args.quiet)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("success", "skipped", "failed")}
     print(f"Sweep: {counts['success']} captured, {counts['skipped']} skipped (complete), {counts['failed']} failed; "
@@ -90,7 +90,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_json(args: argparse.Namespace) -> int:
-    from store.export_json import export_json
+    from store.conversions.export_json import export_json
 
     path = export_json(args.store, args.out, lens=args.lens)
     print(f"Wrote comparison JSON to: {path}")
@@ -98,7 +98,7 @@ def _cmd_export_json(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_netcdf(args: argparse.Namespace) -> int:
-    from store.export_netcdf import export_netcdf
+    from store.conversions.export_netcdf import export_netcdf
 
     path = export_netcdf(args.store, args.out, args.sel, args.vars)
     print(f"Wrote netCDF to: {path}")
@@ -106,7 +106,7 @@ def _cmd_export_netcdf(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_json(args: argparse.Namespace) -> int:
-    from store.import_json import import_json
+    from store.conversions.import_json import import_json
     from store.reader import describe_store
 
     path = import_json(args.file, args.store, overwrite=bool(args.overwrite))
@@ -127,7 +127,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             print(f"computing on {where}", file=sys.stderr)
         text, rows = build_report(
             ds, metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n, lens=args.lens,
-            labels=args.pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
+            labels=args.pass_pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
             logit_source=args.logit_source, prompt=args.prompt,
         )
     print(text)
@@ -156,7 +156,7 @@ def _compute_context(args: argparse.Namespace, ds):
 
 
 def _tucker_ranks(text: str | None):
-    from capture.errors import UsageError
+    from store.errors import UsageError
 
     if not text:
         return None
@@ -178,8 +178,8 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
     with _compute_context(args, open_store(args.store)):
         path, reused = decompose_store(args.store, top_k=args.top_k, cp_rank=args.cp_rank,
-                                       tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pair, out=args.out,
-                                       force=args.force, progress=not args.quiet)
+                                       tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pass_pair,
+                                       out=args.out, force=args.force, progress=not args.quiet)
     res = xr.open_zarr(str(path))
     print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
     rows = [[str(q), int(la), float(res.participation_ratio.sel(pair=q, layer=la)),
@@ -268,7 +268,8 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     lens.add_argument("--track", action="append", metavar="TOKEN",
                       help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")
     if pass_pairs:  # sweep's --pairs names model pairs
-        lens.add_argument("--pairs", help="comma-separated pass pairs LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
+        lens.add_argument("--pairs", dest="pass_pairs",
+                          help="comma-separated pairs of passes LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
                           "statistics are right relative to left, KL(right || left)")
     lens.add_argument("--save-lens", action="store_true", default=None,
                       help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
@@ -299,12 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", metavar="FILE.yaml",
                      help="a legacy config (its residual_compare section); RESIDUAL_* environment variables apply "
                      "on top, command-line flags on top of both")
-    src.add_argument("--pair", help="registered pair name (see `cli.py pairs`); default: tiny, built offline")
+    src.add_argument("--pair", dest="model_pair",
+                     help="registered model pair name (see `cli.py pairs`); default: tiny, built offline")
     src.add_argument("--base", help="base model: hub id or local directory (with --sft, replaces --pair)")
     src.add_argument("--sft", help="SFT model: hub id or local directory")
     src.add_argument("--tokenizer", help="tokenizer id or directory (default: the base model's)")
     src.add_argument("--trust-remote-code", action="store_true", default=None,
                      help="allow model code from the checkpoint (off by default)")
+    src.add_argument("--allow-mismatched-pair", action="store_true", default=None,
+                     help="go on when base and SFT are of different architectures (e.g. a Llama and a GPT-2 body "
+                     "of one shape); refused by default, recorded in the store")
     src.add_argument("--allow-pickle", action="store_true", default=None,
                      help="accept checkpoints whose weights are pickle files (.bin/.pt), which can run code when "
                      "loaded; by default only safetensors are loaded")
@@ -331,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reason and the sweep goes on; complete stores are skipped; STORE_DIR/sweep_manifest.csv lists the "
         "outcome of every pair. Exit code 1 if any pair failed. Rerun the same command to resume.",
     )
-    p.add_argument("--pairs", required=True, help="comma-separated registered pair names (see `cli.py pairs`)")
+    p.add_argument("--pairs", dest="model_pairs", required=True,
+                   help="comma-separated registered model pair names (see `cli.py pairs`)")
     p.add_argument("--store-dir", default="outputs/sweep", help="where the stores go (default outputs/sweep)")
     p.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
     p.add_argument("--overwrite", action="store_true", default=None, help="capture again even complete stores")
@@ -389,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=5,
                    help="hotspots and tracked changes listed (largest |value|), grid preview rows and columns")
     p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of entropy, KL and logits")
-    p.add_argument("--pair", action="append", help="only these pairs (repeatable)")
+    p.add_argument("--pair", dest="pass_pair", action="append", help="only these pairs of passes (repeatable)")
     p.add_argument("--pass", dest="pass_", action="append", help="only these passes with --record-type runs")
     p.add_argument("--token-id", type=int, action="append",
                    help="token id (repeatable): restricts tracked changes and previews its logit grid and top-k "
@@ -411,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "differences. Written to a sibling store named by the settings; the same settings reuse it.",
     )
     p.add_argument("store", help="a store from `capture` (needs resid)")
-    p.add_argument("--pair", action="append", help="only these pairs (repeatable; default all)")
+    p.add_argument("--pair", dest="pass_pair", action="append",
+                   help="only these pairs of passes (repeatable; default all)")
     p.add_argument("--top-k", type=int, default=8, help="principal directions kept and compared (default 8)")
     p.add_argument("--cp-rank", type=int, help="CP rank (default: smallest <= 8 with relative error <= 5%%)")
     p.add_argument("--tucker-ranks", metavar="P,L,D", help="Tucker ranks (default: 99%% energy per mode)")
@@ -457,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from capture.errors import ResdiffError
+    from store.errors import ResdiffError
     from store.location import parse_storage_options, set_storage_options
 
     try:

@@ -4,17 +4,19 @@
 derives the geometric metrics per pass and per pair and summarises them;
 :mod:`analysis.reductions` finds hotspots, correlations and seven-number summaries;
 :mod:`analysis.tracked` follows tracked tokens; :mod:`analysis.lens` computes lens
-logits of any token from a store's saved lens.
+logits of any token from a store's saved lens. The errors a notebook may want to catch
+(:class:`ResdiffError` and its subclasses from :mod:`store.errors`) are re-exported here.
 """
 
-from analysis.lens import LensNotSaved, lens_logits
+from analysis.lens import lens_logits
 from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import correlation, hotspots, seven_number_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
+from store.errors import LensNotSaved, MissingData, ResdiffError, StoreFormatError, StoreNotFound, UsageError
 from store.reader import open_store
 
 __all__ = [
-    "LensNotSaved", "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
-    "pass_metrics",
+    "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
+    "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics", "pass_metrics",
     "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]

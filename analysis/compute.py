@@ -25,10 +25,9 @@ from collections.abc import Iterator
 import dask
 import numpy as np
 import xarray as xr
-from dask.utils import format_bytes
 
-from capture.budget import parse_size
-from capture.errors import UsageError
+from store.errors import UsageError
+from store.units import format_bytes, parse_size
 
 _BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life of the process
 

@@ -30,8 +30,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from analysis.metrics import store_pairs
-from capture.errors import UsageError
+from analysis.metrics import store_pass_pairs
+from store.errors import UsageError
 from store.schema import string_array
 
 
@@ -129,7 +129,7 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     """
     if "resid" not in ds:
         raise UsageError("decompositions need residuals; this store is statistics-only (from import-json)")
-    names, lefts, rights = store_pairs(ds)
+    names, lefts, rights = store_pass_pairs(ds)
     chosen = pairs or names
     unknown = [p for p in chosen if p not in names]
     if unknown:
@@ -203,8 +203,9 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
     >>> xr.open_zarr(path).rank99.dims, reused
     (('pair', 'layer'), False)
     """
+    from store.atomic import atomic_output
     from store.reader import open_store
-    from store.writer import consolidate, remove_store
+    from store.writer import check_replaceable, consolidate
 
     ds = open_store(store)
     settings = {"top_k": top_k, "cp_rank": cp_rank, "tucker_ranks": list(tucker_ranks) if tucker_ranks else None,
@@ -230,12 +231,8 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
     tensors = tensor_decompositions(result.mean_diff, cp_rank, tucker_ranks)
     result = result.merge(tensors).assign_attrs(**tensors.attrs, settings_key=key, settings=json.dumps(settings),
                                                 source_store=str(store))
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        remove_store(tmp)
-    result.to_zarr(str(tmp), mode="w-", consolidated=False)
-    consolidate(tmp)  # a plain xr.open_zarr(path) then opens fast and silently
-    if path.exists():
-        remove_store(path)
-    tmp.rename(path)
+    check_replaceable(path)
+    with atomic_output(path) as tmp:
+        result.to_zarr(str(tmp), mode="w-", consolidated=False)
+        consolidate(tmp)  # a plain xr.open_zarr(path) then opens fast and silently
     return path, False

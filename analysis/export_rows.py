@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from capture.errors import UsageError
+from store.atomic import atomic_output
+from store.errors import UsageError
 
 SUFFIXES = (".csv", ".json", ".parquet")
 
@@ -38,17 +39,16 @@ def export_rows(rows: list[dict], path: str | Path) -> Path:
     """
     path = check_export_path(path)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(path.name + ".partial")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(rows, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else x))
-    elif path.suffix == ".csv":
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        import pandas as pd
+    with atomic_output(path) as tmp:  # never a half-written export under the final name
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(rows, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else x))
+        elif path.suffix == ".csv":
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            import pandas as pd
 
-        pd.DataFrame(rows, columns=columns).to_parquet(tmp, engine="pyarrow", index=False)
-    tmp.replace(path)  # never a half-written export under the final name
+            pd.DataFrame(rows, columns=columns).to_parquet(tmp, engine="pyarrow", index=False)
     return path

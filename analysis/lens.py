@@ -10,20 +10,13 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from capture.errors import ResdiffError, UsageError
-from capture.lens import LENSES, norm_formula
-
-
-class LensNotSaved(ResdiffError, KeyError):
-    """The store was captured without ``--save-lens``."""
+from store.errors import LensNotSaved, UsageError
+from store.schema import LENS_NAMES, norm_formula
 
 
 def _require_saved_lens(ds: xr.Dataset) -> dict:
     if "lens_weight" not in ds or "saved_lens" not in ds.attrs:
-        raise LensNotSaved(
-            "this store has no saved lens parameters, so lens statistics of new tokens cannot be computed; "
-            "recapture with --save-lens (or use the tokens tracked at capture time, `tracked_logit`)"
-        )
+        raise LensNotSaved()
     return ds.attrs["saved_lens"]
 
 
@@ -42,11 +35,11 @@ def lens_logits(ds: xr.Dataset, token_ids: list[int], lens: str = "norm") -> xr.
     >>> lens_logits(ds, [1, 2])
     Traceback (most recent call last):
     ...
-    analysis.lens.LensNotSaved: this store has no saved lens parameters, ...
+    store.errors.LensNotSaved: this store has no saved lens parameters, ...
     """
     saved = _require_saved_lens(ds)
-    if lens not in LENSES:
-        raise UsageError(f"unknown lens {lens!r}; use one of {', '.join(LENSES)}")
+    if lens not in LENS_NAMES:
+        raise UsageError(f"unknown lens {lens!r}; use one of {', '.join(LENS_NAMES)}")
     vocab = ds.sizes["vocab"]
     bad = [t for t in token_ids if not 0 <= int(t) < vocab]
     if bad:

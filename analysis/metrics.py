@@ -25,8 +25,9 @@ import numpy as np
 import xarray as xr
 
 from analysis.kernels import residual_sums
-from capture.errors import UsageError
+from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
+from store.schema import every_pass_pair
 
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
@@ -41,8 +42,8 @@ def _resid32(ds: xr.Dataset) -> xr.DataArray:
 
 def _require_resid(ds: xr.Dataset) -> None:
     if "resid" not in ds:
-        raise UsageError("this store has no residuals (a statistics-only store from import-json); geometric "
-                         "metrics come from its stored variables instead")
+        raise MissingData(what="residuals (a statistics-only store from import-json)",
+                          fix="geometric metrics come from its stored variables instead")
 
 
 def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
@@ -52,7 +53,7 @@ def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataA
     graph is deterministic, so metrics built from it in one compute share the reads.
     """
     _require_resid(ds)
-    names, left, right = store_pairs(ds)
+    names, left, right = store_pass_pairs(ds)
     passes = [str(p) for p in ds.pass_.values]
     left_q = np.array([passes.index(p) for p in left], dtype=np.int64)
     right_q = np.array([passes.index(p) for p in right], dtype=np.int64)
@@ -123,7 +124,7 @@ def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
     })
 
 
-def store_pairs(ds: xr.Dataset) -> tuple[list[str], list[str], list[str]]:
+def store_pass_pairs(ds: xr.Dataset) -> tuple[list[str], list[str], list[str]]:
     """(names, left passes, right passes) of the store's pairs.
 
     A store captured with lens statistics lists its pairs; one without (``--no-lens``)
@@ -132,14 +133,13 @@ def store_pairs(ds: xr.Dataset) -> tuple[list[str], list[str], list[str]]:
     """
     if "pair" in ds.dims:
         return [str(x) for x in ds.pair.values], [str(x) for x in ds.left.values], [str(x) for x in ds.right.values]
-    passes = [str(p) for p in ds.pass_.values]
-    combos = [(a, b) for i, a in enumerate(passes) for b in passes[i + 1:]]
-    return [f"{a}-{b}" for a, b in combos], [a for a, _ in combos], [b for _, b in combos]
+    combos = every_pass_pair([str(p) for p in ds.pass_.values])
+    return [q[0] for q in combos], [q[1] for q in combos], [q[2] for q in combos]
 
 
 def select_side(ds: xr.Dataset, x: xr.DataArray, side: str) -> xr.DataArray:
     """``x`` (over pass_) taken at each pair's ``left`` or ``right`` pass, as a DataArray over ``pair``."""
-    names, left, right = store_pairs(ds)
+    names, left, right = store_pass_pairs(ds)
     # The pass's own labels (model, embedding...) differ between sides: keep only the pair's.
     pass_labels = [name for name, coord in ds.coords.items() if coord.dims == ("pass_",) and name != "pass_"]
     picked = x.sel(pass_=left if side == "left" else right).drop_vars(pass_labels, errors="ignore")
@@ -151,8 +151,8 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
 
     ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
     """
-    if not store_pairs(ds)[0]:
-        raise UsageError("this store has no pairs of passes; capture with at least two passes")
+    if not store_pass_pairs(ds)[0]:
+        raise MissingData(what="pairs of passes", fix="capture with at least two passes")
     if "lens" in ds.dims and lens not in ds.lens.values:
         raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
     per_pass = pass_metrics(ds)

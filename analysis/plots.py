@@ -22,14 +22,17 @@ import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
 from analysis.metrics import pair_metrics, pass_metrics
+from store.atomic import atomic_output
 
 CURVES = (("norm_diff", "||h_right - h_left||"), ("cosine_sim", "cos(h_left, h_right)"),
           ("kl", "KL(right || left) [nats]"))
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    with atomic_output(path, suffix=".partial.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -96,9 +99,7 @@ def spectra_plots(result: xr.Dataset, out: Path) -> list[Path]:
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layer - 1)), ax=axes, label="layer")
-    spectra_png = out / "spectra.png"
-    fig.savefig(spectra_png, dpi=110)
-    plt.close(fig)
+    spectra_png = _save(fig, out / "spectra.png", tight=False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for pair in pairs:
         axes[0].plot(result.layer.values, result.participation_ratio.sel(pair=pair).values, marker="o", ms=3,
@@ -157,5 +158,6 @@ pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head>
 </body></html>
 """
     path = out / "report.html"
-    path.write_text(page)
+    with atomic_output(path) as tmp:
+        tmp.write_text(page)
     return path

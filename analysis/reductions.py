@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 POSITION = ("prompt", "layer", "token")
 

@@ -17,7 +17,7 @@ import xarray as xr
 from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
-from capture.errors import UsageError
+from store.errors import UsageError
 
 RUN_METRICS = (*PASS_METRICS, "entropy")
 LOGIT_SOURCES = ("left", "right", "diff")

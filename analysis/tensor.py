@@ -20,7 +20,7 @@ import tensorly as tl
 import xarray as xr
 from tensorly.decomposition import parafac, tucker
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 MAX_CP_RANK = 8
 CP_TOLERANCE = 0.05

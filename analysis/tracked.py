@@ -9,13 +9,13 @@ from __future__ import annotations
 import xarray as xr
 
 from analysis.metrics import select_side
-from capture.errors import UsageError
+from store.errors import MissingData, UsageError
 
 
 def _tracked_index(ds: xr.Dataset, token_id: int) -> int:
     if "tracked_logit" not in ds:
-        raise UsageError("this store tracks no tokens; capture with --track TOKEN, or use analysis.lens_logits "
-                         "on a store captured with --save-lens")
+        raise MissingData(what="tracked tokens", fix="capture with --track TOKEN, or use analysis.lens_logits "
+                          "on a store captured with --save-lens")
     ids = [int(t) for t in ds.tracked_id.values]
     if int(token_id) not in ids:
         raise UsageError(f"token {token_id} is not tracked in this store (tracked: {', '.join(map(str, ids))}); "

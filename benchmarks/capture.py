@@ -29,14 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import SHAPES, GpuBusy, build_pair, machine, prompt_set, timed
+from capture.job import run_capture
 from capture.lens import Lens
+from capture.lens_stage import statistics_blocks
 from capture.models import decoder, load_model, release_memory
-from capture.plan import DEFAULT_PASSES
+from capture.passes import DEFAULT_PASSES
 from capture.prompts import tokenize_prompts
 from capture.runner import _pad_batch
 from capture.settings import CaptureSettings
-from store.job import run_capture
-from store.lens_stage import statistics_blocks
 
 
 @torch.inference_mode()

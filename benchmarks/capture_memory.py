@@ -35,9 +35,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from benchmarks.common import prompt_set
+    from capture.job import run_capture
+    from capture.memory_plan import plan_capture
     from capture.settings import CaptureSettings
-    from store.capture_plan import plan_capture
-    from store.job import run_capture
 
     settings = CaptureSettings(base=args.base, sft=args.sft, prompts=prompt_set(args.prompts), device=args.device,
                                lens=not args.no_lens, batch_size=args.batch_size, store=args.store, overwrite=True,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from store.export_json import export_json
+from store.conversions.export_json import export_json
 from store.reader import open_store
 open_store({store!r})
 start = time.perf_counter()

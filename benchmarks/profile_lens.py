@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, timed
 from capture.lens import Lens, lens_statistics
-from store.lens_stage import statistics_blocks
+from capture.lens_stage import statistics_blocks
 
-PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+MODEL_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
                 lens.logits(h_nd, start, start + chunk)
 
     def statistics() -> None:
-        lens_statistics(h, by_pass, PAIRS, 20, [], chunk)
+        lens_statistics(h, by_pass, MODEL_PAIRS, 20, [], chunk)
 
     times: dict[str, float] = {}
     products(), statistics()  # warm-up

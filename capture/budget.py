@@ -4,7 +4,7 @@ Sizes are bytes. The model is built on PyTorch's ``meta`` device to count its
 parameters exactly for any architecture; checkpoint headers (a few KB of JSON at the
 start of each ``.safetensors`` file) say whether the weights will stay memory-mapped.
 
-What is resident in each step of a capture (see ``store.job``):
+What is resident in each step of a capture (see ``capture.job``):
 
 - the active model. On the CPU, when the checkpoint's dtype is the run's dtype,
   transformers leaves the weights memory-mapped and only the pages the forward
@@ -33,35 +33,9 @@ from pathlib import Path
 import torch
 
 from capture.models import DTYPES, _text_config
+from store import units
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def parse_size(text: str | int, option: str = "--max-memory") -> int:
-    """Bytes from ``24GB``, ``512MiB``, ``3e9`` or an int; a one-line error naming ``option`` otherwise.
-
-    >>> parse_size("1.5GB")
-    1500000000
-    """
-    from dask.utils import parse_bytes
-
-    from capture.errors import UsageError
-
-    try:
-        value = parse_bytes(text) if isinstance(text, str) else int(text)
-    except (ValueError, TypeError):
-        raise UsageError(f"{option} {text!r} is not a size; write e.g. 24GB, 512MiB or 3e9") from None
-    if value <= 0:
-        raise UsageError(f"{option} must be positive, got {text!r}")
-    return value
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units, three significant figures: ``1.50 GiB``."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -107,7 +81,7 @@ def model_footprint(ref: str, dtype: str, device: str, trust_remote_code: bool =
     config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    itemsize = DTYPES[dtype].itemsize
+    itemsize = units.itemsize(dtype)
     params = {id(p): p.numel() for p in model.parameters()}
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 SECTION = "residual_compare"
 IGNORED_KEYS = {
@@ -92,7 +92,7 @@ def _embedding_variants(entries: list, config: Path) -> dict:
             passes.append(f"{name}.{side}={side}:{embedding}:{unembedding}")
         pairs.append(f"{name}={name}.base-{name}.sft")
         names.append(name)
-    return {"passes": ",".join(passes), "pairs": ",".join(pairs), "embedding_variants": names}
+    return {"passes": ",".join(passes), "pass_pairs": ",".join(pairs), "embedding_variants": names}
 
 
 def sweep_pairs(section: dict, config: Path) -> dict[str, dict]:
@@ -103,7 +103,8 @@ def sweep_pairs(section: dict, config: Path) -> dict[str, dict]:
         sft = (entry.get("sft_model") or entry.get("sft") or base) if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or not entry.get("name") or not base:
             raise UsageError(f"{config}: model_sweep entry {entry!r} needs a name and a base_model")
-        fields = {"base": str(base), "sft": str(sft), "pair": None, "tokenizer": entry.get("tokenizer") or str(sft)}
+        fields = {"base": str(base), "sft": str(sft), "model_pair": None,
+                  "tokenizer": entry.get("tokenizer") or str(sft)}
         if entry.get("dtype"):
             fields["dtype"] = DTYPE_NAMES.get(str(entry["dtype"]).lower(), str(entry["dtype"]))
         pairs[str(entry["name"])] = fields
@@ -117,10 +118,10 @@ def _tracked(section: dict) -> list[str]:
     return tracked
 
 
-def load_legacy_config(path: str | Path, environ=os.environ, pair: str | None = None) -> tuple[dict, list[str]]:
+def load_legacy_config(path: str | Path, environ=os.environ, model_pair: str | None = None) -> tuple[dict, list[str]]:
     """Read a legacy config; return (CaptureSettings fields, notes for the user).
 
-    ``pair`` names a ``model_sweep`` entry to capture instead of base_model/sft_model.
+    ``model_pair`` names a ``model_sweep`` entry to capture instead of base_model/sft_model.
     """
     import yaml
 
@@ -146,7 +147,7 @@ def load_legacy_config(path: str | Path, environ=os.environ, pair: str | None = 
     if section.get("base_model") or section.get("sft_model"):
         fields["base"] = section.get("base_model") or section.get("sft_model")
         fields["sft"] = section.get("sft_model") or section.get("base_model")
-        fields["pair"] = None
+        fields["model_pair"] = None
         fields["tokenizer"] = section.get("tokenizer") or fields["sft"]  # legacy: null means the SFT's
     elif section.get("tokenizer"):
         fields["tokenizer"] = section["tokenizer"]
@@ -176,9 +177,9 @@ def load_legacy_config(path: str | Path, environ=os.environ, pair: str | None = 
         if section.get(key):
             fields[key] = dict(section[key])
     sweep = sweep_pairs(section, path)
-    if pair is not None and pair in sweep:
-        fields.update(sweep[pair])
-        notes.append(f"{path}: --pair {pair} is the config's model_sweep entry {pair!r}")
+    if model_pair is not None and model_pair in sweep:
+        fields.update(sweep[model_pair])
+        notes.append(f"{path}: --pair {model_pair} is the config's model_sweep entry {model_pair!r}")
     multi = section.get("multi_pass") or {}
     if not multi.get("enabled"):  # the legacy single-pass mode: one pass pair per embedding variant (format 1)
         fields.update(_embedding_variants(section.get("embedding_variants") or [{"name": "default"}], path))
@@ -188,5 +189,5 @@ def load_legacy_config(path: str | Path, environ=os.environ, pair: str | None = 
         if multi.get("runs"):
             fields["passes"] = _passes_spec(multi["runs"], path)
         if multi.get("pairwise_differences"):
-            fields["pairs"] = _pairs_spec(multi["pairwise_differences"], path)
+            fields["pass_pairs"] = _pairs_spec(multi["pairwise_differences"], path)
     return fields, notes

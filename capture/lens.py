@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-LENSES = ("raw", "norm")
+from store.schema import NORM_KINDS, norm_formula
+
 DEFAULT_VOCAB_CHUNK = 8192
 
 
@@ -314,22 +315,6 @@ def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chu
         return torch.stack([t.values_nk for t in items]), torch.stack([t.ids_nk for t in items])
 
     return kl_num, stack(tops, len(h_by_pass)), stack(rises, len(pairs)), stack(falls, len(pairs))
-
-
-NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_unit_offset")
-
-
-def norm_formula(kind: str, h, weight, bias, eps: float, mean):
-    """The final norm as a formula over any array type (torch, numpy, xarray).
-
-    ``mean(x)`` must average over the hidden dimension and keep it broadcastable.
-    ``rmsnorm_unit_offset`` is the Gemma form, which scales by ``1 + weight``.
-    """
-    if kind == "layernorm":
-        centered = h - mean(h)
-        return centered / (mean(centered * centered) + eps) ** 0.5 * weight + bias
-    scale = weight + 1 if kind == "rmsnorm_unit_offset" else weight
-    return h / (mean(h * h) + eps) ** 0.5 * scale
 
 
 def describe_norm(norm: nn.Module) -> dict:

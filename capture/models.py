@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capture.errors import IncompatibleModels, ModelLoadError
+from store.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError, ModelMissing, PickleRefused
+from store.units import MODEL_DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}  # names of store.units, as torch dtypes
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,10 @@ def _load_error(what: str, ref: str, exc: Exception) -> ModelLoadError:
     lines = str(exc).strip().splitlines()
     reason = (lines[0] if lines else type(exc).__name__)[:300]
     if _is_local(ref):
-        return ModelLoadError.from_template("model_load", what=what, ref=ref, reason=reason)
+        return ModelLoadError(what=what, ref=ref, reason=reason)
     if ref.startswith((".", "/", "~")) or os.sep + os.sep in ref:
-        return ModelLoadError.from_template("model_load", what=what, ref=ref, reason="no such directory")
-    return ModelLoadError.from_template("model_missing", what=what, ref=ref, reason=reason)
+        return ModelLoadError(what=what, ref=ref, reason="no such directory")
+    return ModelMissing(what=what, ref=ref, reason=reason)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -64,7 +65,7 @@ def check_safe_weights(ref: str, allow_pickle: bool = False) -> None:
         return
     pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise ModelLoadError.from_template("pickle_refused", ref=ref, files=", ".join(pickles[:3]))
+        raise PickleRefused(ref=ref, files=", ".join(pickles[:3]))
 
 
 def _text_config(config):
@@ -88,8 +89,13 @@ def read_shape(ref: str, trust_remote_code: bool = False) -> ModelShape:
     )
 
 
-def check_compatible(base: ModelShape, sft: ModelShape) -> None:
-    """Raise :class:`IncompatibleModels` naming every field that differs."""
+def check_compatible(base: ModelShape, sft: ModelShape, refs: dict[str, str] | None = None,
+                     allow_mismatched: bool = False) -> None:
+    """Raise :class:`IncompatibleModels` naming every field that differs, and
+    :class:`MismatchedArchitectures` for two architectures unless ``allow_mismatched``.
+
+    Shapes are checked first: no flag makes a swap of different shapes possible.
+    """
     labels = {"vocab": "vocabulary size", "hidden": "hidden size", "n_layers": "layer count"}
     diffs = [
         f"{label} {getattr(base, field)} (base) vs {getattr(sft, field)} (SFT)"
@@ -97,7 +103,11 @@ def check_compatible(base: ModelShape, sft: ModelShape) -> None:
         if getattr(base, field) != getattr(sft, field)
     ]
     if diffs:
-        raise IncompatibleModels.from_template("incompatible", detail="; ".join(diffs))
+        raise IncompatibleModels(detail="; ".join(diffs))
+    if base.arch != sft.arch and not allow_mismatched:
+        refs = refs or {}
+        raise MismatchedArchitectures(base=base.arch, sft=sft.arch, base_ref=refs.get("base", "base"),
+                                      sft_ref=refs.get("sft", "sft"))
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False, **kwargs):
@@ -270,7 +280,7 @@ def load_input_embedding(
         raise _load_error("input embeddings of", ref, exc) from None
     if weight is None:
         if not allow_pickle:
-            raise ModelLoadError.from_template("pickle_refused", ref=ref, files="no safetensors file")
+            raise PickleRefused(ref=ref, files="no safetensors file")
         full = load_model(ref, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
         module = input_embedding_copy(full, device)
         del full

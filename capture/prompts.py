@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capture.errors import UsageError
+from store.errors import EmptyPrompt, NoPrompts, PromptTooLong, UsageError
 
 DEV_PROMPTS_FILE = Path(__file__).parent / "data" / "dev_prompts.txt"
 
@@ -27,10 +27,10 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise UsageError(f"cannot read prompts file {str(path)!r}: {exc}; it must be UTF-8 text") from None
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
-        raise UsageError.from_template("no_prompts", where=f" in {str(path)!r}")
+        raise NoPrompts(where=f" in {str(path)!r}")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise UsageError.from_template("empty_prompt", index=number - 1, where=f"(line {number} of {str(path)!r}) ")
+            raise EmptyPrompt(index=number - 1, where=f"(line {number} of {str(path)!r}) ")
     return lines
 
 
@@ -39,7 +39,7 @@ def collect_prompts(prompts_files: list[str] | None = None, inline: list[str] | 
     prompts = [p for f in prompts_files or [] for p in read_prompts_file(f)]
     for index, text in enumerate(inline or []):
         if not text.strip():
-            raise UsageError.from_template("empty_prompt", index=len(prompts) + index, where="(from --prompt) ")
+            raise EmptyPrompt(index=len(prompts) + index, where="(from --prompt) ")
     prompts += list(inline or [])
     return prompts or read_prompts_file(DEV_PROMPTS_FILE)
 
@@ -82,12 +82,10 @@ def tokenize_prompts(
         if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
             ids.insert(0, tokenizer.bos_token_id)
         if not ids:
-            raise UsageError.from_template("empty_prompt", index=index, where="(it has no tokens) ")
+            raise EmptyPrompt(index=index, where="(it has no tokens) ")
         if max_tokens is not None and len(ids) > max_tokens:
             if not truncate:
-                raise UsageError.from_template(
-                    "prompt_too_long", index=index, n=len(ids), limit=max_tokens, why=limit_reason
-                )
+                raise PromptTooLong(index=index, n=len(ids), limit=max_tokens, why=limit_reason)
             warnings.warn(f"prompt {index} truncated from {len(ids)} to {max_tokens} tokens", stacklevel=2)
             ids = ids[:max_tokens]
         all_ids.append(ids)

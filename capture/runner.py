@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from capture.errors import CaptureError
 from capture.hooks import ResidualRecorder
 from capture.models import decoder, decoder_layers
-from capture.plan import Pass
+from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
+from store.errors import NonFiniteActivation
 
 
 @dataclass
@@ -74,10 +74,8 @@ def _check_finite(resid_bltd: torch.Tensor, row: int, n_tok: int, pass_name: str
     if bool(torch.isfinite(real_ltd).all()):
         return
     layer, token, dim = (int(i) for i in (~torch.isfinite(real_ltd)).nonzero()[0])
-    raise CaptureError.from_template(
-        "non_finite", pass_=pass_name, prompt=prompt, layer=layer, token=token,
-        value=float(real_ltd[layer, token, dim]),
-    )
+    raise NonFiniteActivation(pass_=pass_name, prompt=prompt, layer=layer, token=token,
+                              value=float(real_ltd[layer, token, dim]))
 
 
 def _pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from capture.errors import UsageError
-from capture.pairs import TINY, get_pair
+from capture.model_pairs import TINY, get_model_pair
+from store.errors import UsageError
+from store.location import sanitize_label
+from store.schema import content_digest
+from store.units import MODEL_DTYPES, STORE_DTYPES
 
 # Settings that change what is written; a resumed capture must agree on all of them.
 CONTENT_KEYS = (
-    "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts", "dtype", "store_dtype",
-    "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pairs", "save_lens",
-    "variants", "variant_options", "normalize_length",
+    "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts_sha256", "n_prompts", "dtype", "store_dtype",
+    "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pass_pairs", "save_lens",
+    "variants_sha256", "variant_options", "prompt_index_sha256", "normalize_length", "allow_mismatched_pair",
 )
 
 
@@ -23,7 +25,7 @@ CONTENT_KEYS = (
 class CaptureSettings:
     """Everything ``cli.py capture`` accepts, with its defaults."""
 
-    pair: str | None = TINY
+    model_pair: str | None = TINY  # --pair: a registered base/SFT model pair
     base: str | None = None
     sft: str | None = None
     tokenizer: str | None = None
@@ -47,11 +49,12 @@ class CaptureSettings:
     max_memory: str | None = None  # refuse before loading when the predicted peak is over it
     trust_remote_code: bool = False
     allow_pickle: bool = False  # pickle checkpoints can run code on load: refused unless asked
+    allow_mismatched_pair: bool = False  # base and SFT of different architectures (refused unless asked)
     cache_dir: str | None = None
     lens: bool = True
     top_k: int = 20
     track: list[str] = field(default_factory=list)
-    pairs: str | None = None
+    pass_pairs: str | None = None  # --pairs: which pairs of passes the lens statistics compare
     save_lens: bool = False
     variants: list[str] = field(default_factory=lambda: ["identity"])
     variant_options: dict = field(default_factory=dict)
@@ -62,6 +65,19 @@ class CaptureSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def record(self) -> dict:
+        """The options as the store's ``capture_settings`` attribute records them.
+
+        Inline prompts enter as a count and a digest (their texts are the ``prompt_text``
+        coordinate), so the attributes do not grow with the prompt count; ``model_pair``
+        is empty when ``--base``/``--sft`` named the models.
+        """
+        record = self.to_dict()
+        record["prompts"] = {"count": len(self.prompts), "sha256": content_digest(self.prompts)}
+        if self.base or self.sft:
+            record["model_pair"] = None
+        return record
 
     def load_kwargs(self) -> dict:
         """Extra ``from_pretrained`` arguments for models; the dtype is resdiff's own option."""
@@ -78,11 +94,6 @@ class ResolvedModels:
     tokenizer_ref: str
     dtype: str
     device: str
-
-
-def sanitize_label(text: str) -> str:
-    """Runs of non-alphanumerics become one ``_``: ``Qwen/Qwen2.5-0.5B`` -> ``Qwen_Qwen2_5_0_5B``."""
-    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
 def resolve_device(device: str) -> str:
@@ -103,7 +114,7 @@ def resolve_models(settings: CaptureSettings, ensure_tiny=None) -> ResolvedModel
         label = sanitize_label(f"{Path(settings.base).name}_to_{Path(settings.sft).name}")
         base_ref, sft_ref, dtype, tokenizer = settings.base, settings.sft, "float32", None
     else:
-        spec = get_pair(settings.pair or TINY)
+        spec = get_model_pair(settings.model_pair or TINY)
         label, dtype, tokenizer = spec.name, spec.dtype, spec.tokenizer
         if spec.name == TINY:
             if ensure_tiny is None:
@@ -113,10 +124,10 @@ def resolve_models(settings: CaptureSettings, ensure_tiny=None) -> ResolvedModel
             base_ref, sft_ref = spec.base, spec.sft
     device = resolve_device(settings.device)
     dtype = settings.dtype or dtype
-    if dtype not in ("float32", "float16", "bfloat16"):
+    if dtype not in MODEL_DTYPES:
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if settings.chunk_prompts is not None and settings.chunk_prompts < 1:
         raise UsageError(f"--chunk-prompts must be at least 1, got {settings.chunk_prompts}")
-    if settings.store_dtype not in ("float16", "float32"):
+    if settings.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be float16 or float32, got {settings.store_dtype!r}")
     return ResolvedModels(label, base_ref, sft_ref, settings.tokenizer or tokenizer or base_ref, dtype, device)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from store.atomic import atomic_output
 
 DATA_DIR = Path(__file__).parent / "data"
 CORPUS_FILE = DATA_DIR / "tiny_corpus.txt"
@@ -155,14 +155,9 @@ def ensure_tiny_pair(cache_dir: str | Path | None = None, log=print) -> tuple[st
     if not (final / "recipe.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         log(f"building the tiny pair in {final} (first use only) ...")
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache))
-        try:
+        # Unique temporaries: two processes may build at once; the first to finish wins.
+        with atomic_output(final, unique=True, keep_existing=True) as tmp:
+            tmp.mkdir()
             losses = build_tiny_pair(tmp)
-            try:
-                os.replace(tmp, final)
-            except OSError:  # another process finished first; keep its copy
-                pass
-            log(f"tiny pair built: final loss base {losses['base']:.2f}, sft {losses['sft']:.2f}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"tiny pair built: final loss base {losses['base']:.2f}, sft {losses['sft']:.2f}")
     return str(final / "base"), str(final / "sft")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 VariantFn = Callable[[str, dict], str]
 VARIANTS: dict[str, VariantFn] = {}

@@ -1,12 +1,12 @@
 """Connecting to a dask.distributed cluster: an existing scheduler or workers started on loopback.
 
-Shared by distributed capture (``store.distributed``) and distributed analysis
+Shared by distributed capture (``capture.distributed``) and distributed analysis
 (``analysis.compute``). ``distributed`` is imported only when a cluster is asked for.
 """
 
 from __future__ import annotations
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 
 def connect(scheduler: str | None, local_cluster: int | None, memory_limit: int | None = None,

@@ -14,14 +14,20 @@ configuration and the provider's environment variables.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from capture.errors import UsageError
+from store.errors import UsageError
 
 STORAGE_OPTIONS: dict = {}
 CREATING_ATTR = "resdiff_creating"
 
 StorePath = str | Path
+
+
+def sanitize_label(text: str) -> str:
+    """Runs of non-alphanumerics become one ``_``: ``Qwen/Qwen2.5-0.5B`` -> ``Qwen_Qwen2_5_0_5B``."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
 def set_storage_options(options: dict) -> None:

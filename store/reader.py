@@ -8,30 +8,30 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from capture.errors import StoreFormatError, StoreNotFound
+from store.errors import StoreFormatError, StoreNotFound
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, read_root_metadata, xarray_kwargs
 from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION
+from store.units import format_bytes
 
 
 def _read_attrs(path: StorePath, storage_options: dict | None = None) -> dict:
     if not is_url(path) and not Path(path).exists():
-        raise StoreNotFound.from_template("store_not_found", path=path)
+        raise StoreNotFound(path=path)
     try:
         raw = read_root_metadata(path, storage_options)
     except OSError as exc:
         detail = f"zarr.json is unreadable ({exc})"
-        raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
+        raise StoreFormatError(path=path, detail=detail) from None
     if raw is None:
         if is_url(path):
-            raise StoreNotFound.from_template("store_not_found", path=path)
-        raise StoreFormatError.from_template(
-            "store_format", path=path, detail="it has no zarr.json (not a Zarr v3 store)"
+            raise StoreNotFound(path=path)
+        raise StoreFormatError(path=path, detail="it has no zarr.json (not a Zarr v3 store)"
         )
     try:
         return json.loads(raw).get("attributes", {})
     except ValueError as exc:
         detail = f"zarr.json is unreadable ({exc})"
-        raise StoreFormatError.from_template("store_format", path=path, detail=detail) from None
+        raise StoreFormatError(path=path, detail=detail) from None
 
 
 def is_unfinished(path: StorePath) -> bool:
@@ -47,17 +47,14 @@ def check_store(path: StorePath, storage_options: dict | None = None) -> dict:
     path = normalize(path)
     attrs = _read_attrs(path, storage_options)
     if attrs.get(CREATING_ATTR):
-        raise StoreFormatError.from_template(
-            "store_format", path=path, detail="its template was never finished (the capture that made it stopped "
+        raise StoreFormatError(path=path, detail="its template was never finished (the capture that made it stopped "
             "early); rerun the capture command to replace it")
     version = attrs.get(FORMAT_ATTR)
     if version is None:
-        raise StoreFormatError.from_template(
-            "store_format", path=path, detail=f"it has no {FORMAT_ATTR} attribute (not written by resdiff)"
+        raise StoreFormatError(path=path, detail=f"it has no {FORMAT_ATTR} attribute (not written by resdiff)"
         )
     if version > FORMAT_VERSION:
-        raise StoreFormatError.from_template(
-            "store_format", path=path,
+        raise StoreFormatError(path=path,
             detail=f"format version {version} is newer than this resdiff reads ({FORMAT_VERSION}); upgrade resdiff",
         )
     return attrs
@@ -91,14 +88,6 @@ def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Datas
     return ds.assign_coords({name: eager[name].load() for name in names})
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def describe_store(path: str | Path) -> str:
     """A short human summary: dims, passes, models, completeness."""
     ds = open_store(path)
@@ -106,7 +95,7 @@ def describe_store(path: str | Path) -> str:
     done = np.asarray(ds["done"].values, dtype=bool)
     models = attrs.get("models", {})
     settings = attrs.get("capture_settings", {})
-    content = (f"{_fmt_bytes(ds['resid'].nbytes)} of residuals as {ds['resid'].dtype}" if "resid" in ds
+    content = (f"{format_bytes(ds['resid'].nbytes)} of residuals as {ds['resid'].dtype}" if "resid" in ds
                else f"statistics only, imported from {attrs.get('imported_from')}")
     lines = [
         f"store      {path}  (format {attrs.get(FORMAT_ATTR)}, {content})",
@@ -114,7 +103,7 @@ def describe_store(path: str | Path) -> str:
         f"base       {models.get('base', {}).get('ref', '?')}",
         f"sft        {models.get('sft', {}).get('ref', '?')}",
         f"model      {attrs.get('model_dtype', '?')} on {attrs.get('device', '?')}, "
-        f"{settings.get('pair') or 'custom pair'}",
+        f"{settings.get('model_pair', settings.get('pair')) or 'custom pair'}",
         "passes     " + ", ".join(
             f"{p}=({m} LLM, {e} emb, {u} unemb)"
             for p, m, e, u in zip(ds.pass_.values, ds.model.values, ds.embedding.values, ds.unembedding.values,

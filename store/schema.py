@@ -7,6 +7,8 @@ bump :data:`FORMAT_VERSION` whenever a reader of the old layout would misread th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -19,12 +21,28 @@ FORMAT_VERSION = 1
 FORMAT_ATTR = "resdiff_format_version"
 DIMS = ("pass_", "prompt", "layer", "token", "dim")
 TARGET_CHUNK_BYTES = 16 * 2**20
-STORE_DTYPES = ("float16", "float32")
 LAYER_SEMANTICS = (
     "layer 0 = input of the first decoder block (embedding output, hidden_states[0]); "
     "layer l >= 1 = raw residual stream after block l-1, before the final norm; "
     "the final-norm output is the separate variable `final`"
 )
+
+
+# The 2x2 factorial of a capture: a pass is named by its embedding source, then its LLM.
+_SOURCE = {"B": "base", "S": "sft"}
+STANDARD_PASSES: tuple[dict[str, str], ...] = tuple(
+    {"name": e + m, "llm": _SOURCE[m], "embedding": _SOURCE[e], "unembedding": _SOURCE[m]}
+    for e, m in ("BB", "BS", "SB", "SS")
+)
+
+
+def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
+    """(name, left, right) of every pair of passes in plan order, the default comparisons.
+
+    >>> [q[0] for q in every_pass_pair(["BB", "BS", "SB", "SS"])]
+    ['BB-BS', 'BB-SB', 'BB-SS', 'BS-SB', 'BS-SS', 'SB-SS']
+    """
+    return [(f"{a}-{b}", a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,16 @@ def write_groups(n_prompts: int, chunk_prompt: int, batch_size: int) -> list[sli
     """Prompt ranges written at once: whole chunks, at least one compute batch each."""
     size = chunk_prompt * max(1, -(-batch_size // chunk_prompt))
     return [slice(start, min(start + size, n_prompts)) for start in range(0, n_prompts, size)]
+
+
+def content_digest(values) -> str:
+    """SHA-256 of a JSON-serialisable list (prompt texts, variants...), for fingerprints that must not grow
+    with the number of prompts.
+
+    >>> content_digest(["a", "b"])[:12]
+    '3554d2b8a1e3'
+    """
+    return hashlib.sha256(json.dumps(list(values), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def string_array(values) -> np.ndarray:
@@ -127,6 +155,22 @@ def encoding(ds: xr.Dataset) -> dict[str, dict]:
 
 
 LENS_NAMES = ("raw", "norm")
+NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_unit_offset")
+
+
+def norm_formula(kind: str, h, weight, bias, eps: float, mean):
+    """The final norm as a formula over any array type (torch, numpy, xarray).
+
+    ``mean(x)`` must average over the hidden dimension and keep it broadcastable.
+    ``rmsnorm_unit_offset`` is the Gemma form, which scales by ``1 + weight``.
+    """
+    if kind == "layernorm":
+        centered = h - mean(h)
+        return centered / (mean(centered * centered) + eps) ** 0.5 * weight + bias
+    scale = weight + 1 if kind == "rmsnorm_unit_offset" else weight
+    return h / (mean(h * h) + eps) ** 0.5 * scale
+
+
 PASS_STATS = ("entropy", "lse", "topk_id", "topk_logit", "tracked_logit")
 PAIR_STATS = ("kl", "rise_id", "rise_shift", "fall_id", "fall_shift")
 _STAT_ATTRS = {

@@ -6,14 +6,14 @@ model, and assertions that compare two stores with readable failure messages.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from capture.plan import DEFAULT_PASSES
 from store.reader import open_store
-from store.schema import Chunking, build_template
+from store.schema import STANDARD_PASSES, Chunking, build_template, every_pass_pair
 from store.writer import StoreWriter
 
 
@@ -47,7 +47,7 @@ def tiny_template(
     lengths = lengths or tuple(5 - (i % 3) for i in range(n_prompts))
     ids = [list(range(10, 10 + n)) for n in lengths]
     return build_template(
-        passes=[p.to_dict() for p in DEFAULT_PASSES], texts=[f"prompt {i}" for i in range(n_prompts)],
+        passes=list(STANDARD_PASSES), texts=[f"prompt {i}" for i in range(n_prompts)],
         token_ids=ids, token_pieces=[[f"t{i}" for i in row] for row in ids], n_layers1=n_layers1,
         hidden=hidden, store_dtype=store_dtype, chunking=chunking or Chunking(prompt=chunk_prompt, layer=n_layers1),
         attrs={"pair_label": "synthetic"},
@@ -76,7 +76,7 @@ def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path
                 resid[i, :, n:] = np.nan
                 final[i, n:] = np.nan
             writer.write_region(p, rows, resid, final)
-    writer.finalize({})
+    writer.finalize({"completed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     return Path(path)
 
 
@@ -86,13 +86,11 @@ def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) ->
 
     The numbers mean nothing; the layout is a real capture's, for exports and benchmarks.
     """
-    from capture.plan import parse_pairs
     from store.schema import add_lens_variables
 
     writer = StoreWriter(path)
     ds = open_store(path)
-    names = [p.name for p in DEFAULT_PASSES]
-    pairs = [(q.name, names[q.left], names[q.right]) for q in parse_pairs(None, DEFAULT_PASSES)]
+    pairs = every_pass_pair([p["name"] for p in STANDARD_PASSES])
     chunk = ds["resid"].data.chunksize[1]
     stats = add_lens_variables(ds, pairs=pairs, top_k=20, tracked_ids=[], tracked_strs=[], chunk_prompt=chunk)
     new = stats.drop_vars([v for v in stats.variables if v in ds.variables])
@@ -112,7 +110,7 @@ def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) ->
                 values[:, :, ~mask] = np.nan
             root[name][:, :, start:start + shape[2]] = values
     root["lens_done"][:] = True
-    writer.finalize({})
+    writer.finalize({"completed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     return Path(path)
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
-from capture.errors import ResdiffError
-from store.location import normalize, xarray_kwargs
+from store.errors import ResdiffError
+from store.location import normalize, xarray_kwargs, zarr_store
 from store.reader import check_store
 from store.schema import DIMS
+from store.writer import completeness
 
 MAX_LISTED = 20  # problems of one kind listed before they are counted
 
@@ -39,8 +41,9 @@ def _structure(ds: xr.Dataset, attrs: dict) -> list[str]:
     if "resid" in ds and attrs.get("store_dtype") and str(ds.resid.dtype) != attrs["store_dtype"]:
         problems.append(f"attribute store_dtype is {attrs['store_dtype']} but resid is {ds.resid.dtype}")
     fingerprint = attrs.get("content_fingerprint", {})
-    if "pair" in ds.coords and fingerprint.get("pairs") is not None:
-        pairs = [p[0] for p in fingerprint["pairs"]]
+    recorded = fingerprint.get("pass_pairs", fingerprint.get("pairs"))  # format 1 called them pairs
+    if "pair" in ds.coords and recorded is not None:
+        pairs = [p[0] for p in recorded]
         if pairs != [str(p) for p in ds.pair.values]:
             problems.append(f"attribute pairs {pairs} differ from the pair coordinate {list(ds.pair.values)}")
     if "n_tokens" in ds.coords and int(ds.n_tokens.max()) > ds.sizes.get("token", 0):
@@ -48,18 +51,11 @@ def _structure(ds: xr.Dataset, attrs: dict) -> list[str]:
     return problems
 
 
-def _coverage(ds: xr.Dataset) -> list[str]:
-    problems = []
-    done = np.asarray(ds["done"].values, dtype=bool) if "done" in ds else np.ones((0, 0), bool)
-    if done.size and not done.all():
-        missing = [f"{ds.pass_.values[p]}/prompt {q}" for p, q in zip(*np.nonzero(~done), strict=True)]
-        problems.append(f"{len(missing)} of {done.size} pass x prompt regions not done (resume the capture): "
-                        + ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else ""))
-    if "lens_done" in ds:
-        lens_done = np.asarray(ds["lens_done"].values, dtype=bool)
-        if not lens_done.all():
-            problems.append(f"lens statistics of {int((~lens_done).sum())} of {lens_done.size} prompts not done")
-    return problems
+def _coverage(path, ds: xr.Dataset) -> list[str]:
+    if "done" not in ds:
+        return []
+    group = zarr.open_group(store=zarr_store(path), mode="r", use_consolidated=False)
+    return completeness(group).missing([str(p) for p in ds.pass_.values], MAX_LISTED)
 
 
 def _values(ds: xr.Dataset) -> list[str]:
@@ -116,7 +112,7 @@ def verify_store(path: str | Path) -> list[str]:
     problems = _structure(ds, attrs)
     if problems:
         return problems  # values cannot be checked against a broken layout
-    problems = _coverage(ds) + (_values(ds) if "resid" in ds else [])
+    problems = _coverage(path, ds) + (_values(ds) if "resid" in ds else [])
     if len(problems) > MAX_LISTED:
         problems = [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more"]
     return problems

@@ -13,12 +13,15 @@ import os
 import shutil
 import signal
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from capture.errors import StoreFormatError
+from store.atomic import atomic_output
+from store.errors import StoreFormatError
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
 from store.schema import FORMAT_ATTR, encoding
 
@@ -47,16 +50,72 @@ def fault_point(kind: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace a directory that is not a Zarr store (a typo must not delete a user's folder)."""
+    if path.is_dir() and not (path / "zarr.json").exists():
+        raise StoreFormatError(path=path, detail="it is a directory but not a Zarr store, so it was not removed")
+
+
 def remove_store(path: StorePath, storage_options: dict | None = None) -> None:
     path = normalize(path)
     if is_url(path):
         remove(path, storage_options)
         return
-    if path.is_dir() and not (path / "zarr.json").exists():
-        raise StoreFormatError.from_template(
-            "store_format", path=path, detail="it is a directory but not a Zarr store, so it was not removed"
-        )
+    check_replaceable(path)
     shutil.rmtree(path, ignore_errors=False) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """How far a store's capture got: the one definition of "complete" (capture, sweep, verify).
+
+    A store is complete when every (pass, prompt) region is done, every prompt's lens
+    statistics are done (stores with them), its lens parameters are saved (stores made
+    with ``--save-lens``) and the capture recorded ``completed_at``.
+    """
+
+    done_pp: np.ndarray
+    lens_done_p: np.ndarray | None  # None: the store has no lens statistics
+    lens_saved: bool | None  # None: the store was not asked to save its lens
+    finalized: bool
+
+    @property
+    def residuals_complete(self) -> bool:
+        return bool(self.done_pp.all())
+
+    @property
+    def statistics_complete(self) -> bool:
+        return self.lens_done_p is None or bool(self.lens_done_p.all())
+
+    @property
+    def complete(self) -> bool:
+        return self.residuals_complete and self.statistics_complete and self.lens_saved is not False and self.finalized
+
+    def missing(self, pass_names: list[str], listed: int = 20) -> list[str]:
+        """What is not done yet, a line per kind (empty when complete)."""
+        lines = []
+        if not self.residuals_complete:
+            regions = [f"{pass_names[p]}/prompt {q}" for p, q in zip(*np.nonzero(~self.done_pp), strict=True)]
+            lines.append(f"{len(regions)} of {self.done_pp.size} pass x prompt regions not done (resume the capture): "
+                         + ", ".join(regions[:listed]) + (" ..." if len(regions) > listed else ""))
+        if not self.statistics_complete:
+            lines.append(f"lens statistics of {int((~self.lens_done_p).sum())} of {self.lens_done_p.size} prompts "
+                         "not done")
+        if self.lens_saved is False:
+            lines.append("the lens parameters (--save-lens) are not saved yet")
+        if not lines and not self.finalized:
+            lines.append("the capture did not record its completion (completed_at); rerun it to finish")
+        return lines
+
+
+def completeness(group: zarr.Group) -> Completeness:
+    """The :class:`Completeness` of the store whose root group is ``group``."""
+    attrs = group.attrs
+    lens_done = np.asarray(group["lens_done"][...], dtype=bool) if "lens_done" in group else None
+    return Completeness(
+        done_pp=np.asarray(group["done"][...], dtype=bool), lens_done_p=lens_done,
+        lens_saved=("saved_lens" in attrs) if "lens_weight" in group else None,
+        finalized="completed_at" in attrs)
 
 
 class StoreWriter:
@@ -89,16 +148,9 @@ class StoreWriter:
         path = normalize(path)
         if is_url(path):
             return cls._create_in_place(path, template, storage_options)
-        staging = path.with_name(path.name + ".creating")
-        if staging.exists():
-            shutil.rmtree(staging)
-        try:
+        with atomic_output(path, suffix=".creating") as staging:
             template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
             consolidate(staging)
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return cls(path)
 
     @classmethod
@@ -117,6 +169,9 @@ class StoreWriter:
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
+
+    def completeness(self) -> Completeness:
+        return completeness(self.group)
 
     def done_pp(self) -> np.ndarray:
         """The ``done(pass_, prompt)`` flags as a numpy bool array."""

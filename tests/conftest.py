@@ -16,48 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-VOCAB = 320
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Residual streams carry information between transformer blocks.",
-    "Explain the moon landing in one paragraph.",
-    "Write a short Python function that adds two numbers.",
-    "Yes or no: is the sky blue?",
-] * 4
-PROMPTS = [
-    "Explain the moon landing.",
-    "Yes",
-    "Write a short Python function that adds two numbers, please.",
-    "The lazy dog sleeps.",
-]
-
-
-def _config(arch: str, **overrides):
-    from transformers import Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128)
-    if arch == "gpt2":
-        cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128,
-                         bos_token_id=0, eos_token_id=0)
-    elif arch == "qwen2":
-        cfg = Qwen2Config(**common, tie_word_embeddings=True)
-    elif arch == "llama":
-        cfg = LlamaConfig(**common)
-    elif arch == "mistral":
-        cfg = MistralConfig(**common, sliding_window=None)
-    elif arch == "gemma":
-        cfg = GemmaConfig(**common, head_dim=8)
-    elif arch == "gemma2":
-        cfg = Gemma2Config(**common, head_dim=8)
-    else:
-        raise ValueError(arch)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-ARCHS = ["gpt2", "qwen2", "llama", "mistral", "gemma"]
+from tests.helpers import PROMPTS, SENTENCES, model_config
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +45,7 @@ def make_model(tmp_path_factory, tokenizer_dir):
         key = (arch, seed, tuple(sorted(overrides.items())))
         if key not in cache:
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(_config(arch, **overrides))
+            model = AutoModelForCausalLM.from_config(model_config(arch, **overrides))
             path = tmp_path_factory.mktemp(f"{arch}-{seed}")
             model.save_pretrained(path)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
@@ -106,18 +65,12 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str, Path]:
     return base, sft, cache
 
 
-def load(path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
 @pytest.fixture(scope="session")
 def capture_store(make_model, tmp_path_factory):
     """Factory: ``capture_store(arch, **settings)`` -> path of a float32 store of a random ``arch`` pair
     (seeds 0 and 1, ``model_overrides`` on their configs) over ``PROMPTS``, captured with the real capture job."""
+    from capture.job import run_capture
     from capture.settings import CaptureSettings
-    from store.job import run_capture
 
     def capture(arch: str = "llama", model_overrides: dict | None = None, **overrides) -> Path:
         path = tmp_path_factory.mktemp(f"store-{arch}") / "s.zarr"

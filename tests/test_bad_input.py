@@ -77,7 +77,7 @@ def test_empty_prompts_file(make_model, store, tmp_path, capsys):
 
 
 def test_non_finite_activations_are_reported_not_written(make_model, store, tmp_path, capsys):
-    from tests.conftest import load
+    from tests.helpers import load
 
     dirs = []
     for seed in (0, 1):
@@ -128,7 +128,8 @@ def test_remote_code_is_not_run_without_the_flag(make_model, store, tmp_path, ca
 
 
 def test_names_never_escape_the_output_directory(tmp_path):
-    from capture.settings import CaptureSettings, resolve_models, sanitize_label
+    from capture.settings import CaptureSettings, resolve_models
+    from store.location import sanitize_label
 
     assert "/" not in sanitize_label("../../etc/passwd") and ".." not in sanitize_label("../../etc/passwd")
     resolved = resolve_models(CaptureSettings(base="../../a/../b", sft="/x/../../c"))

@@ -14,7 +14,7 @@ import zarr
 from cli import main
 from store.reader import open_store
 from store.testing import assert_stores_equal
-from tests.conftest import load
+from tests.helpers import load
 
 ROOT = Path(__file__).resolve().parents[1]
 

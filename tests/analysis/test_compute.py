@@ -12,8 +12,8 @@ import pytest
 from distributed import LocalCluster
 
 from analysis.compute import compute_on, parse_memory, threads_for, tile_bytes
-from capture.errors import UsageError
 from cli import main
+from store.errors import UsageError
 from store.reader import open_store
 
 REPORT = ["--metric", "norm_diff", "--metric", "kl", "--metric", "cosine_prev_left", "--top-n", "3",

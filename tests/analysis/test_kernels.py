@@ -7,7 +7,7 @@ import pytest
 
 from analysis import open_store, pair_metrics
 from analysis.kernels import residual_sums
-from analysis.metrics import store_pairs
+from analysis.metrics import store_pass_pairs
 from store.testing import write_tiny_store
 
 LEFT, RIGHT = np.array([0, 0, 0, 1, 1, 2]), np.array([1, 2, 3, 2, 3, 3])
@@ -50,7 +50,7 @@ def test_identical_passes_differ_by_exactly_zero():
 def test_residual_only_store_gets_all_pairs_of_its_passes(tmp_path):
     ds = open_store(write_tiny_store(tmp_path / "s.zarr", store_dtype="float16"))
     assert "pair" not in ds.dims
-    names, _left, _right = store_pairs(ds)
+    names, _left, _right = store_pass_pairs(ds)
     assert names == ["BB-BS", "BB-SB", "BB-SS", "BS-SB", "BS-SS", "SB-SS"]
     got = pair_metrics(ds).norm_diff.sel(pair="BS-SS").values
     resid = ds.resid.values.astype(np.float64)

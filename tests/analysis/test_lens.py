@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from analysis import LensNotSaved, lens_logits
+from capture.job import run_capture
 from capture.settings import CaptureSettings
-from store.job import run_capture
 from store.reader import open_store
 from store.testing import CountingScheduler
-from tests.conftest import PROMPTS
+from tests.helpers import PROMPTS
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma", "qwen2"])

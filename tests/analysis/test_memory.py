@@ -17,6 +17,8 @@ import pytest
 from store.schema import Chunking
 from store.testing import write_tiny_store
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 58 * 10**6  # 3 tiles of this store; measured without a limit: report +66 MB, decompose +58 MB
 # The footprint that is not the computation's: imports, the store's metadata, and the numba kernel and

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from analysis import open_store, pair_metrics, pass_metrics, summarize_over
-from capture.errors import UsageError
+from capture.job import run_capture
 from capture.settings import CaptureSettings
-from store.job import run_capture
+from store.errors import UsageError
 from store.testing import CountingScheduler
-from tests.conftest import PROMPTS
+from tests.helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ def test_every_figure_is_a_png(plotted):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
+@pytest.mark.browser
 def test_html_renders_every_image_in_chromium(plotted, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis import correlation, hotspots, open_store, pair_metrics, seven_number_summary
-from capture.errors import UsageError
+from store.errors import UsageError
 from store.testing import CountingScheduler
 
 

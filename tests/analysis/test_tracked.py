@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from analysis import open_store, tracked_changes, tracked_trajectory
-from capture.errors import UsageError
+from store.errors import UsageError
 from store.testing import CountingScheduler
-from tests.conftest import PROMPTS
+from tests.helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from capture.budget import checkpoint_dtype, format_bytes, model_footprint, parse_size
-from capture.errors import UsageError
-from tests.conftest import load
+from capture.budget import checkpoint_dtype, model_footprint
+from tests.helpers import load
 
 
 @pytest.mark.parametrize(("arch", "tied"), [("gpt2", True), ("qwen2", True), ("llama", False), ("gemma", True)])
@@ -31,12 +30,3 @@ def test_dtype_conversion_or_cuda_materialises_the_weights(make_model):
     assert not half.mapped and half.params == model_footprint(str(path), "float32", "cpu").params // 2
     assert not model_footprint(str(path), "float32", "cuda").mapped
     assert checkpoint_dtype("not/a/local/dir") is None
-
-
-def test_sizes_parse_and_print():
-    assert parse_size("24GB") == 24 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size(7) == 7
-    for bad in ("lots", "-1GB", "0"):
-        with pytest.raises(UsageError, match="--max-memory"):
-            parse_size(bad)
-    assert format_bytes(1.5 * 2**30) == "1.5 GiB" and format_bytes(300) == "300 B"
-

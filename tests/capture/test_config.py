@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from capture.config import load_legacy_config
-from capture.errors import UsageError
 from cli import main
+from store.errors import UsageError
 from store.reader import open_store
 
 CONFIG = """
@@ -56,7 +56,7 @@ def config_file(tiny_pair, tmp_path):
 
 def test_every_key_maps_to_settings(config_file, tiny_pair):
     fields, notes = load_legacy_config(config_file, environ={})
-    assert fields["base"] == tiny_pair[0] and fields["sft"] == tiny_pair[1] and fields["pair"] is None
+    assert fields["base"] == tiny_pair[0] and fields["sft"] == tiny_pair[1] and fields["model_pair"] is None
     assert fields["tokenizer"] == tiny_pair[1]  # legacy: a null tokenizer means the SFT model's
     assert fields["device"] == "cpu" and fields["dtype"] == "float16" and fields["top_k"] == 5
     assert fields["prompts"] == ["Why does ice float?"]
@@ -67,10 +67,10 @@ def test_every_key_maps_to_settings(config_file, tiny_pair):
     assert fields["track"] == ["7", "Ġthe", "<|end|>"]
     assert fields["model_kwargs"] == {"low_cpu_mem_usage": True, "attn_implementation": "eager"}
     assert fields["passes"] == "BB=base:base:base,SS=sft:sft:sft,BS=sft:base:base"
-    assert fields["pairs"] == "BB-SS,named=BB-BS,back=SS-BB"
+    assert fields["pass_pairs"] == "BB-SS,named=BB-BS,back=SS-BB"
     assert any("local_run ignored" in n for n in notes)
     assert any("model_sweep entries usable as --pair NAME with this config: qwen-0.5b" in n for n in notes)
-    sweep, sweep_notes = load_legacy_config(config_file, environ={}, pair="qwen-0.5b")
+    sweep, sweep_notes = load_legacy_config(config_file, environ={}, model_pair="qwen-0.5b")
     assert any(n.endswith("--pair qwen-0.5b is the config's model_sweep entry 'qwen-0.5b'") for n in sweep_notes)
     assert (sweep["base"], sweep["sft"], sweep["tokenizer"]) == (
         "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
@@ -137,14 +137,14 @@ def test_single_pass_config_exports_format_1(tiny_pair, tmp_path):
     fields, _ = load_legacy_config(config, environ={})
     assert fields["passes"] == ("default.base=base:base:base,default.sft=sft:sft:sft,"
                                 "sft_unembed.base=base:base:sft,sft_unembed.sft=sft:base:sft")
-    assert fields["pairs"] == "default=default.base-default.sft,sft_unembed=sft_unembed.base-sft_unembed.sft"
+    assert fields["pass_pairs"] == "default=default.base-default.sft,sft_unembed=sft_unembed.base-sft_unembed.sft"
     store = tmp_path / "f1.zarr"
     assert main(["capture", "--config", str(config), "--store", str(store), "--quiet", "--store-dtype", "float32"]) == 0
     assert main(["export-json", str(store), "--out", str(tmp_path / "out")]) == 0
     (path,) = (tmp_path / "out").glob("residual_compare_*.json")
     import re
 
-    from capture.settings import sanitize_label
+    from store.location import sanitize_label
 
     assert re.fullmatch(rf"residual_compare_\d{{8}}_\d{{6}}_{re.escape(sanitize_label(sft))}\.json", path.name)
     records = json.loads(path.read_text())

@@ -11,12 +11,12 @@ import pytest
 import torch
 import xarray as xr
 
+from capture.job import run_capture
+from capture.memory_plan import plan_capture
 from capture.settings import CaptureSettings
-from store.capture_plan import plan_capture
-from store.job import run_capture
-from tests.conftest import PROMPTS
+from tests.helpers import PROMPTS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _capture(base, sft, path, device: str, **extra):

@@ -8,7 +8,7 @@ import torch
 from capture.hooks import ResidualRecorder
 from capture.models import decoder_layers
 from capture.runner import forward_residuals
-from tests.conftest import ARCHS, PROMPTS, load
+from tests.helpers import ARCHS, PROMPTS, load
 
 
 def _ids(tokenizer_dir, text):

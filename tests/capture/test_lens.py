@@ -14,7 +14,7 @@ import torch
 
 from capture.lens import Lens, lens_statistics
 from capture.models import final_norm
-from tests.conftest import ARCHS, PROMPTS, load
+from tests.helpers import ARCHS, PROMPTS, load
 
 
 def ref_position(h_l, h_r, w_l, w_r, k, tracked):

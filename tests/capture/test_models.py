@@ -5,10 +5,11 @@ import re
 import pytest
 import torch
 
-from capture.errors import IncompatibleModels, ModelLoadError
+from capture.job import run_capture
 from capture.models import check_compatible, load_model, read_shape
 from capture.settings import CaptureSettings
-from store.job import run_capture
+from store.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError
+from store.reader import open_store
 
 
 def test_read_shape_from_config_only(make_model):
@@ -29,6 +30,27 @@ def test_incompatible_pair_fails_before_any_work(make_model, tmp_path, override,
     with pytest.raises(IncompatibleModels):
         run_capture(CaptureSettings(base=str(base), sft=str(sft), store=str(store)), progress=False)
     assert not store.exists()
+
+
+def test_two_architectures_of_one_shape_are_refused_before_loading(make_model, tmp_path, monkeypatch):
+    """A Llama body and a GPT-2 body that share width, depth and vocabulary: refused in one line naming
+    both, before any weights load; --allow-mismatched-pair goes on and the store records it."""
+    import capture.models
+
+    base, sft = make_model("llama", 0), make_model("gpt2", 1)
+    store = tmp_path / "s.zarr"
+    settings = CaptureSettings(base=str(base), sft=str(sft), store=str(store), prompts=["Yes"], lens=False)
+    loads = []
+    monkeypatch.setattr(capture.models, "load_model", lambda *a, **k: loads.append(a) or None)
+    with pytest.raises(MismatchedArchitectures, match=r"base model is a llama \(.*\) but the SFT model is a gpt2"):
+        run_capture(settings, progress=False)
+    assert not loads and not store.exists()
+    monkeypatch.undo()
+    settings.allow_mismatched_pair = True
+    run_capture(settings, progress=False)
+    attrs = open_store(store).attrs
+    assert attrs["content_fingerprint"]["allow_mismatched_pair"] is True
+    assert attrs["models"]["base"]["arch"] == "llama" and attrs["models"]["sft"]["arch"] == "gpt2"
 
 
 def test_hidden_size_mismatch_named(make_model):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from capture.errors import UsageError
+from capture.job import run_capture
 from capture.models import load_input_embedding
-from capture.plan import DEFAULT_PASSES, parse_passes, schedule
+from capture.passes import DEFAULT_PASSES, parse_passes, schedule
 from capture.settings import CaptureSettings
-from store.job import run_capture
+from store.errors import UsageError
 from store.reader import open_store
-from tests.conftest import ARCHS, PROMPTS, load
+from tests.helpers import ARCHS, PROMPTS, load
 
 
 def _capture(tmp_path, base, sft, **kw):
@@ -91,15 +91,15 @@ def test_schedule_groups_by_llm_base_first():
 
 
 def test_parse_pairs():
-    from capture.plan import parse_pairs
+    from capture.passes import parse_pass_pairs
 
-    default = parse_pairs(None, DEFAULT_PASSES)
+    default = parse_pass_pairs(None, DEFAULT_PASSES)
     assert [p.name for p in default] == ["BB-BS", "BB-SB", "BB-SS", "BS-SB", "BS-SS", "SB-SS"]
     assert [(p.left, p.right) for p in default] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    custom = parse_pairs("ss-bb, mine=BS:SB", DEFAULT_PASSES)
+    custom = parse_pass_pairs("ss-bb, mine=BS:SB", DEFAULT_PASSES)
     assert [(p.name, p.left, p.right) for p in custom] == [("SS-BB", 3, 0), ("mine", 1, 2)]
     with pytest.raises(UsageError, match="does not name two passes"):
-        parse_pairs("BB-XX", DEFAULT_PASSES)
+        parse_pass_pairs("BB-XX", DEFAULT_PASSES)
     with pytest.raises(UsageError, match="listed twice"):
-        parse_pairs("BB-SS,BB-SS", DEFAULT_PASSES)
-    assert [p.name for p in parse_pairs(None, parse_passes("SS,BB"))] == ["SS-BB"]
+        parse_pass_pairs("BB-SS,BB-SS", DEFAULT_PASSES)
+    assert [p.name for p in parse_pass_pairs(None, parse_passes("SS,BB"))] == ["SS-BB"]

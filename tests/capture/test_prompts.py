@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from capture.errors import UsageError
 from capture.prompts import DEV_PROMPTS_FILE, collect_prompts, read_prompts_file, tokenize_prompts
+from store.errors import UsageError
 
 
 def test_default_is_the_four_dev_prompts():

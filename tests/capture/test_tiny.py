@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from capture.tiny import build_tiny_pair, ensure_tiny_pair
-from tests.conftest import load
+from tests.helpers import load
 
 
 def _digest(path: Path) -> str:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from capture.errors import UsageError
 from capture.variants import VARIANTS, expand_prompts, register, split_sentences
+from store.errors import UsageError
 
 TEXT = "First one. Second?\nThird!  Fourth"
 

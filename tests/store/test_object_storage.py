@@ -12,6 +12,8 @@ from store.location import STORAGE_OPTIONS, set_storage_options
 from store.reader import open_store
 from store.testing import assert_stores_equal
 
+pytestmark = pytest.mark.slow
+
 IGNORED = ("created_at", "completed_at", "capture_settings")
 
 

@@ -32,6 +32,7 @@ def _args(tiny_pair, store):
             "--batch-size", "1", "--quiet"]
 
 
+@pytest.mark.root
 def test_full_disk_stops_cleanly_and_resumes(tiny_pair, mounted, tmp_path, capsys):
     point, mount = mounted
     reference = tmp_path / "ref.zarr"
@@ -50,6 +51,7 @@ def test_full_disk_stops_cleanly_and_resumes(tiny_pair, mounted, tmp_path, capsy
     assert_stores_equal(reference, store)
 
 
+@pytest.mark.root
 def test_read_only_directory_leaves_nothing(tiny_pair, mounted, capsys):
     point, mount = mounted
     mount("ro,size=64k")

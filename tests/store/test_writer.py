@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from capture.errors import StoreFormatError, StoreNotFound
+from store.errors import StoreFormatError, StoreNotFound
 from store.reader import check_store, describe_store, open_store
 from store.schema import FORMAT_ATTR
 from store.testing import CountingScheduler, assert_stores_equal, tiny_template, write_tiny_store

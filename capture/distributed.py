@@ -1,0 +1,173 @@
+"""Capture on a dask.distributed cluster: chunk-aligned tasks, models resident on the workers.
+
+The coordinator (the process running ``capture``) writes the template and, for each
+LLM in schedule order, submits one task per write group still to do. A task runs that
+LLM's passes over its group and writes the regions, with their done flags, straight
+into the shared store; groups are whole store chunks, so no two tasks touch a chunk.
+Each worker keeps the model it last loaded (and the other model's input embedding) in
+a worker plugin (:class:`ResidentModel`), so it loads each model once per phase however
+many tasks it runs; unregistering the plugin at the end frees it.
+The coordinator then loads the lenses, runs the statistics stage and finalises the
+store, as a single-process capture does; a re-run resumes from the done flags.
+
+Tasks ask for ``resources={"GPU": 1}`` when the device is CUDA: start one worker per
+GPU with ``--resources GPU=1`` (``dask worker``) or use dask-cuda's LocalCUDACluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+from distributed import as_completed, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from capture.models import DTYPES, load_input_embedding, load_model, release_memory
+from capture.passes import Pass
+from capture.prepare import Prepared, pad_id_of
+from capture.prompts import TokenizedPrompts
+from capture.residency import residency_schedule
+from capture.runner import run_passes
+from store.location import STORAGE_OPTIONS
+from store.writer import StoreWriter
+
+PLUGIN_NAME = "resdiff-resident-model"
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """Everything a worker needs to capture one LLM's passes over one write group."""
+
+    store: str
+    llm_ref: str
+    passes: tuple[tuple[int, Pass], ...]
+    embedding_refs: dict[str, str]  # embedding source -> model reference, for the passes' other sources
+    ids: list[list[int]]
+    group: slice
+    batch_size: int
+    n_tokens_store: int
+    store_dtype: str
+    pad_id: int
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    allow_pickle: bool
+    load_kwargs: dict
+    storage_options: dict  # for a store at an fsspec URL: the coordinator's options
+
+
+class ResidentModel(WorkerPlugin):
+    """Worker plugin holding one model per worker process (and the other models' input embeddings).
+
+    The coordinator
+    registers one per capture and unregisters it at the end, which frees the model.
+    A task loads a model only when it differs from the one held.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model = None
+        self.embeddings: dict = {}
+
+    def teardown(self, worker) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.model is None:
+            return
+        model_ref = weakref.ref(self.model)
+        self.key, self.model, self.embeddings = None, None, {}
+        release_memory(model_ref)
+
+    def model_for(self, task: GroupTask):
+        key = (task.llm_ref, task.dtype, task.device)
+        if self.key != key:
+            self.release()
+            self.model = load_model(task.llm_ref, task.dtype, task.device, None, task.trust_remote_code,
+                                    **task.load_kwargs)
+            self.key = key
+        return self.model
+
+    def embedding_for(self, ref: str, task: GroupTask, device):
+        if ref not in self.embeddings:
+            self.embeddings[ref] = load_input_embedding(ref, task.dtype, device, task.trust_remote_code,
+                                                        task.allow_pickle)
+        return self.embeddings[ref]
+
+
+def capture_group(task: GroupTask) -> tuple[int, bool]:
+    """Run on a worker: capture and write the task's regions not yet done.
+
+    Returns the real tokens written and whether the worker had to load the model.
+    """
+    resident = get_worker().plugins[PLUGIN_NAME]
+    loaded = resident.key != (task.llm_ref, task.dtype, task.device)
+    model = resident.model_for(task)
+    device = next(model.parameters()).device
+    embeddings = {source: model.get_input_embeddings() if ref == task.llm_ref else
+                  resident.embedding_for(ref, task, device) for source, ref in task.embedding_refs.items()}
+    writer = StoreWriter(task.store, task.storage_options)
+    done_pp = writer.done_pp()
+    tokens = 0
+    for captured in run_passes(
+        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), [task.group],
+        batch_size=task.batch_size, n_tokens_store=task.n_tokens_store, out_dtype=DTYPES[task.store_dtype],
+        pad_id=task.pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
+    ):
+        writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
+        tokens += captured.n_real_tokens
+    return tokens, loaded
+
+
+def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[slice], bar, log=print) -> None:
+    """Capture every region not yet done on the cluster named by ``prep.settings``."""
+    from store.cluster import connect
+
+    settings, resolved, passes = prep.settings, prep.resolved, prep.passes
+    if settings.device_map:
+        log("note: --device-map is ignored on a cluster; each worker loads whole models on its own device")
+    on_gpu = resolved.device.startswith("cuda")
+    client, cluster = connect(settings.scheduler, settings.local_cluster,
+                              resources={"GPU": 1} if on_gpu and settings.local_cluster else None)
+    try:
+        client.register_plugin(ResidentModel(), name=PLUGIN_NAME)
+        n_workers = len(client.scheduler_info()["workers"])
+        log(f"capturing on dask.distributed at {client.scheduler.address} ({n_workers} workers)")
+        done_pp = writer.done_pp()
+        loads, tasks_run = 0, []
+        for step in residency_schedule(passes):
+            llm, pass_indices = step.llm, step.passes
+            bar.set_description(f"{llm} on {n_workers} workers")
+            specs = tuple((i, passes[i]) for i in pass_indices)
+            sources = step.reads
+            tasks = [
+                GroupTask(
+                    store=str(prep.path), llm_ref=prep.refs[llm], passes=specs,
+                    embedding_refs={s: prep.refs[s] for s in sources}, ids=prep.tokenized.ids, group=group,
+                    batch_size=settings.batch_size, n_tokens_store=max(prep.tokenized.lengths),
+                    store_dtype=settings.store_dtype, pad_id=pad_id_of(prep.tokenizer), dtype=resolved.dtype,
+                    device=resolved.device, trust_remote_code=settings.trust_remote_code,
+                    allow_pickle=settings.allow_pickle, load_kwargs=settings.load_kwargs(),
+                    storage_options=dict(STORAGE_OPTIONS),
+                )
+                for group in groups if not all(done_pp[i, group].all() for i in pass_indices)
+            ]
+            tasks_run.append(len(tasks))
+            futures = [client.submit(capture_group, task, pure=False, resources={"GPU": 1} if on_gpu else None)
+                       for task in tasks]
+            size_of = {f.key: sum(int((~done_pp[i, t.group]).sum()) for i in pass_indices)
+                       for f, t in zip(futures, tasks, strict=True)}
+            for future in as_completed(futures):
+                _, loaded = future.result()  # re-raises a worker's error here
+                loads += loaded
+                bar.update(size_of[future.key])
+        log(f"cluster capture done: {sum(tasks_run)} tasks, {loads} model loads on {n_workers} workers")
+    finally:
+        with contextlib.suppress(Exception):  # best effort: a broken connection must not hide the real error
+            client.unregister_worker_plugin(PLUGIN_NAME)  # teardown frees each worker's model
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,191 @@
+"""``capture --plan``: the pass schedule, store size and predicted peak memory, before any weights load.
+
+The plan walks the same schedule as ``capture.job`` (one model resident at a time, then
+the statistics stage) and adds up, per step, what :mod:`capture.budget` says is
+resident. The peak is the process's current footprint (measured after the model code
+and, on the CPU, the statistics kernels are loaded) plus the largest step. It is what
+``capture --max-memory`` compares against before loading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from capture.budget import (
+    CPU_RUNTIME_SLACK,
+    ModelFootprint,
+    forward_activations,
+    group_buffers,
+    model_footprint,
+    process_baseline,
+    resident_embedding,
+    resident_weights,
+    statistics_working_set,
+)
+from capture.lens_stage import statistics_blocks
+from capture.prepare import Prepared, make_template, prepare
+from capture.residency import residency_schedule
+from capture.settings import CaptureSettings
+from store import units
+from store.errors import MemoryBudgetExceeded
+from store.schema import write_groups
+from store.units import format_bytes
+
+
+@dataclass
+class PlanStep:
+    """One step of the capture and the bytes resident during it, by part."""
+
+    title: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in self.parts.items() if size)
+        return f"{self.title}: {format_bytes(self.total)} ({parts})"
+
+
+@dataclass
+class CapturePlan:
+    """What ``capture`` will do and need, from configs alone."""
+
+    label: str
+    store: str
+    device: str
+    n_prompts: int
+    n_tokens: int
+    baseline: int
+    steps: list[PlanStep]
+    store_bytes: dict[str, int]
+
+    @property
+    def largest(self) -> PlanStep:
+        return max(self.steps, key=lambda step: step.total)
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + self.largest.total
+
+    def describe(self) -> str:
+        where = "CUDA memory (allocated)" if self.device.startswith("cuda") else "process memory (RSS)"
+        lines = [f"capture plan for {self.label}: {self.n_prompts} prompts, up to {self.n_tokens} tokens, "
+                 f"device {self.device}"]
+        lines += [f"  {i}. {step.describe()}" for i, step in enumerate(self.steps, 1)]
+        total = sum(self.store_bytes.values())
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.store_bytes.items() if v)
+        lines.append(f"store: {self.store}, at most {format_bytes(total)} before compression ({parts})")
+        lines.append(f"predicted peak {where}: {format_bytes(self.peak)} = {format_bytes(self.baseline)} in use "
+                     f"now + step {self.steps.index(self.largest) + 1} ({format_bytes(self.largest.total)})")
+        return "\n".join(lines)
+
+    def check(self, limit: int | None, as_given: str = "") -> None:
+        """Raise :class:`MemoryBudgetExceeded` when the predicted peak is over ``limit``."""
+        if limit is not None and self.peak > limit:
+            raise MemoryBudgetExceeded(peak=format_bytes(self.peak), limit=as_given or format_bytes(limit),
+                step=self.largest.describe(), baseline=format_bytes(self.baseline))
+
+
+def _warm_statistics_kernels() -> None:
+    """Load the compiled statistics kernels now, so that the measured baseline includes them."""
+    from capture.lens import Lens, lens_statistics
+
+    lens = Lens(weight_vd=torch.zeros(64, 8), norm=torch.nn.Identity())
+    lens_statistics([torch.zeros(2, 8)] * 2, [lens] * 2, [(0, 1)], 2, [], 32)
+
+
+def _lens_bytes(fp: ModelFootprint, itemsize: int) -> int:
+    return fp.vocab * fp.hidden * itemsize
+
+
+def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, group: int) -> list[PlanStep]:
+    """Price each step of the residency schedule the capture job executes."""
+    passes, settings = prep.passes, prep.settings
+    itemsize = units.itemsize(prep.resolved.dtype)
+    out_itemsize = units.itemsize(settings.store_dtype)
+    n_tokens = max(prep.tokenized.lengths)
+    batch = min(settings.batch_size, len(prep.tokenized.texts))
+    lenses: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    steps = []
+    for residency in residency_schedule(passes, prep.lens_sources):
+        llm, fp = residency.llm, fps[residency.llm]
+        step = PlanStep(residency.describe(passes), {"weights": resident_weights(fp)})
+        if residency.copy_lens:
+            lenses[llm] = _lens_bytes(fp, itemsize)
+        if residency.lens_only:
+            step.parts["lens weights"] = sum(lenses.values())
+            steps.append(step)
+            continue
+        step.parts["other input embeddings"] = sum(resident_embedding(fps[o]) for o in residency.borrowed)
+        touched = set()  # vocabulary-sized weights of this model read in full (copied) in this step
+        if residency.copy_lens:
+            # On the CPU the lens copies the head (so the checkpoint mapping can go); on CUDA it is a view.
+            touched.add("head" if fp.head else "embedding")
+        if residency.keep_embedding:  # shared with a tied lens, else read again from the checkpoint
+            kept[llm] = 0 if (fp.head == 0 and llm in lenses) else resident_embedding(fp)
+        if fp.mapped:
+            step.parts["weights"] += sum(getattr(fp, name) for name in touched)
+        step.parts["kept input embeddings"] = sum(kept.values())
+        step.parts["lens weights"] = sum(v for k, v in lenses.items() if on_cpu or k != llm)
+        step.parts["activations"] = forward_activations(fp, batch, n_tokens, out_itemsize, itemsize, on_cpu)
+        if on_cpu:
+            step.parts["write buffers"] = group_buffers(fp, group, n_tokens, out_itemsize)
+            step.parts["runtime slack"] = CPU_RUNTIME_SLACK
+        steps.append(step)
+    return steps
+
+
+def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, group: int) -> PlanStep:
+    settings = prep.settings
+    itemsize = units.itemsize(prep.resolved.dtype)
+    store_itemsize = units.itemsize(settings.store_dtype)
+    work = statistics_working_set(
+        fp, len(prep.passes), len(prep.pass_pairs), group, max(prep.tokenized.lengths), store_itemsize,
+        prep.fingerprint["top_k"], len(prep.tracked[0]), *statistics_blocks(prep.resolved.device))
+    if on_cpu:
+        work["runtime slack"] = CPU_RUNTIME_SLACK
+    else:  # residuals and results stay in host memory; the device holds one block
+        work = {"logits": work["logits"]}
+    lens = sum(_lens_bytes(fp, itemsize) for _ in prep.lens_sources)
+    return PlanStep("lens statistics", {"lens weights": lens, **work})
+
+
+def _store_bytes(prep: Prepared) -> dict[str, int]:
+    template = make_template(prep)
+    sizes = {"residuals": 0, "lens statistics": 0, "other": 0}
+    for name, var in template.variables.items():
+        size = var.size * (16 if var.dtype == object else var.dtype.itemsize)
+        kind = "residuals" if name in ("resid", "final") else "other" if name in template.coords else "lens statistics"
+        sizes[kind] += size
+    return sizes
+
+
+def build_plan(prep: Prepared) -> CapturePlan:
+    """The plan of the capture ``prep`` describes; reads configs and checkpoint headers only."""
+    resolved = prep.resolved
+    on_cpu = not resolved.device.startswith("cuda")
+    fps = {llm: model_footprint(ref, resolved.dtype, resolved.device, prep.settings.trust_remote_code)
+           for llm, ref in prep.refs.items()}
+    chunk = prep.chunking.prompt
+    group = write_groups(len(prep.tokenized.texts), chunk, prep.settings.batch_size)[0]
+    group_size = group.stop - group.start
+    steps = _residual_steps(prep, fps, on_cpu, group_size)
+    if prep.settings.lens:
+        steps.append(_statistics_step(prep, fps["base"], on_cpu, group_size))
+        if on_cpu:
+            _warm_statistics_kernels()
+    return CapturePlan(
+        label=resolved.label, store=str(prep.path), device=resolved.device, n_prompts=len(prep.tokenized.texts),
+        n_tokens=max(prep.tokenized.lengths), baseline=process_baseline(resolved.device), steps=steps,
+        store_bytes=_store_bytes(prep),
+    )
+
+
+def plan_capture(settings: CaptureSettings, log=print) -> CapturePlan:
+    """Validate ``settings`` as ``capture`` would and return its plan, loading no weights."""
+    return build_plan(prepare(settings, log))

@@ -1,0 +1,168 @@
+"""Everything a capture derives before any weights are loaded, and the store template.
+
+Validation runs cheapest first (pass list, prompts, configs, tokenizer), so bad input
+fails in seconds; the result, :class:`Prepared`, is what the capture job and the
+memory plan (``capture.memory_plan``) both start from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from capture.models import check_compatible, check_safe_weights, load_tokenizer, read_shape
+from capture.passes import Pass, PassPair, parse_pass_pairs, parse_passes
+from capture.prompts import TokenizedPrompts, collect_prompts, normalize_lengths, resolve_tracked, tokenize_prompts
+from capture.settings import CaptureSettings, ResolvedModels, resolve_models
+from capture.variants import expand_prompts
+from store import units
+from store.errors import UsageError
+from store.location import StorePath, normalize
+from store.schema import (
+    LAYER_SEMANTICS,
+    Chunking,
+    add_lens_variables,
+    add_saved_lens_variables,
+    build_template,
+    choose_chunking,
+    content_digest,
+)
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import numpy
+    import transformers
+    import xarray
+    import zarr
+
+    mods = {"torch": torch, "transformers": transformers, "numpy": numpy, "xarray": xarray, "zarr": zarr,
+            "dask": dask}
+    return {"python": platform.python_version(), **{k: m.__version__ for k, m in mods.items()}}
+
+
+def _model_record(ref: str, shape, tokenizer_ref: str) -> dict:
+    from transformers import AutoConfig
+
+    revision = getattr(AutoConfig.from_pretrained(ref), "_commit_hash", None)
+    return {"ref": ref, "revision": revision or ("local" if Path(ref).is_dir() else None),
+            "arch": shape.arch, "n_layers": shape.n_layers, "hidden": shape.hidden, "vocab": shape.vocab,
+            "tokenizer": tokenizer_ref}
+
+
+
+@dataclass
+class Prepared:
+    """Everything validated and derived before any weights are loaded."""
+
+    settings: CaptureSettings
+    passes: tuple[Pass, ...]
+    pass_pairs: tuple[PassPair, ...]
+    refs: dict[str, str]
+    prompt_index: list[int]
+    variants: list[str]
+    shapes: dict
+    resolved: ResolvedModels
+    tokenizer: object
+    tokenized: TokenizedPrompts
+    tracked: tuple[list[int], list[str]]
+    path: StorePath
+    chunking: Chunking
+    fingerprint: dict
+
+    @property
+    def lens_sources(self) -> set[str]:
+        wanted = self.settings.lens or self.settings.save_lens
+        return {p.unembedding for p in self.passes} if wanted else set()
+
+
+def prepare(settings: CaptureSettings, log) -> Prepared:
+    # Cheap checks first, so that bad input fails before any model is built or read.
+    passes = parse_passes(settings.passes)
+    pass_pairs = parse_pass_pairs(settings.pass_pairs, passes) if settings.lens else ()
+    if settings.top_k < 0:
+        raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
+    sources = collect_prompts(settings.prompts_files, settings.prompts)
+    texts, prompt_index, variants = expand_prompts(sources, settings.variants, settings.variant_options)
+    resolved = resolve_models(settings)
+    refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
+    for ref in refs.values():
+        check_safe_weights(ref, settings.allow_pickle)
+    shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
+    check_compatible(shapes["base"], shapes["sft"], refs, settings.allow_mismatched_pair)
+    tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code, **settings.tokenizer_kwargs)
+    vocab = shapes["base"].vocab
+    if len(tokenizer) > vocab:
+        raise UsageError(
+            f"tokenizer {resolved.tokenizer_ref!r} has {len(tokenizer)} tokens but the models have only "
+            f"{vocab} embedding rows; pass the models' own tokenizer with --tokenizer"
+        )
+    tracked = resolve_tracked(tokenizer, settings.track, vocab)
+    limit, why = settings.max_tokens, "--max-tokens"
+    if limit is None and shapes["base"].max_positions:
+        limit, why = shapes["base"].max_positions, "the model's context length"
+    tokenized = tokenize_prompts(tokenizer, texts, add_bos=settings.add_bos, chat_template=settings.chat_template,
+                                 max_tokens=limit, truncate=settings.truncate, limit_reason=why)
+    if settings.normalize_length:
+        tokenized, message = normalize_lengths(tokenizer, tokenized)
+        log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
+    n_layers1, hidden = shapes["base"].n_layers + 1, shapes["base"].hidden
+    itemsize = units.itemsize(settings.store_dtype)
+    chunking = choose_chunking(len(texts), n_layers1, max(tokenized.lengths), hidden, itemsize)
+    if settings.chunk_prompts:
+        chunking = Chunking(prompt=min(settings.chunk_prompts, len(texts)), layer=chunking.layer)
+    # Per-prompt lists enter as digests, so that the attributes do not grow with the prompt count.
+    fingerprint = {
+        "base_ref": resolved.base_ref, "sft_ref": resolved.sft_ref, "tokenizer_ref": resolved.tokenizer_ref,
+        "passes": [p.to_dict() for p in passes], "n_prompts": len(texts), "prompt_texts_sha256": content_digest(texts),
+        "dtype": resolved.dtype, "store_dtype": settings.store_dtype, "add_bos": settings.add_bos,
+        "chat_template": settings.chat_template, "max_tokens": settings.max_tokens, "truncate": settings.truncate,
+        "lens": settings.lens, "top_k": min(settings.top_k, vocab), "tracked": tracked[0],
+        "pass_pairs": [[q.name, passes[q.left].name, passes[q.right].name] for q in pass_pairs],
+        "save_lens": settings.save_lens, "variants_sha256": content_digest(variants),
+        "variant_options": settings.variant_options, "prompt_index_sha256": content_digest(prompt_index),
+        "normalize_length": settings.normalize_length, "allow_mismatched_pair": settings.allow_mismatched_pair,
+    }
+    path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
+    return Prepared(settings, passes, pass_pairs, refs, prompt_index, variants, shapes, resolved, tokenizer, tokenized,
+                    tracked, path, chunking,
+                     fingerprint)
+
+
+def make_template(prep: Prepared):
+    settings, resolved, chunking = prep.settings, prep.resolved, prep.chunking
+    attrs = {
+        "content_fingerprint": prep.fingerprint,
+        "capture_settings": settings.record(),
+        "models": {k: _model_record(prep.refs[k], prep.shapes[k], resolved.tokenizer_ref) for k in prep.refs},
+        "pair_label": resolved.label, "model_dtype": resolved.dtype, "store_dtype": settings.store_dtype,
+        "device": resolved.device, "pass_plan": [p.to_dict() for p in prep.passes],
+        "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer},
+        "embedding_variants": list(settings.embedding_variants),
+    }
+    ds = build_template(
+        passes=[p.to_dict() for p in prep.passes], texts=prep.tokenized.texts, token_ids=prep.tokenized.ids,
+        token_pieces=prep.tokenized.pieces, n_layers1=prep.shapes["base"].n_layers + 1,
+        prompt_index=prep.prompt_index, variants=prep.variants,
+        hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
+    )
+    if settings.save_lens:
+        ds = add_saved_lens_variables(ds, sources=sorted(prep.lens_sources), vocab=prep.shapes["base"].vocab,
+                                      hidden=prep.shapes["base"].hidden)
+    if settings.lens:
+        ds = add_lens_variables(
+            ds, pairs=[tuple(x) for x in prep.fingerprint["pass_pairs"]], top_k=prep.fingerprint["top_k"],
+            tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
+        )
+    return ds
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id right-padded positions get (masked out, so any valid id does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

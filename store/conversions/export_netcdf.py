@@ -1,0 +1,67 @@
+"""``export-netcdf``: a selection of a store as a float32 netCDF4 file.
+
+netCDF4 has no float16, so floating variables are written as float32 (the stack
+notes record that float16 written through h5netcdf makes netCDF4 crash on open).
+Booleans become int8 and nested attributes JSON strings, which netCDF cannot hold
+natively. The data stream through Dask chunk by chunk; the file is written under a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from store.atomic import atomic_output
+from store.errors import UsageError
+from store.reader import open_store
+
+
+def parse_selection(items: list[str] | None, ds: xr.Dataset) -> dict:
+    """``["pass_=SS", "layer=3"]`` -> ``{"pass_": "SS", "layer": 3}`` (values typed like the coordinate)."""
+    selection: dict = {}
+    for item in items or []:
+        dim, sep, value = item.partition("=")
+        dim = dim.strip()
+        if not sep or dim not in ds.dims:
+            raise UsageError(f"--sel {item!r} must be DIM=VALUE with DIM one of {', '.join(map(str, ds.dims))}")
+        labels = ds[dim].values if dim in ds.coords else np.arange(ds.sizes[dim])
+        typed = int(value) if np.issubdtype(np.asarray(labels).dtype, np.integer) else value
+        if typed not in set(labels.tolist()):
+            raise UsageError(f"--sel {item!r}: {dim} has no label {value!r}")
+        selection[dim] = typed
+    return selection
+
+
+def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    out = ds.copy()
+    for name, var in list(out.variables.items()):
+        if var.dtype.kind == "f" and var.dtype != np.float64:
+            out[name] = var.astype("float32")
+        elif var.dtype.kind == "b":
+            out[name] = var.astype("int8")
+        elif var.dtype.kind in "OTU":  # labels: small, and netCDF needs them in memory to type them
+            out[name] = var.load().astype(object)
+        out[name].encoding = {}
+    out.attrs = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in ds.attrs.items()}
+    return out
+
+
+def export_netcdf(store: str | Path, out: str | Path, selection: list[str] | None = None,
+                  variables: list[str] | None = None) -> Path:
+    """Write the selected part of ``store`` to ``out`` (netCDF4, float32)."""
+    ds = open_store(store)
+    if variables:
+        unknown = [v for v in variables if v not in ds.data_vars]
+        if unknown:
+            raise UsageError(f"--vars: no variable {unknown[0]!r} in the store; it has {', '.join(ds.data_vars)}")
+        ds = ds[variables]
+    ds = ds.sel(parse_selection(selection, ds))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as partial:
+        _netcdf_ready(ds).to_netcdf(partial, engine="netcdf4", format="NETCDF4")
+    return out

@@ -1,0 +1,57 @@
+"""Sizes and dtypes, once: parsing and printing byte counts, and the table of dtype names.
+
+Every size a user types (``--max-memory 24GB``, ``--memory-limit 512MiB``, ``--shuffle-buffer``)
+goes through :func:`parse_size`, and every size resdiff prints through :func:`format_bytes`.
+Dtypes are named by strings everywhere outside ``capture`` (which maps them to torch dtypes).
+"""
+
+from __future__ import annotations
+
+from store.errors import UsageError
+
+# Model dtypes a capture can load, and the bytes per element of each.
+DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+MODEL_DTYPES = tuple(DTYPE_ITEMSIZE)
+# Zarr has no bfloat16: residuals are stored as one of these.
+STORE_DTYPES = ("float16", "float32")
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name.
+
+    >>> itemsize("bfloat16")
+    2
+    """
+    try:
+        return DTYPE_ITEMSIZE[dtype]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(MODEL_DTYPES)}") from None
+
+
+def parse_size(text: str | int, option: str = "--max-memory") -> int:
+    """Bytes from ``24GB``, ``512MiB``, ``3e9`` or an int; a one-line error naming ``option`` otherwise.
+
+    >>> parse_size("1.5GB"), parse_size("2KiB")
+    (1500000000, 2048)
+    """
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(text) if isinstance(text, str) else int(text)
+    except (ValueError, TypeError):
+        raise UsageError(f"{option} {text!r} is not a size; write e.g. 24GB, 512MiB or 3e9") from None
+    if value <= 0:
+        raise UsageError(f"{option} must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, three significant figures.
+
+    >>> format_bytes(1.5 * 2**30), format_bytes(512)
+    ('1.5 GiB', '512 B')
+    """
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"

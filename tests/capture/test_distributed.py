@@ -1,0 +1,66 @@
+"""Distributed capture on a real dask.distributed cluster of worker processes on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from capture.job import run_capture
+from capture.settings import CaptureSettings
+from store.testing import assert_stores_equal
+from store.verify import verify_store
+from tests.helpers import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+IGNORED = ("created_at", "completed_at", "capture_settings")
+
+
+def _settings(tiny_pair, store, **extra) -> CaptureSettings:
+    base, sft, _ = tiny_pair
+    return CaptureSettings(base=base, sft=sft, prompts=PROMPTS * 3, store=str(store), device="cpu", batch_size=2,
+                           chunk_prompts=2, store_dtype="float32", top_k=3, **extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair, tmp_path_factory):
+    store = tmp_path_factory.mktemp("single") / "s.zarr"
+    run_capture(_settings(tiny_pair, store), log=lambda *a: None, progress=False)
+    return store
+
+
+def test_local_cluster_capture_equals_single_process(tiny_pair, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    messages = []
+    run_capture(_settings(tiny_pair, store, local_cluster=2), log=messages.append, progress=False)
+    assert any("(2 workers)" in m for m in messages), messages
+    # 6 write groups x 2 LLMs = 12 tasks; each worker loads each model at most once.
+    assert "cluster capture done: 12 tasks" in messages[-1]
+    assert int(messages[-1].split(", ")[1].split()[0]) <= 4, messages[-1]
+    assert_stores_equal(store, reference, ignore_attrs=IGNORED)
+    assert verify_store(store) == []
+
+
+def test_cluster_capture_resumes_an_interrupted_store(tiny_pair, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    run_capture(_settings(tiny_pair, store, local_cluster=2), log=lambda *a: None, progress=False)
+    # Simulate a capture killed midway: some regions lost with their flags, statistics not done.
+    root = zarr.open_group(str(store), mode="r+")
+    root["resid"][1, 2:6] = np.nan
+    root["done"][1, 2:6] = False
+    root["resid"][3, 8:] = np.nan
+    root["done"][3, 8:] = False
+    root["lens_done"][:] = False
+    run_capture(_settings(tiny_pair, store, local_cluster=2), log=lambda *a: None, progress=False)
+    assert_stores_equal(store, reference, ignore_attrs=IGNORED)
+
+
+def test_existing_scheduler_is_used(tiny_pair, reference, tmp_path):
+    from distributed import LocalCluster
+
+    store = tmp_path / "s.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run_capture(_settings(tiny_pair, store, scheduler=cluster.scheduler_address), log=lambda *a: None,
+                    progress=False)
+    assert_stores_equal(store, reference, ignore_attrs=IGNORED)

@@ -1,0 +1,163 @@
+"""Lens statistics written by a capture, against a float64 reference computed per position
+straight from the models (their own hidden states, lm_head and final norm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capture.job import run_capture
+from capture.models import final_norm
+from capture.settings import CaptureSettings
+from store.reader import open_store
+from tests.helpers import PROMPTS, load
+
+
+def _hidden_states(llm, donor, ids):
+    """Raw residuals 0..L of ``llm`` on ``donor``'s embeddings, by a hook on each block (float32)."""
+    from capture.models import decoder_layers
+
+    outs = []
+    handles = [b.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+               for b in decoder_layers(llm)]
+    with torch.no_grad():
+        hidden = llm(inputs_embeds=donor.get_input_embeddings()(ids), output_hidden_states=True).hidden_states
+    for h in handles:
+        h.remove()
+    return [hidden[0][0], *[o[0] for o in outs]]
+
+
+def _reference(h, model, lens):
+    """float64 log-probs and logits of one position, per the lens definitions."""
+    if lens == "norm":
+        with torch.no_grad():
+            h = final_norm(model)(h[None])[0]
+    w = model.get_output_embeddings().weight.detach().double().numpy()
+    z = w @ h.double().numpy()
+    m = z.max()
+    logp = z - (m + np.log(np.exp(z - m).sum()))
+    return z, logp
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+def test_stored_statistics_match_float64_reference(arch, make_model, tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    base_dir, sft_dir = make_model(arch, seed=0), make_model(arch, seed=1)
+    tracked = ["Ġthe", "7"]
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / "s"),
+                               store_dtype="float32", device="cpu", batch_size=2, top_k=4, track=tracked)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    assert bool(ds.lens_done.all())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    models = {"base": load(base_dir), "sft": load(sft_dir)}
+    assert ds.tracked_id.values.tolist() == sorted([7, tok.convert_tokens_to_ids("Ġthe")])
+    for prompt, text in enumerate(PROMPTS[:3]):
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        states = {}
+        for p, llm, emb in zip(ds.pass_.values, ds.model.values, ds.embedding.values, strict=True):
+            states[p] = (_hidden_states(models[llm], models[emb], ids), models[llm])
+        pass_i = {p: i for i, p in enumerate(ds.pass_.values)}
+        v = {name: ds[name].values for name in ds.data_vars}
+        for lens_i, lens in enumerate(("raw", "norm")):
+            for layer in range(ds.sizes["layer"]):
+                for token in range(ids.shape[1]):
+                    ref = {p: _reference(h[layer][token], m, lens) for p, (h, m) in states.items()}
+                    at = (lens_i, prompt, layer, token)
+                    for p, (z, logp) in ref.items():
+                        i = pass_i[p]
+                        entropy = -(np.exp(logp) * logp).sum()
+                        np.testing.assert_allclose(v["entropy"][(i, *at)], entropy, rtol=1e-5)
+                        top = np.argsort(-z)[:4]
+                        assert v["topk_id"][(i, *at)].tolist() == top.tolist()
+                        np.testing.assert_allclose(v["topk_logit"][(i, *at)], z[top], rtol=1e-5, atol=1e-6)
+                        np.testing.assert_allclose(v["tracked_logit"][(i, *at)], z[ds.tracked_id.values],
+                                                   rtol=1e-5, atol=1e-6)
+                    for q, (left, right) in enumerate(zip(ds.left.values, ds.right.values, strict=True)):
+                        (z_l, lp_l), (z_r, lp_r) = ref[left], ref[right]
+                        kl = (np.exp(lp_r) * (lp_r - lp_l)).sum()
+                        # float32 states carry ~1e-8 of absolute noise into any KL, however small
+                        np.testing.assert_allclose(v["kl"][(q, *at)], kl, rtol=1e-5, atol=5e-8)
+                        shift = z_r - z_l
+                        rise, fall = np.argsort(-shift)[:4], np.argsort(shift)[:4]
+                        assert v["rise_id"][(q, *at)].tolist() == rise.tolist()
+                        assert v["fall_id"][(q, *at)].tolist() == fall.tolist()
+                        np.testing.assert_allclose(v["rise_shift"][(q, *at)], shift[rise], rtol=1e-5, atol=1e-6)
+                        np.testing.assert_allclose(v["fall_shift"][(q, *at)], shift[fall], rtol=1e-5, atol=1e-6)
+        for lens in ("raw", "norm"):  # padding positions carry no statistics
+            n_tok = ids.shape[1]
+            assert np.isnan(ds.entropy.sel(lens=lens, prompt=prompt).values[..., n_tok:]).all()
+            assert (ds.topk_id.sel(lens=lens, prompt=prompt).values[..., n_tok:, :] == -1).all()
+
+
+def test_batched_statistics_equal_one_prompt_at_a_time(make_model, tmp_path):
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+
+    def capture(prompts, name, batch):
+        settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=prompts, store=str(tmp_path / name),
+                                   store_dtype="float32", device="cpu", batch_size=batch, top_k=3)
+        return open_store(run_capture(settings, log=lambda *a: None, progress=False))
+
+    together = capture(PROMPTS, "all", 4)
+    for i, text in enumerate(PROMPTS):
+        alone = capture([text], f"one{i}", 1)
+        n = int(alone.n_tokens[0])
+        for name in ("entropy", "lse", "kl", "topk_logit", "rise_shift"):
+            np.testing.assert_allclose(together[name].isel(prompt=i, token=slice(0, n)).values,
+                                       alone[name].isel(prompt=0).values, rtol=1e-5, atol=1e-6, err_msg=name)
+        for name in ("topk_id", "rise_id", "fall_id"):
+            np.testing.assert_array_equal(together[name].isel(prompt=i, token=slice(0, n)).values,
+                                          alone[name].isel(prompt=0).values, err_msg=name)
+
+
+def test_pairs_option_and_kl_of_same_pass(make_model, tmp_path):
+    base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], store=str(tmp_path / "s"),
+                               device="cpu", pass_pairs="BB-SS,same=SS-SS", top_k=2)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False))
+    assert ds.pair.values.tolist() == ["BB-SS", "same"]
+    assert ds.left.values.tolist() == ["BB", "SS"] and ds.right.values.tolist() == ["SS", "SS"]
+    kl_same = ds.kl.sel(pair="same").values
+    assert np.nanmax(np.abs(kl_same)) == 0.0
+    assert np.nanmin(ds.kl.sel(pair="BB-SS").values) >= 0
+
+
+def test_bfloat16_model_statistics_accumulate_in_float32(make_model, tmp_path):
+    """With a bf16 model, statistics of the stored states still agree with a float64 reference to
+    float32 precision: the products and sums are not done in the model dtype (as the legacy tool did)."""
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], device="cpu",
+                               store=str(tmp_path / "s"), store_dtype="float32", dtype="bfloat16", top_k=3)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    assert ds.attrs["model_dtype"] == "bfloat16"
+    weights = {name: load(path, torch.bfloat16).get_output_embeddings().weight.detach().double().numpy()
+               for name, path in (("base", base_dir), ("sft", sft_dir))}
+    for prompt in range(2):
+        for layer in range(ds.sizes["layer"]):
+            for token in range(int(ds.n_tokens[prompt])):
+                logp = {}
+                for p in ("BB", "SS"):
+                    h = ds.resid.sel(pass_=p).values[prompt, layer, token].astype(np.float64)
+                    z = weights[str(ds.unembedding.sel(pass_=p).values)] @ h
+                    logp[p] = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+                    entropy = -(np.exp(logp[p]) * logp[p]).sum()
+                    stored = ds.entropy.sel(pass_=p, lens="raw").values[prompt, layer, token]
+                    np.testing.assert_allclose(stored, entropy, rtol=1e-5)
+                kl = (np.exp(logp["SS"]) * (logp["SS"] - logp["BB"])).sum()
+                stored = ds.kl.sel(pair="BB-SS", lens="raw").values[prompt, layer, token]
+                np.testing.assert_allclose(stored, kl, rtol=1e-5, atol=5e-8)
+
+
+def test_pass_reads_out_with_its_own_unembedding(make_model, tmp_path):
+    """A base-LLM pass with the SFT unembedding (the SFT model never runs as LLM) uses the SFT head."""
+    base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:1], device="cpu",
+                               store=str(tmp_path / "s"), store_dtype="float32", passes="BB,X=base:base:sft")
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    np.testing.assert_array_equal(ds.resid.sel(pass_="X").values, ds.resid.sel(pass_="BB").values)
+    for name, path in (("BB", base_dir), ("X", sft_dir)):
+        w = load(path).get_output_embeddings().weight.detach().double().numpy()
+        z = w @ ds.resid.sel(pass_=name).values[0, 2, 3].astype(np.float64)
+        lse = z.max() + np.log(np.exp(z - z.max()).sum())
+        np.testing.assert_allclose(ds.lse.sel(pass_=name, lens="raw").values[0, 2, 3], lse, rtol=1e-6)
