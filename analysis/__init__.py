@@ -10,6 +10,7 @@ logits of any token from a store's saved lens. The errors a notebook may want to
 
 from analysis.lens import lens_logits
 from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
+from analysis.positions import real_positions
 from analysis.reductions import correlation, hotspots, seven_number_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.errors import LensNotSaved, MissingData, ResdiffError, StoreFormatError, StoreNotFound, UsageError
@@ -18,5 +19,5 @@ from store.reader import open_store
 __all__ = [
     "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
     "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics", "pass_metrics",
-    "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
+    "real_positions", "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]

@@ -26,12 +26,13 @@ import json
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 
 from analysis.metrics import store_pass_pairs
+from store.chunking import real_blocks
 from store.errors import UsageError
+from store.reader import is_padding_block
 from store.schema import string_array
 
 
@@ -40,6 +41,8 @@ def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     # One layer at a time keeps the float64 difference small; the Gram is a BLAS product.
     n_layer, n_dim = left.shape[1], left.shape[3]
     out = np.zeros((1, n_layer, n_dim, n_dim + 2))
+    if is_padding_block(left) and is_padding_block(right):
+        return out
     for layer in range(n_layer):
         diff_nd = (right[:, layer].astype(np.float64) - left[:, layer]).reshape(-1, n_dim)
         real = ~np.isnan(diff_nd).any(axis=1)
@@ -59,14 +62,16 @@ def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> np.ndar
     """
     a = ds.resid.sel(pass_=left).isel(layer=layers).data
     b = ds.resid.sel(pass_=right).isel(layer=layers).data
-    a, b = a.rechunk({1: -1, 2: -1, 3: -1}), b.rechunk({1: -1, 2: -1, 3: -1})
+    a, b = a.rechunk({1: -1, 3: -1}), b.rechunk({1: -1, 3: -1})
     n_layer, n_dim = a.shape[1], a.shape[3]
-    blocks = da.map_blocks(_gram_block, a, b, dtype=np.float64, drop_axis=[2, 3], new_axis=[2, 3],
-                           chunks=((1,) * a.numblocks[0], (n_layer,), (n_dim,), (n_dim + 2,)))
+    # Only the (prompt, token) blocks that hold real positions are ever scheduled.
+    real = real_blocks(np.asarray(ds.n_tokens.values), a.chunks[0][0], a.chunks[2][0], a.shape[2])
+    blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0]) for i, j in zip(*np.nonzero(real),
+                                                                                                 strict=True)]
     total = np.zeros((n_layer, n_dim, n_dim + 2))
     step = _blocks_at_once(total.nbytes, a.dtype.itemsize * int(np.prod(a.chunksize)))
-    for start in range(0, blocks.numblocks[0], step):
-        for part in dask.compute(*[blocks.blocks[i] for i in range(start, min(start + step, blocks.numblocks[0]))]):
+    for start in range(0, len(blocks), step):
+        for part in dask.compute(*blocks[start:start + step]):
             total += part[0]
     return total
 

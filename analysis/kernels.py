@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from store.reader import is_padding_block
+
 # Reassociation lets LLVM vectorise the sums; NaN and inf semantics are kept (no 'nnan'/'ninf').
 _FAST = {"reassoc", "contract", "nsz"}
 # float16 bits shifted into float32 position are the value times 2**-112 (subnormals included).
@@ -79,6 +81,8 @@ def residual_sums(passes: list[np.ndarray], left_q: np.ndarray, right_q: np.ndar
     [25.0, 1.0, 4.0, 18.0]
     """
     *middle, n_dim = passes[0].shape
+    if all(is_padding_block(x) for x in passes):  # a chunk that holds only padding: nothing to sum
+        return np.full((len(passes) + 2 * len(left_q), *middle), np.nan)
     n_rows = int(np.prod(middle, dtype=np.int64))
     half = all(x.dtype == np.float16 for x in passes)
     if half:

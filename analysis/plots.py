@@ -60,9 +60,9 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     if metric not in table:
         table = pass_metrics(ds)
     lead = "pair" if "pair" in table[metric].dims else "pass_"
-    n_real = int(ds.n_tokens.values[prompt])
-    grid = table[metric].isel(prompt=prompt, token=slice(0, n_real)).compute()
-    tokens = [str(t) for t in ds.token_str.values[prompt, :n_real]]
+    n_real = int(ds.n_tokens.sel(prompt=prompt))
+    grid = table[metric].sel(prompt=prompt).isel(token=slice(0, n_real)).compute()
+    tokens = [str(t) for t in ds.token_str.sel(prompt=prompt).values[:n_real]]
     labels = [str(x) for x in grid[lead].values]
     cols = min(3, len(labels))
     rows = -(-len(labels) // cols)
@@ -77,7 +77,7 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
         fig.colorbar(image, ax=ax)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    fig.suptitle(f"prompt {prompt}: {ds.prompt_text.values[prompt][:80]!r}", fontsize=9)
+    fig.suptitle(f"prompt {prompt}: {str(ds.prompt_text.sel(prompt=prompt).values)[:80]!r}", fontsize=9)
     return _save(fig, out / f"heatmap_{metric}_prompt{prompt}.png")
 
 

@@ -24,6 +24,12 @@ LOGIT_SOURCES = ("left", "right", "diff")
 CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
 
 
+def check_prompt(ds: xr.Dataset, prompt: int) -> None:
+    """A one-line error for a ``--prompt`` the store does not have (prompts are named 0..P-1 in source order)."""
+    if prompt not in set(int(p) for p in ds.prompt.values):
+        raise UsageError(f"--prompt {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
+
+
 def table(header: list[str], rows: list[list]) -> str:
     """Right-aligned columns; floats with 4 decimals."""
     cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
@@ -71,6 +77,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens) -> tu
                                 RuntimeWarning)
         (computed,) = dask.compute(lazy)
     tokens = ds.token_str.values
+    labels, layers = ds.prompt.values, ds.layer.values
     word = "pair" if lead == "pair" else "pass"
     lines, rows = [], []
     for metric in metrics:
@@ -82,9 +89,10 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens) -> tu
                                [[int(i), *(float(s[k][j]) for k in ("mean", "std", "min", "max"))]
                                 for j, i in enumerate(s[axis].values)]))
             h = spots.sel({lead: label})
+            # hotspots gives store rows; reports name prompts by their label (source position)
             spot_rows = [
-                {"metric": metric, lead: label, "rank": r + 1, "prompt": int(h.prompt.values[r]),
-                 "layer": int(h.layer.values[r]), "token_idx": int(h.token.values[r]),
+                {"metric": metric, lead: label, "rank": r + 1, "prompt": int(labels[int(h.prompt.values[r])]),
+                 "layer": int(layers[int(h.layer.values[r])]), "token_idx": int(h.token.values[r]),
                  "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
                  "value": float(h.value.values[r])}
                 for r in range(h.sizes["rank"]) if int(h.prompt.values[r]) >= 0
@@ -110,7 +118,7 @@ def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], lis
     found = changes.to_series().dropna()
     ordered = found.reindex(found.abs().sort_values(ascending=False).index).head(top_n)
     rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
-             "token_idx": int(t), "token": str(ds.token_str.values[int(pr), int(t)]), "shift": float(v)}
+             "token_idx": int(t), "token": str(ds.token_str.sel(prompt=int(pr)).values[int(t)]), "shift": float(v)}
             for (q, p, pr, la, t), v in ordered.items()]
     lines = [f"\ntracked logit changes, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
              table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
@@ -130,11 +138,10 @@ def _grid_lines(grid_lt: np.ndarray, tokens: np.ndarray, n_real: int, top_n: int
 
 def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> list[str]:
     """Grids over (layer, token) of one prompt: a tracked logit, and where the id is among the rises."""
-    if not 0 <= prompt < ds.sizes["prompt"]:
-        raise UsageError(f"--prompt {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
+    check_prompt(ds, prompt)
     tracked = [int(t) for t in ds.tracked_id.values] if "tracked_id" in ds.coords else []
-    tokens = ds.token_str.values[prompt]
-    n_real = int(ds.n_tokens.values[prompt])
+    tokens = ds.token_str.sel(prompt=prompt).values
+    n_real = int(ds.n_tokens.sel(prompt=prompt))
     lines = []
     for token_id in token_ids:
         for pair in chosen:

@@ -38,13 +38,13 @@ print(json.dumps({{"seconds": seconds, "peak": resource.getrusage(resource.RUSAG
 
 
 def build_store(path: Path, n_prompts: int, seed: int = 0) -> Path:
-    from store.schema import choose_chunking
+    from store.chunking import choose_chunking
     from store.testing import fill_lens_statistics, write_tiny_store
 
     if (path / "zarr.json").exists():
         return path
     lengths = tuple(int(n) for n in np.random.default_rng(seed).integers(60, 101, n_prompts))
-    chunking = choose_chunking(n_prompts, 13, max(lengths), 768, 2)
+    chunking = choose_chunking([max(lengths)] * n_prompts, 13, 768, 2)  # the format-1 tiles
     write_tiny_store(path, seed=seed, n_prompts=n_prompts, n_layers1=13, hidden=768, lengths=lengths,
                      store_dtype="float16", chunking=chunking)
     return fill_lens_statistics(path, vocab=50257, seed=seed)

@@ -84,12 +84,12 @@ def _run(args: list[str]) -> tuple[dict, int]:
 
 
 def build_store(path: Path, n_prompts: int) -> None:
-    from store.schema import choose_chunking
+    from store.chunking import choose_chunking
     from store.testing import write_tiny_store
 
     n_layers1, n_tokens, hidden = 25, 128, 896
     lengths = tuple(n_tokens - (i % 5) * 12 for i in range(n_prompts))  # padding on four prompts in five
-    chunking = choose_chunking(n_prompts, n_layers1, n_tokens, hidden, 2)
+    chunking = choose_chunking([n_tokens] * n_prompts, n_layers1, hidden, 2)  # the format-1 tiles
     write_tiny_store(path, n_prompts=n_prompts, n_layers1=n_layers1, hidden=hidden, lengths=lengths,
                      store_dtype="float16", chunking=chunking)
 

@@ -84,10 +84,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.common import machine
-    from store.schema import choose_chunking
+    from store.chunking import choose_chunking
 
     n_layers1, hidden = SHAPES[args.shape]
-    chunking = choose_chunking(args.prompts, n_layers1, args.tokens, hidden, 2)
+    chunking = choose_chunking([args.tokens] * args.prompts, n_layers1, hidden, 2)
     data = groups_of(args.prompts, chunking.prompt, n_layers1, args.tokens, hidden)
     nbytes = 4 * args.prompts * (n_layers1 + 1) * args.tokens * hidden * 2
     work = Path(args.dir or tempfile.mkdtemp(prefix="resdiff-write-"))

@@ -109,30 +109,32 @@ def resident_embedding(model: ModelFootprint) -> int:
 
 
 def forward_activations(model: ModelFootprint, batch: int, n_tokens: int, out_itemsize: int, model_itemsize: int,
-                        on_cpu: bool) -> int:
+                        on_cpu: bool, kept_layers: int | None = None) -> int:
     """One compute batch: the captured residuals, and the largest transient of one block.
 
     The transient is the block's MLP (gate, up and activation: three ``ffn``-wide
-    tensors) plus attention scores (``heads x tokens x tokens``, float32).
+    tensors) plus attention scores (``heads x tokens x tokens``, float32). ``kept_layers``
+    is the number of layers recorded (default all L + 1); ``final`` comes on top.
     """
-    captured = batch * (model.n_layers + 2) * n_tokens * model.hidden * out_itemsize
+    captured = batch * ((kept_layers or model.n_layers + 1) + 1) * n_tokens * model.hidden * out_itemsize
     block = batch * n_tokens * (3 * model.ffn + 4 * model.hidden) * model_itemsize
     scores = batch * model.n_heads * n_tokens * n_tokens * 4
     host_copy = captured if not on_cpu else 0  # copied to the host before the write
     return captured + block + scores + host_copy
 
 
-def group_buffers(model: ModelFootprint, group: int, n_tokens: int, out_itemsize: int) -> int:
+def group_buffers(model: ModelFootprint, group: int, n_tokens: int, out_itemsize: int,
+                  kept_layers: int | None = None) -> int:
     """Host buffers: the group being computed, the one being written and the writer's encoded copy."""
-    one = group * (model.n_layers + 2) * n_tokens * model.hidden * out_itemsize
+    one = group * ((kept_layers or model.n_layers + 1) + 1) * n_tokens * model.hidden * out_itemsize
     return 3 * one
 
 
 def statistics_working_set(model: ModelFootprint, n_pass: int, n_pair: int, group: int, n_tokens: int,
                            store_itemsize: int, top_k: int, n_tracked: int, block_rows: int,
-                           vocab_chunk: int) -> dict[str, int]:
-    """The statistics stage's memory besides the lenses, for one prompt group."""
-    positions = group * (model.n_layers + 1) * n_tokens
+                           vocab_chunk: int, kept_layers: int | None = None) -> dict[str, int]:
+    """The statistics stage's memory besides the lenses, for one prompt group of ``n_tokens`` positions."""
+    positions = group * (kept_layers or model.n_layers + 1) * n_tokens
     residuals = n_pass * positions * model.hidden * (store_itemsize + 4 + 4)  # read, as float32, real rows
     per_position = 2 * (n_pass * (2 + 2 * top_k + n_tracked) + n_pair * (1 + 4 * top_k)) * 4
     logits = 3 * n_pass * min(block_rows, positions) * min(vocab_chunk, model.vocab) * 4  # products, exp, scratch

@@ -28,7 +28,7 @@ from capture.passes import Pass
 from capture.prepare import Prepared, pad_id_of
 from capture.prompts import TokenizedPrompts
 from capture.residency import residency_schedule
-from capture.runner import run_passes
+from capture.runner import StoredWindow, run_passes
 from store.location import STORAGE_OPTIONS
 from store.writer import StoreWriter
 
@@ -43,10 +43,11 @@ class GroupTask:
     llm_ref: str
     passes: tuple[tuple[int, Pass], ...]
     embedding_refs: dict[str, str]  # embedding source -> model reference, for the passes' other sources
-    ids: list[list[int]]
+    ids: list[list[int]]  # what each forward sees, in store order
+    window: StoredWindow
     group: slice
     batch_size: int
-    n_tokens_store: int
+    batch_tokens: int
     store_dtype: str
     pad_id: int
     dtype: str
@@ -113,8 +114,9 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
     done_pp = writer.done_pp()
     tokens = 0
     for captured in run_passes(
-        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), [task.group],
-        batch_size=task.batch_size, n_tokens_store=task.n_tokens_store, out_dtype=DTYPES[task.store_dtype],
+        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), [task.group], task.window,
+        batch_size=task.batch_size, batch_tokens=task.batch_tokens, token_extent=writer.group_extent,
+        out_dtype=DTYPES[task.store_dtype],
         pad_id=task.pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
     ):
         writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
@@ -146,8 +148,8 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
             tasks = [
                 GroupTask(
                     store=str(prep.path), llm_ref=prep.refs[llm], passes=specs,
-                    embedding_refs={s: prep.refs[s] for s in sources}, ids=prep.tokenized.ids, group=group,
-                    batch_size=settings.batch_size, n_tokens_store=max(prep.tokenized.lengths),
+                    embedding_refs={s: prep.refs[s] for s in sources}, ids=prep.tokenized.ids, window=prep.window,
+                    group=group, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
                     store_dtype=settings.store_dtype, pad_id=pad_id_of(prep.tokenizer), dtype=resolved.dtype,
                     device=resolved.device, trust_remote_code=settings.trust_remote_code,
                     allow_pickle=settings.allow_pickle, load_kwargs=settings.load_kwargs(),

@@ -22,7 +22,8 @@ class ResidualRecorder:
     """Context manager that copies each block's input/output into ``resid_bltd``.
 
     Copying inside the hook (with the dtype cast) avoids keeping L+1 full-precision
-    activations alive until the end of the forward pass.
+    activations alive until the end of the forward pass. ``keep`` lists the true layer
+    numbers to record (``--layers``), one buffer slot each; default all of 0..L.
 
     Examples
     --------
@@ -35,24 +36,30 @@ class ResidualRecorder:
     True
     """
 
-    def __init__(self, layers: nn.ModuleList, resid_bltd: torch.Tensor) -> None:
-        if resid_bltd.shape[1] != len(layers) + 1:
-            raise ValueError(
-                f"buffer has {resid_bltd.shape[1]} layer slots for {len(layers)} blocks; it needs {len(layers) + 1}"
-            )
+    def __init__(self, layers: nn.ModuleList, resid_bltd: torch.Tensor, keep: list[int] | None = None) -> None:
+        keep = list(range(len(layers) + 1)) if keep is None else list(keep)
+        if resid_bltd.shape[1] != len(keep):
+            raise ValueError(f"buffer has {resid_bltd.shape[1]} layer slots for {len(keep)} kept layers")
         self.layers = layers
         self.resid_bltd = resid_bltd
+        self.slot_of = {layer: slot for slot, layer in enumerate(keep)}  # true layer number -> buffer slot
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _store(self, slot: int, hidden_btd: torch.Tensor) -> None:
-        self.resid_bltd[:, slot, : hidden_btd.shape[1]].copy_(hidden_btd)
+    def _store(self, layer: int, hidden_btd: torch.Tensor) -> None:
+        slot = self.slot_of.get(layer)
+        if slot is not None:
+            self.resid_bltd[:, slot, : hidden_btd.shape[1]].copy_(hidden_btd)
 
     def __enter__(self) -> ResidualRecorder:
         def block_input(module, args, kwargs):
             self._store(0, args[0] if args else kwargs["hidden_states"])
 
-        self._handles.append(self.layers[0].register_forward_pre_hook(block_input, with_kwargs=True))
+        if 0 in self.slot_of:
+            self._handles.append(self.layers[0].register_forward_pre_hook(block_input, with_kwargs=True))
         for index, layer in enumerate(self.layers):
+            if index + 1 not in self.slot_of:
+                continue
+
             def block_output(module, args, output, slot=index + 1):
                 self._store(slot, _first_tensor(output))
 

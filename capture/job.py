@@ -32,10 +32,11 @@ from capture.prepare import Prepared, make_template, pad_id_of, prepare
 from capture.residency import residency_schedule
 from capture.runner import CapturedGroup, Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings
+from store.chunking import write_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from store.location import StorePath, exists, is_url
 from store.reader import check_store, is_unfinished
-from store.schema import write_groups
+from store.schema import FORMAT_ATTR, FORMAT_VERSION
 from store.units import parse_size
 from store.writer import StoreWriter, remove_store
 
@@ -51,6 +52,10 @@ def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dic
         remove_store(path)
     if exists(path) and not is_unfinished(path):
         attrs = check_store(path)
+        if attrs.get(FORMAT_ATTR) != FORMAT_VERSION:
+            raise StoreConflict(f"store {path} has format {attrs.get(FORMAT_ATTR)}, written by an older resdiff; "
+                                "it stays readable by every command but a capture cannot resume or extend it: pass "
+                                f"--overwrite to capture it again in format {FORMAT_VERSION}, or --store PATH")
         stored = attrs.get("content_fingerprint", {})
         if stored != fingerprint:
             raise StoreConflict(path=path, diff=_diff(stored, fingerprint) or "unknown")
@@ -128,8 +133,8 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
         if step.keep_embedding:
             kept[llm] = _keep_input_embedding(model, lenses.get(llm), refs[llm], prep, device)
         captured = run_passes(
-            model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups,
-            batch_size=settings.batch_size, n_tokens_store=max(prep.tokenized.lengths),
+            model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups, prep.window,
+            batch_size=settings.batch_size, batch_tokens=settings.batch_tokens, token_extent=writer.group_extent,
             out_dtype=DTYPES[settings.store_dtype], pad_id=pad_id_of(prep.tokenizer),
             skip=lambda i, g: bool(done_pp[i, g].all()),
         )
@@ -213,7 +218,7 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
 
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep))
     stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
-    groups = write_groups(len(prep.tokenized.texts), stored_chunk, settings.batch_size)
+    groups = write_groups(prep.tokenized.lengths, stored_chunk, settings.batch_size, settings.batch_tokens)
     status = writer.completeness()
     done_pp, lens_done = writer.done_pp(), writer.lens_done()
     if status.complete:

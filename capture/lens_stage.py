@@ -94,17 +94,19 @@ def write_lens_statistics(
     vocab_chunk = vocab_chunk or default_chunk
     root = writer.group
     n_tokens_p = np.asarray(root["n_tokens"][...])
-    n_layers1, n_tokens = root["resid"].shape[2], root["resid"].shape[3]
+    n_layers1 = root["resid"].shape[2]
     done = np.asarray(root["lens_done"][...], dtype=bool)
     for group in groups:
         if done[group].all():
             continue
-        resid = np.asarray(root["resid"][:, group], dtype=np.float32)
-        mask = _real_mask_glt(n_tokens_p[group], n_layers1, n_tokens)
+        # Only the stored part of the group (its longest prompt's token chunks) is read and computed on.
+        extent = writer.group_extent(group)
+        resid = np.asarray(root["resid"][:, group, :, :extent], dtype=np.float32)
+        mask = _real_mask_glt(n_tokens_p[group], n_layers1, extent)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
                                    vocab_chunk)
         for index, (name, values) in enumerate(arrays.items()):
-            root[name][:, :, group] = values
+            writer.write_staircase(name, (slice(None), slice(None)), group, values)
             if index == 0:
                 fault_point("lens")  # testing hook: a crash between a group's arrays and its lens_done flag
         root["lens_done"][group] = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from capture.budget import (
@@ -27,10 +28,11 @@ from capture.budget import (
 from capture.lens_stage import statistics_blocks
 from capture.prepare import Prepared, make_template, prepare
 from capture.residency import residency_schedule
+from capture.runner import compute_batches
 from capture.settings import CaptureSettings
 from store import units
+from store.chunking import chunk_slices, token_extent, write_groups
 from store.errors import MemoryBudgetExceeded
-from store.schema import write_groups
 from store.units import format_bytes
 
 
@@ -102,13 +104,33 @@ def _lens_bytes(fp: ModelFootprint, itemsize: int) -> int:
     return fp.vocab * fp.hidden * itemsize
 
 
-def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, group: int) -> list[PlanStep]:
+@dataclass(frozen=True)
+class _Shapes:
+    """The compute batches (prompts, tokens) and the largest write group (prompts, token extent) of a capture."""
+
+    batches: list[tuple[int, int]]
+    group: tuple[int, int]
+    kept_layers: int
+
+
+def _shapes(prep: Prepared) -> _Shapes:
+    """The same groups and batches the capture job forms (``write_groups``, ``compute_batches``)."""
+    settings, lengths, stored = prep.settings, prep.tokenized.lengths, np.asarray(prep.window.lengths)
+    groups = write_groups(lengths, prep.chunking.prompt, settings.batch_size, settings.batch_tokens)
+    batches = {(b.stop - b.start, lengths[b.start]) for g in groups
+               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens)}
+    n_tokens = max(prep.window.lengths)
+    extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
+                                      for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))
+               for g in groups]
+    return _Shapes(sorted(batches), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers))
+
+
+def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, shapes: _Shapes) -> list[PlanStep]:
     """Price each step of the residency schedule the capture job executes."""
     passes, settings = prep.passes, prep.settings
     itemsize = units.itemsize(prep.resolved.dtype)
     out_itemsize = units.itemsize(settings.store_dtype)
-    n_tokens = max(prep.tokenized.lengths)
-    batch = min(settings.batch_size, len(prep.tokenized.texts))
     lenses: dict[str, int] = {}
     kept: dict[str, int] = {}
     steps = []
@@ -132,21 +154,22 @@ def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool
             step.parts["weights"] += sum(getattr(fp, name) for name in touched)
         step.parts["kept input embeddings"] = sum(kept.values())
         step.parts["lens weights"] = sum(v for k, v in lenses.items() if on_cpu or k != llm)
-        step.parts["activations"] = forward_activations(fp, batch, n_tokens, out_itemsize, itemsize, on_cpu)
+        step.parts["activations"] = max(forward_activations(fp, rows, tokens, out_itemsize, itemsize, on_cpu,
+                                                            shapes.kept_layers) for rows, tokens in shapes.batches)
         if on_cpu:
-            step.parts["write buffers"] = group_buffers(fp, group, n_tokens, out_itemsize)
+            step.parts["write buffers"] = group_buffers(fp, *shapes.group, out_itemsize, shapes.kept_layers)
             step.parts["runtime slack"] = CPU_RUNTIME_SLACK
         steps.append(step)
     return steps
 
 
-def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, group: int) -> PlanStep:
+def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, shapes: _Shapes) -> PlanStep:
     settings = prep.settings
     itemsize = units.itemsize(prep.resolved.dtype)
     store_itemsize = units.itemsize(settings.store_dtype)
     work = statistics_working_set(
-        fp, len(prep.passes), len(prep.pass_pairs), group, max(prep.tokenized.lengths), store_itemsize,
-        prep.fingerprint["top_k"], len(prep.tracked[0]), *statistics_blocks(prep.resolved.device))
+        fp, len(prep.passes), len(prep.pass_pairs), *shapes.group, store_itemsize, prep.fingerprint["top_k"],
+        len(prep.tracked[0]), *statistics_blocks(prep.resolved.device), kept_layers=shapes.kept_layers)
     if on_cpu:
         work["runtime slack"] = CPU_RUNTIME_SLACK
     else:  # residuals and results stay in host memory; the device holds one block
@@ -171,12 +194,10 @@ def build_plan(prep: Prepared) -> CapturePlan:
     on_cpu = not resolved.device.startswith("cuda")
     fps = {llm: model_footprint(ref, resolved.dtype, resolved.device, prep.settings.trust_remote_code)
            for llm, ref in prep.refs.items()}
-    chunk = prep.chunking.prompt
-    group = write_groups(len(prep.tokenized.texts), chunk, prep.settings.batch_size)[0]
-    group_size = group.stop - group.start
-    steps = _residual_steps(prep, fps, on_cpu, group_size)
+    shapes = _shapes(prep)
+    steps = _residual_steps(prep, fps, on_cpu, shapes)
     if prep.settings.lens:
-        steps.append(_statistics_step(prep, fps["base"], on_cpu, group_size))
+        steps.append(_statistics_step(prep, fps["base"], on_cpu, shapes))
         if on_cpu:
             _warm_statistics_kernels()
     return CapturePlan(

@@ -31,6 +31,18 @@ class ModelPairSpec:
     hidden: int
     vocab: int
     tokenizer: str | None = None
+    builder: str | None = None  # "module:function" that builds the pair locally (offline) and returns its dirs
+
+    @property
+    def built_locally(self) -> bool:
+        return self.builder is not None
+
+    def build(self, cache_dir: str | None = None) -> tuple[str, str]:
+        """(base_dir, sft_dir) of a locally built pair, building it on first use."""
+        import importlib
+
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(cache_dir)
 
     def memory_estimate_bytes(self, dtype: str | None = None) -> int:
         """Peak weights in memory: one resident model plus the other's input embeddings."""
@@ -48,7 +60,10 @@ def _qwen(name: str, size: str, n_params: float, n_layers: int, hidden: int, voc
 MODEL_PAIRS: dict[str, ModelPairSpec] = {
     spec.name: spec
     for spec in (
-        ModelPairSpec(TINY, "tiny-base", "tiny-sft", "float32", 2.2e5, 4, 64, 512),
+        ModelPairSpec(TINY, "tiny-base", "tiny-sft", "float32", 2.2e5, 4, 64, 512,
+                      builder="capture.tiny:ensure_tiny_pair"),
+        ModelPairSpec("smollm2", "SmolLM2-135M-Instruct", "its astronomy fine-tune", "float32", 1.35e8, 30, 576,
+                      49152, builder="capture.smollm:ensure_smollm_pair"),
         ModelPairSpec("gpt2", "gpt2", "gpt2", "float32", 1.24e8, 12, 768, 50257),
         _qwen("qwen0.5b", "0.5B", 4.94e8, 24, 896, 151936),
         _qwen("qwen1.5b", "1.5B", 1.54e9, 28, 1536, 151936),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,20 +17,15 @@ import torch
 from capture.models import check_compatible, check_safe_weights, load_tokenizer, read_shape
 from capture.passes import Pass, PassPair, parse_pass_pairs, parse_passes
 from capture.prompts import TokenizedPrompts, collect_prompts, normalize_lengths, resolve_tracked, tokenize_prompts
+from capture.runner import StoredWindow
+from capture.selection import Positions, parse_layers
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
 from capture.variants import expand_prompts
 from store import units
+from store.chunking import Chunking, choose_chunking
 from store.errors import UsageError
 from store.location import StorePath, normalize
-from store.schema import (
-    LAYER_SEMANTICS,
-    Chunking,
-    add_lens_variables,
-    add_saved_lens_variables,
-    build_template,
-    choose_chunking,
-    content_digest,
-)
+from store.schema import LAYER_SEMANTICS, add_lens_variables, add_saved_lens_variables, build_template, content_digest
 
 
 def _versions() -> dict[str, str]:
@@ -63,12 +58,14 @@ class Prepared:
     passes: tuple[Pass, ...]
     pass_pairs: tuple[PassPair, ...]
     refs: dict[str, str]
-    prompt_index: list[int]
+    prompt_index: list[int]  # per store row, like every per-prompt list here
     variants: list[str]
+    prompt_lengths: list[int]  # full token counts (the stored window may be shorter)
     shapes: dict
     resolved: ResolvedModels
     tokenizer: object
-    tokenized: TokenizedPrompts
+    tokenized: TokenizedPrompts  # in store order: what each forward sees (ids), with its source position (labels)
+    window: StoredWindow  # what of each prompt is stored
     tracked: tuple[list[int], list[str]]
     path: StorePath
     chunking: Chunking
@@ -86,8 +83,11 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     pass_pairs = parse_pass_pairs(settings.pass_pairs, passes) if settings.lens else ()
     if settings.top_k < 0:
         raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
-    sources = collect_prompts(settings.prompts_files, settings.prompts)
-    texts, prompt_index, variants = expand_prompts(sources, settings.variants, settings.variant_options)
+    sources, source_rows = collect_prompts(settings.prompts_files, settings.prompts, field=settings.prompt_field,
+                                           limit=settings.limit, shuffle=settings.shuffle, seed=settings.seed)
+    texts, expanded_from, variants = expand_prompts(sources, settings.variants, settings.variant_options)
+    prompt_index = [source_rows[i] for i in expanded_from]
+    positions = Positions.parse(settings.positions)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     for ref in refs.values():
@@ -110,11 +110,13 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     if settings.normalize_length:
         tokenized, message = normalize_lengths(tokenizer, tokenized)
         log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
-    n_layers1, hidden = shapes["base"].n_layers + 1, shapes["base"].hidden
-    itemsize = units.itemsize(settings.store_dtype)
-    chunking = choose_chunking(len(texts), n_layers1, max(tokenized.lengths), hidden, itemsize)
+    layers = parse_layers(settings.layers, shapes["base"].n_layers + 1)
+    full_lengths = tokenized.lengths
+    tokenized, window = _store_order(tokenized, positions, layers)
+    hidden, itemsize = shapes["base"].hidden, units.itemsize(settings.store_dtype)
+    chunking = choose_chunking(window.lengths, len(layers), hidden, itemsize)
     if settings.chunk_prompts:
-        chunking = Chunking(prompt=min(settings.chunk_prompts, len(texts)), layer=chunking.layer)
+        chunking = replace(chunking, prompt=min(settings.chunk_prompts, len(texts)))
     # Per-prompt lists enter as digests, so that the attributes do not grow with the prompt count.
     fingerprint = {
         "base_ref": resolved.base_ref, "sft_ref": resolved.sft_ref, "tokenizer_ref": resolved.tokenizer_ref,
@@ -126,11 +128,29 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         "save_lens": settings.save_lens, "variants_sha256": content_digest(variants),
         "variant_options": settings.variant_options, "prompt_index_sha256": content_digest(prompt_index),
         "normalize_length": settings.normalize_length, "allow_mismatched_pair": settings.allow_mismatched_pair,
+        "layers": layers, "positions": positions.describe(),
     }
     path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
-    return Prepared(settings, passes, pass_pairs, refs, prompt_index, variants, shapes, resolved, tokenizer, tokenized,
-                    tracked, path, chunking,
-                     fingerprint)
+    in_store_order = lambda items: [items[i] for i in tokenized.labels]  # noqa: E731
+    return Prepared(settings, passes, pass_pairs, refs, in_store_order(prompt_index), in_store_order(variants),
+                    in_store_order(full_lengths), shapes, resolved, tokenizer, tokenized, window, tracked, path,
+                    chunking, fingerprint)
+
+
+def _store_order(tokenized: TokenizedPrompts, positions: Positions, layers: list[int]
+                 ) -> tuple[TokenizedPrompts, StoredWindow]:
+    """The prompts in store order (longest forward first, then longest stored, then source order), cut to
+    what the forward needs for ``positions``, and the window of each that is stored."""
+    windows = [positions.window(n) for n in tokenized.lengths]
+    order = sorted(range(len(windows)), key=lambda i: (-windows[i][1], windows[i][0] - windows[i][1], i))
+    ordered = tokenized.take(order)
+    ordered.ids = [ids[: windows[i][1]] for i, ids in zip(order, ordered.ids, strict=True)]  # later tokens: unused
+    starts = [windows[i][0] for i in order]
+    stops = [windows[i][1] for i in order]
+    ordered.pieces = [p[a:b] for p, a, b in zip(ordered.pieces, starts, stops, strict=True)]
+    if ordered.roles is not None:
+        ordered.roles = [r[a:b] for r, a, b in zip(ordered.roles, starts, stops, strict=True)]
+    return ordered, StoredWindow(start=starts, stop=stops, layers=layers)
 
 
 def make_template(prep: Prepared):
@@ -143,14 +163,18 @@ def make_template(prep: Prepared):
         "device": resolved.device, "pass_plan": [p.to_dict() for p in prep.passes],
         "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer},
+        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer, "token": chunking.token},
         "embedding_variants": list(settings.embedding_variants),
     }
+    tokens, window = prep.tokenized, prep.window
     ds = build_template(
-        passes=[p.to_dict() for p in prep.passes], texts=prep.tokenized.texts, token_ids=prep.tokenized.ids,
-        token_pieces=prep.tokenized.pieces, n_layers1=prep.shapes["base"].n_layers + 1,
-        prompt_index=prep.prompt_index, variants=prep.variants,
-        hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking, attrs=attrs,
+        passes=[p.to_dict() for p in prep.passes], texts=tokens.texts,
+        token_ids=[ids[a:b] for ids, a, b in zip(tokens.ids, window.start, window.stop, strict=True)],
+        token_pieces=tokens.pieces, layers=window.layers, prompt_labels=tokens.labels,
+        prompt_index=prep.prompt_index, variants=prep.variants, prompt_lengths=prep.prompt_lengths,
+        token_positions=[list(range(a, b)) for a, b in zip(window.start, window.stop, strict=True)],
+        roles=tokens.roles, hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking,
+        attrs=attrs,
     )
     if settings.save_lens:
         ds = add_saved_lens_variables(ds, sources=sorted(prep.lens_sources), vocab=prep.shapes["base"].vocab,
@@ -159,6 +183,7 @@ def make_template(prep: Prepared):
         ds = add_lens_variables(
             ds, pairs=[tuple(x) for x in prep.fingerprint["pass_pairs"]], top_k=prep.fingerprint["top_k"],
             tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
+            chunk_token=chunking.token,
         )
     return ds
 

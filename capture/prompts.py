@@ -7,59 +7,92 @@ them, so a plain capture sees exactly the text's tokens.
 
 from __future__ import annotations
 
+import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from store.errors import EmptyPrompt, NoPrompts, PromptTooLong, UsageError
+from capture.prompt_sources import Prompt, read_prompts_file
+from store.errors import EmptyPrompt, PromptTooLong, UsageError
 
 DEV_PROMPTS_FILE = Path(__file__).parent / "data" / "dev_prompts.txt"
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per line; a trailing newline is fine, an empty line in between is an error."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"prompts file {str(path)!r} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read prompts file {str(path)!r}: {exc}; it must be UTF-8 text") from None
-    lines = text.splitlines()
-    if not any(line.strip() for line in lines):
-        raise NoPrompts(where=f" in {str(path)!r}")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise EmptyPrompt(index=number - 1, where=f"(line {number} of {str(path)!r}) ")
-    return lines
+def collect_prompts(prompts_files: list[str] | None = None, inline: list[str] | None = None, *,
+                    field: str | None = None, limit: int | None = None, shuffle: bool = False,
+                    seed: int = 0) -> tuple[list[Prompt], list[int]]:
+    """File prompts first (in file order), then inline prompts; the dev prompts when neither is given.
 
-
-def collect_prompts(prompts_files: list[str] | None = None, inline: list[str] | None = None) -> list[str]:
-    """File prompts first (in file order), then inline prompts; the dev prompts when neither is given."""
-    prompts = [p for f in prompts_files or [] for p in read_prompts_file(f)]
+    ``shuffle`` (with ``seed``) and then ``limit`` sample them. Returns the prompts and
+    each one's row in the unsampled list (file rows first, then inline prompts).
+    """
+    prompts: list[Prompt] = [p for f in prompts_files or [] for p in read_prompts_file(f, field)]
     for index, text in enumerate(inline or []):
         if not text.strip():
             raise EmptyPrompt(index=len(prompts) + index, where="(from --prompt) ")
     prompts += list(inline or [])
-    return prompts or read_prompts_file(DEV_PROMPTS_FILE)
+    if not prompts:
+        prompts = read_prompts_file(DEV_PROMPTS_FILE)
+    rows = list(range(len(prompts)))
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    rows = rows[:limit] if limit is not None else rows
+    return [prompts[r] for r in rows], rows
 
 
 @dataclass
 class TokenizedPrompts:
-    """Token ids and raw token pieces per prompt (ragged: each prompt keeps its length)."""
+    """Token ids and raw token pieces per prompt (ragged: each prompt keeps its length).
+
+    ``roles`` (when a chat template rendered the prompts) gives each token the role of
+    the message whose content it belongs to, or ``template`` for the template's own
+    tokens (role markers, separators, the generation prompt).
+    """
 
     texts: list[str]
     ids: list[list[int]]
     pieces: list[list[str]] = field(default_factory=list)
+    roles: list[list[str]] | None = None
+    labels: list[int] | None = None  # each prompt's position in source order (default: its index)
 
     @property
     def lengths(self) -> list[int]:
         return [len(i) for i in self.ids]
 
+    def label(self, row: int) -> int:
+        return self.labels[row] if self.labels is not None else row
+
+    def take(self, rows: list[int]) -> TokenizedPrompts:
+        """These prompts in this order."""
+        pick = lambda items: [items[r] for r in rows] if items is not None else None  # noqa: E731
+        labels = [self.labels[r] for r in rows] if self.labels is not None else list(rows)
+        return TokenizedPrompts(pick(self.texts), pick(self.ids), pick(self.pieces) or [], pick(self.roles), labels)
+
+
+TEMPLATE_ROLE = "template"
+
+
+def _token_roles(offsets: list[tuple[int, int]], text: str, messages: list[dict]) -> list[str]:
+    """The role of each token: the message whose content its characters overlap, else the template's."""
+    spans, cursor = [], 0
+    for turn in messages:
+        start = text.find(turn["content"], cursor)
+        if start < 0:  # the template rewrote the content: its tokens count as template
+            continue
+        spans.append((start, start + len(turn["content"]), turn["role"]))
+        cursor = start + len(turn["content"])
+    roles = []
+    for begin, end in offsets:
+        role = next((r for s, e, r in spans if begin < e and end > s), TEMPLATE_ROLE)
+        roles.append(role)
+    return roles
+
 
 def tokenize_prompts(
     tokenizer,
-    texts: list[str],
+    texts: list[Prompt],
     *,
     add_bos: bool = False,
     chat_template: bool = False,
@@ -67,20 +100,31 @@ def tokenize_prompts(
     truncate: bool = False,
     limit_reason: str = "--max-tokens",
 ) -> TokenizedPrompts:
-    """Tokenise prompts for capture; too-long prompts are an error unless ``truncate``."""
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UsageError("--chat-template was given but the tokenizer has no chat template; drop the flag")
+    """Tokenise prompts for capture; too-long prompts are an error unless ``truncate``.
+
+    A conversation (a list of messages) is rendered with the tokenizer's chat template;
+    with ``chat_template`` a text becomes a user turn. Either way the tokens get roles.
+    """
+    chats = chat_template or any(isinstance(t, list) for t in texts)
+    if chats and not getattr(tokenizer, "chat_template", None):
+        what = "--chat-template was given" if chat_template else "the prompts are chat conversations"
+        raise UsageError(f"{what} but the tokenizer has no chat template; give a tokenizer with one (--tokenizer) "
+                         "or plain-text prompts")
     if add_bos and tokenizer.bos_token_id is None:
         raise UsageError("--add-bos was given but the tokenizer has no BOS token; drop the flag")
     all_ids: list[list[int]] = []
-    for index, text in enumerate(texts):
-        if chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    rendered: list[str] = []
+    roles: list[list[str]] | None = [] if chats else None
+    for index, prompt in enumerate(texts):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = prompt if not chats else tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=chats)
+        ids = list(encoded["input_ids"])
+        kinds = _token_roles(encoded["offset_mapping"], text, messages) if chats else None
         if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
             ids.insert(0, tokenizer.bos_token_id)
+            kinds = [TEMPLATE_ROLE, *kinds] if kinds is not None else None
         if not ids:
             raise EmptyPrompt(index=index, where="(it has no tokens) ")
         if max_tokens is not None and len(ids) > max_tokens:
@@ -88,9 +132,13 @@ def tokenize_prompts(
                 raise PromptTooLong(index=index, n=len(ids), limit=max_tokens, why=limit_reason)
             warnings.warn(f"prompt {index} truncated from {len(ids)} to {max_tokens} tokens", stacklevel=2)
             ids = ids[:max_tokens]
+            kinds = kinds[:max_tokens] if kinds is not None else None
         all_ids.append(ids)
+        rendered.append(text if isinstance(prompt, list) else prompt)
+        if roles is not None:
+            roles.append(kinds)
     pieces = [list(tokenizer.convert_ids_to_tokens(ids)) for ids in all_ids]
-    return TokenizedPrompts(texts=list(texts), ids=all_ids, pieces=pieces)
+    return TokenizedPrompts(texts=rendered, ids=all_ids, pieces=pieces, roles=roles)
 
 
 def resolve_tracked(tokenizer, specs: list[str] | None, vocab_rows: int) -> tuple[list[int], list[str]]:
@@ -136,5 +184,6 @@ def normalize_lengths(tokenizer, tokenized: TokenizedPrompts) -> tuple[Tokenized
     texts = [tokenizer.decode(seq) if len(seq) < n else text
              for seq, n, text in zip(ids, lengths, tokenized.texts, strict=True)]
     pieces = [p[:target] for p in tokenized.pieces]
+    roles = [r[:target] for r in tokenized.roles] if tokenized.roles is not None else None
     message = f"normalized prompt lengths to {target} tokens (previous max length {max(lengths)} tokens)"
-    return TokenizedPrompts(texts=texts, ids=ids, pieces=pieces), message
+    return TokenizedPrompts(texts=texts, ids=ids, pieces=pieces, roles=roles), message

@@ -3,8 +3,9 @@
 Axes legend: g = prompt in a write group, b = prompt in a compute batch, l = layer
 (0..L), t = token position, d = hidden dimension.
 
-Write groups are sized to the store's prompt chunks so each group is one set of
-whole chunks; compute batches (``--batch-size``) run inside a group. Batches are
+Prompts arrive in store order, longest first. Write groups are whole prompt chunks of
+the store; compute batches run inside a group, consecutive prompts of similar length
+under ``--batch-size`` prompts and ``--batch-tokens`` padded tokens. Batches are
 right-padded, which is exact for every supported architecture; position ids come
 from the attention mask so GPT-2's learned positions stay correct too.
 """
@@ -48,11 +49,12 @@ def forward_residuals(
     ids_bt: torch.Tensor,
     mask_bt: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    keep_layers: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of ``model`` on ``embedding(ids_bt)``; returns (resid_bltd, final_btd).
 
     Only the decoder body runs: the LM head (a vocabulary-sized product) is not needed
-    for residuals.
+    for residuals. ``keep_layers`` are the layers recorded (default all of 0..L).
     """
     layers = decoder_layers(model)
     device = _device_of(model.get_input_embeddings())
@@ -61,24 +63,27 @@ def forward_residuals(
     embeds_btd = embedding(ids_bt.to(_device_of(embedding))).to(device=device, dtype=model_dtype)
     position_ids_bt = (mask_bt.long().cumsum(-1) - 1).clamp(min=0)
     n_batch, n_tok = ids_bt.shape
-    resid_bltd = torch.empty(n_batch, len(layers) + 1, n_tok, embeds_btd.shape[-1], dtype=out_dtype, device=device)
-    with ResidualRecorder(layers, resid_bltd):
+    n_kept = len(layers) + 1 if keep_layers is None else len(keep_layers)
+    resid_bltd = torch.empty(n_batch, n_kept, n_tok, embeds_btd.shape[-1], dtype=out_dtype, device=device)
+    with ResidualRecorder(layers, resid_bltd, keep_layers):
         out = decoder(model)(
             inputs_embeds=embeds_btd, attention_mask=mask_bt, position_ids=position_ids_bt, use_cache=False
         )
     return resid_bltd, out.last_hidden_state.to(out_dtype)
 
 
-def _check_finite(resid_bltd: torch.Tensor, row: int, n_tok: int, pass_name: str, prompt: int) -> None:
-    real_ltd = resid_bltd[row, :, :n_tok]
-    if bool(torch.isfinite(real_ltd).all()):
+def _check_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor, pass_name: str, prompts: list[int]) -> None:
+    """Raise on the first non-finite value at a real position of the batch (one reduction when all is well)."""
+    bad_bltd = ~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]
+    if not bool(bad_bltd.any()):
         return
-    layer, token, dim = (int(i) for i in (~torch.isfinite(real_ltd)).nonzero()[0])
-    raise NonFiniteActivation(pass_=pass_name, prompt=prompt, layer=layer, token=token,
-                              value=float(real_ltd[layer, token, dim]))
+    row, layer, token, dim = (int(i) for i in bad_bltd.nonzero()[0])
+    raise NonFiniteActivation(pass_=pass_name, prompt=prompts[row], layer=layer, token=token,
+                              value=float(resid_bltd[row, layer, token, dim]))
 
 
-def _pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask of a batch."""
     n_tok = max(len(i) for i in ids)
     ids_bt = torch.full((len(ids), n_tok), pad_id, dtype=torch.long)
     mask_bt = torch.zeros((len(ids), n_tok), dtype=torch.long)
@@ -88,42 +93,95 @@ def _pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids_bt, mask_bt
 
 
+def compute_batches(lengths: list[int], rows: slice, batch_size: int, batch_tokens: int) -> list[slice]:
+    """Consecutive prompts of ``rows`` in batches of at most ``batch_size`` prompts and ``batch_tokens``
+    padded tokens (prompts times the batch's longest; a prompt longer than the budget runs alone).
+
+    Prompts are in store order, longest first, so a batch holds prompts of similar length.
+
+    >>> compute_batches([90, 50, 40, 40, 10], slice(0, 5), batch_size=8, batch_tokens=100)
+    [slice(0, 1, None), slice(1, 3, None), slice(3, 5, None)]
+    """
+    batches, start = [], rows.start
+    while start < rows.stop:
+        stop, longest = start + 1, lengths[start]
+        while stop < rows.stop and stop - start < batch_size and \
+                (stop - start + 1) * max(longest, lengths[stop]) <= batch_tokens:
+            longest = max(longest, lengths[stop])
+            stop += 1
+        batches.append(slice(start, stop))
+        start = stop
+    return batches
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """What of each prompt is stored: positions ``start[i]:stop[i]`` of the ids the forward sees, and the
+    recorded layers (true numbers)."""
+
+    start: list[int]
+    stop: list[int]
+    layers: list[int]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.start, self.stop, strict=True)]
+
+
 def run_passes(
     model: nn.Module,
     passes: list[tuple[int, Pass]],
     embeddings: dict[str, nn.Module],
     prompts: TokenizedPrompts,
     groups: list[slice],
+    window: StoredWindow,
     *,
     batch_size: int,
-    n_tokens_store: int,
+    batch_tokens: int,
+    token_extent: Callable[[slice], int],
     out_dtype: torch.dtype,
     pad_id: int = 0,
     skip: Callable[[int, slice], bool] = lambda pass_index, group: False,
 ) -> Iterator[CapturedGroup]:
-    """Yield one :class:`CapturedGroup` per (pass, write group) not skipped."""
-    n_layers1 = len(decoder_layers(model)) + 1
+    """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
+
+    ``prompts.ids`` are what each forward sees (in store order); ``window`` what of it is
+    stored; ``token_extent(group)`` the token positions the group's buffer covers.
+    """
     np_dtype = torch.empty(0, dtype=out_dtype).numpy().dtype
+    lengths = prompts.lengths
+    simple = not any(window.start)  # every window starts at the first token: one slice per batch
     for pass_index, spec in passes:
         for group in groups:
             if skip(pass_index, group):
                 continue
-            size = group.stop - group.start
+            size, extent = group.stop - group.start, token_extent(group)
             hidden = embeddings[spec.embedding].weight.shape[-1]
-            resid_gltd = np.full((size, n_layers1, n_tokens_store, hidden), np.nan, dtype=np_dtype)
-            final_gtd = np.full((size, n_tokens_store, hidden), np.nan, dtype=np_dtype)
+            resid_gltd = np.full((size, len(window.layers), extent, hidden), np.nan, dtype=np_dtype)
+            final_gtd = np.full((size, extent, hidden), np.nan, dtype=np_dtype)
             n_real = 0
-            for start in range(group.start, group.stop, batch_size):
-                rows = range(start, min(start + batch_size, group.stop))
-                ids_bt, mask_bt = _pad_batch([prompts.ids[i] for i in rows], pad_id)
-                resid_bltd, final_btd = forward_residuals(model, embeddings[spec.embedding], ids_bt, mask_bt, out_dtype)
-                resid_bltd, final_btd = resid_bltd.cpu(), final_btd.cpu()
-                for row, prompt in enumerate(rows):
-                    n_tok = len(prompts.ids[prompt])
-                    _check_finite(resid_bltd, row, n_tok, spec.name, prompt)
-                    resid_gltd[prompt - group.start, :, :n_tok] = resid_bltd[row, :, :n_tok].numpy()
-                    final_gtd[prompt - group.start, :n_tok] = final_btd[row, :n_tok].numpy()
-                    n_real += n_tok
+            for batch in compute_batches(lengths, group, batch_size, batch_tokens):
+                rows = list(range(batch.start, batch.stop))
+                ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in rows], pad_id)
+                resid_bltd, final_btd = forward_residuals(model, embeddings[spec.embedding], ids_bt, mask_bt,
+                                                          out_dtype, window.layers)
+                real_bt = mask_bt.to(resid_bltd.device).bool()
+                _check_finite(resid_bltd, real_bt, spec.name, [prompts.label(i) for i in rows])
+                with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
+                    resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
+                    final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
+                at = slice(batch.start - group.start, batch.stop - group.start)
+                if simple:
+                    width = min(resid_bltd.shape[2], extent)
+                    resid_gltd[at, :, :width] = resid_bltd[:, :, :width].cpu().numpy()
+                    final_gtd[at, :width] = final_btd[:, :width].cpu().numpy()
+                else:  # --positions last:N: each prompt's own window
+                    resid_host, final_host = resid_bltd.cpu().numpy(), final_btd.cpu().numpy()
+                    for row, prompt in enumerate(rows):
+                        a, b = window.start[prompt], window.stop[prompt]
+                        resid_gltd[at.start + row, :, : b - a] = resid_host[row, :, a:b]
+                        final_gtd[at.start + row, : b - a] = final_host[row, a:b]
+                n_real += sum(window.lengths[i] for i in rows)
             yield CapturedGroup(pass_index, group, resid_gltd, final_gtd, n_real)
 
 

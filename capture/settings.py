@@ -32,10 +32,17 @@ class CaptureSettings:
     passes: str | None = None
     prompts: list[str] = field(default_factory=list)
     prompts_files: list[str] = field(default_factory=list)
+    prompt_field: str | None = None  # --field: the prompt's field or column in JSON lines, JSON, CSV, Parquet, datasets
+    limit: int | None = None  # keep the first N prompts (after --shuffle)
+    shuffle: bool = False
+    seed: int = 0
+    layers: str | None = None  # --layers 0,8,16:24 (default all)
+    positions: str | None = None  # --positions first:32 | last:16 (default all)
     dtype: str | None = None
     device: str = "auto"
     device_map: str | None = None
-    batch_size: int = 8
+    batch_size: int = 64  # prompts per forward pass, at most
+    batch_tokens: int = 8192  # padded tokens per forward pass, at most (a longer prompt runs alone)
     scheduler: str | None = None  # tcp://HOST:PORT of a dask.distributed scheduler
     local_cluster: int | None = None  # worker processes to start on loopback
     max_tokens: int | None = None
@@ -104,10 +111,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_models(settings: CaptureSettings, ensure_tiny=None) -> ResolvedModels:
+def resolve_models(settings: CaptureSettings) -> ResolvedModels:
     """Turn ``--pair`` or ``--base/--sft`` into model references, a label and a dtype."""
     if settings.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if settings.batch_tokens < 1:
+        raise UsageError(f"--batch-tokens must be at least 1, got {settings.batch_tokens}")
     if bool(settings.base) != bool(settings.sft):
         raise UsageError("give both --base and --sft (or neither, and a --pair)")
     if settings.base:
@@ -116,10 +125,8 @@ def resolve_models(settings: CaptureSettings, ensure_tiny=None) -> ResolvedModel
     else:
         spec = get_model_pair(settings.model_pair or TINY)
         label, dtype, tokenizer = spec.name, spec.dtype, spec.tokenizer
-        if spec.name == TINY:
-            if ensure_tiny is None:
-                from capture.tiny import ensure_tiny_pair as ensure_tiny
-            base_ref, sft_ref = ensure_tiny(settings.cache_dir)
+        if spec.built_locally:
+            base_ref, sft_ref = spec.build(settings.cache_dir)
         else:
             base_ref, sft_ref = spec.base, spec.sft
     device = resolve_device(settings.device)

@@ -56,7 +56,7 @@ def recipe_hash() -> str:
 
 
 @contextmanager
-def _deterministic():
+def deterministic():
     threads = torch.get_num_threads()
     previous = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def build_tiny_pair(out_dir: Path) -> dict[str, float]:
     chat = CHAT_FILE.read_text(encoding="utf-8").splitlines()
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    with _deterministic():
+    with deterministic():
         torch.manual_seed(RECIPE["seed"])
         tokenizer = _train_tokenizer(corpus + chat)
         vocab_rows = -(-len(tokenizer) // 64) * 64  # padded rows, like real checkpoints

@@ -109,6 +109,14 @@ def expand_prompts(
     texts, sources, variants = [], [], []
     for index, prompt in enumerate(prompts):
         for name in names:
+            if isinstance(prompt, list):  # a chat conversation: variants rewrite texts only
+                if name != "identity":
+                    raise UsageError(f"prompt variant {name!r} rewrites texts; prompt {index} is a chat "
+                                     "conversation, which only the identity variant keeps")
+                texts.append(prompt)
+                sources.append(index)
+                variants.append(name)
+                continue
             texts.append(VARIANTS[name](prompt, dict((options or {}).get(name) or {})))
             sources.append(index)
             variants.append(name)

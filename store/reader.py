@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from store.chunking import real_blocks
 from store.errors import StoreFormatError, StoreNotFound
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, read_root_metadata, xarray_kwargs
-from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION
+from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION, READABLE_VERSIONS
 from store.units import format_bytes
 
 
@@ -53,7 +54,7 @@ def check_store(path: StorePath, storage_options: dict | None = None) -> dict:
     if version is None:
         raise StoreFormatError(path=path, detail=f"it has no {FORMAT_ATTR} attribute (not written by resdiff)"
         )
-    if version > FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreFormatError(path=path,
             detail=f"format version {version} is newer than this resdiff reads ({FORMAT_VERSION}); upgrade resdiff",
         )
@@ -82,10 +83,81 @@ def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Datas
     # to pick data, so load them now, straight from Zarr (no Dask computation); per-token
     # labels stay lazy like the data.
     names = [name for name, coord in ds.coords.items() if coord.ndim == 1 and name not in ds.dims]
-    if not names:
+    if names:
+        eager = xr.open_zarr(str(path), chunks=None, **where)
+        ds = ds.assign_coords({name: eager[name].load() for name in names})
+    return skip_padding_chunks(ds)
+
+
+_FILL = {"f": np.nan, "i": -1, "u": 0, "b": False, "O": ""}
+
+
+def _padding_block(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    # A read-only view of one value: a padding chunk costs no memory and no read.
+    return np.broadcast_to(np.array(_FILL[dtype.kind], dtype=dtype), shape)
+
+
+def is_padding_block(block: np.ndarray) -> bool:
+    """True for a chunk :func:`skip_padding_chunks` made up (it holds only padding; nothing was read)."""
+    return block.ndim > 0 and block.size > 1 and not any(block.strides)
+
+
+def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray) -> xr.DataArray:
+    import dask
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    data = var.data
+    p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
+    chunk_prompt, chunk_token = data.chunks[p_axis][0], data.chunks[t_axis][0]
+    real = real_blocks(n_tokens_p, chunk_prompt, chunk_token, var.sizes["token"])
+    if real.all():
+        return var
+    name = "skip-padding-" + dask.base.tokenize(data, chunk_prompt, chunk_token)
+    graph = {}
+    for index in np.ndindex(*data.numblocks):
+        if real[index[p_axis], index[t_axis]]:
+            graph[(name, *index)] = (data.name, *index)
+        else:
+            shape = tuple(data.chunks[axis][i] for axis, i in enumerate(index))
+            graph[(name, *index)] = (_padding_block, shape, data.dtype)
+    layers = HighLevelGraph.from_collections(name, graph, dependencies=[data])
+    return var.copy(data=da.Array(layers, name, data.chunks, dtype=data.dtype, meta=data._meta))
+
+
+def skip_padding_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with every chunk that holds only padding made up instead of read.
+
+    Such chunks are never written (the prompts are laid out longest first and cut into
+    token chunks, see ``store.chunking``); a plain ``xr.open_zarr`` reads them as the fill
+    value. Here they become read-only views of NaN (-1 for ids, "" for strings) that cost
+    no read and no memory, and that the analysis kernels recognise and skip
+    (:func:`is_padding_block`). Lazy: nothing is computed.
+    """
+    if "n_tokens" not in ds.coords or "token" not in ds.dims:
         return ds
-    eager = xr.open_zarr(str(path), chunks=None, **where)
-    return ds.assign_coords({name: eager[name].load() for name in names})
+    n_tokens_p = np.asarray(ds["n_tokens"].values)
+    names = [name for name, var in ds.variables.items()
+             if "prompt" in var.dims and "token" in var.dims and var.chunks is not None]
+    return ds.assign({name: _skip_in(ds[name], n_tokens_p) for name in names if name in ds.data_vars}).assign_coords(
+        {name: _skip_in(ds[name], n_tokens_p) for name in names if name in ds.coords})
+
+
+def stored_bytes(ds: xr.Dataset, names: list[str]) -> int:
+    """Bytes (before compression) of the chunks of ``names`` that hold real tokens, the ones a capture writes."""
+    total = 0
+    for name in names:
+        var = ds[name]
+        if not var.chunks or "token" not in var.dims:
+            total += var.nbytes
+            continue
+        chunk_bytes = int(np.prod([c[0] for c in var.chunks], dtype=np.int64)) * var.dtype.itemsize
+        p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
+        real = real_blocks(np.asarray(ds.n_tokens.values), var.chunks[p_axis][0], var.chunks[t_axis][0],
+                           var.sizes["token"])
+        others = int(np.prod([len(c) for axis, c in enumerate(var.chunks) if axis not in (p_axis, t_axis)]))
+        total += int(real.sum()) * others * chunk_bytes
+    return total
 
 
 def describe_store(path: str | Path) -> str:
@@ -95,8 +167,11 @@ def describe_store(path: str | Path) -> str:
     done = np.asarray(ds["done"].values, dtype=bool)
     models = attrs.get("models", {})
     settings = attrs.get("capture_settings", {})
-    content = (f"{format_bytes(ds['resid'].nbytes)} of residuals as {ds['resid'].dtype}" if "resid" in ds
-               else f"statistics only, imported from {attrs.get('imported_from')}")
+    if "resid" in ds:
+        content = f"{format_bytes(stored_bytes(ds, ['resid', 'final']))} of residuals as {ds['resid'].dtype}"
+    else:
+        content = f"statistics only, imported from {attrs.get('imported_from')}"
+    n_tokens = np.asarray(ds.n_tokens.values)
     lines = [
         f"store      {path}  (format {attrs.get(FORMAT_ATTR)}, {content})",
         "dims       " + ", ".join(f"{k}={ds.sizes[k]}" for k in DIMS if k in ds.sizes),
@@ -109,7 +184,8 @@ def describe_store(path: str | Path) -> str:
             for p, m, e, u in zip(ds.pass_.values, ds.model.values, ds.embedding.values, ds.unembedding.values,
                                   strict=True)
         ),
-        f"prompts    {ds.sizes['prompt']} (tokens per prompt: {', '.join(str(int(n)) for n in ds.n_tokens.values)})",
+        f"prompts    {ds.sizes['prompt']}: {int(n_tokens.sum())} tokens stored, {int(n_tokens.min())} to "
+        f"{int(n_tokens.max())} per prompt (median {float(np.median(n_tokens)):g})",
         f"complete   {int(done.sum())}/{done.size} pass x prompt regions"
         + ("" if done.all() else "  (incomplete: rerun the same capture command to resume)"),
     ]
@@ -124,7 +200,16 @@ def describe_store(path: str | Path) -> str:
         )
     if "resid" in ds:
         chunks = ds["resid"].encoding.get("chunks") or ds["resid"].data.chunksize
-        lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}")
+        stats = [name for name in ds.data_vars if name not in ("resid", "final") and "token" in ds[name].dims]
+        padded = format_bytes(ds.resid.nbytes + ds.final.nbytes)
+        lines.append(f"chunks     resid {tuple(int(c) for c in chunks)}; stored before compression: residuals "
+                     f"{format_bytes(stored_bytes(ds, ['resid', 'final']))} of {padded} padded, lens statistics "
+                     f"{format_bytes(stored_bytes(ds, stats))}")
+    if settings.get("layers"):
+        lines.append(f"layers     {', '.join(str(int(la)) for la in ds.layer.values)} (of a capture with --layers)")
+    positions = attrs.get("content_fingerprint", {}).get("positions")
+    if positions not in (None, "all"):
+        lines.append(f"positions  {positions} of each prompt (token_position gives each one's place)")
     if attrs.get("completed_at"):
         lines.append(f"captured   {attrs['completed_at']}")
     return "\n".join(lines)

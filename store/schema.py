@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
-FORMAT_VERSION = 1
+from store.chunking import TARGET_CHUNK_BYTES, Chunking
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: prompts in source order, whole tokens per chunk
 FORMAT_ATTR = "resdiff_format_version"
 DIMS = ("pass_", "prompt", "layer", "token", "dim")
-TARGET_CHUNK_BYTES = 16 * 2**20
 LAYER_SEMANTICS = (
     "layer 0 = input of the first decoder block (embedding output, hidden_states[0]); "
     "layer l >= 1 = raw residual stream after block l-1, before the final norm; "
@@ -45,41 +45,6 @@ def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
     return [(f"{a}-{b}", a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
-@dataclass(frozen=True)
-class Chunking:
-    """Chunk sizes along prompt and layer; pass_ is 1 and token, dim are whole."""
-
-    prompt: int
-    layer: int
-
-
-def choose_chunking(
-    n_prompts: int, n_layers1: int, n_tokens: int, hidden: int, itemsize: int,
-    target_bytes: int = TARGET_CHUNK_BYTES,
-) -> Chunking:
-    """Tile (prompt x layer) so a chunk is about ``target_bytes``, as square as possible.
-
-    Reading one layer across prompts wastes a factor ``layer`` of the bytes read and
-    reading one prompt across layers a factor ``prompt``; a square tile bounds both.
-
-    >>> choose_chunking(1000, 29, 128, 1536, 2)
-    Chunking(prompt=7, layer=6)
-    """
-    slab = max(1, n_tokens * hidden * itemsize)
-    budget = max(1, target_bytes // slab)
-    layer = min(n_layers1, max(1, math.isqrt(budget)))
-    prompt = min(n_prompts, max(1, budget // layer))
-    if prompt == n_prompts:
-        layer = min(n_layers1, max(layer, budget // prompt))
-    return Chunking(prompt=prompt, layer=layer)
-
-
-def write_groups(n_prompts: int, chunk_prompt: int, batch_size: int) -> list[slice]:
-    """Prompt ranges written at once: whole chunks, at least one compute batch each."""
-    size = chunk_prompt * max(1, -(-batch_size // chunk_prompt))
-    return [slice(start, min(start + size, n_prompts)) for start in range(0, n_prompts, size)]
-
-
 def content_digest(values) -> str:
     """SHA-256 of a JSON-serialisable list (prompt texts, variants...), for fingerprints that must not grow
     with the number of prompts.
@@ -101,57 +66,88 @@ def build_template(
     texts: list[str],
     token_ids: list[list[int]],
     token_pieces: list[list[str]],
-    n_layers1: int,
+    n_layers1: int | None = None,
     hidden: int,
     store_dtype: str,
     chunking: Chunking,
     attrs: dict,
+    prompt_labels: list[int] | None = None,
     prompt_index: list[int] | None = None,
     variants: list[str] | None = None,
+    layers: list[int] | None = None,
+    prompt_lengths: list[int] | None = None,
+    token_positions: list[list[int]] | None = None,
+    roles: list[list[str]] | None = None,
 ) -> xr.Dataset:
-    """The full-size, lazily NaN-filled Dataset written before any region."""
+    """The full-size, lazily NaN-filled Dataset written before any region.
+
+    Every per-prompt list is in store order (longest prompt first for a capture);
+    ``prompt_labels`` are the prompts' positions in source order, the ``prompt``
+    coordinate. ``token_ids`` are the stored positions' ids, ``token_positions`` their
+    positions in the prompt (default 0, 1, ...), ``prompt_lengths`` the prompts' full
+    token counts (default: the stored counts), ``layers`` the true layer numbers kept
+    (default 0..L), ``roles`` a chat role per stored token (optional).
+    """
     n_pass, n_prompts = len(passes), len(texts)
+    layers = list(layers) if layers is not None else list(range(n_layers1))
     n_tokens = max(len(ids) for ids in token_ids)
+    stored = [len(ids) for ids in token_ids]
     ids_pt = np.full((n_prompts, n_tokens), -1, dtype=np.int32)
     pieces_pt = np.full((n_prompts, n_tokens), "", dtype=object)
+    positions_pt = np.full((n_prompts, n_tokens), -1, dtype=np.int32)
     for row, (ids, pieces) in enumerate(zip(token_ids, token_pieces, strict=True)):
         ids_pt[row, : len(ids)] = ids
         pieces_pt[row, : len(pieces)] = pieces
-    cp, cl = chunking.prompt, chunking.layer
-    resid = da.full((n_pass, n_prompts, n_layers1, n_tokens, hidden), np.nan, dtype=store_dtype,
-                    chunks=(1, cp, cl, n_tokens, hidden))
+        positions_pt[row, : len(ids)] = token_positions[row] if token_positions else np.arange(len(ids))
+    cp, cl, ct = chunking.prompt, chunking.layer, chunking.token or n_tokens
+    resid = da.full((n_pass, n_prompts, len(layers), n_tokens, hidden), np.nan, dtype=store_dtype,
+                    chunks=(1, cp, cl, ct, hidden))
     final = da.full((n_pass, n_prompts, n_tokens, hidden), np.nan, dtype=store_dtype,
-                    chunks=(1, cp, n_tokens, hidden))
+                    chunks=(1, cp, ct, hidden))
     done = da.zeros((n_pass, n_prompts), dtype=bool, chunks=(1, cp))
+    coords = {
+        "pass_": ("pass_", string_array([p["name"] for p in passes])),
+        "model": ("pass_", string_array([p["llm"] for p in passes])),
+        "embedding": ("pass_", string_array([p["embedding"] for p in passes])),
+        "unembedding": ("pass_", string_array([p["unembedding"] for p in passes])),
+        "prompt": ("prompt", np.asarray(prompt_labels if prompt_labels is not None else range(n_prompts),
+                                        dtype=np.int64)),
+        "prompt_text": ("prompt", string_array(texts)),
+        "prompt_index": ("prompt", np.asarray(prompt_index or range(n_prompts), dtype=np.int64)),
+        "variant": ("prompt", string_array(variants or ["identity"] * n_prompts)),
+        "n_tokens": ("prompt", np.array(stored, dtype=np.int32)),
+        "prompt_length": ("prompt", np.array(prompt_lengths or stored, dtype=np.int32)),
+        "layer": ("layer", np.asarray(layers, dtype=np.int64)),
+        "token": ("token", np.arange(n_tokens, dtype=np.int64)),
+        "token_id": (("prompt", "token"), ids_pt),
+        "token_str": (("prompt", "token"), pieces_pt),
+        "token_position": (("prompt", "token"), positions_pt),
+    }
+    if roles is not None:
+        roles_pt = np.full((n_prompts, n_tokens), "", dtype=object)
+        for row, kinds in enumerate(roles):
+            roles_pt[row, : len(kinds)] = kinds
+        coords["role"] = (("prompt", "token"), roles_pt)
     return xr.Dataset(
         {
             "resid": (DIMS, resid, {"long_name": "residual stream", "layer_semantics": LAYER_SEMANTICS}),
             "final": (("pass_", "prompt", "token", "dim"), final, {"long_name": "final-norm output"}),
             "done": (("pass_", "prompt"), done, {"long_name": "region fully written"}),
         },
-        coords={
-            "pass_": ("pass_", string_array([p["name"] for p in passes])),
-            "model": ("pass_", string_array([p["llm"] for p in passes])),
-            "embedding": ("pass_", string_array([p["embedding"] for p in passes])),
-            "unembedding": ("pass_", string_array([p["unembedding"] for p in passes])),
-            "prompt": ("prompt", np.arange(n_prompts, dtype=np.int64)),
-            "prompt_text": ("prompt", string_array(texts)),
-            "prompt_index": ("prompt", np.asarray(prompt_index or range(n_prompts), dtype=np.int64)),
-            "variant": ("prompt", string_array(variants or ["identity"] * n_prompts)),
-            "n_tokens": ("prompt", np.array([len(i) for i in token_ids], dtype=np.int32)),
-            "layer": ("layer", np.arange(n_layers1, dtype=np.int64)),
-            "token": ("token", np.arange(n_tokens, dtype=np.int64)),
-            "token_id": (("prompt", "token"), ids_pt),
-            "token_str": (("prompt", "token"), pieces_pt),
-        },
+        coords=coords,
         attrs={FORMAT_ATTR: FORMAT_VERSION, **attrs},
     )
 
 
 def encoding(ds: xr.Dataset) -> dict[str, dict]:
-    """Zstd for the data arrays: cheap, and it still saves a little on activations."""
+    """Zstd for the data arrays (cheap, and it still saves a little on activations); ids of chunks never
+    written (padding only) read as -1, like the padding inside written chunks."""
     zstd = zarr.codecs.ZstdCodec(level=3)
-    return {name: {"compressors": [zstd]} for name, var in ds.data_vars.items() if var.ndim >= 3}
+    out = {}
+    for name, var in ds.data_vars.items():
+        if var.ndim >= 3:
+            out[name] = {"compressors": [zstd], **({"fill_value": -1} if var.dtype.kind == "i" else {})}
+    return out
 
 
 LENS_NAMES = ("raw", "norm")
@@ -189,7 +185,7 @@ _STAT_ATTRS = {
 
 def add_lens_variables(
     ds: xr.Dataset, *, pairs: list[tuple[str, str, str]], top_k: int, tracked_ids: list[int],
-    tracked_strs: list[str], chunk_prompt: int,
+    tracked_strs: list[str], chunk_prompt: int, chunk_token: int | None = None,
 ) -> xr.Dataset:
     """Add the (lazily empty) logit-lens statistics to a template.
 
@@ -204,7 +200,7 @@ def add_lens_variables(
 
     def empty(lead: str, n_lead: int, tail: str | None, dtype: str):
         shape = (n_lead, n_lens, n_prompts, n_layers1, n_tokens) + ((extra[tail],) if tail else ())
-        chunks = (1, 1, chunk_prompt, n_layers1, n_tokens) + ((extra[tail],) if tail else ())
+        chunks = (1, 1, chunk_prompt, n_layers1, chunk_token or n_tokens) + ((extra[tail],) if tail else ())
         fill = np.nan if dtype == "float32" else -1
         dims = (lead, "lens", *position) + ((tail,) if tail else ())
         return dims, da.full(shape, fill, dtype=dtype, chunks=chunks)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from store.chunking import Chunking
 from store.reader import open_store
-from store.schema import STANDARD_PASSES, Chunking, build_template, every_pass_pair
+from store.schema import STANDARD_PASSES, build_template, every_pass_pair
 from store.writer import StoreWriter
 
 

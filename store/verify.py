@@ -14,8 +14,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import ResdiffError
-from store.location import normalize, xarray_kwargs, zarr_store
+from store.location import is_url, normalize, xarray_kwargs, zarr_store
 from store.reader import check_store
 from store.schema import DIMS
 from store.writer import completeness
@@ -64,13 +65,15 @@ def _values(ds: xr.Dataset) -> list[str]:
     real_pt = np.arange(ds.sizes["token"])[None, :] < n_tokens[:, None]  # (prompt, token)
     done = np.asarray(ds["done"].values, dtype=bool) if "done" in ds else None
     block = int(ds.resid.data.chunksize[1]) if "resid" in ds else ds.sizes["prompt"]
-    for start in range(0, ds.sizes["prompt"], block):
-        rows = slice(start, min(start + block, ds.sizes["prompt"]))
-        real = real_pt[rows]
+    chunk_token = int(ds.resid.data.chunksize[3]) if "resid" in ds else None
+    labels = ds.prompt.values
+    for rows in chunk_slices(ds.sizes["prompt"], block):
+        extent = token_extent(n_tokens, rows, chunk_token, ds.sizes["token"])  # chunks past it are never written
+        real = real_pt[rows, :extent]
         for name, var in ds.data_vars.items():
             if var.dtype.kind != "f" or "prompt" not in var.dims:
                 continue
-            values = var.isel(prompt=rows).values
+            values = var.isel(prompt=rows, **({"token": slice(0, extent)} if "token" in var.dims else {})).values
             if np.isinf(values).any():
                 where = dict(zip(var.dims, np.argwhere(np.isinf(values))[0].tolist(), strict=False))
                 where["prompt"] += rows.start
@@ -84,12 +87,29 @@ def _values(ds: xr.Dataset) -> list[str]:
                     x = values[p, i]  # (layer,) token, dim
                     nan_ntd = np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1])
                     any_nan_t, all_nan_t = nan_ntd.any(axis=(0, 2)), nan_ntd.all(axis=(0, 2))
-                    label = f"{name} pass {ds.pass_.values[p]} prompt {prompt}"
+                    label = f"{name} pass {ds.pass_.values[p]} prompt {labels[prompt]}"
                     if (any_nan_t & real[i]).any():
                         token = int(np.argmax(any_nan_t & real[i]))
                         problems.append(f"{label}: NaN at real token {token} (a region marked done has gaps)")
                     if (~all_nan_t & ~real[i]).any():
                         problems.append(f"{label}: values on padding positions (should be NaN)")
+    return problems
+
+
+def _padding_chunks_written(path: Path, ds: xr.Dataset) -> list[str]:
+    """Chunk files of a local store that hold only padding: a sound capture never writes them."""
+    problems = []
+    n_tokens = ds.n_tokens.values.astype(int)
+    for name, var in ds.data_vars.items():
+        if "prompt" not in var.dims or "token" not in var.dims or var.chunks is None:
+            continue
+        p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
+        real = real_blocks(n_tokens, var.chunks[p_axis][0], var.chunks[t_axis][0], var.sizes["token"])
+        root = path / name / "c"
+        found = [f.relative_to(root).parts for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+        bad = [key for key in found if len(key) == var.ndim and not real[int(key[p_axis]), int(key[t_axis])]]
+        if bad:
+            problems.append(f"{name}: {len(bad)} chunk(s) holding only padding were written (e.g. {'/'.join(bad[0])})")
     return problems
 
 
@@ -113,6 +133,8 @@ def verify_store(path: str | Path) -> list[str]:
     if problems:
         return problems  # values cannot be checked against a broken layout
     problems = _coverage(path, ds) + (_values(ds) if "resid" in ds else [])
+    if not is_url(path):
+        problems += _padding_chunks_written(path, ds)
     if len(problems) > MAX_LISTED:
         problems = [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more"]
     return problems

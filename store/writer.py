@@ -21,6 +21,7 @@ import xarray as xr
 import zarr
 
 from store.atomic import atomic_output
+from store.chunking import chunk_slices, token_extent
 from store.errors import StoreFormatError
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
 from store.schema import FORMAT_ATTR, encoding
@@ -136,6 +137,7 @@ class StoreWriter:
         self.path = normalize(path)
         self.storage_options = storage_options
         self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
+        self._n_tokens_p: np.ndarray | None = None
 
     @classmethod
     def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None) -> StoreWriter:
@@ -183,12 +185,46 @@ class StoreWriter:
             return np.ones(self.group["done"].shape[1], dtype=bool)
         return np.asarray(self.group["lens_done"][...], dtype=bool)
 
+    def chunk_extents(self, prompts: slice, name: str = "resid") -> list[tuple[slice, int]]:
+        """Each prompt chunk of ``prompts`` (whole chunks of ``name``) with the token positions stored for it:
+        up to the end of the token chunk that holds its longest prompt's last token. Token chunks past that
+        hold only padding and are never written."""
+        if self._n_tokens_p is None:
+            self._n_tokens_p = np.asarray(self.group["n_tokens"][...])
+        array = self.group[name]
+        dims = array.metadata.dimension_names
+        chunk_prompt, chunk_token = (array.chunks[dims.index(d)] for d in ("prompt", "token"))
+        n_tokens = array.shape[dims.index("token")]
+        return [(rows, token_extent(self._n_tokens_p, rows, chunk_token, n_tokens))
+                for rows in chunk_slices(array.shape[dims.index("prompt")], chunk_prompt, prompts.start, prompts.stop)]
+
+    def group_extent(self, prompts: slice) -> int:
+        """Token positions a buffer for ``prompts`` must cover (the largest of its chunks' extents)."""
+        return max(extent for _, extent in self.chunk_extents(prompts))
+
+    def write_staircase(self, name: str, lead: tuple, prompts: slice, values: np.ndarray) -> None:
+        """Write ``values`` into ``name`` at ``lead`` (indices of the axes before ``prompt``) and ``prompts``,
+        chunk by chunk, only the token positions :meth:`chunk_extents` stores.
+
+        ``values`` has the variable's axes except those ``lead`` indexes with an integer;
+        its prompt axis covers ``prompts`` and its token axis at least the stored extent.
+        """
+        array = self.group[name]
+        dims = array.metadata.dimension_names
+        prompt_axis, token_axis = dims.index("prompt"), dims.index("token")
+        for rows, extent in self.chunk_extents(prompts, name):
+            where = [*lead, *(slice(None),) * (len(dims) - len(lead))]
+            where[prompt_axis], where[token_axis] = rows, slice(0, extent)
+            local = slice(rows.start - prompts.start, rows.stop - prompts.start)
+            pick = [local if axis == prompt_axis else index for axis, index in enumerate(where)
+                    if not isinstance(index, (int, np.integer))]
+            array[tuple(where)] = values[tuple(pick)].astype(array.dtype, copy=False)
+
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
         """Write one pass x prompt-group region, then flag it done."""
-        resid, final = self.group["resid"], self.group["final"]
-        resid[pass_index, prompts] = resid_gltd.astype(resid.dtype, copy=False)
+        self.write_staircase("resid", (pass_index,), prompts, resid_gltd)
         fault_point("region")  # a crash here leaves data without its done flag: rewritten on resume
-        final[pass_index, prompts] = final_gtd.astype(final.dtype, copy=False)
+        self.write_staircase("final", (pass_index,), prompts, final_gtd)
         self.group["done"][pass_index, prompts] = True
 
     def write_saved_lens(self, source: int, weight_vd, bias_v, norm_weight_d, norm_bias_d) -> None:

@@ -52,3 +52,14 @@ def load(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+# Lengths from 1 to ~40 tokens with the test tokenizer: a long tail over a short median.
+RAGGED = [
+    "Yes",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "Explain the moon landing.",
+    "Residual streams carry information between transformer blocks, and the fox jumps.",
+    "Two",
+    "Write a short Python function that adds two numbers, please, and explain it.",
+]

@@ -43,19 +43,20 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _states(ds: xr.Dataset, prompt: int) -> tuple[np.ndarray, np.ndarray]:
     """(current, previous) states per pass for the legacy keys: (pass, L, T, d) float64 each."""
     n_tok = int(ds.n_tokens.values[prompt])
-    resid = ds.resid.isel(prompt=prompt).values[:, :, :n_tok].astype(np.float64)
-    final = ds.final.isel(prompt=prompt).values[:, :n_tok].astype(np.float64)
+    real = {"prompt": prompt, "token": slice(0, n_tok)}  # only this prompt's stored chunks are read
+    resid = ds.resid.isel(real).values.astype(np.float64)
+    final = ds.final.isel(real).values.astype(np.float64)
     current = np.concatenate([resid[:, 1:-1], final[:, None]], axis=1)
     return current, resid[:, :-1]
 
 
 def _lens_at_keys(var: xr.DataArray, prompt: int, lens: str, n_tok: int) -> np.ndarray:
     """A lens statistic at the legacy keys: (pass or pair, L, T[, k])."""
-    values = var.isel(prompt=prompt)
+    values = var.isel(prompt=prompt, token=slice(0, n_tok))
     if lens == "norm":
-        return values.sel(lens="norm").values[:, 1:, :n_tok]
+        return values.sel(lens="norm").values[:, 1:]
     raw, normed = values.sel(lens="raw").values, values.sel(lens="norm").values
-    return np.concatenate([raw[:, 1:-1, :n_tok], normed[:, -1:, :n_tok]], axis=1)
+    return np.concatenate([raw[:, 1:-1], normed[:, -1:]], axis=1)
 
 
 def _topk(ids: np.ndarray, values: np.ndarray) -> dict:
@@ -63,9 +64,9 @@ def _topk(ids: np.ndarray, values: np.ndarray) -> dict:
 
 
 def prompt_records(ds: xr.Dataset, prompt: int, lens: str = "raw") -> dict:
-    """The format-2 record of one stored prompt."""
+    """The format-2 record of the prompt in store row ``prompt``."""
     n_tok = int(ds.n_tokens.values[prompt])
-    tokens = [str(t) for t in ds.token_str.isel(prompt=prompt).values[:n_tok]]
+    tokens = [str(t) for t in ds.token_str.isel(prompt=prompt, token=slice(0, n_tok)).values]
     passes = [str(p) for p in ds.pass_.values]
     index = {p: i for i, p in enumerate(passes)}
     meta = {"prompt_idx": int(ds.prompt_index.values[prompt]), "variant_name": str(ds.variant.values[prompt]),
@@ -160,7 +161,7 @@ def iter_json_chunks(ds: xr.Dataset, lens: str = "raw") -> Iterator[str]:
     single_pass = bool(ds.attrs.get("embedding_variants"))
     first = True
     yield "["
-    for prompt in range(ds.sizes["prompt"]):
+    for prompt in np.argsort(ds.prompt.values, kind="stable"):  # source order, whatever the store order
         records = format1_records(ds, prompt, lens) if single_pass else [prompt_records(ds, prompt, lens)]
         for record in records:
             yield ("\n" if first else ",\n") + textwrap.indent(json.dumps(record, indent=2), "  ")
@@ -174,6 +175,10 @@ def _check_exportable(ds: xr.Dataset, path) -> None:
         raise StoreFormatError(path=path,
             detail="it has no lens statistics (captured with --no-lens), which the legacy JSON needs; "
                    "recapture without --no-lens")
+    fingerprint = ds.attrs.get("content_fingerprint", {})
+    if fingerprint.get("positions", "all") != "all" or list(ds.layer.values) != list(range(ds.sizes["layer"])):
+        raise StoreFormatError(path=path, detail="it holds a subset of layers or positions (--layers/--positions); "
+                               "the legacy JSON has every layer and token: capture without them to export")
     if not bool(np.asarray(ds.done.values).all()) or not bool(np.asarray(ds.lens_done.values).all()):
         raise StoreFormatError(path=path, detail="the capture is incomplete; rerun the capture command to finish it")
 

@@ -40,8 +40,8 @@ def test_memory_sizes_and_threads():
 def test_memory_limit_sets_local_threads(store_path):
     ds = open_store(store_path)
     tile = tile_bytes(ds)
-    assert tile == ds.resid.sizes["pass_"] * ds.resid.data.chunksize[1] * ds.resid.data.chunksize[2] * \
-        ds.sizes["token"] * ds.sizes["dim"] * 2
+    chunk = ds.resid.data.chunksize  # (pass_, prompt, layer, token, dim): a tile holds one chunk of each pass
+    assert tile == ds.resid.sizes["pass_"] * chunk[1] * chunk[2] * chunk[3] * ds.sizes["dim"] * 2
     with compute_on(memory_limit=3 * tile, tile=tile) as where:
         assert dask.config.get("num_workers") == 1 and "local threads (1" in where
 

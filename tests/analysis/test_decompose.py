@@ -8,8 +8,8 @@ import xarray as xr
 
 from analysis import open_store
 from analysis.decompose import decompose_store, principal_angles
+from store.chunking import Chunking
 from store.errors import UsageError
-from store.schema import Chunking
 from store.testing import tiny_template
 from store.writer import StoreWriter
 

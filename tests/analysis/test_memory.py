@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from store.schema import Chunking
+from store.chunking import Chunking
 from store.testing import write_tiny_store
 
 pytestmark = pytest.mark.slow

@@ -112,7 +112,7 @@ def test_statistics_only_stores_use_their_stored_metrics(store, tmp_path):
     per_pair = pair_metrics(imported).compute()
     np.testing.assert_array_equal(per_pair.norm_diff.values, imported.norm_diff.values)
     # The legacy key k is our layer k + 1: the stored value there matches our own metric on the full store.
-    ours = pair_metrics(store).norm_diff.sel(layer=1).values
+    ours = pair_metrics(store).norm_diff.sel(layer=1, prompt=imported.prompt.values).values  # by label
     np.testing.assert_allclose(per_pair.norm_diff.sel(layer=1).values, ours, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert sorted(pass_metrics(imported).data_vars) == ["cosine_prev", "norm", "norm_delta"]
 

@@ -88,10 +88,10 @@ def test_token_id_previews(store_path, source, capsys):
     left, right = logit[passes.index("BS")], logit[passes.index("SS")]
     grid = {"left": left, "right": right, "diff": right - left}[source]
     start = next(i for i, x in enumerate(lines) if x.startswith(f"logit grid preview ({source}"))
-    tokens = ds.token_str.values[1]
+    tokens = ds.token_str.sel(prompt=1).values  # --prompt names a prompt by its label (source position)
     for layer in range(3):
         cells = lines[start + 1 + layer].split(": ", 1)[1].split(", ")
-        assert len(cells) == min(3, int(ds.n_tokens.values[1]))
+        assert len(cells) == min(3, int(ds.n_tokens.sel(prompt=1)))
         for t, cell in enumerate(cells):
             piece, value = cell.rsplit(":", 1)
             assert piece == tokens[t] and abs(float(value) - grid[layer, t]) <= 6e-4

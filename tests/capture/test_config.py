@@ -104,7 +104,7 @@ def test_config_runs_end_to_end_with_flags_on_top(config_file, tmp_path, monkeyp
     store = tmp_path / "c.zarr"
     assert main(["capture", "--config", str(config_file), "--store", str(store), "--quiet", "--top-k", "3"]) == 0
     assert "local_run ignored" in capsys.readouterr().err
-    ds = open_store(store)
+    ds = open_store(store).sortby("prompt")  # source order (the store lays prompts out longest first)
     assert ds.attrs["model_dtype"] == "float32" and ds.sizes["k"] == 3
     assert list(ds.pass_.values) == ["BB", "SS", "BS"] and list(ds.unembedding.values) == ["base", "sft", "base"]
     assert list(ds.pair.values) == ["BB-SS", "named", "back"]

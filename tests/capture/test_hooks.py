@@ -87,5 +87,5 @@ def test_recorder_removes_its_hooks(make_model):
 
 def test_recorder_rejects_wrong_buffer(make_model):
     model = load(make_model("llama"))
-    with pytest.raises(ValueError, match="needs 4"):
+    with pytest.raises(ValueError, match="3 layer slots for 4 kept layers"):
         ResidualRecorder(decoder_layers(model), torch.empty(1, 3, 2, 32))

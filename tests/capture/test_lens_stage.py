@@ -48,7 +48,8 @@ def test_stored_statistics_match_float64_reference(arch, make_model, tokenizer_d
     tracked = ["Ġthe", "7"]
     settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / "s"),
                                store_dtype="float32", device="cpu", batch_size=2, top_k=4, track=tracked)
-    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    # Sorted by label: prompt i is PROMPTS[i] (the store lays prompts out longest first).
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).sortby("prompt").load()
     assert bool(ds.lens_done.all())
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     models = {"base": load(base_dir), "sft": load(sft_dir)}
@@ -97,7 +98,7 @@ def test_batched_statistics_equal_one_prompt_at_a_time(make_model, tmp_path):
     def capture(prompts, name, batch):
         settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=prompts, store=str(tmp_path / name),
                                    store_dtype="float32", device="cpu", batch_size=batch, top_k=3)
-        return open_store(run_capture(settings, log=lambda *a: None, progress=False))
+        return open_store(run_capture(settings, log=lambda *a: None, progress=False)).sortby("prompt")
 
     together = capture(PROMPTS, "all", 4)
     for i, text in enumerate(PROMPTS):

@@ -18,7 +18,8 @@ from tests.helpers import ARCHS, PROMPTS, load
 def _capture(tmp_path, base, sft, **kw):
     settings = CaptureSettings(base=str(base), sft=str(sft), prompts=PROMPTS, store=str(tmp_path / "s.zarr"),
                                store_dtype="float32", device="cpu", batch_size=3, **kw)
-    return open_store(run_capture(settings, log=lambda *a: None, progress=False))
+    # Sorted by label: prompt i is PROMPTS[i] (the store lays prompts out longest first).
+    return open_store(run_capture(settings, log=lambda *a: None, progress=False)).sortby("prompt")
 
 
 def _reference(llm_dir, embedding_dir, tokenizer_dir, text):

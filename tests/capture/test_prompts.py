@@ -2,21 +2,33 @@ from __future__ import annotations
 
 import pytest
 
-from capture.prompts import DEV_PROMPTS_FILE, collect_prompts, read_prompts_file, tokenize_prompts
+from capture.prompt_sources import read_prompts_file
+from capture.prompts import DEV_PROMPTS_FILE, collect_prompts, tokenize_prompts
 from store.errors import UsageError
 
 
 def test_default_is_the_four_dev_prompts():
-    prompts = collect_prompts()
-    assert len(prompts) == 4 and prompts[0].startswith("Explain the moon landing")
+    prompts, rows = collect_prompts()
+    assert rows == [0, 1, 2, 3] and len(prompts) == 4 and prompts[0].startswith("Explain the moon landing")
     assert prompts == DEV_PROMPTS_FILE.read_text().splitlines()
 
 
 def test_files_first_then_inline(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("one\ntwo\n")
-    assert collect_prompts([str(f)], ["three"]) == ["one", "two", "three"]
-    assert collect_prompts(None, ["x"]) == ["x"]
+    assert collect_prompts([str(f)], ["three"]) == (["one", "two", "three"], [0, 1, 2])
+    assert collect_prompts(None, ["x"]) == (["x"], [0])
+
+
+def test_shuffle_then_limit_samples_and_keeps_source_rows(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    prompts, rows = collect_prompts([str(f)], shuffle=True, seed=3, limit=4)
+    assert len(prompts) == 4 and rows != [0, 1, 2, 3] and prompts == [f"prompt {r}" for r in rows]
+    assert collect_prompts([str(f)], shuffle=True, seed=3, limit=4) == (prompts, rows)
+    assert collect_prompts([str(f)], shuffle=True, seed=4, limit=4)[1] != rows
+    with pytest.raises(UsageError, match="--limit must be at least 1"):
+        collect_prompts([str(f)], limit=0)
 
 
 def test_empty_line_and_empty_file_are_errors(tmp_path):

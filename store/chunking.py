@@ -1,0 +1,128 @@
+"""How a store is cut into chunks, and which chunks hold only padding.
+
+Axes: prompt (in store order, longest first), layer, token. A ``resid`` chunk is
+``(1, prompt, layer, token, dim)``: one pass, a tile of prompts x layers x token
+positions, and all dims. Prompts are laid out longest first, so in every prompt chunk
+the first prompt is the longest and the real positions form a staircase; a token chunk
+past a prompt chunk's longest prompt holds only padding. Such chunks are never
+written, and readers (``store.reader.open_store``) never read them.
+
+Choosing a chunk for a ragged prompt set (:func:`choose_chunking`): for each token
+chunk size ``t`` (powers of two from 8, and the longest prompt), the prompt x layer
+budget ``16 MiB / (t x dim x itemsize)`` is split as squarely as the sizes allow; then
+the prompt tile shrinks (by an eighth at a time) until the bytes of the chunks that hold real tokens are at
+most :data:`MAX_WASTE` times the bytes of the real tokens (or it is 1). Among the sizes
+that meet the bound, the one with the fewest chunks wins (then the smallest waste).
+For prompts of one length this gives whole prompts in a chunk (``t`` = the length),
+the square tiles of format 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+TARGET_CHUNK_BYTES = 16 * 2**20
+MAX_WASTE = 1.1  # stored bytes (chunks with real tokens) / real-token bytes
+MIN_TOKEN_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """Chunk sizes along prompt, layer and token (``None``: all tokens in a chunk); pass_ is 1, dim whole."""
+
+    prompt: int
+    layer: int
+    token: int | None = None
+
+
+def _square_tile(n_prompts: int, n_layers1: int, budget: int) -> tuple[int, int]:
+    layer = min(n_layers1, max(1, math.isqrt(budget)))
+    prompt = min(n_prompts, max(1, budget // layer))
+    if prompt == n_prompts:
+        layer = min(n_layers1, max(layer, budget // prompt))
+    return prompt, layer
+
+
+def stored_cells(lengths_desc: np.ndarray, chunk_prompt: int, chunk_token: int) -> int:
+    """(prompt, token) cells in the chunks that hold real tokens, for lengths sorted longest first."""
+    firsts = lengths_desc[::chunk_prompt]
+    counts = np.minimum(chunk_prompt, len(lengths_desc) - np.arange(0, len(lengths_desc), chunk_prompt))
+    return int((counts * (-(-firsts // chunk_token)) * chunk_token).sum())
+
+
+def choose_chunking(
+    lengths: list[int] | np.ndarray, n_layers1: int, hidden: int, itemsize: int,
+    target_bytes: int = TARGET_CHUNK_BYTES,
+) -> Chunking:
+    """The chunking of a store of prompts with these token ``lengths`` (see the module docstring).
+
+    >>> choose_chunking([128] * 1000, 29, 1536, 2)  # one length: whole prompts, square tiles
+    Chunking(prompt=7, layer=6, token=128)
+    >>> choose_chunking([600, 300, 120, 80] + [40] * 96, 31, 576, 2)
+    Chunking(prompt=2, layer=31, token=8)
+    """
+    lengths_desc = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
+    n_prompts, longest, real = len(lengths_desc), int(lengths_desc[0]), int(lengths_desc.sum())
+    sizes = sorted({*(MIN_TOKEN_CHUNK << k for k in range(32) if MIN_TOKEN_CHUNK << k < longest), longest})
+    best = None
+    for token in sizes:
+        budget = max(1, target_bytes // (token * hidden * itemsize))
+        prompt, layer = _square_tile(n_prompts, n_layers1, budget)
+        while prompt > 1 and stored_cells(lengths_desc, prompt, token) > MAX_WASTE * real:
+            prompt -= max(1, prompt // 8)
+        layer = min(n_layers1, max(layer, budget // prompt))
+        waste = stored_cells(lengths_desc, prompt, token) / real
+        n_chunks = stored_cells(lengths_desc, prompt, token) // (prompt * token) * -(-n_layers1 // layer)
+        key = (waste > MAX_WASTE, n_chunks if waste <= MAX_WASTE else waste, waste)
+        if best is None or key < best[0]:
+            best = (key, Chunking(prompt=prompt, layer=layer, token=token))
+    return best[1]
+
+
+def write_groups(lengths_desc: list[int], chunk_prompt: int, batch_size: int, batch_tokens: int) -> list[slice]:
+    """Prompt ranges written at once: whole prompt chunks, with room for at least one full compute batch.
+
+    A group grows chunk by chunk until it holds ``batch_size`` prompts or ``batch_tokens``
+    padded tokens (its longest prompt times its prompts), so batches are rarely cut short.
+
+    >>> write_groups([50, 40, 30, 20, 10], 2, batch_size=8, batch_tokens=100)
+    [slice(0, 2, None), slice(2, 5, None)]
+    """
+    groups, start, n = [], 0, len(lengths_desc)
+    while start < n:
+        stop = min(start + chunk_prompt, n)
+        while stop < n and stop - start < batch_size and (stop - start) * lengths_desc[start] < batch_tokens:
+            stop = min(stop + chunk_prompt, n)
+        groups.append(slice(start, stop))
+        start = stop
+    return groups
+
+
+def token_extent(lengths: np.ndarray, rows: slice, chunk_token: int | None, n_tokens: int) -> int:
+    """How many token positions of the rows ``rows`` (one prompt chunk) are stored: the chunks that hold
+    their longest prompt's tokens, never past the token dimension."""
+    longest = int(np.max(lengths[rows]))
+    if not chunk_token:
+        return n_tokens
+    return min(n_tokens, -(-longest // chunk_token) * chunk_token)
+
+
+def chunk_slices(n: int, chunk: int, start: int = 0, stop: int | None = None) -> list[slice]:
+    """The chunk-aligned pieces of ``start:stop`` along an axis of ``n`` cut every ``chunk``."""
+    stop = n if stop is None else stop
+    return [slice(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+
+
+def real_blocks(n_tokens_p: np.ndarray, chunk_prompt: int, chunk_token: int, n_tokens: int) -> np.ndarray:
+    """``(prompt chunks, token chunks)`` booleans: which (prompt, token) blocks hold at least one real position.
+
+    >>> real_blocks(np.array([5, 3, 1]), 2, 2, 6).astype(int).tolist()
+    [[1, 1, 1], [1, 0, 0]]
+    """
+    n_p = -(-len(n_tokens_p) // chunk_prompt)
+    n_t = -(-n_tokens // chunk_token)
+    longest = np.array([n_tokens_p[i * chunk_prompt:(i + 1) * chunk_prompt].max() for i in range(n_p)])
+    return np.arange(n_t)[None, :] * chunk_token < longest[:, None]
