@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
@@ -133,6 +134,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(text)
     if args.export:
         print(f"Exported {len(rows)} rows to {export_rows(rows, args.export)}")
+    return 0
+
+
+def _cmd_factorial(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from analysis.factorial import factorial_shares
+    from analysis.report import table
+    from store.reader import open_store
+
+    ds = open_store(args.store)
+    with _compute_context(args, ds):
+        shares = factorial_shares(ds, by=args.by).compute()
+    columns = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
+    groups = [None] if args.by is None else [str(g) for g in shares[args.by].values]
+    print("Factorial attribution of D = h_SS - h_BB = E (embeddings) + B (body), per layer over real positions: "
+          "shares of sum |D|^2 (embedding + body + cross = 1), interaction = sum |I|^2 / sum |D|^2")
+    for group in groups:
+        part = shares if group is None else shares.sel({args.by: group})
+        if group is not None:
+            print(f"\n{args.by} = {group}:")
+        rows = [[int(layer), *(float(part[c].sel(layer=layer)) for c in columns),
+                 float(np.sqrt(part.total_sq.sel(layer=layer)))] for layer in part.layer.values]
+        print(table(["layer", "embedding", "body", "cross", "interaction", "sqrt sum |D|^2"], rows))
     return 0
 
 
@@ -465,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser(
+        "factorial", help="the 2x2 factorial: how much of h_SS - h_BB is the embeddings, the body, or both",
+        description="Per layer over real positions: the embedding main effect E = ((SB-BB) + (SS-BS))/2, the body "
+        "main effect B = ((BS-BB) + (SS-SB))/2 (D = SS - BB = E + B) and the interaction I = SS - SB - BS + BB, as "
+        "shares of sum |D|^2. Needs the four standard passes.",
+    )
+    p.add_argument("store", help="a store from `capture` with the passes BB, BS, SB, SS")
+    p.add_argument("--by", help="also split by a per-token coordinate, e.g. role (chat prompts)")
+    _scale_args(p)
+    p.set_defaults(func=_cmd_factorial)
+
+    p = sub.add_parser(
         "verify", help="check a store: format, shapes, coords, done coverage, NaN only on padding, no inf",
         description="Check a store against its own metadata; prints each problem on a line and exits 1 if any.",
     )
@@ -497,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `cli.py pairs | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # a library's own exception: still one line, the traceback only under --debug
+        if args.debug:
+            traceback.print_exc()
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(exc).__name__}: {first} (in {Path(where.filename).name}:{where.lineno}; rerun with "
+              "--debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -113,7 +113,10 @@ def _ranks(singular_k: np.ndarray) -> tuple[float, int, int]:
 
 
 def principal_angles(a_kd: np.ndarray, b_kd: np.ndarray) -> np.ndarray:
-    """Angles (degrees, ascending) between the row spaces of two orthonormal bases."""
+    """Angles (degrees, ascending) between the row spaces of two orthonormal bases; NaN where either pair
+    did not change at all (a zero spectrum has no directions)."""
+    if not (np.isfinite(a_kd).all() and np.isfinite(b_kd).all()):
+        return np.full(min(len(a_kd), len(b_kd)), np.nan)
     cosines = np.linalg.svd(a_kd @ b_kd.T, compute_uv=False)
     return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
 
@@ -156,6 +159,8 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
                 layer = start + offset
                 count = gram_de[0, -1]
                 singular[q, layer], direction[q, layer] = _spectrum(gram_de[:, :n_dim], top_k)
+                if not singular[q, layer].any():  # the pair's passes agree exactly here: no directions
+                    direction[q, layer] = np.nan
                 mean_diff[q, layer] = gram_de[:, n_dim] / max(count, 1)
                 ranks[:, q, layer] = _ranks(singular[q, layer])
         if progress:

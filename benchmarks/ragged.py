@@ -55,8 +55,13 @@ def docstrings() -> list[str]:
     warnings.simplefilter("ignore")
     for name in STDLIB:
         module = __import__(name)
-        subs = [module] + [__import__(f"{name}.{m.name}", fromlist=["x"]) for m in
-                           pkgutil.iter_modules(getattr(module, "__path__", []) or []) if not m.name.startswith("_")]
+        subs = [module]
+        for info in pkgutil.iter_modules(getattr(module, "__path__", []) or []):
+            if not info.name.startswith("_"):
+                try:
+                    subs.append(__import__(f"{name}.{info.name}", fromlist=["x"]))
+                except ImportError:  # platform-specific modules (asyncio.windows_events...)
+                    continue
         for mod in subs:
             for attr, obj in vars(mod).items():
                 if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):

@@ -1,0 +1,137 @@
+"""The 2x2 factorial of the four passes: how much of the change is the embeddings, the body, or both.
+
+With h_XY the residual of pass XY (embeddings of X, body of Y), per (prompt, layer, token):
+
+- total change          D = h_SS - h_BB
+- embedding main effect E = ((h_SB - h_BB) + (h_SS - h_BS)) / 2
+- body main effect      B = ((h_BS - h_BB) + (h_SS - h_SB)) / 2
+- interaction           I = h_SS - h_SB - h_BS + h_BB
+
+so that D = E + B exactly, and I = 0 when the two effects add up. Per layer, over real
+positions, ``embedding_share`` = sum |E|^2 / sum |D|^2, ``body_share`` = sum |B|^2 / sum |D|^2
+and ``cross_share`` = 2 sum <E, B> / sum |D|^2 add up to 1; ``interaction_ratio`` =
+sum |I|^2 / sum |D|^2. :func:`tracked_factorial` applies the same four contrasts to
+``tracked_logit`` (D = E + B holds for any quantity measured on the four passes).
+
+Axes legend: s = pass (BB, BS, SB, SS), n = position, d = dim. Everything is lazy; the
+per-position sums over ``dim`` are float64, padding-only chunks are skipped.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from store.errors import MissingData
+from store.reader import is_padding_block
+
+FACTORIAL_PASSES = ("BB", "BS", "SB", "SS")
+# Coefficients of (BB, BS, SB, SS) in each effect.
+EFFECTS = {
+    "total": (-1.0, 0.0, 0.0, 1.0),
+    "embedding": (-0.5, -0.5, 0.5, 0.5),
+    "body": (-0.5, 0.5, -0.5, 0.5),
+    "interaction": (1.0, -1.0, -1.0, 1.0),
+}
+TERMS = ("total_sq", "embedding_sq", "body_sq", "interaction_sq", "embedding_dot_body")
+
+
+def _require_passes(ds: xr.Dataset, name: str = "resid") -> list[int]:
+    passes = [str(p) for p in ds.pass_.values]
+    missing = [p for p in FACTORIAL_PASSES if p not in passes]
+    if missing or name not in ds:
+        what = f"{name}" if name not in ds else f"pass {', '.join(missing)}"
+        raise MissingData(what=what, fix="the factorial needs the four standard passes BB, BS, SB and SS (embeddings "
+                          "x body); capture with the default --passes")
+    return [passes.index(p) for p in FACTORIAL_PASSES]
+
+
+def _effects(x_snd: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: sum(c * x for c, x in zip(coef, x_snd, strict=True) if c) for name, coef in EFFECTS.items()}
+
+
+def _block_terms(bb, bs, sb, ss) -> np.ndarray:
+    """(5, ...) float64 per-position sums over dim of one tile: |D|^2, |E|^2, |B|^2, |I|^2, <E, B>."""
+    shape = bb.shape[:-1]
+    if all(is_padding_block(x) for x in (bb, bs, sb, ss)):
+        return np.full((len(TERMS), *shape), np.nan)
+    effects = _effects([np.asarray(x, dtype=np.float64) for x in (bb, bs, sb, ss)])
+    out = np.empty((len(TERMS), *shape))
+    for i, name in enumerate(("total", "embedding", "body", "interaction")):
+        out[i] = np.einsum("...d,...d->...", effects[name], effects[name])
+    out[4] = np.einsum("...d,...d->...", effects["embedding"], effects["body"])
+    return out
+
+
+def factorial_terms(ds: xr.Dataset) -> xr.DataArray:
+    """The five per-position sums ``term`` x (prompt, layer, token), lazily (NaN on padding)."""
+    index = _require_passes(ds)
+    data = ds.resid.transpose("pass_", "prompt", "layer", "token", "dim").data
+    blocks = [data[i] for i in index]
+    terms = da.map_blocks(_block_terms, *blocks, dtype=np.float64, drop_axis=3, new_axis=0,
+                          chunks=((len(TERMS),), *blocks[0].chunks[:3]),
+                          meta=np.empty((0, 0, 0, 0), np.float64))
+    coords = {d: ds[d] for d in ("prompt", "layer", "token") if d in ds.coords}
+    return xr.DataArray(terms, dims=("term", "prompt", "layer", "token"), coords={**coords, "term": list(TERMS)})
+
+
+def factorial(ds: xr.Dataset) -> xr.Dataset:
+    """``total_norm`` |D|, ``embedding_norm`` |E|, ``body_norm`` |B| and ``interaction_norm`` |I| per position.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> f = factorial(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
+    >>> sorted(f.data_vars), f.total_norm.dims
+    (['body_norm', 'embedding_norm', 'interaction_norm', 'total_norm'], ('prompt', 'layer', 'token'))
+    """
+    terms = factorial_terms(ds)
+    names = {"total_norm": "total_sq", "embedding_norm": "embedding_sq", "body_norm": "body_sq",
+             "interaction_norm": "interaction_sq"}
+    return xr.Dataset({name: np.sqrt(terms.sel(term=term, drop=True)).astype("float32")
+                       for name, term in names.items()})
+
+
+def _shares(sums: xr.Dataset) -> xr.Dataset:
+    total = sums.total_sq
+    safe = total.where(total > 0)  # a layer where nothing changed has no shares (NaN), not a division by zero
+    return xr.Dataset({
+        "embedding_share": sums.embedding_sq / safe, "body_share": sums.body_sq / safe,
+        "cross_share": 2 * sums.embedding_dot_body / safe, "interaction_ratio": sums.interaction_sq / safe,
+        "total_sq": total,
+    })
+
+
+def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
+                     where: xr.DataArray | None = None, by: str | None = None) -> xr.Dataset:
+    """Per layer (and per ``by`` group, e.g. ``role``): the shares of sum |D|^2, over real positions, lazily.
+
+    ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
+    and token, e.g. not a massive-activation position) leaves positions out.
+    """
+    terms = factorial_terms(ds)
+    if where is not None:
+        terms = terms.where(where)
+    if by is None:
+        sums = terms.sum(list(over), skipna=True, min_count=1)
+    else:
+        if by not in ds.coords:
+            raise MissingData(what=f"coordinate {by!r}", fix="group by a coordinate the store has (role needs "
+                              "chat prompts or --chat-template)")
+        groups = ds[by].load()
+        labels = sorted(str(g) for g in np.unique(groups.values) if str(g) != "")
+        sums = xr.concat([terms.where(groups == label).sum(list(over), skipna=True, min_count=1) for label in labels],
+                         dim=by).assign_coords({by: labels})
+    return _shares(sums.to_dataset("term"))
+
+
+def tracked_factorial(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
+    """The factorial effects of each tracked token's lens logit (E, B, I and D themselves, not norms), lazily."""
+    index = _require_passes(ds, "tracked_logit")
+    logit = ds.tracked_logit.sel(lens=lens, drop=True)
+    x = [logit.isel(pass_=i, drop=True) for i in index]
+    return xr.Dataset({f"{name}_effect": sum(c * v for c, v in zip(coef, x, strict=True) if c)
+                       for name, coef in EFFECTS.items()})
