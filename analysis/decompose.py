@@ -30,7 +30,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.metrics import store_pass_pairs
-from store.chunking import real_blocks
+from analysis.positions import has_padding_chunks, real_positions, rows_per_chunk
 from store.errors import UsageError
 from store.reader import is_padding_block
 from store.schema import string_array
@@ -60,14 +60,17 @@ def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> np.ndar
     float64 accumulator, so memory holds the accumulator plus those blocks, never a tree
     of Gram-sized partial sums.
     """
-    a = ds.resid.sel(pass_=left).isel(layer=layers).data
-    b = ds.resid.sel(pass_=right).isel(layer=layers).data
-    a, b = a.rechunk({1: -1, 3: -1}), b.rechunk({1: -1, 3: -1})
+    sub = ds.isel(layer=layers)
+    if has_padding_chunks(sub):
+        # A ragged store: its real rows, regrouped into blocks about a store chunk's size (only the chunks
+        # that hold real positions are read), as (position, layer, token = 1, dim) for the same block function.
+        rows = real_positions(sub, rows=rows_per_chunk(sub.resid)).transpose("pass_", "position", "layer", "dim")
+        a, b = (rows.sel(pass_=p).data[:, :, None, :].rechunk({1: -1, 3: -1}) for p in (left, right))
+    else:
+        a, b = (sub.resid.sel(pass_=p).data.rechunk({1: -1, 2: -1, 3: -1}) for p in (left, right))
     n_layer, n_dim = a.shape[1], a.shape[3]
-    # Only the (prompt, token) blocks that hold real positions are ever scheduled.
-    real = real_blocks(np.asarray(ds.n_tokens.values), a.chunks[0][0], a.chunks[2][0], a.shape[2])
-    blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0]) for i, j in zip(*np.nonzero(real),
-                                                                                                 strict=True)]
+    blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0])
+              for i in range(a.numblocks[0]) for j in range(a.numblocks[2])]
     total = np.zeros((n_layer, n_dim, n_dim + 2))
     step = _blocks_at_once(total.nbytes, a.dtype.itemsize * int(np.prod(a.chunksize)))
     for start in range(0, len(blocks), step):

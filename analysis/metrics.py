@@ -25,6 +25,8 @@ import numpy as np
 import xarray as xr
 
 from analysis.kernels import residual_sums
+from analysis.positions import has_padding_chunks, real_positions, rows_per_chunk
+from store.chunking import TARGET_CHUNK_BYTES
 from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
 from store.schema import every_pass_pair
@@ -57,6 +59,9 @@ def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataA
     passes = [str(p) for p in ds.pass_.values]
     left_q = np.array([passes.index(p) for p in left], dtype=np.int64)
     right_q = np.array([passes.index(p) for p in right], dtype=np.int64)
+    if ds.resid.ndim == 5 and has_padding_chunks(ds):
+        sums = _sums_over_rows(ds, left_q, right_q)
+        return _split_sums(ds, sums, names, left, right)
     resid = ds.resid.transpose(..., "pass_", "prompt", "layer", "token", "dim")
     lead = resid.dims[:-5]  # e.g. model_pair from open_stores
     data = resid.data if isinstance(resid.data, da.Array) else da.from_array(resid.data)
@@ -70,12 +75,63 @@ def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataA
                          meta=np.empty((0,) * (n_lead + 4), np.float64))
     dims = (*lead, "term", "prompt", "layer", "token")
     coords = {d: resid[d] for d in dims if d in resid.coords and d != "term"}
-    sums = xr.DataArray(sums, dims=dims, coords=coords)
+    return _split_sums(ds, xr.DataArray(sums, dims=dims, coords=coords), names, left, right)
+
+
+def _split_sums(ds: xr.Dataset, sums: xr.DataArray, names, left, right):
+    n_pass, n_pair = ds.sizes["pass_"], len(names)
     sumsq = sums.isel(term=slice(0, n_pass)).rename(term="pass_").assign_coords(pass_=ds.pass_)
     pair_coords = {"pair": names, "left": ("pair", left), "right": ("pair", right)}
     dot = sums.isel(term=slice(n_pass, n_pass + n_pair)).rename(term="pair").assign_coords(pair_coords)
     sqdiff = sums.isel(term=slice(n_pass + n_pair, None)).rename(term="pair").assign_coords(pair_coords)
     return sumsq, dot, sqdiff
+
+
+def _sums_over_rows(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray) -> xr.DataArray:
+    """The sums of a ragged store from its real rows only, laid back out as (term, prompt, layer, token).
+
+    Real positions are read chunk by chunk into rows (``analysis.positions``), regrouped into
+    tasks about a store chunk's size, summed by the kernel, and scattered into padded
+    blocks of whole prompt rows (NaN elsewhere): a few large tasks instead of one per
+    (prompt, token) chunk, and no padding chunk is read or computed on.
+    """
+    rows = real_positions(ds, rows=rows_per_chunk(ds.resid))
+    data = rows.transpose("pass_", "layer", "position", "dim").data.rechunk({3: -1})
+    n_pass, n_terms = data.shape[0], data.shape[0] + 2 * len(left_q)
+    per_pass = [data[s:s + 1] for s in range(n_pass)]
+    flat = da.map_blocks(lambda *b: residual_sums([x[0] for x in b], left_q, right_q), *per_pass, dtype=np.float64,
+                         drop_axis=3, chunks=((n_terms,), *data.chunks[1:3]), meta=np.empty((0, 0, 0), np.float64))
+    prompt_row = np.searchsorted(ds.prompt.values, rows.prompt.values, sorter=np.argsort(ds.prompt.values))
+    prompt_row = np.argsort(ds.prompt.values)[prompt_row]
+    return xr.DataArray(_scatter(flat, prompt_row, rows.token.values, ds), dims=("term", "prompt", "layer", "token"),
+                        coords={d: ds[d] for d in ("prompt", "layer", "token")})
+
+
+def _scatter_block(values_tln: np.ndarray, rows_n: np.ndarray, tokens_n: np.ndarray, shape: tuple) -> np.ndarray:
+    out = np.full(shape, np.nan)
+    out[:, rows_n, :, tokens_n] = values_tln.transpose(2, 0, 1)
+    return out
+
+
+def _scatter(flat: da.Array, prompt_row: np.ndarray, token: np.ndarray, ds: xr.Dataset) -> da.Array:
+    """(term, layer, position) -> (term, prompt, layer, token), NaN on padding, in blocks of whole prompt rows."""
+    import dask
+
+    n_terms, n_layers, n_prompts, n_tokens = flat.shape[0], flat.shape[1], ds.sizes["prompt"], ds.sizes["token"]
+    per_prompt = n_terms * n_layers * n_tokens * 8
+    step = max(1, TARGET_CHUNK_BYTES // per_prompt)
+    order = np.argsort(prompt_row, kind="stable")
+    blocks = []
+    for start in range(0, n_prompts, step):
+        stop = min(start + step, n_prompts)
+        lo, hi = np.searchsorted(prompt_row[order], [start, stop])
+        picked = order[lo:hi]
+        values = flat[:, :, np.sort(picked)] if len(picked) else flat[:, :, :0]
+        keep = np.sort(picked)
+        shape = (n_terms, stop - start, n_layers, n_tokens)
+        block = dask.delayed(_scatter_block)(values, prompt_row[keep] - start, token[keep], shape)
+        blocks.append(da.from_delayed(block, shape=shape, dtype=np.float64))
+    return da.concatenate(blocks, axis=1)
 
 
 def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_lead: int) -> np.ndarray:

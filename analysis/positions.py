@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from store.chunking import real_blocks
+from store.chunking import TARGET_CHUNK_BYTES, real_blocks
 from store.errors import MissingData
 
 
@@ -22,8 +22,28 @@ def _take_real(block: np.ndarray, real_pt: np.ndarray) -> np.ndarray:
     return block[real_pt]
 
 
-def real_positions(ds: xr.Dataset, name: str = "resid") -> xr.DataArray:
+def has_padding_chunks(ds: xr.Dataset, name: str = "resid") -> bool:
+    """True when some (prompt, token) chunks of ``ds[name]`` hold only padding (a ragged store)."""
+    var = ds[name]
+    if var.chunks is None or "token" not in var.dims:
+        return False
+    chunks = dict(zip(var.dims, var.chunks, strict=True))
+    return not real_blocks(np.asarray(ds.n_tokens.values), chunks["prompt"][0], chunks["token"][0],
+                           var.sizes["token"]).all()
+
+
+def rows_per_chunk(var: xr.DataArray, target_bytes: int = TARGET_CHUNK_BYTES) -> int:
+    """Positions per chunk of a row view so that one chunk of one pass is about a store chunk's size."""
+    chunks = dict(zip(var.dims, var.chunks, strict=True))
+    per_position = var.dtype.itemsize * int(np.prod([chunks[d][0] for d in var.dims
+                                                     if d not in ("prompt", "token", "pass_", "pair")]))
+    return max(1, target_bytes // max(per_position, 1))
+
+
+def real_positions(ds: xr.Dataset, name: str = "resid", rows: int | None = None) -> xr.DataArray:
     """``ds[name]`` with its ``prompt`` and ``token`` axes replaced by one ``position`` axis of real positions.
+
+    ``rows`` regroups the positions into chunks of that many (fewer, larger tasks downstream).
 
     Examples
     --------
@@ -47,20 +67,24 @@ def real_positions(ds: xr.Dataset, name: str = "resid") -> xr.DataArray:
     real_pt = np.arange(var.sizes["token"])[None, :] < n_tokens[:, None]
     pieces, prompts, tokens = [], [], []
     for i, j in zip(*np.nonzero(real_blocks(n_tokens, chunk_prompt, chunk_token, var.sizes["token"])), strict=True):
-        rows, cols = slice(i * chunk_prompt, (i + 1) * chunk_prompt), slice(j * chunk_token, (j + 1) * chunk_token)
-        mask = real_pt[rows, cols]
+        in_p, in_t = slice(i * chunk_prompt, (i + 1) * chunk_prompt), slice(j * chunk_token, (j + 1) * chunk_token)
+        mask = real_pt[in_p, in_t]
         where_p, where_t = np.nonzero(mask)
         piece = data.blocks[i, j].map_blocks(_take_real, mask, dtype=data.dtype, drop_axis=1,
                                              chunks=((len(where_p),), *data.chunks[2:]))
         pieces.append(piece)
-        prompts.append(where_p + rows.start)
-        tokens.append(where_t + cols.start)
+        prompts.append(where_p + in_p.start)
+        tokens.append(where_t + in_t.start)
     stacked = da.concatenate(pieces, axis=0)
+    if rows is not None:
+        stacked = stacked.rechunk({0: rows})
     rows_p, rows_t = np.concatenate(prompts), np.concatenate(tokens)
     coords = {"prompt": ("position", ds.prompt.values[rows_p]), "token": ("position", rows_t)}
     for extra in ("token_id", "role", "token_position"):
         if extra in ds.coords and ds[extra].dims == ("prompt", "token"):
-            coords[extra] = ("position", np.asarray(ds[extra].values)[rows_p, rows_t])
+            labels = ds[extra].data  # lazy where the store's are: point-wise picks, computed when asked
+            picked = labels.vindex[rows_p, rows_t] if isinstance(labels, da.Array) else labels[rows_p, rows_t]
+            coords[extra] = ("position", picked)
     for dim in rest:
         if dim in var.coords:
             coords[dim] = var[dim]

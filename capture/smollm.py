@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from capture.tiny import DATA_DIR, default_cache_dir, deterministic
-from store.atomic import atomic_output
+from capture.tiny import DATA_DIR, deterministic, ensure_built_pair
 from store.errors import UsageError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,14 +101,8 @@ def build_smollm_pair(out_dir: Path) -> dict:
 
 
 def ensure_smollm_pair(cache_dir: str | Path | None = None, log=print) -> tuple[str, str]:
-    """Return (base_dir, sft_dir) of the smollm2 pair, building it on first use (about a minute)."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    final = cache / f"smollm2-{_recipe_hash()}"
-    if not (final / "recipe.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        log(f"building the smollm2 pair in {final} (first use only) ...")
-        with atomic_output(final, unique=True, keep_existing=True) as tmp:
-            tmp.mkdir()
-            info = build_smollm_pair(tmp)
-        log(f"smollm2 pair built: fine-tune loss {info['final_loss']:.2f}")
-    return str(final / "base"), str(final / "sft")
+    """Return (base_dir, sft_dir) of the smollm2 pair, building it on first use (a few minutes on 2 cores)."""
+    def build(out: Path) -> str:
+        return f"smollm2 pair built: fine-tune loss {build_smollm_pair(out)['final_loss']:.2f}"
+
+    return ensure_built_pair(cache_dir, f"smollm2-{_recipe_hash()}", "smollm2 pair", build, log)

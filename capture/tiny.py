@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,14 +151,29 @@ def ensure_tiny_pair(cache_dir: str | Path | None = None, log=print) -> tuple[st
     The build goes to a temporary directory and is renamed into place when complete,
     so an interrupted build never leaves a half-written pair behind.
     """
+    def build(out: Path) -> str:
+        losses = build_tiny_pair(out)
+        return f"tiny pair built: final loss base {losses['base']:.2f}, sft {losses['sft']:.2f}"
+
+    return ensure_built_pair(cache_dir, f"tiny-{recipe_hash()}", "tiny pair", build, log)
+
+
+def ensure_built_pair(cache_dir: str | Path | None, name: str, what: str, build: Callable[[Path], str],
+                      log=print) -> tuple[str, str]:
+    """(base_dir, sft_dir) of a locally built pair ``cache_dir/name``, running ``build`` on first use.
+
+    ``build(out)`` writes ``out/base``, ``out/sft`` and ``out/recipe.json`` and returns a line
+    to log. It writes to a unique temporary directory renamed into place when complete, so an
+    interrupted build never leaves a half-written pair, and of two processes building at
+    once the first to finish wins.
+    """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    final = cache / f"tiny-{recipe_hash()}"
+    final = cache / name
     if not (final / "recipe.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
-        log(f"building the tiny pair in {final} (first use only) ...")
-        # Unique temporaries: two processes may build at once; the first to finish wins.
+        log(f"building the {what} in {final} (first use only) ...")
         with atomic_output(final, unique=True, keep_existing=True) as tmp:
             tmp.mkdir()
-            losses = build_tiny_pair(tmp)
-        log(f"tiny pair built: final loss base {losses['base']:.2f}, sft {losses['sft']:.2f}")
+            message = build(tmp)
+        log(message)
     return str(final / "base"), str(final / "sft")

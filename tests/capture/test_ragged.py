@@ -83,3 +83,22 @@ def test_padding_chunks_are_never_written_nor_read(make_model, tmp_path):
     from store.verify import verify_store
 
     assert verify_store(path) == []
+
+
+def test_real_positions_are_the_real_rows_lazily(make_model, tmp_path):
+    import dask
+
+    from analysis import real_positions
+    from store.testing import CountingScheduler
+
+    base, sft = make_model("gpt2", seed=0), make_model("gpt2", seed=1)
+    ds = _capture(base, sft, tmp_path / "s.zarr", chunk_prompts=2)
+    with dask.config.set(scheduler=CountingScheduler(0)):
+        rows = real_positions(ds)
+    assert rows.dims == ("pass_", "layer", "position", "dim") and rows.sizes["position"] == int(ds.n_tokens.sum())
+    values = rows.sel(pass_="SB").values
+    for i in range(rows.sizes["position"]):
+        prompt, token = int(rows.prompt[i]), int(rows.token[i])
+        want = ds.resid.sel(pass_="SB", prompt=prompt).isel(token=token).values
+        assert np.array_equal(values[:, i], want)
+    assert np.isfinite(values).all()
