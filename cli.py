@@ -129,7 +129,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         text, rows = build_report(
             ds, metrics=args.metric, axis=args.axis, record_type=args.record_type, top_n=args.top_n, lens=args.lens,
             labels=args.pass_pair if args.record_type == "pairwise" else args.pass_, token_ids=args.token_id,
-            logit_source=args.logit_source, prompt=args.prompt,
+            logit_source=args.logit_source, prompt=args.prompt, include_massive=args.include_massive,
+            massive_factor=args.massive_factor,
         )
     print(text)
     if args.export:
@@ -141,12 +142,17 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     import numpy as np
 
     from analysis.factorial import factorial_shares
+    from analysis.outliers import describe_massive, massive_positions
     from analysis.report import table
     from store.reader import open_store
 
     ds = open_store(args.store)
+    found = massive_positions(ds, args.massive_factor)
     with _compute_context(args, ds):
-        shares = factorial_shares(ds, by=args.by).compute()
+        found = found.compute()
+        keep = None if args.include_massive else ~found.massive
+        shares = factorial_shares(ds, where=keep, by=args.by).compute()
+    print("\n".join(describe_massive(ds, found, args.include_massive)))
     columns = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
     groups = [None] if args.by is None else [str(g) for g in shares[args.by].values]
     print("Factorial attribution of D = h_SS - h_BB = E (embeddings) + B (body), per layer over real positions: "
@@ -446,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the legacy base|sft|diff with diff = base - sft is not copied)")
     p.add_argument("--prompt", type=int, default=0, help="prompt index of the --token-id previews (default 0)")
     p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet", help="write the hotspot and tracked-change rows")
+    p.add_argument("--include-massive", action="store_true",
+                   help="keep massive-activation positions (attention sinks) in summaries and hotspots; by default "
+                   "they are listed and left out")
+    p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",
+                   help="a position is massive when its norm is over X times its layer's median norm (default 10)")
     _scale_args(p)
     p.add_argument("--quiet", action="store_true", help="do not say where the computation runs")
     p.set_defaults(func=_cmd_report)
@@ -497,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store", help="a store from `capture` with the passes BB, BS, SB, SS")
     p.add_argument("--by", help="also split by a per-token coordinate, e.g. role (chat prompts)")
+    p.add_argument("--include-massive", action="store_true",
+                   help="keep massive-activation positions (attention sinks) in the sums; by default left out")
+    p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",
+                   help="a position is massive when its norm is over X times its layer's median norm (default 10)")
     _scale_args(p)
     p.set_defaults(func=_cmd_factorial)
 

@@ -13,7 +13,8 @@ Names and signs, once (the legacy ``norm_delta`` meant two different things):
   pass (NaN at layer 0). Never a difference between passes.
 - ``cosine_prev``: cos(h_l, h_{l-1}) within a pass (NaN at layer 0).
 - per pair (left, right): ``norm_left``, ``norm_right``, ``norm_diff`` = ||h_right - h_left||,
-  ``cosine_sim`` = cos(h_left, h_right), ``cosine_prev_left/right``,
+  ``rel_norm_diff`` = ||h_right - h_left|| / ||h_left|| (scale-free: a sink position's huge norm does
+  not make its change look huge), ``cosine_sim`` = cos(h_left, h_right), ``cosine_prev_left/right``,
   ``norm_delta_left/right``, and from the stored lens statistics ``entropy_left/right``
   and ``kl`` = KL(right || left).
 """
@@ -33,8 +34,8 @@ from store.schema import every_pass_pair
 
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
-PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "cosine_sim", "cosine_prev_left", "cosine_prev_right",
-                "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl")
+PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "rel_norm_diff", "cosine_sim", "cosine_prev_left",
+                "cosine_prev_right", "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl")
 
 
 def _resid32(ds: xr.Dataset) -> xr.DataArray:
@@ -226,6 +227,8 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
         sumsq, dot, sqdiff = _residual_sums(ds)
         scale = np.maximum(np.sqrt(side(sumsq, left)) * np.sqrt(side(sumsq, right)), EPS)
         out["norm_diff"] = np.sqrt(sqdiff).astype("float32").assign_attrs(long_name="||h_right - h_left||")
+        out["rel_norm_diff"] = (np.sqrt(sqdiff) / np.maximum(np.sqrt(side(sumsq, left)), EPS)).astype(
+            "float32").assign_attrs(long_name="||h_right - h_left|| / ||h_left|| (scale-free)")
         out["cosine_sim"] = (dot / scale).astype("float32").assign_attrs(long_name="cos(h_left, h_right)")
     else:
         out["norm_diff"], out["cosine_sim"] = ds.norm_diff, ds.cosine_sim

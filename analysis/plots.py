@@ -67,11 +67,15 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     cols = min(3, len(labels))
     rows = -(-len(labels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    vmin, vmax = float(np.nanmin(grid.values)), float(np.nanmax(grid.values))
     for ax, label in zip(axes.flat, labels, strict=False):
-        image = ax.imshow(grid.sel({lead: label}).values, aspect="auto", origin="lower", vmin=vmin, vmax=vmax,
+        panel = grid.sel({lead: label}).values
+        # Per-panel robust scale: one sink position (a massive activation) must not wash out the rest.
+        finite = panel[np.isfinite(panel)]
+        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        image = ax.imshow(panel, aspect="auto", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-12),
                           cmap="viridis")
-        ax.set(title=f"{metric}, {'pair' if lead == 'pair' else 'pass'} {label}", xlabel="token", ylabel="layer")
+        ax.set(title=f"{metric}, {'pair' if lead == 'pair' else 'pass'} {label} (1-99% colour scale)",
+               xlabel="token", ylabel="layer")
         step = max(1, n_real // 12)
         ax.set_xticks(range(0, n_real, step), tokens[::step], rotation=60, fontsize=7)
         fig.colorbar(image, ax=ax)

@@ -68,14 +68,16 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
     return values.sel({lead: chosen})[metrics], chosen, lead, metrics
 
 
-def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens) -> tuple[list[str], list[dict]]:
+def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None):
     lazy = {m: (summarize_over(values[m], axis), hotspots(values[m], top_n), seven_number_summary(values[m]))
             for m in metrics}
+    lazy["extra"] = extra
     with warnings.catch_warnings():
         # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
         warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN|Degrees of freedom)",
                                 RuntimeWarning)
         (computed,) = dask.compute(lazy)
+    extra = computed.pop("extra")
     tokens = ds.token_str.values
     labels, layers = ds.prompt.values, ds.layer.values
     word = "pair" if lead == "pair" else "pass"
@@ -106,7 +108,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens) -> tu
         lines.append(f"\n{metric} across prompts (each prompt's mean over layers and tokens):")
         lines.append(table([word, *names], [[label, *(float(seven[n].sel({lead: label})) for n in names)]
                                             for label in chosen]))
-    return lines, rows
+    return lines, rows, extra
 
 
 def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], list[dict]]:
@@ -167,7 +169,8 @@ def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> lis
 def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "layer",
                  record_type: str = "pairwise", top_n: int = 5, lens: str = "raw",
                  labels: list[str] | None = None, token_ids: list[int] | None = None,
-                 logit_source: str = "diff", prompt: int = 0) -> tuple[str, list[dict]]:
+                 logit_source: str = "diff", prompt: int = 0, include_massive: bool = False,
+                 massive_factor: float = 10.0) -> tuple[str, list[dict]]:
     """Return (text, rows): the report and the rows an export writes (hotspots and tracked changes).
 
     Examples
@@ -176,7 +179,7 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     >>> from store.testing import write_tiny_store
     >>> from analysis import open_store
     >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
-    >>> text.splitlines()[0], len(rows)
+    >>> text.splitlines()[2], len(rows)
     ('norm_diff by layer (pair BB-BS, lens raw):', 6)
     """
     if top_n < 1:
@@ -186,7 +189,16 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     if token_ids and record_type != "pairwise":
         raise UsageError("--token-id works with --record-type pairwise (tracked logits are compared per pair)")
     values, chosen, lead, metrics = _choose(ds, record_type, metrics, lens, labels)
-    lines, rows = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens)
+    found = None
+    if "resid" in ds:  # massive activations: found in the same computation, left out unless asked
+        from analysis.outliers import describe_massive, massive_positions
+
+        found = massive_positions(ds, massive_factor)
+        if not include_massive:
+            values = values.where(~found.massive)
+    lines, rows, found = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, found)
+    if found is not None:
+        lines = [*describe_massive(ds, found, include_massive), *lines]
     if record_type == "pairwise" and "tracked_logit" in ds:
         more_lines, more_rows = _tracked_section(ds, chosen, lens, top_n, token_ids)
         lines += more_lines

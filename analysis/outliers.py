@@ -1,0 +1,81 @@
+"""Massive activations: the positions whose residual norm dwarfs the rest of their layer.
+
+Trained LLMs route attention to a few "sink" positions (usually the first token) whose
+residual norm grows, from the middle layers on, to tens or hundreds of times the other
+positions' (Sun et al. 2024, "Massive activations in large language models"). Left in,
+one such position dominates every mean, hotspot list, colour scale and spectrum.
+
+A position (prompt, token) is *massive* when, in some pass and at some layer, its
+residual norm is more than :data:`MASSIVE_FACTOR` times the median norm of the real
+positions of that prompt and layer. ``norm_ratio`` gives that ratio per (pass_, prompt,
+layer, token). Lazy; padding never counts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from analysis.metrics import pass_metrics
+
+MASSIVE_FACTOR = 10.0  # a position's norm over the median of its prompt and layer
+
+
+def norm_ratio(ds: xr.Dataset) -> xr.DataArray:
+    """||h|| / median ||h|| over the real tokens of the same pass, prompt and layer, lazily."""
+    norm = pass_metrics(ds).norm
+    # Labels off for the median: comparing lazy label arrays on the way back would compute them.
+    median = xr.apply_ufunc(_median_of_real, norm.reset_coords(drop=True).chunk({"token": -1}),
+                            input_core_dims=[["token"]],
+                            dask="parallelized", output_dtypes=[norm.dtype])
+    return (norm / median).rename("norm_ratio")
+
+
+def _median_of_real(norms: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # a row of padding only (no real token) has no median: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(norms, axis=-1)
+
+
+def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Dataset:
+    """``massive`` (prompt, token): a position over ``factor`` x its layer's median norm in any pass and layer;
+    ``peak_ratio`` (prompt, token): its largest ratio. Lazy.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> found = massive_positions(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
+    >>> bool(found.massive.any())  # random residuals have no sink
+    False
+    """
+    ratio = norm_ratio(ds)
+    peak = ratio.max(["pass_", "layer"], skipna=True)
+    return xr.Dataset({"massive": (peak > factor).assign_attrs(factor=factor),
+                       "peak_ratio": peak.astype("float32")}).assign_attrs(factor=factor)
+
+
+def describe_massive(ds: xr.Dataset, found: xr.Dataset, included: bool = False, limit: int = 10) -> list[str]:
+    """Lines naming the massive positions found (prompt, token position, token text, peak ratio)."""
+    massive = np.asarray(found.massive.values)
+    if not massive.any():
+        return [f"massive activations: none (no position over {found.attrs['factor']:g}x its layer's median norm)"]
+    peak = np.asarray(found.peak_ratio.values)
+    pieces = np.asarray(ds.token_str.values)
+    rows, tokens = np.nonzero(massive)
+    order = np.argsort(-peak[rows, tokens])
+    by_token: dict[int, int] = {}
+    for t in tokens:
+        by_token[int(t)] = by_token.get(int(t), 0) + 1
+    common = ", ".join(f"token {t} in {n} of {massive.shape[0]} prompts" for t, n in
+                       sorted(by_token.items(), key=lambda x: -x[1])[:3])
+    lines = [f"massive activations: {len(rows)} positions over {found.attrs['factor']:g}x their layer's median norm "
+             f"({common}); " + ("kept in the summaries below (--include-massive)" if included else
+                                 "left out of the summaries below (--include-massive keeps them)")]
+    for i in order[:limit]:
+        r, t = int(rows[i]), int(tokens[i])
+        lines.append(f"  prompt {int(ds.prompt.values[r])}, token {t} {pieces[r, t]!r}: {peak[r, t]:.0f}x")
+    return lines
