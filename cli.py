@@ -167,6 +167,29 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diff_lens(args: argparse.Namespace) -> int:
+    from analysis.difflens import diff_lens, token_texts
+    from store.reader import open_store
+
+    ds = open_store(args.store)
+    with _compute_context(args, ds):
+        result = diff_lens(ds, k=args.k, top=args.top, include_massive=args.include_massive)
+    pairs = args.pass_pair or [str(p) for p in result.pair.values]
+    layers = [int(la) for la in result.layer.values] if args.layer is None else args.layer
+    print(f"Mean difference h_right - h_left, read through each side's normed lens ({result.attrs['lens_source']}); "
+          f"windows: the first {args.k} real positions of each prompt, and all real positions"
+          + ("" if args.include_massive else "; massive-activation positions left out"))
+    for pair in pairs:
+        for layer in layers:
+            for window in result.window.values:
+                for side in ("left", "right"):
+                    cell = result.sel(pair=pair, layer=layer, window=window, side=side)
+                    up = ", ".join(repr(t) for t in token_texts(ds, cell.promoted_id.values))
+                    down = ", ".join(repr(t) for t in token_texts(ds, cell.suppressed_id.values))
+                    print(f"{pair} layer {layer} {window} ({side} lens): promoted {up}; suppressed {down}")
+    return 0
+
+
 def _scale_args(p: argparse.ArgumentParser) -> None:
     scale = p.add_argument_group("where to compute (default: threads on this machine)")
     scale.add_argument("--memory-limit", metavar="SIZE",
@@ -514,6 +537,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a position is massive when its norm is over X times its layer's median norm (default 10)")
     _scale_args(p)
     p.set_defaults(func=_cmd_factorial)
+
+    p = sub.add_parser(
+        "diff-lens", help="the tokens each pair's mean difference promotes and suppresses, per layer",
+        description="The mean difference h_right - h_left over the first K real positions of each prompt (the "
+        "Activation Difference Lens setting) and over all real positions, read through each side's normed lens "
+        "(final norm, unembedding): the top promoted and suppressed tokens as text. The lens is the store's saved "
+        "lens (--save-lens) or the models' safetensors checkpoints.",
+    )
+    p.add_argument("store", help="a store from `capture`")
+    p.add_argument("--pair", dest="pass_pair", action="append", help="only these pairs of passes (repeatable)")
+    p.add_argument("--layer", type=int, action="append", help="only these layers (repeatable; default all)")
+    p.add_argument("--k", type=int, default=5, help="first real positions of each prompt averaged (default 5)")
+    p.add_argument("--top", type=int, default=10, help="tokens listed each way (default 10)")
+    p.add_argument("--include-massive", action="store_true", help="keep massive-activation positions in the means")
+    _scale_args(p)
+    p.set_defaults(func=_cmd_diff_lens)
 
     p = sub.add_parser(
         "verify", help="check a store: format, shapes, coords, done coverage, NaN only on padding, no inf",

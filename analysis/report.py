@@ -199,6 +199,13 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     lines, rows, found = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, found)
     if found is not None:
         lines = [*describe_massive(ds, found, include_massive), *lines]
+    if record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3:
+        from analysis.difflens import shift_rate
+
+        rate = shift_rate(ds).sel(pair=chosen).compute()
+        lines.append("\ntoken distribution shift rate (URIAL: share of real positions whose right-pass top-1 token, "
+                     "norm lens, last layer, is not in the left pass's top-3):")
+        lines.append(table(["pair", "shift rate"], [[str(q), float(rate.sel(pair=q))] for q in chosen]))
     if record_type == "pairwise" and "tracked_logit" in ds:
         more_lines, more_rows = _tracked_section(ds, chosen, lens, top_n, token_ids)
         lines += more_lines

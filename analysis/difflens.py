@@ -1,0 +1,185 @@
+"""Difference readouts: what the mean difference between two passes says in tokens.
+
+For a pair (left, right) and a layer, the mean difference vector delta = mean(h_right - h_left)
+over the first k real positions of every prompt (default 5, the Activation Difference Lens
+setting, arXiv 2510.13900) and over all real positions, massive-activation positions left
+out, is read through each side's normed lens: logits = W_U norm(delta) (the final norm, then
+the unembedding, then the head's bias and scaling). The top promoted (largest) and
+suppressed (smallest) tokens are reported as text.
+
+The lens comes from the store's saved lens (``capture --save-lens``) or, failing that, from
+the models' safetensors checkpoints named in the store's attributes, read with numpy.
+No torch, no transformers; token text comes from the checkpoint's ``tokenizer.json``
+through the ``tokenizers`` library.
+
+The token distribution shift rate (URIAL, Lin et al. 2023) of a pair is the share of real
+positions at which the right pass's top-1 token under the norm lens at the last layer is
+not among the left pass's top-3.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from store.errors import LensNotSaved, MissingData, UsageError
+from store.schema import norm_formula
+
+WINDOWS = ("first", "all")
+
+
+@dataclass
+class NumpyLens:
+    """One unembedding as numpy arrays: final norm, weight (vocab x dim), bias and head extras."""
+
+    weight_vd: np.ndarray
+    bias_v: np.ndarray
+    norm_kind: str
+    norm_weight: np.ndarray
+    norm_bias: np.ndarray
+    eps: float
+    multiplier: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, h_nd: np.ndarray) -> np.ndarray:
+        normed = norm_formula(self.norm_kind, h_nd.astype(np.float64), self.norm_weight, self.norm_bias, self.eps,
+                              lambda x: x.mean(-1, keepdims=True))
+        z = (normed @ self.weight_vd.T.astype(np.float64) + self.bias_v) * self.multiplier
+        return self.softcap * np.tanh(z / self.softcap) if self.softcap else z
+
+
+def _saved_lens(ds: xr.Dataset, source: str) -> NumpyLens:
+    params = ds.attrs["saved_lens"][source]
+    pick = {"source": source}
+    return NumpyLens(weight_vd=ds.lens_weight.sel(pick).values, bias_v=ds.lens_bias.sel(pick).values,
+                     norm_kind=params["norm_kind"], norm_weight=ds.lens_norm_weight.sel(pick).values,
+                     norm_bias=ds.lens_norm_bias.sel(pick).values, eps=params["norm_eps"],
+                     multiplier=params["logit_multiplier"], softcap=params["logit_softcap"])
+
+
+_HEAD_KEYS = ("lm_head.weight",)
+_EMBED_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.language_model.embed_tokens.weight")
+_NORM_KEYS = ("model.norm", "transformer.ln_f", "model.language_model.norm")
+
+
+def _checkpoint_lens(ref: str) -> NumpyLens:
+    from safetensors import safe_open
+
+    folder = Path(ref)
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    tensors: dict[str, np.ndarray] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as fh:
+            for key in fh.keys():
+                if key in _HEAD_KEYS + _EMBED_KEYS or key.rsplit(".", 1)[0] in _NORM_KEYS:
+                    tensors[key] = fh.get_tensor(key)
+    weight = next((tensors[k] for k in _HEAD_KEYS + _EMBED_KEYS if k in tensors), None)
+    norm = next((k for k in _NORM_KEYS if f"{k}.weight" in tensors), None)
+    if weight is None or norm is None:
+        raise LensNotSaved()
+    kind = "layernorm" if config.get("model_type") == "gpt2" else (
+        "rmsnorm_unit_offset" if str(config.get("model_type", "")).startswith("gemma") else "rmsnorm")
+    eps = config.get("layer_norm_epsilon") or config.get("rms_norm_eps") or config.get("layer_norm_eps") or 1e-6
+    multiplier = float(config.get("logit_scale") or 1.0) / float(config.get("logits_scaling") or 1.0)
+    norm_weight = tensors[f"{norm}.weight"].astype(np.float64)
+    return NumpyLens(weight_vd=weight.astype(np.float32), bias_v=np.zeros(len(weight)), norm_kind=kind,
+                     norm_weight=norm_weight, norm_bias=tensors.get(f"{norm}.bias", np.zeros_like(norm_weight)),
+                     eps=float(eps), multiplier=multiplier, softcap=config.get("final_logit_softcapping"))
+
+
+def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
+    """Each unembedding the passes use, and where it came from (``saved lens`` or ``checkpoints``)."""
+    sources = sorted({str(u) for u in ds.unembedding.values})
+    if "lens_weight" in ds and "saved_lens" in ds.attrs:
+        return {s: _saved_lens(ds, s) for s in sources}, "the store's saved lens"
+    models = ds.attrs.get("models", {})
+    try:
+        return {s: _checkpoint_lens(models[s]["ref"]) for s in sources}, "the models' safetensors checkpoints"
+    except (KeyError, OSError, LensNotSaved):
+        raise LensNotSaved() from None
+
+
+def token_texts(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
+    """Readable text of token ids (`` the`` rather than ``Ġthe``), from the base checkpoint's tokenizer.json;
+    the raw pieces from the store where there is none."""
+    ref = ds.attrs.get("models", {}).get("base", {}).get("tokenizer") or \
+        ds.attrs.get("models", {}).get("base", {}).get("ref")
+    path = Path(ref) / "tokenizer.json" if ref else None
+    if path is not None and path.exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+        return [tokenizer.decode([int(i)]) for i in ids]
+    return [str(i) for i in ids]
+
+
+def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None) -> xr.DataArray:
+    """(pair, layer, window, dim): the mean of h_right - h_left over the first ``k`` real positions of each
+    prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out. Lazy."""
+    from analysis.metrics import select_side
+
+    resid = ds.resid.astype("float64")
+    diff = select_side(ds, resid, "right") - select_side(ds, resid, "left")
+    real = ds.token < ds.n_tokens
+    if where is not None:
+        real = real & where
+    first = real & (ds.token < k)
+    means = [diff.where(mask).mean(["prompt", "token"], skipna=True) for mask in (first, real)]
+    return xr.concat(means, dim="window").assign_coords(window=list(WINDOWS)).transpose("pair", "layer", "window",
+                                                                                        "dim")
+
+
+def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False) -> xr.Dataset:
+    """Top promoted and suppressed tokens of each pair's mean difference, per layer and window, read through
+    the left and the right pass's normed lens. Computes (the means are small)."""
+    if "resid" not in ds:
+        raise MissingData(what="residuals", fix="the difference lens reads the stored residuals")
+    if top < 1 or k < 1:
+        raise UsageError(f"--top and --k must be at least 1, got {top} and {k}")
+    lenses, source = load_lenses(ds)
+    where = None
+    if not include_massive:
+        from analysis.outliers import massive_positions
+
+        where = ~massive_positions(ds).massive
+    deltas = mean_differences(ds, k, where).compute()
+    sides = {"left": deltas.left.values, "right": deltas.right.values}
+    passes = {str(p): str(u) for p, u in zip(ds.pass_.values, ds.unembedding.values, strict=True)}
+    shape = (deltas.sizes["pair"], deltas.sizes["layer"], len(WINDOWS), 2, top)
+    ids = {"promoted": np.zeros(shape, np.int64), "suppressed": np.zeros(shape, np.int64)}
+    values = {"promoted": np.zeros(shape), "suppressed": np.zeros(shape)}
+    for q in range(deltas.sizes["pair"]):
+        for s, side in enumerate(("left", "right")):
+            lens = lenses[passes[sides[side][q]]]
+            delta = np.nan_to_num(deltas.values[q])  # (layer, window, dim)
+            z = lens.logits(delta.reshape(-1, delta.shape[-1])).reshape(*delta.shape[:2], -1)
+            order = np.argsort(z, axis=-1)
+            for kind, picked in (("promoted", order[..., ::-1][..., :top]), ("suppressed", order[..., :top])):
+                ids[kind][q, :, :, s] = picked
+                values[kind][q, :, :, s] = np.take_along_axis(z, picked, axis=-1)
+    dims = ("pair", "layer", "window", "side", "rank")
+    return xr.Dataset({f"{kind}_id": (dims, ids[kind]) for kind in ids} |
+                      {f"{kind}_logit": (dims, values[kind]) for kind in values},
+                      coords={"pair": deltas.pair.values, "layer": deltas.layer.values, "window": list(WINDOWS),
+                              "side": ["left", "right"], "rank": np.arange(top)}).assign_attrs(
+        lens_source=source, k=k, massive_included=include_massive)
+
+
+def shift_rate(ds: xr.Dataset) -> xr.DataArray:
+    """Per pair: the share of real positions where the right pass's top-1 norm-lens token at the last layer is
+    not among the left pass's top-3 (URIAL's token distribution shift). Lazy."""
+    if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
+        raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
+    from analysis.metrics import select_side
+
+    top = ds.topk_id.sel(lens="norm", drop=True).isel(layer=-1, drop=True)
+    right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
+    left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")
+    real = ds.token < ds.n_tokens
+    shifted = ~(left_top3 == right_top1).any("k")
+    return (shifted.where(real).sum(["prompt", "token"]) / real.sum()).rename("shift_rate")

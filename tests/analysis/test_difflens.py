@@ -1,0 +1,79 @@
+"""The difference lens on a pair whose difference is a known unembedding direction; the shift rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from analysis import open_store
+from analysis.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
+from store.schema import add_saved_lens_variables
+from store.testing import write_tiny_store
+from store.writer import StoreWriter, consolidate
+
+HIDDEN = 8
+
+
+def _store_with_a_planted_difference(tmp_path, promoted: int, suppressed: int):
+    path = write_tiny_store(tmp_path / "s.zarr", hidden=HIDDEN, n_prompts=3)
+    ds = open_store(path)
+    lens = add_saved_lens_variables(ds, sources=["base", "sft"], vocab=HIDDEN, hidden=HIDDEN)
+    lens[["lens_weight", "lens_bias", "lens_norm_weight", "lens_norm_bias"]].to_zarr(str(path), mode="a",
+                                                                                     consolidated=False)
+    writer = StoreWriter(path)
+    weight = np.eye(HIDDEN, dtype=np.float32) * 3  # token i's unembedding row is 3 e_i
+    for source in (0, 1):
+        writer.write_saved_lens(source, weight, np.zeros(HIDDEN), np.ones(HIDDEN), np.zeros(HIDDEN))
+    record = {"norm_kind": "rmsnorm", "norm_eps": 1e-6, "logit_multiplier": 1.0, "logit_softcap": None}
+    writer.finalize({"saved_lens": {"base": record, "sft": record}})
+    group = zarr.open_group(str(path), mode="r+")
+    direction = weight[promoted] - weight[suppressed]
+    bb = group["resid"][0]
+    group["resid"][3] = bb + 5 * direction  # SS = BB + a known direction (NaN padding stays NaN)
+    consolidate(path)
+    return open_store(path)
+
+
+def test_a_planted_unembedding_direction_is_read_back(tmp_path):
+    ds = _store_with_a_planted_difference(tmp_path, promoted=5, suppressed=2)
+    result = diff_lens(ds, k=2, top=3, include_massive=True)
+    assert result.attrs["lens_source"] == "the store's saved lens"
+    cell = result.sel(pair="BB-SS")
+    assert (cell.promoted_id.isel(rank=0).values == 5).all()
+    assert (cell.suppressed_id.isel(rank=0).values == 2).all()
+    assert (cell.promoted_logit.isel(rank=0).values > cell.promoted_logit.isel(rank=1).values).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_pair, tmp_path_factory):
+    from cli import main
+
+    store = tmp_path_factory.mktemp("difflens") / "s.zarr"
+    assert main(["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store), "--save-lens", "--quiet",
+                 "--prompt", "The moon is bright.", "--prompt", "Why is the sky blue at noon?"]) == 0
+    return store
+
+
+def test_checkpoint_lens_equals_the_saved_lens(tiny_store):
+    ds = open_store(tiny_store)
+    saved, source = load_lenses(ds)
+    assert source == "the store's saved lens"
+    h = np.random.default_rng(0).standard_normal((4, ds.sizes["dim"]))
+    for name in ("base", "sft"):
+        from_checkpoint = _checkpoint_lens(ds.attrs["models"][name]["ref"])
+        np.testing.assert_allclose(from_checkpoint.logits(h), saved[name].logits(h), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_rate_against_a_plain_count(tiny_store):
+    ds = open_store(tiny_store).sortby("prompt")
+    got = shift_rate(ds).compute()
+    top = ds.topk_id.sel(lens="norm").isel(layer=-1).values  # (pass, prompt, token, k)
+    passes = list(ds.pass_.values)
+    for q, (left, right) in enumerate(zip(ds.left.values, ds.right.values, strict=True)):
+        shifted = real = 0
+        for p in range(ds.sizes["prompt"]):
+            for t in range(int(ds.n_tokens.values[p])):
+                real += 1
+                shifted += top[passes.index(right), p, t, 0] not in top[passes.index(left), p, t, :3]
+        assert float(got.isel(pair=q)) == shifted / real
