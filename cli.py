@@ -275,8 +275,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             [str(q), f"{float(result.participation_ratio.sel(pair=q).mean()):.2f}",
              int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
             for q in result.pair.values]
+        from analysis.answer import opening
+        from analysis.metrics import pair_metrics
+
+        with _compute_context(args, ds):
+            sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt)
         settings = {"store": str(args.store), **ds.attrs}
-        page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings)
+        page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
+                                 sections, first)
         print(f"Wrote {page}")
     return 0
 

@@ -135,12 +135,18 @@ def cp_plot(result: xr.Dataset, out: Path) -> Path:
     return _save(fig, out / "cp_factors.png")
 
 
-def html_report(images: list[Path], out: Path, title: str, summary_rows: list[list], settings: dict) -> Path:
-    """One self-contained HTML file: images embedded as data URIs, a summary table and the settings."""
+def html_report(images: list[Path], out: Path, title: str, summary_rows: list[list], settings: dict,
+                opening: list[str] | None = None, opening_images: list[Path] | None = None) -> Path:
+    """One self-contained HTML file: what changed first (``opening``, HTML sections with their images), then the
+    figures embedded as data URIs, a summary table and the settings."""
     figures = "\n".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
         for p in images)
+    first_images = "\n".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in opening_images or [])
     head, *body = summary_rows
     table = ("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
@@ -149,8 +155,10 @@ def html_report(images: list[Path], out: Path, title: str, summary_rows: list[li
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
-pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head>
+pre{{background:#f4f4f4;padding:1em;overflow:auto}}
+table.tokens td{{text-align:center;font-family:monospace;font-size:11px;white-space:pre;padding:1px 3px}}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{"".join(opening or [])}{first_images}
 <h2>Summary</h2>{table}
 <h2>Figures</h2>{figures}
 <h2>Capture settings</h2><pre>{html.escape(json.dumps(settings, indent=2, default=str))}</pre>

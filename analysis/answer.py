@@ -1,0 +1,155 @@
+"""The opening of the HTML report: what changed, in a few tables and one picture, before the figures.
+
+Sections (each skipped when the store lacks what it needs): the massive-activation
+positions found; the layers with the largest relative change (``rel_norm_diff``, massive
+positions left out); the factorial shares by layer (a stacked plot); the tokens the mean
+BB-SS difference promotes and suppresses; the positions with the largest KL, with their
+context; and a token view of one prompt: a layers x tokens table whose cells show the SS
+pass's top norm-lens token as text, coloured by KL(SS || BB). Token text is decoded
+(`` the``, not ``Ġthe``).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from analysis.difflens import token_texts
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{c:.4g}' if isinstance(c, float) else str(c))}</td>"
+                                    for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _pair(ds: xr.Dataset, pairs: list[str]) -> str:
+    return "BB-SS" if "BB-SS" in pairs else pairs[0]
+
+
+def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5) -> str:
+    values = metrics.rel_norm_diff if keep is None else metrics.rel_norm_diff.where(keep)
+    by_layer = values.mean(["prompt", "token"], skipna=True).compute()
+    rows = []
+    for pair in by_layer.pair.values:
+        series = by_layer.sel(pair=pair).values
+        order = np.argsort(-np.nan_to_num(series, nan=-np.inf))[:3]
+        rows.append([str(pair), ", ".join(f"{int(by_layer.layer.values[i])} ({series[i]:.3g})" for i in order)])
+    return ("<h2>Where the change is largest</h2><p>Mean relative change ||h_right - h_left|| / ||h_left|| per "
+            "layer over real positions; the three largest layers of each pair.</p>"
+            + _table(["pair", "layers (mean rel_norm_diff)"], rows[:top * 2]))
+
+
+def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path) -> tuple[str, Path | None]:
+    from analysis.factorial import FACTORIAL_PASSES, factorial_shares
+
+    if not set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
+        return "", None
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import _save
+
+    shares = factorial_shares(ds, where=keep).compute()
+    layers = shares.layer.values
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = np.zeros(len(layers))
+    for name, color in (("embedding_share", "tab:blue"), ("body_share", "tab:orange"), ("cross_share", "tab:gray")):
+        values = np.nan_to_num(shares[name].values)
+        ax.bar(layers, values, bottom=bottom, color=color, label=name.replace("_share", ""))
+        bottom += values
+    ax.plot(layers, shares.interaction_ratio.values, "k.-", label="interaction / total")
+    ax.set(title="factorial shares of sum |h_SS - h_BB|^2 by layer", xlabel="layer", ylabel="share")
+    ax.legend(fontsize=8)
+    image = _save(fig, out / "factorial_shares.png")
+    rows = [[int(la), float(shares.embedding_share.sel(layer=la)), float(shares.body_share.sel(layer=la)),
+             float(shares.interaction_ratio.sel(layer=la))] for la in layers]
+    return ("<h2>Embeddings or body?</h2><p>D = h_SS - h_BB = E + B: the embedding main effect E, the body main "
+            "effect B and their interaction, as shares of sum |D|^2.</p>"
+            + _table(["layer", "embedding", "body", "interaction"], rows)), image
+
+
+def diff_lens_section(ds: xr.Dataset, top: int = 8) -> str:
+    from analysis.difflens import diff_lens
+    from store.errors import ResdiffError
+
+    try:
+        result = diff_lens(ds, top=top)
+    except ResdiffError as exc:
+        return f"<h2>Difference lens</h2><p>not available: {html.escape(str(exc))}</p>"
+    pair = _pair(ds, [str(p) for p in result.pair.values])
+    rows = []
+    for layer in result.layer.values[-4:]:
+        cell = result.sel(pair=pair, layer=layer, window="first", side="right")
+        rows.append([int(layer), " ".join(repr(t) for t in token_texts(ds, cell.promoted_id.values)),
+                     " ".join(repr(t) for t in token_texts(ds, cell.suppressed_id.values))])
+    return (f"<h2>Difference lens ({html.escape(pair)})</h2><p>The mean difference over the first "
+            f"{result.attrs['k']} real positions, read through the right pass's normed lens "
+            f"({html.escape(result.attrs['lens_source'])}).</p>" + _table(["layer", "promoted", "suppressed"], rows))
+
+
+def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
+    if "kl" not in ds:
+        return ""
+    from analysis.reductions import hotspots
+
+    pair = _pair(ds, [str(p) for p in ds.pair.values])
+    kl = ds.kl.sel(lens="norm", pair=pair, drop=True)
+    spots = hotspots(kl if keep is None else kl.where(keep), top).compute()
+    ids, n_tokens = np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values)
+    rows = []
+    for r in range(spots.sizes["rank"]):
+        row, layer, token = int(spots.prompt[r]), int(spots.layer[r]), int(spots.token[r])
+        if row < 0:
+            continue
+        context = token_texts(ds, ids[row, max(0, token - 4):min(int(n_tokens[row]), token + 2)])
+        rows.append([int(ds.prompt.values[row]), int(ds.layer.values[layer]), token,
+                     "".join(context), float(spots.value[r])])
+    return (f"<h2>Largest KL({html.escape(pair)}), norm lens</h2>"
+            + _table(["prompt", "layer", "token", "context", "KL [nats]"], rows))
+
+
+def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "SS") -> str:
+    """Layers x tokens of one prompt: the ``pass_``'s top norm-lens token per cell, coloured by KL(``pair``)."""
+    if "topk_id" not in ds or "kl" not in ds:
+        return ""
+    pair = pair if pair in [str(p) for p in ds.pair.values] else str(ds.pair.values[0])
+    one = ds.sel(prompt=prompt)
+    n = int(one.n_tokens)
+    top = one.topk_id.sel(lens="norm", pass_=pass_).isel(k=0, token=slice(0, n)).values  # (layer, token)
+    kl = one.kl.sel(lens="norm", pair=pair).isel(token=slice(0, n)).values
+    scale = np.nanpercentile(kl, 99) if np.isfinite(kl).any() else 1.0
+    texts = token_texts(ds, one.token_id.values[:n])
+    header = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in texts) + "</tr>"
+    body = []
+    for li in range(top.shape[0] - 1, -1, -1):
+        words = token_texts(ds, top[li])
+        cells = []
+        for t in range(n):
+            heat = float(np.clip(np.nan_to_num(kl[li, t]) / max(scale, 1e-12), 0, 1))
+            color = f"rgba(220, 60, 40, {heat:.2f})"
+            cells.append(f'<td style="background:{color}" title="KL {kl[li, t]:.3g}">{html.escape(words[t])}</td>')
+        body.append(f"<tr><th>{int(ds.layer.values[li])}</th>{''.join(cells)}</tr>")
+    return (f'<h2>Token view: prompt {prompt}, pass {pass_}</h2><p>Each cell is the top token of the {pass_} pass '
+            f"under the norm lens at that layer and position; red is KL({html.escape(pair)}), norm lens (99th "
+            f'percentile = full red).</p><table class="tokens" id="token-view">{header}{"".join(body)}</table>')
+
+
+def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int) -> tuple[list[str], list[Path]]:
+    """The sections that open the report, and the images they made."""
+    from analysis.outliers import describe_massive, massive_positions
+
+    found = massive_positions(ds).compute()
+    keep = None if not bool(found.massive.any()) else ~found.massive
+    sections = ["<h2>Massive activations</h2><p>" + "<br>".join(html.escape(line) for line in
+                                                                  describe_massive(ds, found)) + "</p>"]
+    sections.append(largest_change(ds, metrics, keep))
+    factorial_html, image = factorial_section(ds, keep, out)
+    sections.append(factorial_html)
+    sections.append(diff_lens_section(ds))
+    sections.append(kl_section(ds, keep))
+    sections.append(token_view(ds, prompt))
+    return [s for s in sections if s], [image] if image else []
