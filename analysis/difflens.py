@@ -118,6 +118,15 @@ def token_texts(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
     return [str(i) for i in ids]
 
 
+def token_text_table(ds: xr.Dataset, prompt: int | None = None) -> np.ndarray:
+    """Decoded text of every stored token, (prompt, token) (or one prompt's row), "" on padding."""
+    ids = np.asarray((ds.token_id if prompt is None else ds.token_id.sel(prompt=prompt)).values)
+    unique = np.unique(ids[ids >= 0])
+    lookup = dict(zip(unique.tolist(), token_texts(ds, unique), strict=True))
+    lookup[-1] = ""
+    return np.vectorize(lookup.__getitem__, otypes=[object])(ids) if ids.size else ids.astype(object)
+
+
 def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None) -> xr.DataArray:
     """(pair, layer, window, dim): the mean of h_right - h_left over the first ``k`` real positions of each
     prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out. Lazy."""

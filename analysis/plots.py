@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
+from analysis.difflens import token_text_table
 from analysis.metrics import pair_metrics, pass_metrics
 from store.atomic import atomic_output
 
@@ -62,7 +63,7 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     lead = "pair" if "pair" in table[metric].dims else "pass_"
     n_real = int(ds.n_tokens.sel(prompt=prompt))
     grid = table[metric].sel(prompt=prompt).isel(token=slice(0, n_real)).compute()
-    tokens = [str(t) for t in ds.token_str.sel(prompt=prompt).values[:n_real]]
+    tokens = [str(t) for t in token_text_table(ds, prompt)[:n_real]]  # decoded text, not raw pieces
     labels = [str(x) for x in grid[lead].values]
     cols = min(3, len(labels))
     rows = -(-len(labels) // cols)

@@ -14,6 +14,7 @@ import dask
 import numpy as np
 import xarray as xr
 
+from analysis.difflens import token_text_table
 from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
@@ -78,7 +79,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
                                 RuntimeWarning)
         (computed,) = dask.compute(lazy)
     extra = computed.pop("extra")
-    tokens = ds.token_str.values
+    tokens = token_text_table(ds)  # decoded text, not raw tokenizer pieces
     labels, layers = ds.prompt.values, ds.layer.values
     word = "pair" if lead == "pair" else "pass"
     lines, rows = [], []
@@ -120,7 +121,7 @@ def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], lis
     found = changes.to_series().dropna()
     ordered = found.reindex(found.abs().sort_values(ascending=False).index).head(top_n)
     rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
-             "token_idx": int(t), "token": str(ds.token_str.sel(prompt=int(pr)).values[int(t)]), "shift": float(v)}
+             "token_idx": int(t), "token": str(token_text_table(ds, int(pr))[int(t)]), "shift": float(v)}
             for (q, p, pr, la, t), v in ordered.items()]
     lines = [f"\ntracked logit changes, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
              table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
@@ -142,7 +143,7 @@ def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> lis
     """Grids over (layer, token) of one prompt: a tracked logit, and where the id is among the rises."""
     check_prompt(ds, prompt)
     tracked = [int(t) for t in ds.tracked_id.values] if "tracked_id" in ds.coords else []
-    tokens = ds.token_str.sel(prompt=prompt).values
+    tokens = token_text_table(ds, prompt)
     n_real = int(ds.n_tokens.sel(prompt=prompt))
     lines = []
     for token_id in token_ids:

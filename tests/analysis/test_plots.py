@@ -12,6 +12,7 @@ from cli import main
 
 FIGURES = ("layer_curves", "heatmap_norm_diff_prompt1", "heatmap_norm_prompt1", "spectra", "effective_rank",
            "cp_factors")
+PAGE_IMAGES = (*FIGURES, "factorial_shares")  # the page opens with the factorial plot
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_html_renders_every_image_in_chromium(plotted, tmp_path):
         pytest.skip("chromium is not installed (make test installs Debian's chromium where apt-get can)")
     page = plotted / "report.html"
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == len(FIGURES) and "<table>" in text and "src=\"http" not in text
+    assert text.count("data:image/png;base64,") == len(PAGE_IMAGES) and "<table>" in text and "src=\"http" not in text
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -43,4 +44,4 @@ def test_html_renders_every_image_in_chromium(plotted, tmp_path):
         capture_output=True, text=True, timeout=120, check=True).stdout
     rendered = re.search(r'data-images-rendered="(\d+)/(\d+)"', dom)
     assert rendered, dom[:500]
-    assert rendered.group(1) == rendered.group(2) == str(len(FIGURES))
+    assert rendered.group(1) == rendered.group(2) == str(len(PAGE_IMAGES))
