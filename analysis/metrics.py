@@ -130,7 +130,7 @@ def _scatter(flat: da.Array, prompt_row: np.ndarray, token: np.ndarray, ds: xr.D
         values = flat[:, :, np.sort(picked)] if len(picked) else flat[:, :, :0]
         keep = np.sort(picked)
         shape = (n_terms, stop - start, n_layers, n_tokens)
-        block = dask.delayed(_scatter_block)(values, prompt_row[keep] - start, token[keep], shape)
+        block = dask.delayed(_scatter_block, pure=True)(values, prompt_row[keep] - start, token[keep], shape)
         blocks.append(da.from_delayed(block, shape=shape, dtype=np.float64))
     return da.concatenate(blocks, axis=1)
 

