@@ -35,7 +35,7 @@ from capture.lens_stage import statistics_blocks
 from capture.models import decoder, load_model, release_memory
 from capture.passes import DEFAULT_PASSES
 from capture.prompts import tokenize_prompts
-from capture.runner import _pad_batch
+from capture.runner import pad_batch
 from capture.settings import CaptureSettings
 
 
@@ -57,7 +57,7 @@ def bare_forward_and_lens(base: Path, sft: Path, prompts: list[str], batch: int,
         lenses[llm] = Lens.from_model(model)
         for spec in (p for p in DEFAULT_PASSES if p.llm == llm):
             for start in range(0, len(ids), batch):
-                ids_bt, mask_bt = _pad_batch(ids[start:start + batch], 0)
+                ids_bt, mask_bt = pad_batch(ids[start:start + batch], 0)
                 with timed(times, "t"):
                     emb = embeds.get(spec.embedding, embeds[llm])
                     out = decoder(model)(inputs_embeds=emb(ids_bt.to(device)), attention_mask=mask_bt.to(device),

@@ -114,7 +114,8 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     full_lengths = tokenized.lengths
     tokenized, window = _store_order(tokenized, positions, layers)
     hidden, itemsize = shapes["base"].hidden, units.itemsize(settings.store_dtype)
-    chunking = choose_chunking(window.lengths, len(layers), hidden, itemsize)
+    chunking = choose_chunking(window.lengths, len(layers), hidden, itemsize,
+                               small_store_one_chunk=not settings.chunk_prompts)
     if settings.chunk_prompts:
         chunking = replace(chunking, prompt=min(settings.chunk_prompts, len(texts)))
     # Per-prompt lists enter as digests, so that the attributes do not grow with the prompt count.

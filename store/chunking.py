@@ -13,8 +13,9 @@ budget ``16 MiB / (t x dim x itemsize)`` is split as squarely as the sizes allow
 the prompt tile shrinks (by an eighth at a time) until the bytes of the chunks that hold real tokens are at
 most :data:`MAX_WASTE` times the bytes of the real tokens (or it is 1). Among the sizes
 that meet the bound, the one with the fewest chunks wins (then the smallest waste).
-For prompts of one length this gives whole prompts in a chunk (``t`` = the length),
-the square tiles of format 1.
+A store whose padded pass fits one target chunk is one chunk per pass (its padding costs
+less than more chunks would). For prompts of one length the rule usually gives whole
+prompts in a chunk, the square tiles of format 1.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def stored_cells(lengths_desc: np.ndarray, chunk_prompt: int, chunk_token: int) 
 
 def choose_chunking(
     lengths: list[int] | np.ndarray, n_layers1: int, hidden: int, itemsize: int,
-    target_bytes: int = TARGET_CHUNK_BYTES,
+    target_bytes: int = TARGET_CHUNK_BYTES, small_store_one_chunk: bool = True,
 ) -> Chunking:
     """The chunking of a store of prompts with these token ``lengths`` (see the module docstring).
 
@@ -66,6 +67,8 @@ def choose_chunking(
     """
     lengths_desc = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
     n_prompts, longest, real = len(lengths_desc), int(lengths_desc[0]), int(lengths_desc.sum())
+    if small_store_one_chunk and n_prompts * n_layers1 * longest * hidden * itemsize <= target_bytes:
+        return Chunking(prompt=n_prompts, layer=n_layers1, token=longest)  # padding costs less than more chunks
     sizes = sorted({*(MIN_TOKEN_CHUNK << k for k in range(32) if MIN_TOKEN_CHUNK << k < longest), longest})
     best = None
     for token in sizes:
