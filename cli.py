@@ -151,7 +151,12 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     with _compute_context(args, ds):
         found = found.compute()
         keep = None if args.include_massive else ~found.massive
-        shares = factorial_shares(ds, where=keep, by=args.by).compute()
+        by = args.by
+        if by == "kind":  # special and chat-template tokens against the rest
+            from analysis.difflens import token_kinds
+
+            by = token_kinds(ds)
+        shares = factorial_shares(ds, where=keep, by=by).compute()
     print("\n".join(describe_massive(ds, found, args.include_massive)))
     columns = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
     groups = [None] if args.by is None else [str(g) for g in shares[args.by].values]
@@ -233,7 +238,8 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     with _compute_context(args, open_store(args.store)):
         path, reused = decompose_store(args.store, top_k=args.top_k, cp_rank=args.cp_rank,
                                        tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pass_pair,
-                                       out=args.out, force=args.force, progress=not args.quiet)
+                                       out=args.out, force=args.force, progress=not args.quiet,
+                                       include_massive=args.include_massive)
     res = xr.open_zarr(str(path))
     print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
     rows = [[str(q), int(la), float(res.participation_ratio.sel(pair=q, layer=la)),
@@ -506,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr; "
                    "for a store at a URL, under outputs/)")
     p.add_argument("--force", action="store_true", help="recompute and replace an existing output")
+    p.add_argument("--include-massive", action="store_true",
+                   help="keep massive-activation positions (attention sinks) in the spectra; by default left out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_args(p)
     p.set_defaults(func=_cmd_decompose)
@@ -536,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shares of sum |D|^2. Needs the four standard passes.",
     )
     p.add_argument("store", help="a store from `capture` with the passes BB, BS, SB, SS")
-    p.add_argument("--by", help="also split by a per-token coordinate, e.g. role (chat prompts)")
+    p.add_argument("--by", help="also split by kind (special and chat-template tokens against the rest) or by a "
+                   "per-token coordinate, e.g. role (chat prompts)")
     p.add_argument("--include-massive", action="store_true",
                    help="keep massive-activation positions (attention sinks) in the sums; by default left out")
     p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",

@@ -53,21 +53,29 @@ def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return out
 
 
-def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice) -> np.ndarray:
+def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice, exclude_pt: np.ndarray | None = None
+                ) -> np.ndarray:
     """Gram, row sums and counts per layer of ``layers``, accumulated block by block in place.
 
     A few prompt blocks (one per worker thread) are computed at a time and added into one
     float64 accumulator, so memory holds the accumulator plus those blocks, never a tree
-    of Gram-sized partial sums.
+    of Gram-sized partial sums. ``exclude_pt`` (prompt x token, store order) leaves positions out.
     """
     sub = ds.isel(layer=layers)
     if has_padding_chunks(sub):
         # A ragged store: its real rows, regrouped into blocks about a store chunk's size (only the chunks
         # that hold real positions are read), as (position, layer, token = 1, dim) for the same block function.
         rows = real_positions(sub, rows=rows_per_chunk(sub.resid)).transpose("pass_", "position", "layer", "dim")
+        if exclude_pt is not None:
+            row_of = {label: i for i, label in enumerate(ds.prompt.values)}
+            out = exclude_pt[[row_of[p] for p in rows.prompt.values], rows.token.values]
+            rows = rows.isel(position=np.flatnonzero(~out))
         a, b = (rows.sel(pass_=p).data[:, :, None, :].rechunk({1: -1, 3: -1}) for p in (left, right))
     else:
-        a, b = (sub.resid.sel(pass_=p).data.rechunk({1: -1, 2: -1, 3: -1}) for p in (left, right))
+        resid = sub.resid
+        if exclude_pt is not None:  # excluded rows become NaN, which the block function leaves out
+            resid = resid.where(xr.DataArray(~exclude_pt, dims=("prompt", "token")))
+        a, b = (resid.sel(pass_=p).data.rechunk({1: -1, 2: -1, 3: -1}) for p in (left, right))
     n_layer, n_dim = a.shape[1], a.shape[3]
     blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0])
               for i in range(a.numblocks[0]) for j in range(a.numblocks[2])]
@@ -132,11 +140,13 @@ def settings_key(ds: xr.Dataset, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, progress=None) -> xr.Dataset:
+def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, progress=None,
+            exclude_pt: np.ndarray | None = None) -> xr.Dataset:
     """Spectra, effective ranks, top directions, principal angles and mean differences per pair and layer.
 
     Computes one layer tile of the store at a time (use :func:`analysis.compute.compute_on`
-    to choose threads or a cluster).
+    to choose threads or a cluster). ``exclude_pt`` (prompt x token booleans, store order;
+    e.g. massive-activation positions) leaves positions out.
     """
     if "resid" not in ds:
         raise UsageError("decompositions need residuals; this store is statistics-only (from import-json)")
@@ -157,7 +167,7 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
         layers = slice(start, min(start + tile, n_layer))
         # One pair per computation: its Gram matrices are the largest objects alive (reads repeat, FLOPs do not).
         for q, pair in enumerate(chosen):
-            sums_lde = _layer_sums(ds, lefts[names.index(pair)], rights[names.index(pair)], layers)
+            sums_lde = _layer_sums(ds, lefts[names.index(pair)], rights[names.index(pair)], layers, exclude_pt)
             for offset, gram_de in enumerate(sums_lde):
                 layer = start + offset
                 count = gram_de[0, -1]
@@ -201,8 +211,12 @@ def default_output(store: str | Path, key: str) -> Path:
 
 def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = None,
                     tucker_ranks: tuple[int, int, int] | None = None, pairs: list[str] | None = None,
-                    out: str | Path | None = None, force: bool = False, progress: bool = False) -> tuple[Path, bool]:
+                    out: str | Path | None = None, force: bool = False, progress: bool = False,
+                    include_massive: bool = False) -> tuple[Path, bool]:
     """Decompose a store and write the labelled results as a sibling Zarr store; (path, reused).
+
+    Massive-activation positions (``analysis.outliers``) are left out unless ``include_massive``:
+    one sink position would otherwise be the whole spectrum.
 
     The output is named by a hash of the settings and the source store, so rerunning
     with the same settings reuses it (unless ``force``); it is written to a temporary
@@ -222,7 +236,7 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
 
     ds = open_store(store)
     settings = {"top_k": top_k, "cp_rank": cp_rank, "tucker_ranks": list(tucker_ranks) if tucker_ranks else None,
-                "pairs": pairs}
+                "pairs": pairs, "include_massive": include_massive}
     key = settings_key(ds, settings)
     path = Path(out) if out else default_output(store, key)
     if path.exists() and not force:
@@ -236,7 +250,13 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
         from tqdm import tqdm
 
         bar = tqdm(total=ds.sizes["layer"], desc="decompose", unit="layer")
-    result = spectra(ds, top_k=top_k, pairs=pairs, progress=bar.update if bar else None)
+    exclude = None
+    if not include_massive:
+        from analysis.outliers import massive_positions
+
+        massive = np.asarray(massive_positions(ds).massive.values)
+        exclude = massive if massive.any() else None
+    result = spectra(ds, top_k=top_k, pairs=pairs, progress=bar.update if bar else None, exclude_pt=exclude)
     if bar:
         bar.close()
     from analysis.tensor import tensor_decompositions

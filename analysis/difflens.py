@@ -107,15 +107,35 @@ def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
 def token_texts(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
     """Readable text of token ids (`` the`` rather than ``Ġthe``), from the base checkpoint's tokenizer.json;
     the raw pieces from the store where there is none."""
-    ref = ds.attrs.get("models", {}).get("base", {}).get("tokenizer") or \
-        ds.attrs.get("models", {}).get("base", {}).get("ref")
-    path = Path(ref) / "tokenizer.json" if ref else None
-    if path is not None and path.exists():
+    path = _tokenizer_json(ds)
+    if path is not None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(path))
         return [tokenizer.decode([int(i)]) for i in ids]
     return [str(i) for i in ids]
+
+
+def _tokenizer_json(ds: xr.Dataset) -> Path | None:
+    base = ds.attrs.get("models", {}).get("base", {})
+    ref = base.get("tokenizer") or base.get("ref")
+    path = Path(ref) / "tokenizer.json" if ref else None
+    return path if path is not None and path.exists() else None
+
+
+def token_kinds(ds: xr.Dataset) -> xr.DataArray:
+    """(prompt, token): ``special`` for the tokenizer's special tokens and a chat template's own tokens,
+    ``text`` for the rest, ``""`` on padding; for grouping (``factorial_shares(ds, by=token_kinds(ds))``)."""
+    path = _tokenizer_json(ds)
+    special: set[int] = set()
+    if path is not None:
+        special = {int(t["id"]) for t in json.loads(path.read_text()).get("added_tokens", []) if t.get("special")}
+    ids = np.asarray(ds.token_id.values)
+    kinds = np.where(np.isin(ids, list(special)), "special", "text").astype(object)
+    if "role" in ds.coords:
+        kinds[np.asarray(ds.role.values) == "template"] = "special"
+    kinds[ids < 0] = ""
+    return xr.DataArray(kinds, dims=("prompt", "token"), coords={"prompt": ds.prompt}, name="kind")
 
 
 def token_text_table(ds: xr.Dataset, prompt: int | None = None) -> np.ndarray:

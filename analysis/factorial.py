@@ -106,8 +106,9 @@ def _shares(sums: xr.Dataset) -> xr.Dataset:
 
 
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
-                     where: xr.DataArray | None = None, by: str | None = None) -> xr.Dataset:
-    """Per layer (and per ``by`` group, e.g. ``role``): the shares of sum |D|^2, over real positions, lazily.
+                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
+    """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
+    of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions.
 
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
     and token, e.g. not a massive-activation position) leaves positions out.
@@ -118,13 +119,14 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     if by is None:
         sums = terms.sum(list(over), skipna=True, min_count=1)
     else:
-        if by not in ds.coords:
+        if isinstance(by, str) and by not in ds.coords:
             raise MissingData(what=f"coordinate {by!r}", fix="group by a coordinate the store has (role needs "
-                              "chat prompts or --chat-template)")
-        groups = ds[by].load()
+                              "chat prompts or --chat-template), or by kind")
+        groups = ds[by].load() if isinstance(by, str) else by
+        name = by if isinstance(by, str) else str(by.name or "group")
         labels = sorted(str(g) for g in np.unique(groups.values) if str(g) != "")
         sums = xr.concat([terms.where(groups == label).sum(list(over), skipna=True, min_count=1) for label in labels],
-                         dim=by).assign_coords({by: labels})
+                         dim=name).assign_coords({name: labels})
     return _shares(sums.to_dataset("term"))
 
 

@@ -179,10 +179,14 @@ def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, shapes: _
 
 
 def _store_bytes(prep: Prepared) -> dict[str, int]:
+    """Bytes before compression of what the capture writes: chunks holding only padding are never written."""
+    from store.reader import stored_bytes
+
     template = make_template(prep)
     sizes = {"residuals": 0, "lens statistics": 0, "other": 0}
     for name, var in template.variables.items():
-        size = var.size * (16 if var.dtype == object else var.dtype.itemsize)
+        size = stored_bytes(template, [name]) if name in template.data_vars else \
+            var.size * (16 if var.dtype == object else var.dtype.itemsize)
         kind = "residuals" if name in ("resid", "final") else "other" if name in template.coords else "lens statistics"
         sizes[kind] += size
     return sizes

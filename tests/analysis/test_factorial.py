@@ -125,3 +125,22 @@ def test_the_cli_turns_a_library_exception_into_one_line(tmp_path, capsys, monke
     assert err.startswith("error: LinAlgError: Singular matrix (in ") and err.count("\n") == 1
     assert main(["--debug", "report", str(store)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_groups_by_role_and_kind_partition_the_total(tiny_pair, tmp_path):
+    from analysis.difflens import token_kinds
+    from cli import main
+
+    store = tmp_path / "chat.zarr"
+    assert main(["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store), "--quiet", "--no-lens",
+                 "--chat-template", "--prompt", "Why is the sky blue?", "--prompt", "Name a red fruit."]) == 0
+    ds = open_store(store)
+    overall = factorial_shares(ds).compute()
+    for by in ("role", token_kinds(ds)):
+        grouped = factorial_shares(ds, by=by).compute()
+        name = by if isinstance(by, str) else "kind"
+        assert len(grouped[name]) >= 2
+        np.testing.assert_allclose(grouped.total_sq.sum(name).values, overall.total_sq.values, rtol=1e-12)
+    kinds = token_kinds(ds).values
+    assert set(kinds[kinds != ""]) == {"special", "text"}
+    assert main(["factorial", str(store), "--by", "kind"]) == 0

@@ -53,3 +53,19 @@ def test_rel_norm_diff_is_the_difference_over_the_left_norm(tmp_path):
     left, right = (ds.resid.sel(pass_=p).values.astype(np.float64) for p in ("BB", "SS"))
     want = np.sqrt(((right - left) ** 2).sum(-1)) / np.sqrt((left**2).sum(-1))
     np.testing.assert_allclose(got, want, rtol=1e-5, equal_nan=True)
+
+
+def test_spectra_leave_the_sink_out_unless_asked(tmp_path):
+    import xarray as xr
+
+    from analysis.decompose import decompose_store
+
+    ds = _planted(tmp_path)
+    path = ds.encoding.get("source") or str(tmp_path / "s.zarr")
+    without, _ = decompose_store(path, top_k=2, cp_rank=1, out=tmp_path / "a.zarr")
+    with_sink, _ = decompose_store(path, top_k=2, cp_rank=1, out=tmp_path / "b.zarr", include_massive=True)
+    top = {name: xr.open_zarr(p).singular_value.sel(pair="BB-SS").isel(component=0).values
+           for name, p in (("without", without), ("with", with_sink))}
+    assert (top["with"][2:] > 20 * top["without"][2:]).all()  # the sink's layers: one position dominates
+    # Before the sink's layers the position is ordinary: leaving it out changes the spectrum by one row's worth.
+    np.testing.assert_allclose(top["with"][:2], top["without"][:2], rtol=0.05)
