@@ -195,6 +195,15 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _massive_args(p: argparse.ArgumentParser, where: str, factor: bool = True) -> None:
+    p.add_argument("--include-massive", action="store_true",
+                   help=f"keep massive-activation positions (attention sinks) in {where}; by default they are "
+                   "listed and left out")
+    if factor:
+        p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",
+                       help="a position is massive when its norm is over X times its layer's median norm (default 10)")
+
+
 def _scale_args(p: argparse.ArgumentParser) -> None:
     scale = p.add_argument_group("where to compute (default: threads on this machine)")
     scale.add_argument("--memory-limit", metavar="SIZE",
@@ -487,11 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the legacy base|sft|diff with diff = base - sft is not copied)")
     p.add_argument("--prompt", type=int, default=0, help="prompt index of the --token-id previews (default 0)")
     p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet", help="write the hotspot and tracked-change rows")
-    p.add_argument("--include-massive", action="store_true",
-                   help="keep massive-activation positions (attention sinks) in summaries and hotspots; by default "
-                   "they are listed and left out")
-    p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",
-                   help="a position is massive when its norm is over X times its layer's median norm (default 10)")
+    _massive_args(p, "summaries and hotspots")
     _scale_args(p)
     p.add_argument("--quiet", action="store_true", help="do not say where the computation runs")
     p.set_defaults(func=_cmd_report)
@@ -512,8 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr; "
                    "for a store at a URL, under outputs/)")
     p.add_argument("--force", action="store_true", help="recompute and replace an existing output")
-    p.add_argument("--include-massive", action="store_true",
-                   help="keep massive-activation positions (attention sinks) in the spectra; by default left out")
+    _massive_args(p, "the spectra", factor=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_args(p)
     p.set_defaults(func=_cmd_decompose)
@@ -546,10 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="a store from `capture` with the passes BB, BS, SB, SS")
     p.add_argument("--by", help="also split by kind (special and chat-template tokens against the rest) or by a "
                    "per-token coordinate, e.g. role (chat prompts)")
-    p.add_argument("--include-massive", action="store_true",
-                   help="keep massive-activation positions (attention sinks) in the sums; by default left out")
-    p.add_argument("--massive-factor", type=float, default=10.0, metavar="X",
-                   help="a position is massive when its norm is over X times its layer's median norm (default 10)")
+    _massive_args(p, "the sums")
     _scale_args(p)
     p.set_defaults(func=_cmd_factorial)
 
@@ -565,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, action="append", help="only these layers (repeatable; default all)")
     p.add_argument("--k", type=int, default=5, help="first real positions of each prompt averaged (default 5)")
     p.add_argument("--top", type=int, default=10, help="tokens listed each way (default 10)")
-    p.add_argument("--include-massive", action="store_true", help="keep massive-activation positions in the means")
+    _massive_args(p, "the means", factor=False)
     _scale_args(p)
     p.set_defaults(func=_cmd_diff_lens)
 
