@@ -268,18 +268,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     from analysis import plots
     from analysis.decompose import decompose_store
+    from analysis.report import check_prompt
     from store.location import local_sibling
     from store.reader import open_store
 
     ds = open_store(args.store)
+    check_prompt(ds, args.prompt)
     out = Path(args.out) if args.out else local_sibling(args.store, "-plots")
     out.mkdir(parents=True, exist_ok=True)
     with _compute_context(args, ds):
         images = [plots.layer_curves(ds, out, args.lens)]
-        images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens))
+        from analysis.outliers import massive_positions
+
+        massive = None if args.include_massive else massive_positions(ds).massive.sel(prompt=args.prompt).values
+        images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens, massive))
         if args.pass_metric:
-            images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens))
-        path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet)
+            images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens, massive))
+        path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet,
+                                  include_massive=args.include_massive)
     result = xr.open_zarr(str(path)).load()
     images += plots.spectra_plots(result, out)
     images.append(plots.cp_plot(result, out))
@@ -294,7 +300,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         from analysis.metrics import pair_metrics
 
         with _compute_context(args, ds):
-            sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt)
+            sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, args.include_massive)
         settings = {"store": str(args.store), **ds.attrs}
         page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
                                  sections, first)
@@ -538,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of KL (default raw)")
     p.add_argument("--top-k", type=int, default=8, help="principal directions of the decomposition")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _massive_args(p, "colour scales, spectra and the opening tables", factor=False)
     _scale_args(p)
     p.set_defaults(func=_cmd_plot)
 

@@ -138,14 +138,16 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
             f'percentile = full red).</p><table class="tokens" id="token-view">{header}{"".join(body)}</table>')
 
 
-def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int) -> tuple[list[str], list[Path]]:
+def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, include_massive: bool = False
+            ) -> tuple[list[str], list[Path]]:
     """The sections that open the report, and the images they made."""
     from analysis.outliers import describe_massive, massive_positions
 
     found = massive_positions(ds).compute()
-    keep = None if not bool(found.massive.any()) else ~found.massive
+    keep = None if include_massive or not bool(found.massive.any()) else ~found.massive
     sections = ["<h2>Massive activations</h2><p>" + "<br>".join(html.escape(line) for line in
-                                                                  describe_massive(ds, found)) + "</p>"]
+                                                                  describe_massive(ds, found, include_massive))
+                + "</p>"]
     sections.append(largest_change(ds, metrics, keep))
     factorial_html, image = factorial_section(ds, keep, out)
     sections.append(factorial_html)

@@ -55,8 +55,13 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
     return _save(fig, out / "layer_curves.png")
 
 
-def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "raw") -> Path:
-    """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass."""
+def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "raw",
+             massive: np.ndarray | None = None) -> Path:
+    """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass.
+
+    ``massive`` (this prompt's tokens) marks massive-activation positions: drawn, but left
+    out of the colour scale, which is each panel's own 1-99% range of the other cells.
+    """
     table = pair_metrics(ds, lens)
     if metric not in table:
         table = pass_metrics(ds)
@@ -71,7 +76,8 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     for ax, label in zip(axes.flat, labels, strict=False):
         panel = grid.sel({lead: label}).values
         # Per-panel robust scale: one sink position (a massive activation) must not wash out the rest.
-        finite = panel[np.isfinite(panel)]
+        scaled = panel if massive is None else panel[:, ~np.asarray(massive[:n_real], dtype=bool)]
+        finite = scaled[np.isfinite(scaled)]
         vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
         image = ax.imshow(panel, aspect="auto", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-12),
                           cmap="viridis")
