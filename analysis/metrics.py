@@ -100,12 +100,16 @@ def _sums_over_rows(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray) -> 
     data = rows.transpose("pass_", "layer", "position", "dim").data.rechunk({3: -1})
     n_pass, n_terms = data.shape[0], data.shape[0] + 2 * len(left_q)
     per_pass = [data[s:s + 1] for s in range(n_pass)]
-    flat = da.map_blocks(lambda *b: residual_sums([x[0] for x in b], left_q, right_q), *per_pass, dtype=np.float64,
-                         drop_axis=3, chunks=((n_terms,), *data.chunks[1:3]), meta=np.empty((0, 0, 0), np.float64))
-    prompt_row = np.searchsorted(ds.prompt.values, rows.prompt.values, sorter=np.argsort(ds.prompt.values))
-    prompt_row = np.argsort(ds.prompt.values)[prompt_row]
+    flat = da.map_blocks(_row_sums, *per_pass, left_q=left_q, right_q=right_q, dtype=np.float64, drop_axis=3,
+                         chunks=((n_terms,), *data.chunks[1:3]), meta=np.empty((0, 0, 0), np.float64))
+    prompt_row = ds.indexes["prompt"].get_indexer(rows.prompt.values)  # label -> store row
     return xr.DataArray(_scatter(flat, prompt_row, rows.token.values, ds), dims=("term", "prompt", "layer", "token"),
                         coords={d: ds[d] for d in ("prompt", "layer", "token")})
+
+
+def _row_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray) -> np.ndarray:
+    # Each block is one pass: (1, layer, position, dim).
+    return residual_sums([b[0] for b in blocks], left_q, right_q)
 
 
 def _scatter_block(values_tln: np.ndarray, rows_n: np.ndarray, tokens_n: np.ndarray, shape: tuple) -> np.ndarray:

@@ -102,3 +102,21 @@ def test_real_positions_are_the_real_rows_lazily(make_model, tmp_path):
         want = ds.resid.sel(pass_="SB", prompt=prompt).isel(token=token).values
         assert np.array_equal(values[:, i], want)
     assert np.isfinite(values).all()
+
+
+def test_metrics_of_a_ragged_store_match_a_float64_reference(make_model, tmp_path):
+    from analysis import pair_metrics, pass_metrics
+    from analysis.positions import has_padding_chunks
+
+    base, sft = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    ds = _capture(base, sft, tmp_path / "s.zarr", chunk_prompts=1)
+    assert has_padding_chunks(ds)  # the row path, not the padded blocks
+    h = {p: ds.resid.sel(pass_=p).values.astype(np.float64) for p in ("BB", "BS", "SS")}
+    got = pair_metrics(ds).sel(pair="BS-SS").compute()
+    diff = np.sqrt(((h["SS"] - h["BS"]) ** 2).sum(-1))
+    cos = (h["SS"] * h["BS"]).sum(-1) / np.sqrt((h["SS"] ** 2).sum(-1) * (h["BS"] ** 2).sum(-1))
+    np.testing.assert_allclose(got.norm_diff.values, diff, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(got.cosine_sim.values, cos, rtol=1e-6, equal_nan=True)
+    assert np.array_equal(np.isnan(got.norm_diff.values), np.isnan(diff))
+    norm = pass_metrics(ds).norm.sel(pass_="BB").values
+    np.testing.assert_allclose(norm, np.sqrt((h["BB"] ** 2).sum(-1)), rtol=1e-6, equal_nan=True)
