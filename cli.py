@@ -280,12 +280,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         images = [plots.layer_curves(ds, out, args.lens)]
         from analysis.outliers import massive_positions
 
-        massive = None if args.include_massive else massive_positions(ds).massive.sel(prompt=args.prompt).values
+        found = massive_positions(ds).compute()  # once, for the heatmaps, the spectra and the page
+        massive = None if args.include_massive else found.massive.sel(prompt=args.prompt).values
         images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens, massive))
         if args.pass_metric:
             images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens, massive))
         path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet,
-                                  include_massive=args.include_massive)
+                                  include_massive=args.include_massive, massive=found.massive.values)
     result = xr.open_zarr(str(path)).load()
     images += plots.spectra_plots(result, out)
     images.append(plots.cp_plot(result, out))
@@ -300,7 +301,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         from analysis.metrics import pair_metrics
 
         with _compute_context(args, ds):
-            sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, args.include_massive)
+            sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, found, args.include_massive)
         settings = {"store": str(args.store), **ds.attrs}
         page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
                                  sections, first)
@@ -485,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="a store from `capture` or `import-json`")
     p.add_argument("--metric", action="append",
                    help="metric (repeatable); default norm_diff (pairwise) or norm (runs). Pairwise: "
-                   "norm_left, norm_right, norm_diff, cosine_sim, cosine_prev_left/right, norm_delta_left/right, "
+                   "norm_left, norm_right, norm_diff, rel_norm_diff, cosine_sim, cosine_prev_left/right, "
+                   "norm_delta_left/right, "
                    "entropy_left/right, kl. Runs: norm, norm_delta, cosine_prev, entropy")
     p.add_argument("--axis", choices=["layer", "token"], default="layer", help="summaries per layer or per token")
     p.add_argument("--record-type", choices=["pairwise", "runs"], default="pairwise", help="pairs or single passes")

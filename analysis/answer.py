@@ -72,12 +72,12 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path) -> t
             + _table(["layer", "embedding", "body", "interaction"], rows)), image
 
 
-def diff_lens_section(ds: xr.Dataset, top: int = 8) -> str:
+def diff_lens_section(ds: xr.Dataset, massive: xr.DataArray | None, top: int = 8) -> str:
     from analysis.difflens import diff_lens
     from store.errors import ResdiffError
 
     try:
-        result = diff_lens(ds, top=top)
+        result = diff_lens(ds, top=top, include_massive=massive is None, massive=massive)
     except ResdiffError as exc:
         return f"<h2>Difference lens</h2><p>not available: {html.escape(str(exc))}</p>"
     pair = _pair(ds, [str(p) for p in result.pair.values])
@@ -138,12 +138,12 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
             f'percentile = full red).</p><table class="tokens" id="token-view">{header}{"".join(body)}</table>')
 
 
-def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, include_massive: bool = False
-            ) -> tuple[list[str], list[Path]]:
-    """The sections that open the report, and the images they made."""
-    from analysis.outliers import describe_massive, massive_positions
+def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, found: xr.Dataset,
+            include_massive: bool = False) -> tuple[list[str], list[Path]]:
+    """The sections that open the report, and the images they made; ``found`` is
+    ``analysis.outliers.massive_positions(ds)``, computed."""
+    from analysis.outliers import describe_massive
 
-    found = massive_positions(ds).compute()
     keep = None if include_massive or not bool(found.massive.any()) else ~found.massive
     sections = ["<h2>Massive activations</h2><p>" + "<br>".join(html.escape(line) for line in
                                                                   describe_massive(ds, found, include_massive))
@@ -151,7 +151,7 @@ def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, include
     sections.append(largest_change(ds, metrics, keep))
     factorial_html, image = factorial_section(ds, keep, out)
     sections.append(factorial_html)
-    sections.append(diff_lens_section(ds))
+    sections.append(diff_lens_section(ds, None if include_massive else found.massive))
     sections.append(kl_section(ds, keep))
     sections.append(token_view(ds, prompt))
     return [s for s in sections if s], [image] if image else []

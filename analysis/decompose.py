@@ -212,11 +212,12 @@ def default_output(store: str | Path, key: str) -> Path:
 def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = None,
                     tucker_ranks: tuple[int, int, int] | None = None, pairs: list[str] | None = None,
                     out: str | Path | None = None, force: bool = False, progress: bool = False,
-                    include_massive: bool = False) -> tuple[Path, bool]:
+                    include_massive: bool = False, massive: np.ndarray | None = None) -> tuple[Path, bool]:
     """Decompose a store and write the labelled results as a sibling Zarr store; (path, reused).
 
     Massive-activation positions (``analysis.outliers``) are left out unless ``include_massive``:
-    one sink position would otherwise be the whole spectrum.
+    one sink position would otherwise be the whole spectrum. ``massive`` (prompt x token, store
+    order) gives them when the caller has already found them.
 
     The output is named by a hash of the settings and the source store, so rerunning
     with the same settings reuses it (unless ``force``); it is written to a temporary
@@ -252,10 +253,11 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
         bar = tqdm(total=ds.sizes["layer"], desc="decompose", unit="layer")
     exclude = None
     if not include_massive:
-        from analysis.outliers import massive_positions
+        if massive is None:
+            from analysis.outliers import massive_positions
 
-        massive = np.asarray(massive_positions(ds).massive.values)
-        exclude = massive if massive.any() else None
+            massive = massive_positions(ds).massive.values
+        exclude = np.asarray(massive) if np.asarray(massive).any() else None
     result = spectra(ds, top_k=top_k, pairs=pairs, progress=bar.update if bar else None, exclude_pt=exclude)
     if bar:
         bar.close()

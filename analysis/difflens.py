@@ -163,9 +163,11 @@ def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = No
                                                                                         "dim")
 
 
-def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False) -> xr.Dataset:
+def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False,
+              massive: xr.DataArray | None = None) -> xr.Dataset:
     """Top promoted and suppressed tokens of each pair's mean difference, per layer and window, read through
-    the left and the right pass's normed lens. Computes (the means are small)."""
+    the left and the right pass's normed lens. Computes (the means are small). ``massive`` (prompt, token)
+    gives the massive-activation positions when the caller has already found them."""
     if "resid" not in ds:
         raise MissingData(what="residuals", fix="the difference lens reads the stored residuals")
     if top < 1 or k < 1:
@@ -173,9 +175,11 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
     lenses, source = load_lenses(ds)
     where = None
     if not include_massive:
-        from analysis.outliers import massive_positions
+        if massive is None:
+            from analysis.outliers import massive_positions
 
-        where = ~massive_positions(ds).massive
+            massive = massive_positions(ds).massive
+        where = ~massive
     deltas = mean_differences(ds, k, where).compute()
     sides = {"left": deltas.left.values, "right": deltas.right.values}
     passes = {str(p): str(u) for p, u in zip(ds.pass_.values, ds.unembedding.values, strict=True)}
