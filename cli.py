@@ -374,6 +374,8 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from store.units import CODECS, DEFAULT_CODEC
+
     parser = argparse.ArgumentParser(
         prog="cli.py",
         description="resdiff: capture and compare the residual streams of a base LLM and its SFT variant.",
@@ -421,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "and resumes work in finer steps")
     out.add_argument("--store-dtype", choices=["float16", "float32"],
                      help="dtype of stored residuals (default float16)")
+    out.add_argument("--codec", choices=list(CODECS),
+                     help=f"compression of the stored arrays (default {DEFAULT_CODEC}: fast, saves the padding inside "
+                     "chunks; zstd saves ~6%% more of float16 activations at a fifth of the speed; none)")
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--plan", action="store_true",

@@ -62,7 +62,7 @@ def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dic
         return StoreWriter(path)
     if not is_url(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return StoreWriter.create(path, template())
+    return StoreWriter.create(path, template(), codec=settings.codec)
 
 
 def run_capture(settings: CaptureSettings, *, log=print, progress: bool = True) -> StorePath:

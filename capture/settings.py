@@ -11,7 +11,7 @@ from capture.model_pairs import TINY, get_model_pair
 from store.errors import UsageError
 from store.location import sanitize_label
 from store.schema import content_digest
-from store.units import MODEL_DTYPES, STORE_DTYPES
+from store.units import CODECS, DEFAULT_CODEC, MODEL_DTYPES, STORE_DTYPES
 
 # Settings that change what is written; a resumed capture must agree on all of them.
 CONTENT_KEYS = (
@@ -51,6 +51,7 @@ class CaptureSettings:
     chat_template: bool = False
     store: str | None = None
     store_dtype: str = "float16"
+    codec: str = DEFAULT_CODEC  # compression of the data arrays (store.units.CODECS); not part of the content
     chunk_prompts: int | None = None  # prompts per store chunk (default: chunks of about 16 MB)
     overwrite: bool = False
     max_memory: str | None = None  # refuse before loading when the predicted peak is over it
@@ -135,6 +136,8 @@ def resolve_models(settings: CaptureSettings) -> ResolvedModels:
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if settings.chunk_prompts is not None and settings.chunk_prompts < 1:
         raise UsageError(f"--chunk-prompts must be at least 1, got {settings.chunk_prompts}")
+    if settings.codec not in CODECS:
+        raise UsageError(f"--codec must be one of {', '.join(CODECS)}, got {settings.codec!r}")
     if settings.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be float16 or float32, got {settings.store_dtype!r}")
     return ResolvedModels(label, base_ref, sft_ref, settings.tokenizer or tokenizer or base_ref, dtype, device)

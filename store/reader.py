@@ -61,11 +61,14 @@ def check_store(path: StorePath, storage_options: dict | None = None) -> dict:
     return attrs
 
 
-def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Dataset:
+def open_store(path: StorePath, storage_options: dict | None = None, dask: bool = True) -> xr.Dataset:
     """Open a store lazily (Dask-backed) after checking it.
 
     Equivalent to ``xr.open_zarr(path)`` plus validation; nothing is loaded.
     Regions not yet written read as NaN: mask with ``ds.done`` while a capture runs.
+    ``dask=False`` gives xarray's lazily indexed arrays instead (``chunks=None``): a selection
+    then reads only its chunks, straight from Zarr, without a Dask graph (for code that reads
+    block by block itself).
 
     Examples
     --------
@@ -78,6 +81,8 @@ def open_store(path: StorePath, storage_options: dict | None = None) -> xr.Datas
     path = normalize(path)
     check_store(path, storage_options)
     where = xarray_kwargs(path, storage_options)
+    if not dask:
+        return xr.open_zarr(str(path), chunks=None, **where)
     ds = xr.open_zarr(str(path), **where)
     # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read
     # to pick data, so load them now, straight from Zarr (no Dask computation); per-token

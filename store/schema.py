@@ -16,6 +16,7 @@ import xarray as xr
 import zarr
 
 from store.chunking import TARGET_CHUNK_BYTES, Chunking
+from store.units import CODECS, DEFAULT_CODEC
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # format 1: prompts in source order, whole tokens per chunk
@@ -139,14 +140,25 @@ def build_template(
     )
 
 
-def encoding(ds: xr.Dataset) -> dict[str, dict]:
-    """Zstd for the data arrays (cheap, and it still saves a little on activations); ids of chunks never
-    written (padding only) read as -1, like the padding inside written chunks."""
-    zstd = zarr.codecs.ZstdCodec(level=3)
+def compressors(codec: str) -> list:
+    """The Zarr compressor list of a codec name of :data:`CODECS`."""
+    if codec == "zstd":
+        return [zarr.codecs.ZstdCodec(level=1)]
+    if codec == "lz4":
+        # Blosc's own threads stay off: chunks are already encoded in parallel, one per writer thread.
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=2)]
+    if codec == "none":
+        return []
+    raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC) -> dict[str, dict]:
+    """Per-variable Zarr encoding: ``codec`` for the data arrays; ids of chunks never written (padding only)
+    read as -1, like the padding inside written chunks."""
     out = {}
     for name, var in ds.data_vars.items():
         if var.ndim >= 3:
-            out[name] = {"compressors": [zstd], **({"fill_value": -1} if var.dtype.kind == "i" else {})}
+            out[name] = {"compressors": compressors(codec), **({"fill_value": -1} if var.dtype.kind == "i" else {})}
     return out
 
 

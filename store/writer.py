@@ -21,10 +21,12 @@ import xarray as xr
 import zarr
 
 from store.atomic import atomic_output
+from store.chunk_io import ChunkWriter
 from store.chunking import chunk_slices, token_extent
 from store.errors import StoreFormatError
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
 from store.schema import FORMAT_ATTR, encoding
+from store.units import DEFAULT_CODEC
 
 
 def consolidate(path: StorePath, storage_options: dict | None = None) -> None:
@@ -138,10 +140,13 @@ class StoreWriter:
         self.storage_options = storage_options
         self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
         self._n_tokens_p: np.ndarray | None = None
+        self._chunk_writers: dict[str, ChunkWriter | None] = {}
 
     @classmethod
-    def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None) -> StoreWriter:
-        """Write the template (metadata, coordinates, no data chunks) and consolidate it.
+    def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None,
+               codec: str = DEFAULT_CODEC) -> StoreWriter:
+        """Write the template (metadata, coordinates, no data chunks) and consolidate it; the data arrays
+        are compressed with ``codec`` (one of :data:`store.units.CODECS`).
 
         It is written under a temporary name and renamed, so a crash never leaves a
         half-made store at ``path`` (a leftover ``*.creating`` directory is replaced).
@@ -149,18 +154,20 @@ class StoreWriter:
         """
         path = normalize(path)
         if is_url(path):
-            return cls._create_in_place(path, template, storage_options)
+            return cls._create_in_place(path, template, storage_options, codec)
         with atomic_output(path, suffix=".creating") as staging:
-            template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template), consolidated=False)
+            template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template, codec),
+                              consolidated=False)
             consolidate(staging)
         return cls(path)
 
     @classmethod
-    def _create_in_place(cls, url: str, template: xr.Dataset, storage_options: dict | None) -> StoreWriter:
+    def _create_in_place(cls, url: str, template: xr.Dataset, storage_options: dict | None,
+                         codec: str) -> StoreWriter:
         remove(url, storage_options)  # the caller replaces only missing or unfinished stores
         marked = template.copy(deep=False)
         marked.attrs = {k: v for k, v in template.attrs.items() if k != FORMAT_ATTR} | {CREATING_ATTR: True}
-        marked.to_zarr(url, mode="w-", compute=False, encoding=encoding(marked), consolidated=False,
+        marked.to_zarr(url, mode="w-", compute=False, encoding=encoding(marked, codec), consolidated=False,
                        **xarray_kwargs(url, storage_options))
         writer = cls(url, storage_options)
         writer.group.attrs.update({FORMAT_ATTR: template.attrs[FORMAT_ATTR]})
@@ -218,7 +225,17 @@ class StoreWriter:
             local = slice(rows.start - prompts.start, rows.stop - prompts.start)
             pick = [local if axis == prompt_axis else index for axis, index in enumerate(where)
                     if not isinstance(index, (int, np.integer))]
-            array[tuple(where)] = values[tuple(pick)].astype(array.dtype, copy=False)
+            self._write_aligned(name, array, tuple(where), values[tuple(pick)])
+
+    def _write_aligned(self, name: str, array: zarr.Array, where: tuple, values: np.ndarray) -> None:
+        """Write a chunk-aligned region: chunk files directly where :mod:`store.chunk_io` can, else zarr."""
+        if name not in self._chunk_writers:
+            self._chunk_writers[name] = ChunkWriter.for_array(array)
+        direct = self._chunk_writers[name]
+        if direct is not None and direct.aligned(where):
+            direct.write(where, values)
+        else:
+            array[where] = values.astype(array.dtype, copy=False)
 
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
         """Write one pass x prompt-group region, then flag it done."""

@@ -1,172 +1,163 @@
 """``export-json``: the legacy format-2 (multi-pass) JSON as a derived view of a store.
 
-Written streaming, one prompt's records in memory at a time, byte-for-byte what the
-legacy tool's ``json.dump(records, indent=2)`` layout gives. Layer key ``k`` is the
-legacy ``hidden_states[k + 1]``: our ``resid`` layer ``k + 1`` for k < L - 1 and the
-post-norm ``final`` for the last key. With the legacy ``raw`` lens (default), the
-statistics of the last key are those of the unembedding applied to ``final``, which
-is our ``norm`` lens at layer L. ``lens="norm"`` exports the standard logit lens at
-every key instead (a documented deviation from the legacy numbers).
-
-Geometric fields (norms, cosines, deltas) are computed here in float64 from the
-stored states; the legacy tool computed them in the model dtype.
+Byte-for-byte what the legacy tool's ``json.dump(records, indent=2)`` layout gives, records in
+source order (``store.conversions.legacy_records`` defines them). The store is read one prompt
+chunk at a time, each chunk once; the parent and worker processes (one per core in all) form
+the records of whole chunks into spool files next to the output, and the parent then copies
+them out in source order, so memory stays that of a chunk per process whatever the number of
+prompts, and the disk needs about twice the JSON's size while the export runs.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import json
-import textwrap
-from collections.abc import Iterator
+import os
+import tempfile
+from collections import deque
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from store.atomic import atomic_output
+from store.conversions.legacy_records import format1_records, prompt_text
 from store.errors import StoreFormatError, UsageError
-from store.location import sanitize_label
+from store.location import STORAGE_OPTIONS, sanitize_label
 from store.reader import open_store
 
-EPS = 1e-8
 META_NOTE = "Multi-pass residual comparison exported by resdiff from a Zarr store (derived view)."
 MANIFEST_HEADER = "timestamp,entry,prompt_count,prompt_variants,multi_pass,json_path,log_path"
+EXPORT_PROCESSES = max(1, min(8, os.cpu_count() or 1))  # the parent and its workers
+MIN_BLOCKS_FOR_WORKERS = 4  # below this, starting worker processes costs more than it saves
+BLOCK_BYTES = 256 * 2**20  # decoded store data a process holds at once (each of the processes)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine along the last axis, with the legacy eps on the norm product."""
-    dot = (a * b).sum(-1)
-    return dot / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), EPS)
+def _prompt_texts(block: xr.Dataset, row: int, lens: str, single_pass: bool) -> list[bytes]:
+    """The records of ``block``'s row ``row`` as they appear in the file (indented one level): format 1
+    (one per pair) in the legacy single-pass mode, else one format-2 record."""
+    if single_pass:
+        texts = ["  " + json.dumps(record, indent=2).replace("\n", "\n  ")
+                 for record in format1_records(block, row, lens)]
+    else:
+        texts = [prompt_text(block, row, lens, indent=2)]
+    return [text.encode("ascii") for text in texts]
 
 
-def _states(ds: xr.Dataset, prompt: int) -> tuple[np.ndarray, np.ndarray]:
-    """(current, previous) states per pass for the legacy keys: (pass, L, T, d) float64 each."""
-    n_tok = int(ds.n_tokens.values[prompt])
-    real = {"prompt": prompt, "token": slice(0, n_tok)}  # only this prompt's stored chunks are read
-    resid = ds.resid.isel(real).values.astype(np.float64)
-    final = ds.final.isel(real).values.astype(np.float64)
-    current = np.concatenate([resid[:, 1:-1], final[:, None]], axis=1)
-    return current, resid[:, :-1]
+_opened: dict = {}  # per process: the store this process exports from
 
 
-def _lens_at_keys(var: xr.DataArray, prompt: int, lens: str, n_tok: int) -> np.ndarray:
-    """A lens statistic at the legacy keys: (pass or pair, L, T[, k])."""
-    values = var.isel(prompt=prompt, token=slice(0, n_tok))
-    if lens == "norm":
-        return values.sel(lens="norm").values[:, 1:]
-    raw, normed = values.sel(lens="raw").values, values.sel(lens="norm").values
-    return np.concatenate([raw[:, 1:-1], normed[:, -1:]], axis=1)
-
-
-def _topk(ids: np.ndarray, values: np.ndarray) -> dict:
-    return {"indices": [int(i) for i in ids], "values": [round(float(v), 6) for v in values]}
-
-
-def prompt_records(ds: xr.Dataset, prompt: int, lens: str = "raw") -> dict:
-    """The format-2 record of the prompt in store row ``prompt``."""
-    n_tok = int(ds.n_tokens.values[prompt])
-    tokens = [str(t) for t in ds.token_str.isel(prompt=prompt, token=slice(0, n_tok)).values]
-    passes = [str(p) for p in ds.pass_.values]
-    index = {p: i for i, p in enumerate(passes)}
-    meta = {"prompt_idx": int(ds.prompt_index.values[prompt]), "variant_name": str(ds.variant.values[prompt]),
-            "embedding_variant": "multi_pass"}
-    current, previous = _states(ds, prompt)
-    norm, norm_prev = np.linalg.norm(current, axis=-1), np.linalg.norm(previous, axis=-1)
-    cos_prev = _cos(current, previous)
-    stat = {name: _lens_at_keys(ds[name], prompt, lens, n_tok)
-            for name in ("entropy", "topk_id", "topk_logit", "kl", "rise_id", "rise_shift", "fall_id", "fall_shift",
-                         "tracked_logit") if name in ds}
-    tracked = [str(int(t)) for t in ds.tracked_id.values] if "tracked_logit" in stat else []
-    n_keys = current.shape[1]
-    runs = []
-    for p, name in enumerate(passes):
-        layers = {}
-        for k in range(n_keys):
-            layers[str(k)] = {
-                str(t): {
-                    "token": tokens[t],
-                    "entropy": float(stat["entropy"][p, k, t]),
-                    "norm": float(norm[p, k, t]),
-                    "norm_delta": float(norm[p, k, t] - norm_prev[p, k, t]),
-                    "cosine_prev": float(cos_prev[p, k, t]),
-                    "top_k_logits": _topk(stat["topk_id"][p, k, t], stat["topk_logit"][p, k, t]),
-                    "tracked_token_logits": {
-                        tid: float(stat["tracked_logit"][p, k, t, j]) for j, tid in enumerate(tracked)},
-                }
-                for t in range(n_tok)
-            }
-        runs.append({"name": name, "model": str(ds.model.values[p]), "embedding_source": str(ds.embedding.values[p]),
-                     "unembedding_source": str(ds.unembedding.values[p]), "layers": layers,
-                     "metadata": {**meta, "run_name": name}})
-    pairwise = []
-    for q, pair in enumerate(str(x) for x in ds.pair.values):
-        left, right = index[str(ds.left.values[q])], index[str(ds.right.values[q])]
-        cos = _cos(current[left], current[right])
-        diff = np.linalg.norm(current[left] - current[right], axis=-1)
-        layers = {}
-        for k in range(n_keys):
-            layers[str(k)] = {
-                str(t): {
-                    "token": tokens[t],
-                    "top_k_increased": _topk(stat["rise_id"][q, k, t], stat["rise_shift"][q, k, t]),
-                    "top_k_decreased": _topk(stat["fall_id"][q, k, t], stat["fall_shift"][q, k, t]),
-                    "entropy_base": float(stat["entropy"][left, k, t]),
-                    "entropy_sft": float(stat["entropy"][right, k, t]),
-                    "kl_div": float(stat["kl"][q, k, t]),
-                    "tracked_token_logits": {
-                        tid: {"base": float(stat["tracked_logit"][left, k, t, j]),
-                              "sft": float(stat["tracked_logit"][right, k, t, j])} for j, tid in enumerate(tracked)},
-                    "cosine_sim": float(cos[k, t]),
-                    "norm_base": float(norm[left, k, t]),
-                    "norm_sft": float(norm[right, k, t]),
-                    "norm_diff": float(diff[k, t]),
-                    "base_cosine_prev": float(cos_prev[left, k, t]),
-                    "base_norm_delta": float(norm[left, k, t] - norm_prev[left, k, t]),
-                    "sft_cosine_prev": float(cos_prev[right, k, t]),
-                    "sft_norm_delta": float(norm[right, k, t] - norm_prev[right, k, t]),
-                }
-                for t in range(n_tok)
-            }
-        l_name, r_name = passes[left], passes[right]
-        pairwise.append({
-            "name": pair, "base_run": l_name, "sft_run": r_name, "prompt": str(ds.prompt_text.values[prompt]),
-            "tokens": tokens, "metadata": {**meta, "base_run": l_name, "sft_run": r_name, "pair_name": pair},
-            "swap_options": {side: {"embedding_source": str(ds.embedding.values[i]),
-                                    "unembedding_source": str(ds.unembedding.values[i])}
-                             for side, i in (("base", left), ("sft", right))},
-            "layers": layers,
-        })
-    return {"format_version": 2, "prompt": str(ds.prompt_text.values[prompt]), "tokens": tokens,
-            "metadata": {**meta, "multi_pass": True}, "runs": runs, "pairwise": pairwise}
-
-
-def format1_records(ds: xr.Dataset, prompt: int, lens: str = "raw") -> list[dict]:
-    """The format-1 records of one stored prompt: one per embedding variant (one pair each)."""
-    records = []
-    for pair in prompt_records(ds, prompt, lens)["pairwise"]:
-        meta = {key: pair["metadata"][key] for key in ("prompt_idx", "variant_name")}
-        records.append({"prompt": pair["prompt"], "tokens": pair["tokens"],
-                        "metadata": {**meta, "embedding_variant": pair["name"]},
-                        "swap_options": pair["swap_options"], "layers": pair["layers"]})
-    return records
-
-
-def iter_json_chunks(ds: xr.Dataset, lens: str = "raw") -> Iterator[str]:
-    """The file's text in pieces, one prompt at a time (same bytes as ``json.dump(all, indent=2)``).
-
-    Format 2 (multi-pass) by default; format 1 when the store was captured in the legacy
-    single-pass mode (``embedding_variants``).
-    """
+def _spool_chunk(store, storage_options, lens: str, start: int, size: int, spool_dir: str) -> tuple[str, list]:
+    """Form the records of store rows ``start:start + size`` (a block of ``_blocks``) and append
+    them to this process's spool file; return its path and each row's (row, offset, length)."""
+    key = (str(store), repr(storage_options))
+    if key not in _opened:
+        _opened.clear()
+        _opened[key] = open_store(store, storage_options=storage_options, dask=False)
+    ds = _opened[key]
+    block = ds.isel(prompt=slice(start, start + size)).load()
     single_pass = bool(ds.attrs.get("embedding_variants"))
-    first = True
-    yield "["
-    for prompt in np.argsort(ds.prompt.values, kind="stable"):  # source order, whatever the store order
-        records = format1_records(ds, prompt, lens) if single_pass else [prompt_records(ds, prompt, lens)]
-        for record in records:
-            yield ("\n" if first else ",\n") + textwrap.indent(json.dumps(record, indent=2), "  ")
-            first = False
-    yield "]" if first else "\n]"
+    path = os.path.join(spool_dir, f"{os.getpid()}.spool")
+    spans = []
+    with open(path, "ab") as spool:
+        for row in range(size):
+            for data in _prompt_texts(block, row, lens, single_pass):
+                spans.append((start + row, spool.tell(), len(data)))
+                spool.write(data)
+    return path, spans
+
+
+def _blocks(ds: xr.Dataset) -> tuple[list[int], list[int]]:
+    """The row blocks a process forms at once: whole prompt chunks (each read once), cut where one would
+    hold more than ``BLOCK_BYTES`` in memory, or where there are fewer blocks than two per process
+    (a cut block re-reads its chunk: more reading, but every core busy)."""
+    per_prompt = sum(v.nbytes for v in ds.data_vars.values() if "prompt" in v.dims) / max(ds.sizes["prompt"], 1)
+    chunks = ds.resid.chunks[ds.resid.dims.index("prompt")] if ds.resid.chunks else (ds.sizes["prompt"],)
+    most = max(1, int(BLOCK_BYTES // max(per_prompt, 1)))
+    starts, sizes, at = [], [], 0
+    for chunk in chunks:
+        pieces = max(-(-chunk // most), -(-2 * EXPORT_PROCESSES // len(chunks)) if EXPORT_PROCESSES > 1 else 1)
+        bounds = np.linspace(0, chunk, min(pieces, chunk) + 1).astype(int).tolist()
+        starts += [at + a for a in bounds[:-1]]
+        sizes += [b - a for a, b in itertools.pairwise(bounds)]
+        at += chunk
+    return starts, sizes
+
+
+def _spool_all(ds: xr.Dataset, store, storage_options, lens: str, spool_dir: str) -> list[list]:
+    """Every store row's spans ``(spool path, offset, length)``, blocks formed here and on workers."""
+    starts, sizes = _blocks(ds)
+    spans: list[list] = [[] for _ in range(ds.sizes["prompt"])]
+
+    def collect(path: str, rows: list) -> None:
+        for row, offset, length in rows:
+            spans[row].append((path, offset, length))
+
+    tasks = deque((store, storage_options, lens, start, size, spool_dir)
+                  for start, size in zip(starts, sizes, strict=True))
+    n_workers = EXPORT_PROCESSES - 1  # the parent forms chunks too, from the start (workers take a second to spawn)
+    if n_workers < 1 or len(tasks) < MIN_BLOCKS_FOR_WORKERS:
+        while tasks:
+            collect(*_spool_chunk(*tasks.popleft()))
+        return spans
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn: the parent runs zarr's event-loop thread, which a forked child would inherit half-held.
+    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # Two chunks queued per worker, so that none waits while the parent is busy with its own.
+        running = {pool.submit(_spool_chunk, *tasks.popleft()) for _ in range(min(2 * n_workers, len(tasks)))}
+        while tasks or running:
+            for future in [f for f in running if f.done()]:
+                running.remove(future)
+                collect(*future.result())
+                if tasks:
+                    running.add(pool.submit(_spool_chunk, *tasks.popleft()))
+            if tasks:
+                collect(*_spool_chunk(*tasks.popleft()))
+            elif running:
+                wait(running, return_when=FIRST_COMPLETED)
+    return spans
+
+
+def _copy(source: int, target: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes of file ``source`` from ``offset`` to file ``target`` (in the kernel
+    where it can: ``copy_file_range``)."""
+    while length > 0:
+        try:
+            done = os.copy_file_range(source, target, length, offset)
+        except (AttributeError, OSError):  # no copy_file_range here, or not between these files
+            os.write(target, os.pread(source, length, offset))
+            return
+        if done == 0:
+            raise OSError(f"spool file ended {length} bytes early")
+        offset, length = offset + done, length - done
+
+
+def _write_json(ds: xr.Dataset, store, storage_options, lens: str, json_path: Path) -> Path:
+    """The JSON file: every record in source order, the bytes of ``json.dump(all, indent=2)``."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(json_path) as staged, open(staged, "wb") as out, \
+            tempfile.TemporaryDirectory(dir=json_path.parent, prefix=".spool-") as spool_dir:
+        spans = _spool_all(ds, store, storage_options, lens, spool_dir)
+        files = {path: open(path, "rb") for path in {p for row in spans for p, _, _ in row}}
+        try:
+            target = out.fileno()
+            os.write(target, b"[")
+            first = True
+            for row in np.argsort(ds.prompt.values, kind="stable"):  # source order, whatever the store order
+                for path, offset, length in spans[row]:
+                    os.write(target, b"\n" if first else b",\n")
+                    _copy(files[path].fileno(), target, offset, length)
+                    first = False
+            os.write(target, b"]" if first else b"\n]")
+        finally:
+            for f in files.values():
+                f.close()
+    return json_path
 
 
 def _check_exportable(ds: xr.Dataset, path) -> None:
@@ -183,14 +174,6 @@ def _check_exportable(ds: xr.Dataset, path) -> None:
         raise StoreFormatError(path=path, detail="the capture is incomplete; rerun the capture command to finish it")
 
 
-def _write_json(ds: xr.Dataset, lens: str, json_path: Path) -> Path:
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(json_path) as partial, open(partial, "w", encoding="ascii") as fh:
-        for piece in iter_json_chunks(ds, lens):
-            fh.write(piece)
-    return json_path
-
-
 def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens: str = "raw") -> Path:
     """Write ``multi_pass_<ts>_<label>.json``, its ``.meta.json`` sidecar and a manifest row.
 
@@ -204,16 +187,18 @@ def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens:
         raise UsageError(f"--lens must be raw or norm, got {lens!r}")
     ds = open_store(store)
     _check_exportable(ds, store)
+    options = dict(STORAGE_OPTIONS)  # the workers are fresh processes: hand them this process's options
+    write = partial(_write_json, ds, store, options or None, lens)
     models = ds.attrs.get("models", {})
     base_ref, sft_ref = models.get("base", {}).get("ref", "base"), models.get("sft", {}).get("ref", "sft")
     label = sanitize_label(f"{base_ref}_to_{sft_ref}")
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%d_%H%M%S")
     if ds.attrs.get("embedding_variants"):  # legacy single-pass mode: format 1, no sidecar or manifest
-        return _write_json(ds, lens, Path(out_dir) / f"residual_compare_{stamp}_{sanitize_label(sft_ref)}.json")
+        return write(Path(out_dir) / f"residual_compare_{stamp}_{sanitize_label(sft_ref)}.json")
     target = Path(out_dir) / label
     target.mkdir(parents=True, exist_ok=True)
-    json_path = _write_json(ds, lens, target / f"multi_pass_{stamp}_{label}.json")
+    json_path = write(target / f"multi_pass_{stamp}_{label}.json")
     meta_path = target / f"{stamp}_{label}.meta.json"
     variants = list(dict.fromkeys(str(v) for v in ds.variant.values))
     meta = {"timestamp": stamp, "base_model": models.get("base", {}).get("ref"),
@@ -221,8 +206,8 @@ def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens:
             "prompts_processed": len(set(int(i) for i in ds.prompt_index.values)), "prompt_variants": variants,
             "results_serialized": ds.sizes["prompt"], "multi_pass_runs": [str(p) for p in ds.pass_.values],
             "multi_pass_pairwise": [str(p) for p in ds.pair.values], "notes": META_NOTE}
-    with atomic_output(meta_path) as partial:
-        partial.write_text(json.dumps(meta, indent=2))
+    with atomic_output(meta_path) as staged:
+        staged.write_text(json.dumps(meta, indent=2))
     manifest = Path(out_dir) / "manifest_multi.csv"
     new = not manifest.exists() or manifest.stat().st_size == 0
     with open(manifest, "a", newline="") as fh:

@@ -181,3 +181,24 @@ def test_norm_lens_export_uses_the_standard_lens_at_every_key(make_model, tmp_pa
         assert got == float(ds.entropy.sel(pass_="BS", lens="norm").values[0, key + 1, 0])
         raw = float(ds.entropy.sel(pass_="BS", lens="raw").values[0, key + 1, 0])
         assert key == ds.sizes["layer"] - 2 or got != raw
+
+
+@pytest.mark.parametrize("tracked", [TRACK, []])
+def test_fast_text_is_json_dumps_of_the_records_byte_for_byte(make_model, tokenizer_dir, tmp_path, tracked):
+    from store.conversions.legacy_records import prompt_records, prompt_text
+    from store.reader import open_store
+
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / "s"),
+                               device="cpu", top_k=3, track=tracked)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).load()
+    # Values json writes specially or that round() and numpy round differently must come out the same too.
+    ds["entropy"][0, 0, 1, 0] = np.nan
+    ds["kl"][1, 0, 2, 1] = np.inf
+    ds["topk_logit"][0, 0, 1, 0, 0] = -np.inf
+    ds["rise_shift"][0, 0, 1, 0, 1] = 2.675  # round(2.675, 2) style ties: Python's round is the reference
+    for prompt in range(ds.sizes["prompt"]):
+        assert prompt_text(ds, prompt) == json.dumps(prompt_records(ds, prompt), indent=2)
+        assert prompt_text(ds, prompt, "norm") == json.dumps(prompt_records(ds, prompt, "norm"), indent=2)
+        indented = "  " + json.dumps(prompt_records(ds, prompt), indent=2).replace("\n", "\n  ")
+        assert prompt_text(ds, prompt, indent=2) == indented

@@ -1,0 +1,128 @@
+"""The capture pipeline on its own: a pair whose forwards cost almost nothing, many real prompts.
+
+The tiny pair (4 blocks x 64) on ``--prompts`` texts cut from the standard library's
+docstrings (whole docstrings, their paragraphs and their first lines: a few words to a few
+hundred tokens, repeated with a counter up to the count asked). Measured in one run:
+
+  forward   the four bare decoder forwards in length-sorted batches of 64, each model loaded once
+  write     a plain sequential write (64 MiB blocks, fsync at the end) of the real-token bytes that
+            capture stores (4 passes x (layers + final) x dim x 2 bytes per token) to the same disk
+  resid     ``capture --no-lens`` with default options (in process, loads included)
+
+Target ``resid / (forward + write) <= 1.5``. With ``--profile`` the capture also runs under
+cProfile and the top functions by cumulative time are printed.
+
+    python benchmarks/pipeline.py --prompts 20000 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, timed  # noqa: E402
+from benchmarks.ragged import bare_forwards, docstrings  # noqa: E402
+from capture.job import run_capture  # noqa: E402
+from capture.settings import CaptureSettings  # noqa: E402
+
+
+def real_texts(tokenizer, n: int, max_tokens: int) -> list[str]:
+    """``n`` texts of real prose from docstrings, each within ``max_tokens`` tokens."""
+    pieces = []
+    for doc in docstrings():
+        pieces += [doc, *doc.split("\n\n"), doc.splitlines()[0]]
+    pieces = sorted({p.strip() for p in pieces} - {""})
+    fits = [p for p in pieces if len(tokenizer(p, add_special_tokens=False)["input_ids"]) < max_tokens - 8]
+    return [fits[i % len(fits)] + (f" ({i // len(fits)})" if i >= len(fits) else "") for i in range(n)]
+
+
+def plain_write(directory: Path, n_bytes: int, block: int = 64 << 20) -> float:
+    """Seconds to write ``n_bytes`` sequentially to a new file in ``directory`` and fsync it."""
+    data = np.random.default_rng(0).integers(0, 255, min(block, n_bytes), dtype=np.uint8).tobytes()
+    path = directory / "plain.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        left = n_bytes
+        while left > 0:
+            f.write(data[:left] if left < len(data) else data)
+            left -= len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--models-dir", default=None, help="where the tiny pair is built (kept between runs)")
+    parser.add_argument("--work-dir", default=None, help="where the stores are written (default: a temp dir)")
+    parser.add_argument("--profile", action="store_true", help="also profile one capture with cProfile")
+    parser.add_argument("--out", help="also write the JSON report here")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from capture.tiny import ensure_tiny_pair
+    from store.reader import open_store
+
+    work = Path(tempfile.mkdtemp(prefix="resdiff-pipeline-", dir=args.work_dir))
+    base, sft = ensure_tiny_pair(args.models_dir or work / "models", log=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompts = real_texts(tokenizer, args.prompts, 256)
+    settings = CaptureSettings(base=base, sft=sft, prompts=prompts, lens=False, device="cpu")
+    ids = [tokenizer(t)["input_ids"] for t in prompts]  # as capture tokenises (special tokens as configured)
+    run_capture(CaptureSettings(**{**settings.__dict__, "prompts": prompts[:64], "store": str(work / "w.zarr")}),
+                progress=False)  # warm-up: imports, kernels, first reads
+    runs: dict[str, list[float]] = {"forward": [], "write": [], "resid": []}
+    for attempt in range(args.repeat):
+        runs["forward"].append(bare_forwards(base, sft, ids, 64, 1 << 62))
+        store = work / f"r{attempt}.zarr"
+        with timed(times := {}, "resid"):
+            run_capture(CaptureSettings(**{**settings.__dict__, "store": str(store)}), progress=False)
+        runs["resid"].append(times["resid"])
+        ds = open_store(store)
+        real = int(ds.n_tokens.sum())
+        per_token = ds.sizes["pass_"] * (ds.sizes["layer"] + 1) * ds.sizes["dim"] * ds.resid.dtype.itemsize
+        runs["write"].append(plain_write(work, real * per_token))
+        if attempt < args.repeat - 1:
+            shutil.rmtree(store)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(run_capture, CaptureSettings(**{**settings.__dict__, "store": str(work / "p.zarr")}),
+                         progress=False)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    best = {k: min(v) for k, v in runs.items()}
+    lengths = ds.n_tokens.values
+    on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    report = {
+        "machine": machine(), "pair": "tiny", "prompts": len(prompts), "tokens": real,
+        "median_tokens": float(np.median(lengths)), "longest_tokens": int(lengths.max()),
+        "real_bytes": real * per_token, "on_disk_bytes": on_disk, "chunks": list(ds.resid.data.chunksize),
+        "seconds": {k: round(v, 2) for k, v in best.items()},
+        "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "resid_over_floor": round(best["resid"] / (best["forward"] + best["write"]), 3),
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Writing whole chunks of a local store directly, in parallel: the capture's hot path.
+
+zarr-python spends ~1-2 ms of Python per chunk on a write (indexing, an event loop, a thread
+hand-off per codec, an atomic rename), about as much as encoding and writing a 400 KB chunk
+costs, and it holds the GIL for it while the forwards run. A capture only ever writes whole,
+chunk-aligned regions of arrays whose codecs are the Zarr v3 ``bytes`` codec (little endian)
+and at most one Blosc or Zstd compressor, so such a region is cut into chunks here, each
+encoded (numcodecs, which releases the GIL) and written to its chunk file (atomically: a
+temporary file renamed into place) by a pool of threads sized to the cores. The bytes are
+the Zarr v3 chunk encoding of those codecs, so zarr reads them back as its own (tested against
+zarr's own writes). Anything else (fsspec URLs, other codecs, unaligned regions) is written by
+zarr as before. As zarr does, a chunk holding only the fill value is not written (and a stale
+file of it removed), which is how padding-only chunks stay absent from a store.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+WRITE_THREADS = max(2, min(8, os.cpu_count() or 2))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="resdiff-chunk")
+        return _pool
+
+
+def _compressor(codecs) -> object | bool | None:
+    """The numcodecs compressor equal to ``codecs`` after the bytes codec; None for no compressor,
+    False when the codecs are not ones this module writes."""
+    import numcodecs
+
+    rest = list(codecs[1:])
+    if not isinstance(codecs[0], zarr.codecs.BytesCodec) or (codecs[0].endian and codecs[0].endian.value != "little"):
+        return False
+    if not rest:
+        return None
+    if len(rest) > 1:
+        return False
+    codec = rest[0]
+    if isinstance(codec, zarr.codecs.ZstdCodec):
+        return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
+    if isinstance(codec, zarr.codecs.BloscCodec):
+        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                   "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[codec.shuffle.value]
+        return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
+                               blocksize=codec.blocksize)
+    return False
+
+
+class ChunkWriter:
+    """Direct chunk writes for one array of a local store (see the module docstring).
+
+    Build with :meth:`for_array`, which returns None where zarr must write instead.
+    """
+
+    def __init__(self, directory: Path, array: zarr.Array, compressor) -> None:
+        self.directory, self.compressor = directory, compressor
+        self.shape, self.chunks = array.shape, array.chunks
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.fill = array.metadata.fill_value
+        self.encode_key = array.metadata.encode_chunk_key
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> ChunkWriter | None:
+        store = array.store_path.store
+        meta = array.metadata
+        if not isinstance(store, zarr.storage.LocalStore) or meta.zarr_format != 3 or array.shards is not None:
+            return None
+        if not isinstance(meta.chunk_key_encoding, zarr.core.chunk_key_encodings.DefaultChunkKeyEncoding):
+            return None
+        compressor = _compressor(meta.codecs)
+        if compressor is False or np.dtype(array.dtype).kind not in "fiub":
+            return None
+        return cls(Path(store.root) / array.store_path.path, array, compressor)
+
+    def aligned(self, where: tuple) -> bool:
+        """Whether ``where`` (ints and slices, one per axis) covers whole chunks only."""
+        for index, size, chunk in zip(where, self.shape, self.chunks, strict=True):
+            if isinstance(index, slice):
+                start, stop = index.start or 0, size if index.stop is None else index.stop
+                if start % chunk or (stop % chunk and stop != size) or index.step not in (None, 1):
+                    return False
+            elif chunk != 1:
+                return False
+        return True
+
+    def _is_fill(self, block: np.ndarray) -> bool:
+        if self.dtype.kind == "f" and np.isnan(self.fill):
+            return bool(np.isnan(block).all())
+        return bool((block == self.fill).all())
+
+    def _put(self, coords: tuple[int, ...], block: np.ndarray) -> None:
+        path = self.directory / self.encode_key(coords)
+        if self._is_fill(block):
+            path.unlink(missing_ok=True)
+            return
+        if block.shape != self.chunks:  # an edge chunk is stored at full size, filled past the array's end
+            full = np.full(self.chunks, self.fill, dtype=self.dtype)
+            full[tuple(slice(0, s) for s in block.shape)] = block
+            block = full
+        data = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
+        if self.compressor is not None:
+            data = self.compressor.encode(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+
+    def write(self, where: tuple, values: np.ndarray) -> None:
+        """Write ``values`` (the shape of ``where``'s slices, int axes dropped) into the aligned region
+        ``where``, chunk by chunk on the writer threads; returns when every chunk is written."""
+        axes = []  # per axis: (chunk coordinates, their slices into values or None for an int axis)
+        for index, size, chunk in zip(where, self.shape, self.chunks, strict=True):
+            if isinstance(index, slice):
+                start, stop = index.start or 0, size if index.stop is None else index.stop
+                axes.append([(c // chunk, slice(c - start, min(c + chunk, stop) - start))
+                             for c in range(start, stop, chunk)])
+            else:
+                axes.append([(int(index), None)])
+        int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
+        jobs = []
+        for combo in product(*axes):
+            coords = tuple(c for c, _ in combo)
+            block = np.expand_dims(values[tuple(s for _, s in combo if s is not None)], int_axes)
+            jobs.append(_threads().submit(self._put, coords, block))
+        for job in jobs:
+            job.result()
