@@ -27,14 +27,16 @@ def rounded(values: np.ndarray, digits: int) -> list[float]:
     within its own rounding error of a tie (or too large to hold the integer exactly); those
     few values, and non-finite ones, go through Python's ``round``.
 
-    >>> rounded(np.array([0.1234565, 2.5e-7, 1 / 3]), 6)
-    [0.123457, 0.0, 0.333333]
+    >>> x = np.array([0.1234565, 2.5e-7, 1 / 3, 0.0078125])
+    >>> rounded(x, 6), rounded(x, 6) == [round(v, 6) for v in x.tolist()]
+    ([0.123456, 0.0, 0.333333, 0.007812], True)
     """
     x = np.asarray(values, dtype=np.float64).ravel()
     scale = 10.0 ** digits
     y = x * scale
     out = np.rint(y) / scale
-    frac = y - np.floor(y)
+    with np.errstate(invalid="ignore"):
+        frac = y - np.floor(y)
     unsure = ~np.isfinite(y) | (np.abs(y) >= 2.0**50) | (np.abs(frac - 0.5) <= np.abs(y) * 2.0**-48)
     result = out.tolist()
     for i in np.flatnonzero(unsure).tolist():
@@ -114,10 +116,10 @@ def number_list_texts(values: np.ndarray, indent: int, digits: int | None = None
     list; lists with a value this cannot write exactly (see ``_digit_columns``) are written by
     :func:`list_texts`.
     """
-    size = values.shape[-1]
-    rows = values.reshape(-1, size) if values.size else values.reshape(0, size)
-    if size == 0 or rows.shape[0] == 0:
-        return list_texts([], size, indent) if size else ["[]"] * rows.shape[0]
+    size, n_rows = values.shape[-1], int(np.prod(values.shape[:-1]))
+    if size == 0 or n_rows == 0:
+        return ["[]"] * n_rows
+    rows = values.reshape(n_rows, size)
     cols, slow = _digit_columns(rows, digits)
     pad = "\n" + " " * (indent + 2)
     inner = np.frombuffer(("," + pad).encode(), np.uint8)
