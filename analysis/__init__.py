@@ -4,11 +4,14 @@
 derives the geometric metrics per pass and per pair and summarises them;
 :mod:`analysis.reductions` finds hotspots, correlations and seven-number summaries;
 :mod:`analysis.tracked` follows tracked tokens; :mod:`analysis.lens` computes lens
-logits of any token from a store's saved lens. The errors a notebook may want to catch
-(:class:`ResdiffError` and its subclasses from :mod:`store.errors`) are re-exported here.
+logits of any token from a store's saved lens; :func:`activation_loader` feeds shuffled, paired
+activation batches to dictionary-learning trainers (torch is imported only when one is built).
+The errors a notebook may want to catch (:class:`ResdiffError` and its subclasses from
+:mod:`store.errors`) are re-exported here.
 """
 
 from analysis.lens import lens_logits
+from analysis.loader import activation_loader
 from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.positions import real_positions
 from analysis.reductions import correlation, hotspots, seven_number_summary
@@ -18,6 +21,7 @@ from store.reader import open_store
 
 __all__ = [
     "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
-    "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics", "pass_metrics",
+    "activation_loader", "correlation", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
+    "pass_metrics",
     "real_positions", "seven_number_summary", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]
