@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SHAPES, GpuBusy, build_pair, machine, prompt_set, timed
+from benchmarks.common import SHAPES, GpuBusy, build_pair, emit_report, machine, prompt_set, timed
 from capture.job import run_capture
 from capture.lens import Lens
 from capture.lens_stage import statistics_blocks
@@ -133,9 +132,7 @@ def main() -> None:
     if on_cuda:
         report["gpu_idle_fraction"] = {k: [round(x, 3) for x in v] for k, v in idle.items()}
         report["cuda_max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import emit_report, machine  # noqa: E402
 
 
 def candidates() -> dict:
@@ -97,9 +96,7 @@ def main() -> None:
     report = {"machine": machine(), "pair": "smollm2", "prompts": len(prompts), "chunks": len(chunks),
               "chunk_shape": list(resid.chunks), "MiB": round(sum(c.nbytes for c in chunks) / 2**20, 1),
               "real_fraction": round(real * resid.shape[-1] / sum(c.size for c in chunks), 3), "codecs": results}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ class GpuBusy:
         return 1 - sum(self.samples) / (100 * len(self.samples)) if self.samples else None
 
 
+def emit_report(report: dict, out: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to ``out`` when given."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

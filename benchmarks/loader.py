@@ -19,7 +19,6 @@ Target loader / raw throughput >= 0.7, from a local path and from an fsspec URL
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import emit_report, machine  # noqa: E402
 
 
 def build(path: Path, n_prompts: int) -> Path:
@@ -102,9 +101,7 @@ def main() -> None:
                          "MB_read": round(rows * 2 * 768 * 2 / 1e6, 1), "raw_s": round(raw_s, 3),
                          "loader_s": round(loader_s, 3), "loader_over_raw_throughput": round(raw_s / loader_s, 3),
                          "all_runs": {k: [round(s, 3) for s, _ in v] for k, v in runs.items()}}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     if not args.store_dir:
         shutil.rmtree(work, ignore_errors=True)
 

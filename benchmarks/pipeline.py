@@ -18,7 +18,6 @@ cProfile and the top functions by cumulative time are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, timed  # noqa: E402
+from benchmarks.common import emit_report, machine, timed  # noqa: E402
 from benchmarks.ragged import bare_forwards, docstrings  # noqa: E402
 from capture.job import run_capture  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
@@ -71,6 +70,7 @@ def main() -> None:
     parser.add_argument("--models-dir", default=None, help="where the tiny pair is built (kept between runs)")
     parser.add_argument("--work-dir", default=None, help="where the stores are written (default: a temp dir)")
     parser.add_argument("--profile", action="store_true", help="also profile one capture with cProfile")
+    parser.add_argument("--codec", default=None, help="capture --codec (default: capture's default)")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -82,7 +82,8 @@ def main() -> None:
     base, sft = ensure_tiny_pair(args.models_dir or work / "models", log=lambda *_: None)
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompts = real_texts(tokenizer, args.prompts, 256)
-    settings = CaptureSettings(base=base, sft=sft, prompts=prompts, lens=False, device="cpu")
+    codec = {"codec": args.codec} if args.codec else {}
+    settings = CaptureSettings(base=base, sft=sft, prompts=prompts, lens=False, device="cpu", **codec)
     ids = [tokenizer(t)["input_ids"] for t in prompts]  # as capture tokenises (special tokens as configured)
     run_capture(CaptureSettings(**{**settings.__dict__, "prompts": prompts[:64], "store": str(work / "w.zarr")}),
                 progress=False)  # warm-up: imports, kernels, first reads
@@ -111,16 +112,14 @@ def main() -> None:
     lengths = ds.n_tokens.values
     on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     report = {
-        "machine": machine(), "pair": "tiny", "prompts": len(prompts), "tokens": real,
+        "machine": machine(), "pair": "tiny", "codec": settings.codec, "prompts": len(prompts), "tokens": real,
         "median_tokens": float(np.median(lengths)), "longest_tokens": int(lengths.max()),
         "real_bytes": real * per_token, "on_disk_bytes": on_disk, "chunks": list(ds.resid.data.chunksize),
         "seconds": {k: round(v, 2) for k, v in best.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_floor": round(best["resid"] / (best["forward"] + best["write"]), 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

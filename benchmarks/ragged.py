@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import pkgutil
 import random
 import shutil
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, timed  # noqa: E402
+from benchmarks.common import emit_report, machine, timed  # noqa: E402
 from capture.job import run_capture  # noqa: E402
 from capture.models import decoder, load_input_embedding, load_model, release_memory  # noqa: E402
 from capture.passes import DEFAULT_PASSES  # noqa: E402
@@ -176,9 +175,7 @@ def main() -> None:
         "report_ragged_over_unpadded": round(best["report ragged"] / best["report unpadded"], 3),
         "decompose_ragged_over_unpadded": round(best["decompose ragged"] / best["decompose unpadded"], 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    emit_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 
