@@ -138,3 +138,26 @@ def test_bad_requests_are_one_line_errors(store):
             activation_loader(store, layer=1, **kwargs)
     with pytest.raises(UsageError, match="not stored"):
         activation_loader(store, layer=9)
+
+
+def test_bfloat16_batches_and_token_kinds(store):
+    ds = open_store(store)
+    halves = activation_loader(store, layer=1, batch_size=64, dtype="bfloat16", include_massive=True)
+    first = next(iter(halves))
+    assert first.dtype == torch.bfloat16 and first.shape[1:] == (2, 16)
+    texts = activation_loader(store, layer=1, batch_size=64, kinds=["text"], with_positions=True,
+                              include_massive=True)
+    assert set(_epoch(texts)[1]) == _selected(ds, massive=True)  # synthetic tokens are all text
+    specials = activation_loader(store, layer=1, batch_size=64, kinds=["special"], include_massive=True)
+    assert specials.n_rows == 0 and list(specials) == []
+
+
+def test_loader_stats_command(store, capsys):
+    from cli import main
+
+    assert main(["loader-stats", str(store), "--layer", "2", "--pair", "BB-SS", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"{sum(LENGTHS) - 1} rows (differences BB-SS" in out and "1 massive-activation positions left out" in out
+    assert "expected read throughput" in out
+    assert main(["loader-stats", str(store), "--layer", "2", "--passes", "BB,XX"]) == 2
+    assert "pass 'XX' is not in this store" in capsys.readouterr().err
