@@ -112,9 +112,9 @@ class ChunkWriter:
             full = np.full(self.chunks, self.fill, dtype=self.dtype)
             full[tuple(slice(0, s) for s in block.shape)] = block
             block = full
-        data = np.ascontiguousarray(block, dtype=self.dtype).tobytes()
-        if self.compressor is not None:
-            data = self.compressor.encode(data)
+        data = np.ascontiguousarray(block, dtype=self.dtype)
+        # An array, not bytes, goes to the compressor: Blosc takes its element size from it, as zarr's does.
+        data = data.tobytes() if self.compressor is None else self.compressor.encode(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         with open(partial, "wb") as f:

@@ -144,9 +144,8 @@ def compressors(codec: str) -> list:
     """The Zarr compressor list of a codec name of :data:`CODECS`."""
     if codec == "zstd":
         return [zarr.codecs.ZstdCodec(level=1)]
-    if codec == "lz4":
-        # Blosc's own threads stay off: chunks are already encoded in parallel, one per writer thread.
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=2)]
+    if codec == "lz4":  # no shuffle: it does not help activations (BENCHMARKS.md, "Codecs")
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]
     if codec == "none":
         return []
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
