@@ -94,7 +94,8 @@ def open_store(path: StorePath, storage_options: dict | None = None, dask: bool 
     return skip_padding_chunks(ds)
 
 
-_FILL = {"f": np.nan, "i": -1, "u": 0, "b": False, "O": ""}
+# Per numpy dtype kind; strings ("T": numpy's StringDType, which xarray reads Zarr v3 strings as) are "".
+_FILL = {"f": np.nan, "i": -1, "u": 0, "b": False, "O": "", "T": "", "U": ""}
 
 
 def _padding_block(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
