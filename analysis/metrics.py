@@ -119,24 +119,41 @@ def _scatter_block(values_tln: np.ndarray, rows_n: np.ndarray, tokens_n: np.ndar
 
 
 def _scatter(flat: da.Array, prompt_row: np.ndarray, token: np.ndarray, ds: xr.Dataset) -> da.Array:
-    """(term, layer, position) -> (term, prompt, layer, token), NaN on padding, in blocks of whole prompt rows."""
-    import dask
+    """(term, layer, position) -> (term, prompt, layer, token), NaN on padding, in blocks of whole prompt rows.
 
-    n_terms, n_layers, n_prompts, n_tokens = flat.shape[0], flat.shape[1], ds.sizes["prompt"], ds.sizes["token"]
-    per_prompt = n_terms * n_layers * n_tokens * 8
-    step = max(1, TARGET_CHUNK_BYTES // per_prompt)
-    order = np.argsort(prompt_row, kind="stable")
-    blocks = []
-    for start in range(0, n_prompts, step):
-        stop = min(start + step, n_prompts)
-        lo, hi = np.searchsorted(prompt_row[order], [start, stop])
-        picked = order[lo:hi]
-        values = flat[:, :, np.sort(picked)] if len(picked) else flat[:, :, :0]
-        keep = np.sort(picked)
-        shape = (n_terms, stop - start, n_layers, n_tokens)
-        block = dask.delayed(_scatter_block, pure=True)(values, prompt_row[keep] - start, token[keep], shape)
-        blocks.append(da.from_delayed(block, shape=shape, dtype=np.float64))
-    return da.concatenate(blocks, axis=1)
+    ``real_positions`` lists positions prompt chunk by prompt chunk, so the positions of a block of
+    whole store prompt chunks are one contiguous run of ``flat``: ``flat`` is rechunked to those runs
+    and each block scattered by ``map_blocks`` (one graph, built once; a delayed call per block
+    would optimise the whole graph of ``flat`` again for every block).
+    """
+    n_terms, n_prompts, n_tokens = flat.shape[0], ds.sizes["prompt"], ds.sizes["token"]
+    chunk_prompt = ds.resid.data.chunksize[ds.resid.dims.index("prompt")] if ds.resid.chunks else n_prompts
+    chunk_of = prompt_row // chunk_prompt
+    if np.any(np.diff(chunk_of) < 0):  # not in prompt-chunk order: put the positions in that order once
+        order = np.argsort(chunk_of, kind="stable")
+        flat, prompt_row, token, chunk_of = flat[:, :, order], prompt_row[order], token[order], chunk_of[order]
+    per_prompt = n_terms * flat.shape[1] * n_tokens * 8
+    step = max(1, TARGET_CHUNK_BYTES // per_prompt // chunk_prompt) * chunk_prompt
+    starts = list(range(0, n_prompts, step))
+    stops = [min(start + step, n_prompts) for start in starts]
+    bounds = np.append(np.searchsorted(chunk_of, [start // chunk_prompt for start in starts]), len(chunk_of))
+    runs = np.diff(bounds)
+    if (runs == 0).any():  # a block of prompts without a real position cannot be a run; never in a store
+        raise ValueError("every prompt has at least one real position")
+
+    def fill(values_tln: np.ndarray, which: np.ndarray) -> np.ndarray:
+        i = int(which[0])
+        lo, hi = bounds[i], bounds[i + 1]
+        shape = (n_terms, stops[i] - starts[i], values_tln.shape[1], n_tokens)
+        return _scatter_block(values_tln, prompt_row[lo:hi] - starts[i], token[lo:hi], shape)
+
+    aligned = flat.rechunk({0: -1, 2: tuple(runs.tolist())})
+    which = da.arange(len(starts), chunks=1)  # each block's number, as the block's second argument
+    # Position block i of ``flat`` becomes prompt block i of the result ("p" names both axes).
+    return da.blockwise(fill, "tplk", aligned, "tlp", which, "p", new_axes={"k": n_tokens}, dtype=np.float64,
+                        align_arrays=False,
+                        adjust_chunks={"p": tuple(b - a for a, b in zip(starts, stops, strict=True))},
+                        meta=np.empty((0, 0, 0, 0), np.float64))
 
 
 def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_lead: int) -> np.ndarray:
