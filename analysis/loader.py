@@ -140,6 +140,9 @@ def select(store: StorePath, layer, passes=None, pair=None, positions="all", inc
     if "resid" not in ds:
         raise UsageError(f"{store} holds no residuals (resid); capture them to train on them")
     chosen, difference = _passes_or_pair(ds, passes, pair)
+    if "done" in ds and not bool(np.asarray(ds.done.sel(pass_=chosen).values).all()):
+        raise UsageError(f"{store}: the capture of passes {', '.join(chosen)} is not complete (unwritten regions read "
+                         "as NaN); rerun the capture command to finish it")
     layers = [layer] if isinstance(layer, (int, np.integer)) else list(layer)
     stored = [int(x) for x in ds.layer.values]
     missing = [x for x in layers if x not in stored]

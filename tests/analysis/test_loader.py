@@ -140,6 +140,14 @@ def test_bad_requests_are_one_line_errors(store):
         activation_loader(store, layer=9)
 
 
+def test_an_unfinished_capture_is_refused(tmp_path):
+    path = write_tiny_store(tmp_path / "s.zarr", lengths=(5, 3, 4))
+    zarr.open_group(str(path), mode="r+")["done"][3, 1] = False  # SS of one prompt not written yet
+    activation_loader(path, layer=1, passes=("BB", "SB"))  # the passes asked for are complete
+    with pytest.raises(UsageError, match="not complete"):
+        activation_loader(path, layer=1, passes=("BB", "SS"))
+
+
 def test_bfloat16_batches_and_token_kinds(store):
     ds = open_store(store)
     halves = activation_loader(store, layer=1, batch_size=64, dtype="bfloat16", include_massive=True)
