@@ -20,25 +20,28 @@ import numpy as np
 _SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
+def _rint_scaled(x: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rint(x * 10**digits)`` and where it may differ from Python's correctly rounded ``round``: non-finite
+    values, values too large to hold the integer exactly, and values within their own rounding error of a tie."""
+    y = x * 10.0**digits
+    with np.errstate(invalid="ignore"):
+        unsure = ~np.isfinite(y) | (np.abs(y) >= 2.0**50) | (np.abs(y - np.floor(y) - 0.5) <= np.abs(y) * 2.0**-48)
+    return np.rint(y), unsure
+
+
 def rounded(values: np.ndarray, digits: int) -> list[float]:
     """``[round(x, digits) for x in values.ravel()]``, vectorised where that is exact.
 
-    ``rint(x * 10**d) / 10**d`` equals Python's correctly rounded ``round`` unless ``x * 10**d`` is
-    within its own rounding error of a tie (or too large to hold the integer exactly); those
-    few values, and non-finite ones, go through Python's ``round``.
+    ``rint(x * 10**d) / 10**d`` equals Python's ``round`` except where :func:`_rint_scaled` is unsure;
+    those few values go through Python's ``round``.
 
     >>> x = np.array([0.1234565, 2.5e-7, 1 / 3, 0.0078125])
     >>> rounded(x, 6), rounded(x, 6) == [round(v, 6) for v in x.tolist()]
     ([0.123456, 0.0, 0.333333, 0.007812], True)
     """
     x = np.asarray(values, dtype=np.float64).ravel()
-    scale = 10.0 ** digits
-    y = x * scale
-    out = np.rint(y) / scale
-    with np.errstate(invalid="ignore"):
-        frac = y - np.floor(y)
-    unsure = ~np.isfinite(y) | (np.abs(y) >= 2.0**50) | (np.abs(frac - 0.5) <= np.abs(y) * 2.0**-48)
-    result = out.tolist()
+    scaled, unsure = _rint_scaled(x, digits)
+    result = (scaled / 10.0**digits).tolist()
     for i in np.flatnonzero(unsure).tolist():
         result[i] = round(float(x[i]), digits)
     return result
@@ -71,24 +74,18 @@ def list_texts(items: list[str], size: int, indent: int) -> list[str]:
     return [head + sep.join(items[i:i + size]) + tail for i in range(0, len(items), size)]
 
 
-def _digit_columns(values: np.ndarray, digits: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+def _digit_columns(values: np.ndarray, digits: int | None) -> tuple[np.ndarray, np.ndarray]:
     """ASCII columns (sign, integer digits[, '.', fraction digits]) of every value, 0 where a column is
     unused, and a mask of the values whose text this cannot write (they take the slow path)."""
     if digits is None:
         a, negative, slow = np.abs(values.astype(np.int64)), values < 0, np.zeros(values.shape, bool)
         whole, frac = a, None
     else:
-        x = values.astype(np.float64)
-        scale = 10.0**digits
-        y = x * scale
-        d = np.rint(y) / scale
-        with np.errstate(invalid="ignore"):
-            # Python's repr writes these in exponent form, and near-ties may round differently: slow path.
-            slow = ~np.isfinite(y) | (np.abs(frac_part := y - np.floor(y) - 0.5) <= np.abs(y) * 2.0**-48)
+        scaled, slow = _rint_scaled(values.astype(np.float64), digits)
+        d = scaled / 10.0**digits
+        with np.errstate(invalid="ignore"):  # Python's repr writes these in exponent form: slow path too
             slow |= ((np.abs(d) < 1e-4) & (d != 0)) | (np.abs(d) >= 1e9)
-        n = np.where(slow, 0, np.rint(y)).astype(np.int64)
-        del frac_part
-        a, negative = np.abs(n), np.signbit(d) & ~slow
+        a, negative = np.abs(np.where(slow, 0, scaled).astype(np.int64)), np.signbit(d) & ~slow
         whole, frac = a // 10**digits, a % 10**digits
     n_int = len(str(int(whole.max()))) if whole.size else 1  # integer digits the largest value needs
     width = 1 + n_int + (0 if frac is None else 1 + digits)
@@ -143,11 +140,6 @@ def object_template(keys: list[str], indent: int) -> str:
     pad = "\n" + " " * (indent + 2)
     fields = ("," + pad).join(json.dumps(k).replace("%", "%%") + ": %s" for k in keys)
     return "{" + pad + fields + "\n" + " " * indent + "}"
-
-
-def object_text(keys: list[str], values: list[str], indent: int) -> str:
-    """A JSON object of already-encoded values (``object_template`` filled once)."""
-    return object_template(keys, indent) % tuple(values)
 
 
 def layers_text(records_kt: list[list[str]], indent: int) -> str:
