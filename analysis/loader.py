@@ -233,20 +233,22 @@ def shard_units(n_units: int, seed: int, epoch: int, shuffle: bool, shard: int, 
 
 
 def shuffled_batches(chunks: Iterator[tuple[np.ndarray, np.ndarray]], capacity: int, batch_size: int,
-                     rng: np.random.Generator, drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     rng: np.random.Generator | None, drop_last: bool = False
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of rows mixed in a buffer of ``capacity`` rows that the ``(rows, positions)`` chunks fill.
 
     The buffer fills with whole chunks (units arrive in a random order already), is permuted,
     and gives out its full batches; the rows short of a batch stay for the next fill. Each row
     is copied in once and out once (no per-batch compaction); every row comes out exactly once;
-    memory is the buffer plus the chunk being added.
+    memory is the buffer plus the chunk being added. ``rng=None`` keeps the rows in the order
+    they came (with ``capacity = batch_size``: batches cut straight from the chunks).
     """
     buffer = positions = None
     filled = 0
 
     def drain(final: bool):
         nonlocal filled
-        order = rng.permutation(filled)
+        order = rng.permutation(filled) if rng is not None else np.arange(filled)
         whole = len(order) if final else len(order) // batch_size * batch_size
         for start in range(0, whole, batch_size):
             picked = order[start:start + batch_size]

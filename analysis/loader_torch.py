@@ -93,9 +93,7 @@ class ActivationLoader(torch.utils.data.IterableDataset):
             capacity = max(self.capacity // n_workers, self.batch_size)
             capacity = max(1, min(capacity, sum(self.selection.units[i].n for i in unit_ids)))
         target = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
-        batches = (shuffled_batches(self._chunks(unit_ids), capacity, self.batch_size, rng, self.drop_last)
-                   if rng is not None else _in_order(self._chunks(unit_ids), self.batch_size, self.drop_last))
-        for rows, where in batches:
+        for rows, where in shuffled_batches(self._chunks(unit_ids), capacity, self.batch_size, rng, self.drop_last):
             out = torch.from_numpy(rows).to(target)
             yield (out, torch.from_numpy(where)) if self.with_positions else out
 
@@ -114,19 +112,3 @@ class ActivationLoader(torch.utils.data.IterableDataset):
         return (f"ActivationLoader({d['rows']} rows in {d['units']} units, batches of {self.batch_size} x "
                 f"{tuple(d['row_shape'])}, buffer {format_bytes(d['shuffle_buffer_bytes'])})")
 
-
-def _in_order(chunks, batch_size: int, drop_last: bool):
-    """Unshuffled batches: rows in unit order, cut every ``batch_size``."""
-    pending_rows, pending_where = [], []
-    held = 0
-    for rows, where in chunks:
-        pending_rows.append(rows)
-        pending_where.append(where)
-        held += len(rows)
-        while held >= batch_size:
-            rows_all, where_all = np.concatenate(pending_rows), np.concatenate(pending_where)
-            yield rows_all[:batch_size], where_all[:batch_size]
-            pending_rows, pending_where = [rows_all[batch_size:]], [where_all[batch_size:]]
-            held -= batch_size
-    if held and not drop_last:
-        yield np.concatenate(pending_rows), np.concatenate(pending_where)
