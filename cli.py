@@ -648,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "memory_limit", None) and not (getattr(args, "scheduler", None) or
+                                                     getattr(args, "local_cluster", None) is not None):
+        from analysis.compute import share_one_heap
+
+        share_one_heap()  # before any thread starts (see its docstring)
     from store.errors import ResdiffError
     from store.location import parse_storage_options, set_storage_options
 

@@ -9,10 +9,11 @@ same cores (a Dask QR on 2 cores took twice as long with BLAS's default threads)
 Memory model of a bounded local run (measured in ``benchmarks/report.py``): each
 running task holds the chunks of one (prompt, layer) tile of every pass, and the
 scheduler keeps about one more tile in flight per thread plus one being released, so
-the working set is about ``(1 + 2 x threads) x tile`` bytes, plus three tiles that
-glibc keeps for reuse unless told otherwise (see :func:`threads_for`), on top of the
-process's own footprint (interpreter, libraries, store metadata), which the limit
-does not count.
+the working set is about ``(1 + 2 x threads) x tile`` bytes, plus what glibc keeps
+for reuse: two more tiles with one heap for all threads (:func:`share_one_heap`, which
+``cli.py`` sets up under ``--memory-limit``), three with its default heap per thread
+(see :func:`threads_for`), on top of the process's own footprint (interpreter,
+libraries, store metadata), which the limit does not count.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 from collections.abc import Iterator
 
 import dask
@@ -30,6 +32,7 @@ from store.errors import UsageError
 from store.units import format_bytes, parse_size
 
 _BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life of the process
+_ONE_HEAP = False  # set by share_one_heap
 
 
 def parse_memory(text: str | int) -> int:
@@ -38,8 +41,14 @@ def parse_memory(text: str | int) -> int:
 
 
 def tile_bytes(ds: xr.Dataset) -> int:
-    """Bytes of one (prompt, layer) tile of every pass (or pair): the unit a metric task holds."""
+    """Bytes of one (prompt, layer) tile of every pass (or pair): the unit a metric task holds (on a
+    ragged store, the largest run of prompt chunks a task reads, with its padded result)."""
+    from analysis import ragged_sums
+    from analysis.metrics import store_pass_pairs
+
     largest = 0
+    if ragged_sums.applies(ds):
+        largest = ragged_sums.task_bytes(ds, ds.sizes["pass_"] + 2 * len(store_pass_pairs(ds)[0]))
     for var in ds.data_vars.values():
         if var.chunks is None or var.ndim < 4:
             continue
@@ -49,17 +58,48 @@ def tile_bytes(ds: xr.Dataset) -> int:
     return largest
 
 
-def threads_for(limit: int, tile: int, cores: int | None = None) -> tuple[int, bool]:
+def share_one_heap() -> bool:
+    """Make every thread allocate from one glibc heap (``M_ARENA_MAX`` = 1); True when in effect.
+
+    glibc gives each thread its own heap, and each keeps freed chunk-sized buffers for its
+    own reuse; with one heap a buffer freed by one thread is reused by the next, so a
+    bounded run needs ``(3 + 2 x threads)`` tiles (measured: the metric 3.3 and 5.7 with one
+    and two threads, a whole report 6.6 with two) at full speed, where
+    returning buffers to the OS (:func:`release_freed_memory_early`) costs page faults on
+    every chunk (2.1x the time on 16 MiB chunks). Only threads started afterwards are
+    bound by it, so it is done first thing (``cli.py`` with ``--memory-limit``) and
+    refused once other threads run.
+    """
+    global _ONE_HEAP
+    if _ONE_HEAP or threading.active_count() > 1:
+        return _ONE_HEAP
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_arena_max = -8
+    _ONE_HEAP = libc.mallopt(m_arena_max, 1) == 1
+    return _ONE_HEAP
+
+
+def threads_for(limit: int, tile: int, cores: int | None = None, one_heap: bool = False) -> tuple[int, bool]:
     """(threads, tight): the most threads whose working set fits ``limit``; an error if one does not.
 
-    With glibc's default allocator (which keeps freed chunk buffers for reuse: fast, but
-    they count) a thread needs ``(4 + 2 x threads)`` tiles; with freed buffers returned
+    With one heap (:func:`share_one_heap`) a run needs ``(3 + 2 x threads)`` tiles. Otherwise,
+    with glibc's default allocator (which keeps freed chunk buffers for reuse: fast, but
+    they count) it needs ``(4 + 2 x threads)`` tiles; with freed buffers returned
     to the OS at once (:func:`release_freed_memory_early`, "tight") ``(1 + 2 x threads)``
-    tiles, at about a quarter less speed per thread. Tight is chosen when it allows at
-    least twice the threads.
+    tiles, at a cost in page faults. Tight is chosen when it allows at least twice the threads.
     """
     cores = cores or os.cpu_count() or 1
     tiles = limit // max(tile, 1)
+    if one_heap:
+        threads = min(cores, (tiles - 3) // 2)
+        if threads < 1:
+            raise UsageError(f"--memory-limit {format_bytes(limit)} is below what one task of this store needs "
+                             f"(about {format_bytes(5 * tile)}: 5 x a {format_bytes(tile)} tile of all passes); "
+                             f"raise it to at least {format_bytes(5 * tile)}")
+        return threads, False
     roomy, tight = min(cores, (tiles - 4) // 2), min(cores, (tiles - 1) // 2)
     if tight < 1:
         need = 3 * tile
@@ -142,7 +182,7 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
         return
     threads = os.cpu_count() or 1
     if memory_limit:
-        threads, tight = threads_for(memory_limit, tile, threads)
+        threads, tight = threads_for(memory_limit, tile, threads, one_heap=_ONE_HEAP)
         if tight:
             release_freed_memory_early()
     from threadpoolctl import threadpool_limits

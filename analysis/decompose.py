@@ -75,7 +75,8 @@ def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice, exclude_pt
         resid = sub.resid
         if exclude_pt is not None:  # excluded rows become NaN, which the block function leaves out
             resid = resid.where(xr.DataArray(~exclude_pt, dims=("prompt", "token")))
-        a, b = (resid.sel(pass_=p).data.rechunk({1: -1, 2: -1, 3: -1}) for p in (left, right))
+        # (prompt chunk, token chunk) blocks of all the tile's layers: a block's size is the store chunks'.
+        a, b = (resid.sel(pass_=p).data.rechunk({1: -1, 3: -1}) for p in (left, right))
     n_layer, n_dim = a.shape[1], a.shape[3]
     blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0])
               for i in range(a.numblocks[0]) for j in range(a.numblocks[2])]
@@ -104,6 +105,22 @@ def _blocks_at_once(gram_bytes: int, chunk_bytes: int) -> int:
                          f"needs about {(gram_bytes + per_block) / 1e6:.0f} MB (layer tile x dim x dim Gram "
                          "matrices in float64); raise the limit")
     return max(1, min(step, fits))
+
+
+def _layer_tile(ds: xr.Dataset) -> int:
+    """Layers per computation: the store's layer chunk, fewer under a memory limit so that a block (its Gram
+    matrices and both passes' chunks, :func:`_blocks_at_once`) and the accumulator fit."""
+    from analysis.compute import memory_limit
+
+    chunk = ds.resid.data.chunksize if hasattr(ds.resid.data, "chunksize") else ds.resid.shape
+    tile = chunk[2]  # (pass_, prompt, layer, token, dim)
+    limit = memory_limit()
+    if limit is None:
+        return tile
+    gram = ds.sizes["dim"] * (ds.sizes["dim"] + 2) * 8  # per layer
+    block = int(np.prod(chunk[1:], dtype=np.int64)) // chunk[2] * ds.resid.dtype.itemsize  # per layer, one pass
+    # Half the limit by the model: measured, a one-block tile of 15 layers (model 500 MB) took 605 MB.
+    return max(1, min(tile, limit // (2 * (5 * gram + 2 * block))))
 
 
 def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +179,7 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     direction = np.full((len(chosen), n_layer, top_k, n_dim), np.nan)
     mean_diff = np.full((len(chosen), n_layer, n_dim), np.nan)
     ranks = np.full((3, len(chosen), n_layer), np.nan)
-    tile = ds.resid.data.chunksize[2] if hasattr(ds.resid.data, "chunksize") else n_layer
+    tile = _layer_tile(ds)
     for start in range(0, n_layer, tile):
         layers = slice(start, min(start + tile, n_layer))
         # One pair per computation: its Gram matrices are the largest objects alive (reads repeat, FLOPs do not).

@@ -92,3 +92,20 @@ def residual_sums(passes: list[np.ndarray], left_q: np.ndarray, right_q: np.ndar
     out = np.empty((len(passes) + 2 * len(left_q), n_rows), dtype=np.float64)
     _sums(x_snd, half, np.asarray(left_q, dtype=np.int64), np.asarray(right_q, dtype=np.int64), out)
     return out.reshape(out.shape[0], *middle)
+
+
+def previous_layer_dots(block: np.ndarray, layer_axis: int) -> np.ndarray:
+    """``sum_d h_l h_(l-1)`` for a block holding its whole layer axis, float64; NaN at layer 0 and on padding.
+
+    Returns the block's shape without its last (``dim``) axis.
+
+    >>> h = np.array([[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]])  # 3 layers, 2 dims
+    >>> previous_layer_dots(h, 0).tolist()
+    [nan, 11.0, 3.5]
+    """
+    out = np.full(block.shape[:-1], np.nan)
+    if is_padding_block(block) or block.shape[layer_axis] < 2:
+        return out
+    h = np.moveaxis(block, layer_axis, 0).astype(np.float64)  # (layer, ..., dim)
+    np.moveaxis(out, layer_axis, 0)[1:] = np.einsum("l...d,l...d->l...", h[1:], h[:-1])
+    return out

@@ -25,9 +25,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from analysis.kernels import residual_sums
-from analysis.positions import has_padding_chunks, real_positions, rows_per_chunk
-from store.chunking import TARGET_CHUNK_BYTES
+from analysis import ragged_sums
+from analysis.kernels import previous_layer_dots, residual_sums
 from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
 from store.schema import every_pass_pair
@@ -60,9 +59,8 @@ def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataA
     passes = [str(p) for p in ds.pass_.values]
     left_q = np.array([passes.index(p) for p in left], dtype=np.int64)
     right_q = np.array([passes.index(p) for p in right], dtype=np.int64)
-    if ds.resid.ndim == 5 and has_padding_chunks(ds):
-        sums = _sums_over_rows(ds, left_q, right_q)
-        return _split_sums(ds, sums, names, left, right)
+    if ragged_sums.applies(ds):
+        return _split_sums(ds, ragged_sums.sums_over_runs(ds, left_q, right_q), names, left, right)
     resid = ds.resid.transpose(..., "pass_", "prompt", "layer", "token", "dim")
     lead = resid.dims[:-5]  # e.g. model_pair from open_stores
     data = resid.data if isinstance(resid.data, da.Array) else da.from_array(resid.data)
@@ -88,74 +86,6 @@ def _split_sums(ds: xr.Dataset, sums: xr.DataArray, names, left, right):
     return sumsq, dot, sqdiff
 
 
-def _sums_over_rows(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray) -> xr.DataArray:
-    """The sums of a ragged store from its real rows only, laid back out as (term, prompt, layer, token).
-
-    Real positions are read chunk by chunk into rows (``analysis.positions``), regrouped into
-    tasks about a store chunk's size, summed by the kernel, and scattered into padded
-    blocks of whole prompt rows (NaN elsewhere): a few large tasks instead of one per
-    (prompt, token) chunk, and no padding chunk is read or computed on.
-    """
-    rows = real_positions(ds, rows=rows_per_chunk(ds.resid))
-    data = rows.transpose("pass_", "layer", "position", "dim").data.rechunk({3: -1})
-    n_pass, n_terms = data.shape[0], data.shape[0] + 2 * len(left_q)
-    per_pass = [data[s:s + 1] for s in range(n_pass)]
-    flat = da.map_blocks(_row_sums, *per_pass, left_q=left_q, right_q=right_q, dtype=np.float64, drop_axis=3,
-                         chunks=((n_terms,), *data.chunks[1:3]), meta=np.empty((0, 0, 0), np.float64))
-    prompt_row = ds.indexes["prompt"].get_indexer(rows.prompt.values)  # label -> store row
-    return xr.DataArray(_scatter(flat, prompt_row, rows.token.values, ds), dims=("term", "prompt", "layer", "token"),
-                        coords={d: ds[d] for d in ("prompt", "layer", "token")})
-
-
-def _row_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray) -> np.ndarray:
-    # Each block is one pass: (1, layer, position, dim).
-    return residual_sums([b[0] for b in blocks], left_q, right_q)
-
-
-def _scatter_block(values_tln: np.ndarray, rows_n: np.ndarray, tokens_n: np.ndarray, shape: tuple) -> np.ndarray:
-    out = np.full(shape, np.nan)
-    out[:, rows_n, :, tokens_n] = values_tln.transpose(2, 0, 1)
-    return out
-
-
-def _scatter(flat: da.Array, prompt_row: np.ndarray, token: np.ndarray, ds: xr.Dataset) -> da.Array:
-    """(term, layer, position) -> (term, prompt, layer, token), NaN on padding, in blocks of whole prompt rows.
-
-    ``real_positions`` lists positions prompt chunk by prompt chunk, so the positions of a block of
-    whole store prompt chunks are one contiguous run of ``flat``: ``flat`` is rechunked to those runs
-    and each block scattered by ``map_blocks`` (one graph, built once; a delayed call per block
-    would optimise the whole graph of ``flat`` again for every block).
-    """
-    n_terms, n_prompts, n_tokens = flat.shape[0], ds.sizes["prompt"], ds.sizes["token"]
-    chunk_prompt = ds.resid.data.chunksize[ds.resid.dims.index("prompt")] if ds.resid.chunks else n_prompts
-    chunk_of = prompt_row // chunk_prompt
-    if np.any(np.diff(chunk_of) < 0):  # not in prompt-chunk order: put the positions in that order once
-        order = np.argsort(chunk_of, kind="stable")
-        flat, prompt_row, token, chunk_of = flat[:, :, order], prompt_row[order], token[order], chunk_of[order]
-    per_prompt = n_terms * flat.shape[1] * n_tokens * 8
-    step = max(1, TARGET_CHUNK_BYTES // per_prompt // chunk_prompt) * chunk_prompt
-    starts = list(range(0, n_prompts, step))
-    stops = [min(start + step, n_prompts) for start in starts]
-    bounds = np.append(np.searchsorted(chunk_of, [start // chunk_prompt for start in starts]), len(chunk_of))
-    runs = np.diff(bounds)
-    if (runs == 0).any():  # a block of prompts without a real position cannot be a run; never in a store
-        raise ValueError("every prompt has at least one real position")
-
-    def fill(values_tln: np.ndarray, which: np.ndarray) -> np.ndarray:
-        i = int(which[0])
-        lo, hi = bounds[i], bounds[i + 1]
-        shape = (n_terms, stops[i] - starts[i], values_tln.shape[1], n_tokens)
-        return _scatter_block(values_tln, prompt_row[lo:hi] - starts[i], token[lo:hi], shape)
-
-    aligned = flat.rechunk({0: -1, 2: tuple(runs.tolist())})
-    which = da.arange(len(starts), chunks=1)  # each block's number, as the block's second argument
-    # Position block i of ``flat`` becomes prompt block i of the result ("p" names both axes).
-    return da.blockwise(fill, "tplk", aligned, "tlp", which, "p", new_axes={"k": n_tokens}, dtype=np.float64,
-                        align_arrays=False,
-                        adjust_chunks={"p": tuple(b - a for a, b in zip(starts, stops, strict=True))},
-                        meta=np.empty((0, 0, 0, 0), np.float64))
-
-
 def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_lead: int) -> np.ndarray:
     # Each block is one pass: (*lead, 1, prompt, layer, token, dim).
     lead_shape = blocks[0].shape[:n_lead]
@@ -170,6 +100,24 @@ def _block_sums(*blocks: np.ndarray, left_q: np.ndarray, right_q: np.ndarray, n_
 
 def _previous_layer(x: xr.DataArray) -> xr.DataArray:
     return x.shift(layer=1)
+
+
+def _previous_layer_dots(ds: xr.Dataset) -> xr.DataArray:
+    """Lazy ``sum_d h_l h_(l-1)`` per (pass_, prompt, layer, token): one task per chunk when a chunk holds
+    every layer (the usual layout), else an expression across layer tiles (float32)."""
+    if ragged_sums.applies(ds):
+        dots = ragged_sums.previous_layer_dots_over_runs(ds)
+        return dots.rename(term="pass_").assign_coords(pass_=ds.pass_)
+    resid = ds.resid
+    layer_axis = resid.dims.index("layer")
+    if resid.chunks is None or len(resid.chunks[layer_axis]) > 1 or resid.dims[-1] != "dim":
+        h = _resid32(ds)
+        return (h * _previous_layer(h)).sum("dim", skipna=False)
+    data = resid.data.rechunk({resid.ndim - 1: -1})
+    dots = da.map_blocks(previous_layer_dots, data, layer_axis=layer_axis, drop_axis=resid.ndim - 1,
+                         dtype=np.float64, meta=np.empty((0,) * (resid.ndim - 1), np.float64))
+    dims = resid.dims[:-1]
+    return xr.DataArray(dots, dims=dims, coords={d: resid[d] for d in dims if d in resid.coords})
 
 
 def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
@@ -190,9 +138,7 @@ def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
         return ds[list(PASS_METRICS)]
     sumsq = _residual_sums(ds)[0]
     norm = np.sqrt(sumsq)
-    h = _resid32(ds)
-    # cos(h_l, h_{l-1}) crosses layer tiles, so it stays an xarray expression.
-    dot_prev = (h * _previous_layer(h)).sum("dim", skipna=False)
+    dot_prev = _previous_layer_dots(ds)
     cosine_prev = dot_prev / np.maximum(norm * _previous_layer(norm), EPS)
     return xr.Dataset({
         "norm": norm.astype("float32").assign_attrs(long_name="||h_l||"),

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.metrics import pass_metrics
+from analysis.positions import cut_padding_tokens
 
 MASSIVE_FACTOR = 10.0  # a position's norm over the median of its prompt and layer
 
@@ -34,6 +35,7 @@ def norm_ratio(ds: xr.Dataset) -> xr.DataArray:
 
 
 def _median_of_real(norms: np.ndarray) -> np.ndarray:
+    norms = cut_padding_tokens(norms)
     with warnings.catch_warnings():  # a row of padding only (no real token) has no median: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(norms, axis=-1)

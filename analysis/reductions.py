@@ -10,22 +10,56 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from analysis.positions import cut_padding_tokens
 from store.errors import UsageError
 
 POSITION = ("prompt", "layer", "token")
 
 
 def _top_by_magnitude(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values, flat indices) of the n largest |values| along the last axis, largest first; NaN never wins."""
+    """(values, flat indices) of the n largest |values| along the last axis, largest first; NaN never wins.
+
+    Ties go to the earlier position, so the answer does not depend on how the work was split:
+
+    >>> _top_by_magnitude(np.array([[0.0, -2.0, 2.0, np.nan, 1.0]]), 2)
+    (array([[-2.,  2.]]), array([[1, 2]]))
+    """
     score = np.where(np.isnan(values), -np.inf, np.abs(values))
     n = min(n, values.shape[-1])
-    part = np.argpartition(-score, n - 1, axis=-1)[..., :n]
-    order = np.take_along_axis(-score, part, axis=-1).argsort(axis=-1, kind="stable")
-    index = np.take_along_axis(part, order, axis=-1)
+    threshold = np.partition(score, values.shape[-1] - n, axis=-1)[..., -n:].min(axis=-1, keepdims=True)
+    above, tied = score > threshold, score == threshold
+    wanted = n - above.sum(axis=-1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, axis=-1) <= wanted))  # exactly n per row, earliest ties
+    index = np.nonzero(chosen.reshape(-1, values.shape[-1]))[1].reshape(*values.shape[:-1], n)
+    order = np.argsort(-np.take_along_axis(score, index, axis=-1), axis=-1, kind="stable")
+    index = np.take_along_axis(index, order, axis=-1)
     picked = np.take_along_axis(values, index, axis=-1)
     # Fewer than n real positions: the rest are padding and are reported as NaN / -1.
     index = np.where(np.isnan(picked), -1, index)
     return picked, index
+
+
+def _top_in_prompt(values_lt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # (..., layer, token) -> the n largest |values| of each prompt and their flat (layer, token) index.
+    n_tokens = values_lt.shape[-1]
+    cut = cut_padding_tokens(values_lt)
+    picked, index = _top_by_magnitude(cut.reshape(*cut.shape[:-2], -1), n)
+    if cut.shape[-1] < n_tokens:  # back to indices of the whole token axis
+        index = np.where(index >= 0, index // cut.shape[-1] * n_tokens + index % cut.shape[-1], -1)
+    want = min(n, values_lt.shape[-2] * n_tokens)
+    if picked.shape[-1] < want:  # fewer cells than n once cut: the rest is padding
+        fill = want - picked.shape[-1]
+        picked = np.concatenate([picked, np.full((*picked.shape[:-1], fill), np.nan, picked.dtype)], axis=-1)
+        index = np.concatenate([index, np.full((*index.shape[:-1], fill), -1, index.dtype)], axis=-1)
+    return picked, index
+
+
+def _top_of_prompts(values_pk: np.ndarray, index_pk: np.ndarray, n: int, per_prompt: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    # (..., prompt, k) candidates -> the n largest overall and their flat (prompt, layer, token) index.
+    flat = (np.arange(values_pk.shape[-2])[:, None] * per_prompt + index_pk).reshape(*index_pk.shape[:-2], -1)
+    picked, where = _top_by_magnitude(values_pk.reshape(*values_pk.shape[:-2], -1), n)
+    return picked, np.where(where >= 0, np.take_along_axis(flat, np.maximum(where, 0), axis=-1), -1)
 
 
 def hotspots(metric: xr.DataArray, top_n: int = 5) -> xr.Dataset:
@@ -33,7 +67,8 @@ def hotspots(metric: xr.DataArray, top_n: int = 5) -> xr.Dataset:
 
     Returns ``value``, ``prompt``, ``layer`` and ``token`` along a new ``rank`` dimension
     (-1 and NaN where fewer real positions exist). Token strings: ``ds.token_str``
-    at (prompt, token).
+    at (prompt, token). Found in two steps, each prompt's ``top_n`` and then the best of
+    those, so no step holds more than a block of prompts.
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")
@@ -41,18 +76,27 @@ def hotspots(metric: xr.DataArray, top_n: int = 5) -> xr.Dataset:
     if missing:
         raise UsageError(f"hotspots need a metric over {', '.join(POSITION)}; it lacks {', '.join(missing)}")
     shape = [metric.sizes[d] for d in POSITION]
-    flat = metric.astype("float32").stack(position=POSITION).reset_index("position", drop=True)
-    flat = flat.chunk({"position": -1}) if flat.chunks else flat
-    values, index = xr.apply_ufunc(
-        _top_by_magnitude, flat, kwargs={"n": top_n}, input_core_dims=[["position"]],
-        output_core_dims=[["rank"], ["rank"]], dask="parallelized", output_dtypes=[np.float32, np.int64],
-        dask_gufunc_kwargs={"output_sizes": {"rank": min(top_n, flat.sizes["position"])}},
-    )
+    # Labels of positions (texts, token strings...) are not needed to rank, and carrying them costs seconds.
+    labels = [name for name, coord in metric.coords.items() if set(coord.dims) & set(POSITION)]
+    values = metric.drop_vars(labels).astype("float32").transpose(..., *POSITION)
+    lazy = values.chunks is not None
+    per_prompt = min(top_n, shape[1] * shape[2])
+    top_v, top_i = xr.apply_ufunc(
+        _top_in_prompt, values.chunk({"layer": -1, "token": -1}) if lazy else values, kwargs={"n": top_n},
+        input_core_dims=[["layer", "token"]], output_core_dims=[["k"], ["k"]], dask="parallelized",
+        output_dtypes=[np.float32, np.int64], dask_gufunc_kwargs={"output_sizes": {"k": per_prompt}})
+    if lazy:
+        top_v, top_i = top_v.chunk({"prompt": -1}), top_i.chunk({"prompt": -1})
+    value, index = xr.apply_ufunc(
+        _top_of_prompts, top_v, top_i, kwargs={"n": top_n, "per_prompt": shape[1] * shape[2]},
+        input_core_dims=[["prompt", "k"], ["prompt", "k"]], output_core_dims=[["rank"], ["rank"]],
+        dask="parallelized", output_dtypes=[np.float32, np.int64],
+        dask_gufunc_kwargs={"output_sizes": {"rank": min(top_n, shape[0] * per_prompt)}})
     prompt, layer, token = index // (shape[1] * shape[2]), (index // shape[2]) % shape[1], index % shape[2]
     valid = index >= 0
     coords = {"prompt": prompt, "layer": layer, "token": token}
-    return xr.Dataset({"value": values, **{k: v.where(valid, -1) for k, v in coords.items()}}).assign_coords(
-        rank=np.arange(values.sizes["rank"]))
+    return xr.Dataset({"value": value, **{k: v.where(valid, -1) for k, v in coords.items()}}).assign_coords(
+        rank=np.arange(value.sizes["rank"]))
 
 
 def correlation(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:

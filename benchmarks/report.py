@@ -40,6 +40,11 @@ def _child(mode: str, store: str, limit: str) -> dict:
     """One measurement, in this (fresh) process."""
     import resource
 
+    if mode in ("raw-dask", "metric"):  # as cli.py does under --memory-limit
+        from analysis.compute import share_one_heap
+
+        share_one_heap()
+
     import dask
     import numpy as np
 
@@ -103,6 +108,9 @@ def main() -> None:
     parser.add_argument("--decompose", action="store_true", help="also time and measure `decompose` once")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "STORE", "LIMIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.child[0] == "build":
+        build_store(Path(args.child[1]), int(args.child[2]))
+        return
     if args.child:
         print(json.dumps(_child(*args.child)))
         return
@@ -113,7 +121,9 @@ def main() -> None:
     store = work / f"synthetic-{args.prompts}.zarr"
     if not (store / "zarr.json").exists():
         print(f"building {store} ...", file=sys.stderr)
-        build_store(store, args.prompts)
+        # In a child: a child's peak RSS counts the memory of the parent it was forked from.
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "build", str(store),
+                        str(args.prompts)], check=True, cwd=ROOT)
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
     report = [sys.executable, str(ROOT / "cli.py"), "report", str(store), "--memory-limit", args.limit, "--quiet"]

@@ -1,4 +1,4 @@
-"""Writing whole chunks of a local store directly, in parallel: the capture's hot path.
+"""Writing and reading whole chunks of a local store directly, in parallel: the capture's hot path.
 
 zarr-python spends ~1-2 ms of Python per chunk on a write (indexing, an event loop, a thread
 hand-off per codec, an atomic rename), about as much as encoding and writing a 400 KB chunk
@@ -11,6 +11,10 @@ the Zarr v3 chunk encoding of those codecs, so zarr reads them back as its own (
 zarr's own writes). Anything else (fsspec URLs, other codecs, unaligned regions) is written by
 zarr as before. As zarr does, a chunk holding only the fill value is not written (and a stale
 file of it removed), which is how padding-only chunks stay absent from a store.
+
+Reading is the mirror image, for analysis over many small chunks of a ragged store: a
+chunk-aligned region is read file by file and decoded on the same threads (an absent chunk
+is the fill value), at a fraction of zarr's cost per chunk.
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ def _compressor(codecs) -> object | bool | None:
     return False
 
 
-class ChunkWriter:
-    """Direct chunk writes for one array of a local store (see the module docstring).
+class ChunkFiles:
+    """Direct chunk writes (and reads) for one array of a local store (see the module docstring).
 
-    Build with :meth:`for_array`, which returns None where zarr must write instead.
+    Build with :meth:`for_array`, which returns None where zarr must write (and read) instead.
     """
 
     def __init__(self, directory: Path, array: zarr.Array, compressor) -> None:
@@ -75,7 +79,7 @@ class ChunkWriter:
         self.encode_key = array.metadata.encode_chunk_key
 
     @classmethod
-    def for_array(cls, array: zarr.Array) -> ChunkWriter | None:
+    def for_array(cls, array: zarr.Array) -> ChunkFiles | None:
         store = array.store_path.store
         meta = array.metadata
         if not isinstance(store, zarr.storage.LocalStore) or meta.zarr_format != 3 or array.shards is not None:
@@ -121,22 +125,47 @@ class ChunkWriter:
             f.write(data)
         os.replace(partial, path)
 
+    def _get(self, coords: tuple[int, ...], out: np.ndarray, inside: tuple) -> None:
+        try:
+            data = (self.directory / self.encode_key(coords)).read_bytes()
+        except FileNotFoundError:  # never written: the fill value, as zarr reads it
+            out.fill(self.fill)
+            return
+        if self.compressor is not None:
+            data = self.compressor.decode(data)
+        out[...] = np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)[inside]
+
+    def _pieces(self, where: tuple) -> list[list[tuple]]:
+        """Per axis of an aligned region: (chunk coordinate, slice of the region, slice of the chunk) for each
+        chunk it crosses, or one (index, None, None) for an int axis."""
+        axes = []
+        for index, size, chunk in zip(where, self.shape, self.chunks, strict=True):
+            if isinstance(index, slice):
+                start, stop, _ = index.indices(size)
+                axes.append([(c // chunk, slice(c - start, min(c + chunk, stop) - start),
+                              slice(0, min(chunk, stop - c))) for c in range(start, stop, chunk)])
+            else:
+                axes.append([(int(index), None, None)])
+        return axes
+
+    def read(self, where: tuple) -> np.ndarray:
+        """The aligned region ``where`` (slices, one per axis), read chunk by chunk on the threads."""
+        axes = self._pieces(where)
+        out = np.empty(tuple(pieces[-1][1].stop if pieces else 0 for pieces in axes), self.dtype)
+        jobs = [_threads().submit(self._get, tuple(c for c, _, _ in combo), out[tuple(o for _, o, _ in combo)],
+                                  tuple(i for _, _, i in combo)) for combo in product(*axes)]
+        for job in jobs:
+            job.result()
+        return out
+
     def write(self, where: tuple, values: np.ndarray) -> None:
         """Write ``values`` (the shape of ``where``'s slices, int axes dropped) into the aligned region
         ``where``, chunk by chunk on the writer threads; returns when every chunk is written."""
-        axes = []  # per axis: (chunk coordinates, their slices into values or None for an int axis)
-        for index, size, chunk in zip(where, self.shape, self.chunks, strict=True):
-            if isinstance(index, slice):
-                start, stop = index.start or 0, size if index.stop is None else index.stop
-                axes.append([(c // chunk, slice(c - start, min(c + chunk, stop) - start))
-                             for c in range(start, stop, chunk)])
-            else:
-                axes.append([(int(index), None)])
         int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
         jobs = []
-        for combo in product(*axes):
-            coords = tuple(c for c, _ in combo)
-            block = np.expand_dims(values[tuple(s for _, s in combo if s is not None)], int_axes)
+        for combo in product(*self._pieces(where)):
+            coords = tuple(c for c, _, _ in combo)
+            block = np.expand_dims(values[tuple(s for _, s, _ in combo if s is not None)], int_axes)
             jobs.append(_threads().submit(self._put, coords, block))
         for job in jobs:
             job.result()

@@ -21,7 +21,7 @@ import xarray as xr
 import zarr
 
 from store.atomic import atomic_output
-from store.chunk_io import ChunkWriter
+from store.chunk_io import ChunkFiles
 from store.chunking import chunk_slices, token_extent
 from store.errors import StoreFormatError
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
@@ -140,7 +140,7 @@ class StoreWriter:
         self.storage_options = storage_options
         self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
         self._n_tokens_p: np.ndarray | None = None
-        self._chunk_writers: dict[str, ChunkWriter | None] = {}
+        self._chunk_writers: dict[str, ChunkFiles | None] = {}
 
     @classmethod
     def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None,
@@ -230,7 +230,7 @@ class StoreWriter:
     def _write_aligned(self, name: str, array: zarr.Array, where: tuple, values: np.ndarray) -> None:
         """Write a chunk-aligned region: chunk files directly where :mod:`store.chunk_io` can, else zarr."""
         if name not in self._chunk_writers:
-            self._chunk_writers[name] = ChunkWriter.for_array(array)
+            self._chunk_writers[name] = ChunkFiles.for_array(array)
         direct = self._chunk_writers[name]
         if direct is not None and direct.aligned(where):
             direct.write(where, values)

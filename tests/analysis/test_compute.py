@@ -35,6 +35,21 @@ def test_memory_sizes_and_threads():
     assert threads_for(5 * 10**8, 66 * 10**6, cores=2) == (2, True)  # roomy would give 1 thread
     with pytest.raises(UsageError, match=r"below what one task of this store needs .* raise it to at least"):
         threads_for(10**6, 10**6)
+    # One heap for all threads: (3 + 2 x threads) tiles, never the page-faulting tight mode.
+    assert threads_for(5 * 10**8, 66 * 10**6, cores=2, one_heap=True) == (2, False)  # 7 tiles
+    assert threads_for(5 * 10**8, 100 * 10**6, cores=8, one_heap=True) == (1, False)  # 5 tiles
+    with pytest.raises(UsageError, match=r"about 477 MiB: 5 x a 95.4 MiB tile"):
+        threads_for(4 * 10**8, 100 * 10**6, one_heap=True)
+
+
+def test_one_heap_is_set_only_before_other_threads_start():
+    code = ("import threading, json; from analysis.compute import share_one_heap as one; first = one(); "
+            "import analysis.compute as c; c._ONE_HEAP = False; "
+            "t = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True); t.start(); "
+            "print(json.dumps([first, one()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert json.loads(out.stdout) == [True, False]
 
 
 def test_memory_limit_sets_local_threads(store_path):

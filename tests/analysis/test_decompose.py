@@ -85,3 +85,17 @@ def test_rank_rule_reuse_and_conflicts(planted, tmp_path):
     with pytest.raises(UsageError, match="unknown pair 'XX-YY'"):
         decompose_store(planted, pairs=["XX-YY"])
     assert not list(planted.parent.glob("*.partial"))
+
+
+def test_a_memory_limit_picks_smaller_layer_tiles_with_the_same_spectra(planted):
+    from analysis.compute import compute_on
+    from analysis.decompose import _layer_tile, spectra
+
+    ds = open_store(planted)
+    whole = spectra(ds, top_k=2, pairs=["BS-SB"])
+    gram = 16 * 18 * 8  # per layer of this store's 16 dims
+    with compute_on(memory_limit=12 * gram, tile=1):
+        assert _layer_tile(ds) == 1 < ds.resid.data.chunksize[2]  # the store's tile is 2 layers
+        tiled = spectra(ds, top_k=2, pairs=["BS-SB"])
+    np.testing.assert_allclose(tiled.singular_value.values, whole.singular_value.values, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tiled.mean_diff.values, whole.mean_diff.values, rtol=1e-12, atol=1e-15)

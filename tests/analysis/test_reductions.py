@@ -75,3 +75,21 @@ def test_seven_number_summary(store):
             assert float(got[name].values[q]) == pytest.approx(value, rel=1e-6), name
     assert not any(math.isnan(float(v)) for v in got["median"].values)
     assert np.isfinite(got["std"].values).all()
+
+
+def test_hotspot_ties_go_to_the_earliest_positions_however_chunked(tmp_path):
+    from analysis import pass_metrics
+    from store.chunking import Chunking
+    from store.testing import write_tiny_store
+
+    path = write_tiny_store(tmp_path / "s.zarr", n_prompts=5, lengths=(9, 7, 4, 2, 1), n_layers1=3, hidden=4,
+                            chunking=Chunking(prompt=2, layer=3, token=4))
+    norm = pass_metrics(open_store(path)).norm.sel(pass_="BB", drop=True)
+    flat = (norm * 0).where(norm.token > 0)  # every real value ties; token 0 left out, as a sink would be
+    for metric in (flat, flat.chunk({"prompt": -1, "token": -1}), flat.compute()):
+        got = hotspots(metric, top_n=4)
+        assert got.value.values.tolist() == [0.0] * 4
+        assert [(int(got.prompt[r]), int(got.layer[r]), int(got.token[r])) for r in range(4)] == [
+            (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 0, 4)]
+    few = hotspots(flat.isel(prompt=[3, 4]), top_n=4)  # one real position left (prompt 3, token 1) per layer
+    assert np.isnan(few.value.values[3:]).all() and (few.prompt.values[3:] == -1).all()

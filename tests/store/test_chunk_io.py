@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from store.chunk_io import ChunkWriter
+from store.chunk_io import ChunkFiles
 from store.schema import compressors
 from store.units import CODECS
 
@@ -33,7 +33,7 @@ def _files(path) -> dict[str, bytes]:
 def test_direct_writes_read_back_as_zarrs_own(tmp_path, codec):
     rng = np.random.default_rng(0)
     ours, theirs = _array(tmp_path / "ours.zarr", codec), _array(tmp_path / "theirs.zarr", codec)
-    writer = ChunkWriter.for_array(ours)
+    writer = ChunkFiles.for_array(ours)
     assert writer is not None
     regions = [(0, slice(0, 3), slice(None), slice(0, 12), slice(None)),
                (0, slice(3, 7), slice(None), slice(0, 13), slice(None)),  # the edge chunks of both axes
@@ -52,7 +52,7 @@ def test_direct_writes_read_back_as_zarrs_own(tmp_path, codec):
 
 def test_fill_only_chunks_are_not_written_and_stale_ones_removed(tmp_path):
     array = _array(tmp_path / "s.zarr", "lz4")
-    writer = ChunkWriter.for_array(array)
+    writer = ChunkFiles.for_array(array)
     where = (0, slice(0, 3), slice(None), slice(0, 8), slice(None))
     writer.write(where, np.ones((3, 3, 8, 4), dtype="float16"))
     assert len(_files(tmp_path / "s.zarr")) == 2
@@ -70,7 +70,7 @@ def test_integer_arrays_with_their_fill_value(tmp_path):
     values = rng.integers(-1, 5, size=(3, 3, 13, 4)).astype("int32")
     values[:, :, 4:8] = -1
     where = (1, slice(0, 3), slice(None), slice(None), slice(None))
-    ChunkWriter.for_array(ours).write(where, values)
+    ChunkFiles.for_array(ours).write(where, values)
     theirs[where] = values
     np.testing.assert_array_equal(ours[...], theirs[...])
     assert _files(tmp_path / "ours.zarr").keys() == _files(tmp_path / "theirs.zarr").keys()
@@ -78,12 +78,31 @@ def test_integer_arrays_with_their_fill_value(tmp_path):
 
 def test_unaligned_regions_and_other_stores_are_left_to_zarr(tmp_path):
     array = _array(tmp_path / "s.zarr", "lz4")
-    writer = ChunkWriter.for_array(array)
+    writer = ChunkFiles.for_array(array)
     assert not writer.aligned((0, slice(1, 3), slice(None), slice(0, 8), slice(None)))
     assert not writer.aligned((0, slice(0, 3), 1, slice(0, 8), slice(None)))  # an int on a chunk of 3
     assert not writer.aligned((0, slice(0, 3), slice(None), slice(0, 6), slice(None)))
     in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), chunks=(2,), dtype="float32")
-    assert ChunkWriter.for_array(in_memory) is None
+    assert ChunkFiles.for_array(in_memory) is None
     sharded = zarr.create_array(str(tmp_path / "sh.zarr"), shape=(4, 4), chunks=(2, 2), shards=(4, 4),
                                 dtype="float32")
-    assert ChunkWriter.for_array(sharded) is None
+    assert ChunkFiles.for_array(sharded) is None
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dtype, fill", [("float16", np.nan), ("int32", -1)])
+def test_direct_reads_equal_zarrs_reads(tmp_path, codec, dtype, fill):
+    rng = np.random.default_rng(2)
+    array = _array(tmp_path / "s.zarr", codec, dtype=dtype, fill=fill)
+    values = _values(rng, (3, 3, 12, 4), dtype) if dtype == "float16" else rng.integers(0, 9, (3, 3, 12, 4))
+    array[0, 0:3, :, 0:12] = values  # chunks past token 12 and of prompts 3.. stay absent: the fill value
+    reader = ChunkFiles.for_array(array)
+    regions = [(slice(0, 1), slice(0, 3), slice(0, 3), slice(0, 12), slice(0, 4)),
+               (slice(0, 2), slice(0, 7), slice(0, 3), slice(0, 13), slice(0, 4)),  # edges, absent chunks
+               (slice(0, 1), slice(3, 6), slice(0, 3), slice(4, 8), slice(0, 4)),
+               (slice(1, 2), slice(6, 7), slice(0, 3), slice(12, 13), slice(0, 4))]
+    for where in regions:
+        assert reader.aligned(where)
+        got = reader.read(where)
+        assert got.dtype == array.dtype and got.shape == array[where].shape
+        np.testing.assert_array_equal(got, array[where])
