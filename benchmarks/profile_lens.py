@@ -1,8 +1,9 @@
 """Where the statistics stage's time goes on one block: lens products alone vs all statistics.
 
 Random lens weights of a real shape (default Qwen2.5-1.5B: vocabulary 151,936 x 1,536),
-four passes of ``rows`` states, six pairs, top-20, on ``--device`` (CUDA: the torch
-backend, with a profiler table of the slowest operators).
+four passes of ``rows`` states, six pairs, top-20, on ``--device``, for each statistics
+backend there (CUDA: fused and torch; CPU: kernels, fused and torch), with a profiler
+table of the slowest operators of the default backend on CUDA.
 
     python benchmarks/profile_lens.py --device cuda
 """
@@ -31,10 +32,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--dtype", default="bfloat16", help="lens weight dtype")
+    parser.add_argument("--rows", type=int, help="rows per block (default: the statistics stage's)")
+    parser.add_argument("--vocab-chunk", type=int, help="vocabulary chunk (default: the statistics stage's)")
     parser.add_argument("--profile", action="store_true", help="print the profiler's operator table")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows, chunk = statistics_blocks(device)
+    rows, chunk = args.rows or rows, args.vocab_chunk or chunk
+    backends = ["fused", "torch"] if device.type == "cuda" else ["kernels", "fused", "torch"]
     torch.manual_seed(0)
     lenses = [Lens(weight_vd=torch.randn(args.vocab, args.hidden, device=device).to(getattr(torch, args.dtype)),
                    norm=torch.nn.Identity()) for _ in range(2)]
@@ -46,12 +51,14 @@ def main() -> None:
             for start in range(0, args.vocab, chunk):
                 lens.logits(h_nd, start, start + chunk)
 
-    def statistics() -> None:
-        lens_statistics(h, by_pass, MODEL_PAIRS, 20, [], chunk)
+    def statistics(backend: str = "auto") -> None:
+        lens_statistics(h, by_pass, MODEL_PAIRS, 20, [], chunk, backend=backend)
 
     times: dict[str, float] = {}
-    products(), statistics()  # warm-up
-    for name, run in (("products", products), ("statistics", statistics)):
+    runs = [("products", products)] + [(f"statistics {b}", lambda b=b: statistics(b)) for b in backends]
+    for _, run in runs:  # warm-up (and the fused path's compilation)
+        run()
+    for name, run in runs:
         best = []
         for _ in range(3):
             with timed(times, name):
@@ -60,7 +67,8 @@ def main() -> None:
         times[name] = min(best)
     print(json.dumps({"machine": machine(), "rows": rows, "vocab_chunk": chunk,
                       "seconds": {k: round(v, 4) for k, v in times.items()},
-                      "statistics_over_products": round(times["statistics"] / times["products"], 2)}))
+                      "statistics_over_products": {b: round(times[f"statistics {b}"] / times["products"], 2)
+                                                   for b in backends}}))
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 

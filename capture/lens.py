@@ -14,8 +14,9 @@ use an online (streaming) log-sum-exp over vocabulary chunks, so memory is bound
 by ``rows x vocab_chunk`` and no vocabulary-sized tensor is ever materialised per
 position. Entropy is accumulated relative to the running maximum, so that a peaked
 distribution does not lose its entropy to cancellation. On the CPU the per-chunk
-work after the products runs in the numba kernels of ``capture.kernels``; elsewhere
-(CUDA) in plain torch; tests hold both to the same numbers.
+work after the products runs in the numba kernels of ``capture.kernels``; on CUDA in
+compiled, fused torch reductions (``capture.lens_fused``), or in plain torch where no
+compiler is available; tests hold all three to the same numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capture.transfer import to_device
 from store.schema import NORM_KINDS, norm_formula
 
 DEFAULT_VOCAB_CHUNK = 8192
@@ -145,7 +147,10 @@ class _TopK:
     ids_nk: torch.Tensor | None = None
 
     def update(self, chunk_nv: torch.Tensor, start: int) -> None:
-        vals, idx = _chunk_topk(chunk_nv, min(self.k, chunk_nv.shape[1]), self.largest)
+        self.merge(*_chunk_topk(chunk_nv, min(self.k, chunk_nv.shape[1]), self.largest), start)
+
+    def merge(self, vals: torch.Tensor, idx: torch.Tensor, start: int) -> None:
+        """Fold a chunk's own top-k (values, ids within the chunk, which starts at ``start``) in."""
         idx = idx + start
         if self.values_nk is not None:
             vals, order = torch.cat([self.values_nk, vals], dim=1).topk(self.k, dim=1, largest=self.largest)
@@ -172,14 +177,19 @@ class _Softmax:
         Returns the factor that rescales sums taken relative to the old maximum.
         """
         new_max = torch.maximum(self.max_pn, z_pnv.amax(dim=2))
+        rescale = self.move_max(new_max)
+        if e_pnv is not None:
+            torch.sub(z_pnv, new_max[:, :, None], out=e_pnv).exp_()
+        return rescale
+
+    def move_max(self, new_max: torch.Tensor) -> torch.Tensor:
+        """Make ``new_max`` (at least the current maximum) the reference; the factor that rescales old sums."""
         shift = (self.max_pn - new_max).double()
         rescale = torch.exp(shift)
         # Re-reference the old sums to the new max: sum e'(z - new) = r * (sum e(z - old) + sum e * shift).
         self.zsum_pn = torch.where(self.sum_pn > 0, rescale * (self.zsum_pn + self.sum_pn * shift), 0.0)
         self.sum_pn = self.sum_pn * rescale
         self.max_pn = new_max
-        if e_pnv is not None:
-            torch.sub(z_pnv, new_max[:, :, None], out=e_pnv).exp_()
         return rescale
 
     def add_chunk(self, chunk_sum_pn: torch.Tensor, chunk_zsum_pn: torch.Tensor) -> None:
@@ -222,22 +232,27 @@ def lens_statistics(
     logit rises (right - left) and falls per pair, for rows ``h_by_pass[p]`` (n x d each).
 
     The inputs are the states the lens reads (already normed for the ``norm`` lens).
-    ``backend``: ``kernels`` (fused numba kernels, CPU only), ``torch``, or ``auto``
-    (kernels on the CPU, torch elsewhere). Both give the same numbers.
+    ``backend``: ``kernels`` (fused numba kernels, CPU only), ``fused`` (compiled torch
+    reductions, ``capture.lens_fused``), ``torch`` (one torch op at a time), or ``auto``
+    (kernels on the CPU, fused on CUDA where Triton is installed, else torch). All give
+    the same numbers.
     """
     n, device = h_by_pass[0].shape[0], h_by_pass[0].device
     vocab = lens_by_pass[0].vocab
     if any(lens.vocab != vocab for lens in lens_by_pass):
         raise ValueError("all unembeddings must have the same vocabulary size")
     if backend == "auto":
-        backend = "kernels" if device.type == "cpu" else "torch"
+        backend = "kernels" if device.type == "cpu" else "fused" if _fused_available(device) else "torch"
     k = min(top_k, vocab)
     soft = _Softmax.empty(len(h_by_pass), n, device)
-    run = _chunks_with_kernels if backend == "kernels" else _chunks_with_torch
+    if backend == "fused":
+        from capture.lens_fused import chunks_fused as run
+    else:
+        run = _chunks_with_kernels if backend == "kernels" else _chunks_with_torch
     kl_num, tops, rises, falls = run(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk)
     lse = soft.lse()
     kl = [kl_num[q] / soft.sum_pn[r] - lse[r] + lse[lft] for q, (lft, r) in enumerate(pairs)]
-    ids_j = torch.as_tensor(tracked_ids, dtype=torch.long, device=device)
+    ids_j = to_device(torch.as_tensor(tracked_ids, dtype=torch.long), device)  # no wait for the GPU
     return LensStats(
         entropy_pn=soft.entropy().float(),
         lse_pn=lse.float(),
@@ -247,6 +262,12 @@ def lens_statistics(
         kl_qn=torch.stack(kl).clamp(min=0).float() if pairs else torch.empty(0, n, device=device),
         rise_id_qnk=rises[1], rise_shift_qnk=rises[0], fall_id_qnk=falls[1], fall_shift_qnk=falls[0],
     )
+
+
+def _fused_available(device: torch.device) -> bool:
+    from capture.lens_fused import available
+
+    return available(device)
 
 
 def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
@@ -281,40 +302,71 @@ def _chunks_with_kernels(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_c
     return list(kl_num), top, rise, fall
 
 
+@dataclass
+class ChunkState:
+    """What the torch paths carry from one vocabulary chunk to the next, for n positions."""
+
+    pairs: list[tuple[int, int]]
+    k: int
+    soft: _Softmax
+    tops: list[_TopK]
+    rises: list[_TopK]
+    falls: list[_TopK]
+    kl_num: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, n_pass: int, pairs: list[tuple[int, int]], k: int, soft: _Softmax) -> ChunkState:
+        n, device = soft.max_pn.shape[1], soft.max_pn.device
+        return cls(pairs, k, soft, [_TopK(k) for _ in range(n_pass)], [_TopK(k) for _ in pairs],
+                   [_TopK(k, largest=False) for _ in pairs],
+                   [torch.zeros(n, device=device, dtype=torch.float64) for _ in pairs])
+
+    def add_chunk(self, z_pnv: torch.Tensor, start: int) -> None:
+        """Fold the logits of vocabulary entries ``start:start + width`` in, with plain torch ops."""
+        k = self.k
+        if k:
+            for p, top in enumerate(self.tops):
+                top.update(z_pnv[p], start)
+        e_pnv = torch.empty_like(z_pnv)
+        rescale_pn = self.soft.begin_chunk(z_pnv, e_pnv)
+        tmp_nv = torch.empty_like(z_pnv[0])
+        self.soft.add_chunk(
+            torch.stack([_rowsum64(e) for e in e_pnv]),
+            torch.stack([_rowsum64(torch.sub(z, m[:, None], out=tmp_nv).mul_(e))
+                         for z, m, e in zip(z_pnv, self.soft.max_pn, e_pnv, strict=True)]),
+        )
+        for q, (left, right) in enumerate(self.pairs):
+            shift_nv = torch.sub(z_pnv[right], z_pnv[left], out=tmp_nv)
+            if k:
+                self.rises[q].update(shift_nv, start)
+                self.falls[q].update(shift_nv, start)
+            self.kl_num[q] = self.kl_num[q] * rescale_pn[right] + _rowsum64(shift_nv.mul_(e_pnv[right]))
+
+    def results(self):
+        """(kl numerators, (top values, ids), (rises), (falls)) as :func:`lens_statistics` takes them."""
+        n, device = self.soft.max_pn.shape[1], self.soft.max_pn.device
+
+        def stack(items: list[_TopK], lead: int):
+            if not items or not self.k:
+                return (torch.empty(lead, n, self.k, device=device),
+                        torch.empty(lead, n, self.k, dtype=torch.long, device=device))
+            return torch.stack([t.values_nk for t in items]), torch.stack([t.ids_nk for t in items])
+
+        return (self.kl_num, stack(self.tops, len(self.tops)), stack(self.rises, len(self.pairs)),
+                stack(self.falls, len(self.pairs)))
+
+
 def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
-    """Device-agnostic path (GPU): plain torch ops."""
+    """Device-agnostic path: plain torch ops."""
     n, device = h_by_pass[0].shape[0], h_by_pass[0].device
-    tops = [_TopK(k) for _ in h_by_pass]
-    rises, falls = [_TopK(k) for _ in pairs], [_TopK(k, largest=False) for _ in pairs]
-    kl_num = [torch.zeros(n, device=device, dtype=torch.float64) for _ in pairs]
+    state = ChunkState.empty(len(h_by_pass), pairs, k, soft)
     for start in range(0, vocab, vocab_chunk):
         stop = min(start + vocab_chunk, vocab)
         z_pnv = torch.empty(len(h_by_pass), n, stop - start, device=device)
         for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
             lens.logits(h, start, stop, out=z_pnv[p])
-            if k:
-                tops[p].update(z_pnv[p], start)
-        e_pnv = torch.empty_like(z_pnv)
-        rescale_pn = soft.begin_chunk(z_pnv, e_pnv)
-        tmp_nv = torch.empty_like(z_pnv[0])
-        soft.add_chunk(
-            torch.stack([_rowsum64(e) for e in e_pnv]),
-            torch.stack([_rowsum64(torch.sub(z, m[:, None], out=tmp_nv).mul_(e))
-                         for z, m, e in zip(z_pnv, soft.max_pn, e_pnv, strict=True)]),
-        )
-        for q, (left, right) in enumerate(pairs):
-            shift_nv = torch.sub(z_pnv[right], z_pnv[left], out=tmp_nv)
-            if k:
-                rises[q].update(shift_nv, start)
-                falls[q].update(shift_nv, start)
-            kl_num[q] = kl_num[q] * rescale_pn[right] + _rowsum64(shift_nv.mul_(e_pnv[right]))
-
-    def stack(items: list[_TopK], lead: int):
-        if not items or not k:
-            return torch.empty(lead, n, k, device=device), torch.empty(lead, n, k, dtype=torch.long, device=device)
-        return torch.stack([t.values_nk for t in items]), torch.stack([t.ids_nk for t in items])
-
-    return kl_num, stack(tops, len(h_by_pass)), stack(rises, len(pairs)), stack(falls, len(pairs))
+        state.add_chunk(z_pnv, start)
+    return state.results()
 
 
 def describe_norm(norm: nn.Module) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from capture.lens import Lens, lens_statistics
+from capture.transfer import DeviceToHost, to_device
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter, fault_point
 
@@ -65,15 +66,27 @@ def _group_statistics(
     # would cost nearly as much as a full one.
     n_rows = h_pnd.shape[1]
     block = -(-n_rows // max(1, -(-n_rows // block_rows)))
+    real_rows = np.flatnonzero(real_n)
+    copies, pending = DeviceToHost(device), None
+
+    def place(lens_i: int, rows: np.ndarray, copy) -> None:
+        for (name, *_), values in zip(fields, copy.wait(), strict=True):
+            out[name][:, lens_i, rows] = values
+
+    # Each block's results are copied behind the computation of the next (see capture.transfer).
     for lens_i, lens_name in enumerate(LENS_NAMES):
         for start in range(0, n_rows, block):
-            rows = np.flatnonzero(real_n)[start:start + block]
-            h_by_pass = [h_pnd[p, start:start + block].to(device) for p in range(n_pass)]
+            h_by_pass = [to_device(h_pnd[p, start:start + block], device) for p in range(n_pass)]
             if lens_name == "norm":
                 h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
             stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
-            for name, field, *_ in fields:
-                out[name][:, lens_i, rows] = getattr(stats, field).cpu().numpy()
+            copy = copies.start(*(getattr(stats, field) for _, field, *_ in fields))
+            launched = (lens_i, real_rows[start:start + block], copy)
+            if pending is not None:
+                place(*pending)
+            pending = launched
+    if pending is not None:
+        place(*pending)
     return {name: values.reshape(*values.shape[:2], *mask_glt.shape, *values.shape[3:])
             for name, values in out.items()}
 

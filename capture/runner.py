@@ -24,6 +24,7 @@ from capture.hooks import ResidualRecorder
 from capture.models import decoder, decoder_layers
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
+from capture.transfer import DeviceToHost, HostCopy, to_device
 from store.errors import NonFiniteActivation
 
 
@@ -72,14 +73,12 @@ def forward_residuals(
     return resid_bltd, out.last_hidden_state.to(out_dtype)
 
 
-def _check_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor, pass_name: str, prompts: list[int]) -> None:
-    """Raise on the first non-finite value at a real position of the batch (one reduction when all is well)."""
-    bad_bltd = ~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]
-    if not bool(bad_bltd.any()):
-        return
-    row, layer, token, dim = (int(i) for i in bad_bltd.nonzero()[0])
-    raise NonFiniteActivation(pass_=pass_name, prompt=prompts[row], layer=layer, token=token,
-                              value=float(resid_bltd[row, layer, token, dim]))
+def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(found, value) of the first non-finite value at a real position, in C order, as tensors on the
+    device: one reduction, and nothing waits for the device. ``found`` is (any, flat index)."""
+    bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1)
+    any_, index = bad_n.max(0)
+    return torch.stack([any_.long(), index]), resid_bltd.view(-1).index_select(0, index.view(1))
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +127,60 @@ class StoredWindow:
         return [b - a for a, b in zip(self.start, self.stop, strict=True)]
 
 
+@dataclass
+class _Launched:
+    """A compute batch whose forward is queued and whose results are being copied to the host."""
+
+    pass_index: int
+    pass_name: str
+    group: slice
+    batch: slice
+    last: bool  # the group's last batch
+    shape_bltd: tuple[int, ...]
+    copy: HostCopy  # resid, final, found, value
+
+
+class _GroupFilling:
+    """Write groups filled from finished batches, in the order the batches were launched."""
+
+    def __init__(self, prompts: TokenizedPrompts, window: StoredWindow, token_extent: Callable[[slice], int],
+                 np_dtype: np.dtype) -> None:
+        self.prompts, self.window, self.token_extent, self.np_dtype = prompts, window, token_extent, np_dtype
+        self.simple = not any(window.start)  # every window starts at the first token: one slice per batch
+        self.stored_lengths = window.lengths  # a list built once, not per batch
+        self.open: dict[tuple[int, int], CapturedGroup] = {}
+
+    def place(self, launched: _Launched) -> CapturedGroup | None:
+        """Wait for ``launched``'s copy and place it in its group; the group once its last batch is placed."""
+        resid_host, final_host, found, value = launched.copy.wait()
+        batch, group = launched.batch, launched.group
+        if found[0]:
+            row, layer, token, _ = np.unravel_index(int(found[1]), launched.shape_bltd)
+            raise NonFiniteActivation(pass_=launched.pass_name, prompt=self.prompts.label(batch.start + int(row)),
+                                      layer=self.window.layers[layer], token=int(token), value=float(value[0]))
+        key = (launched.pass_index, group.start)
+        if key not in self.open:  # allocated at its first batch's placement: after the previous group was handed on
+            size, extent = group.stop - group.start, self.token_extent(group)
+            hidden = resid_host.shape[-1]
+            self.open[key] = CapturedGroup(
+                launched.pass_index, group, np.full((size, len(self.window.layers), extent, hidden), np.nan,
+                                                    dtype=self.np_dtype),
+                np.full((size, extent, hidden), np.nan, dtype=self.np_dtype), 0)
+        filling = self.open[key]
+        at = batch.start - group.start
+        if self.simple:
+            width = resid_host.shape[2]
+            filling.resid_gltd[at:at + len(resid_host), :, :width] = resid_host
+            filling.final_gtd[at:at + len(resid_host), :width] = final_host
+        else:  # --positions last:N: each prompt's own window
+            for row in range(len(resid_host)):
+                a, b = self.window.start[batch.start + row], self.window.stop[batch.start + row]
+                filling.resid_gltd[at + row, :, : b - a] = resid_host[row, :, a:b]
+                filling.final_gtd[at + row, : b - a] = final_host[row, a:b]
+        filling.n_real_tokens += sum(self.stored_lengths[batch])
+        return self.open.pop(key) if launched.last else None
+
+
 def run_passes(
     model: nn.Module,
     passes: list[tuple[int, Pass]],
@@ -146,43 +199,38 @@ def run_passes(
     """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
 
     ``prompts.ids`` are what each forward sees (in store order); ``window`` what of it is
-    stored; ``token_extent(group)`` the token positions the group's buffer covers.
+    stored; ``token_extent(group)`` the token positions the group's buffer covers. Each
+    batch is placed in its group after the next batch is launched, so that on CUDA the
+    device computes one batch while the last is copied (``capture.transfer``).
     """
-    np_dtype = torch.empty(0, dtype=out_dtype).numpy().dtype
-    lengths, stored_lengths = prompts.lengths, window.lengths  # lists built once, not per batch
-    simple = not any(window.start)  # every window starts at the first token: one slice per batch
+    filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
+    copies = DeviceToHost(_device_of(model.get_input_embeddings()))
+    lengths = prompts.lengths  # a list built once, not per batch
+    previous: _Launched | None = None
     for pass_index, spec in passes:
         for group in groups:
             if skip(pass_index, group):
                 continue
-            size, extent = group.stop - group.start, token_extent(group)
-            hidden = embeddings[spec.embedding].weight.shape[-1]
-            resid_gltd = np.full((size, len(window.layers), extent, hidden), np.nan, dtype=np_dtype)
-            final_gtd = np.full((size, extent, hidden), np.nan, dtype=np_dtype)
-            n_real = 0
-            for batch in compute_batches(lengths, group, batch_size, batch_tokens):
-                rows = list(range(batch.start, batch.stop))
-                ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in rows], pad_id)
+            batches = compute_batches(lengths, group, batch_size, batch_tokens)
+            for number, batch in enumerate(batches):
+                ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
+                ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
                 resid_bltd, final_btd = forward_residuals(model, embeddings[spec.embedding], ids_bt, mask_bt,
                                                           out_dtype, window.layers)
-                real_bt = mask_bt.to(resid_bltd.device).bool()
-                _check_finite(resid_bltd, real_bt, spec.name, [prompts.label(i) for i in rows])
+                real_bt = mask_bt.bool()
                 with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
+                    found, value = _first_non_finite(resid_bltd, real_bt)
                     resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
                     final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
-                at = slice(batch.start - group.start, batch.stop - group.start)
-                if simple:
-                    width = min(resid_bltd.shape[2], extent)
-                    resid_gltd[at, :, :width] = resid_bltd[:, :, :width].cpu().numpy()
-                    final_gtd[at, :width] = final_btd[:, :width].cpu().numpy()
-                else:  # --positions last:N: each prompt's own window
-                    resid_host, final_host = resid_bltd.cpu().numpy(), final_btd.cpu().numpy()
-                    for row, prompt in enumerate(rows):
-                        a, b = window.start[prompt], window.stop[prompt]
-                        resid_gltd[at.start + row, :, : b - a] = resid_host[row, :, a:b]
-                        final_gtd[at.start + row, : b - a] = final_host[row, a:b]
-                n_real += sum(stored_lengths[batch])
-            yield CapturedGroup(pass_index, group, resid_gltd, final_gtd, n_real)
+                width = min(resid_bltd.shape[2], token_extent(group)) if filling.simple else resid_bltd.shape[2]
+                copy = copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
+                launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1,
+                                     tuple(resid_bltd.shape), copy)
+                if previous is not None and (done := filling.place(previous)) is not None:
+                    yield done
+                previous = launched
+    if previous is not None and (done := filling.place(previous)) is not None:
+        yield done
 
 
 class Throughput:

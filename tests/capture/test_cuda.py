@@ -51,3 +51,23 @@ def test_plan_predicts_cuda_peak(make_model, tmp_path):
     measured = torch.cuda.max_memory_allocated() - start
     predicted = plan.peak - plan.baseline
     assert 0.8 * measured <= predicted <= 1.2 * measured, (predicted, measured, plan.describe())
+
+
+def test_fused_lens_statistics_on_cuda_match_the_cpu_kernels():
+    from torch import nn
+
+    from capture.lens import Lens, lens_statistics
+    from capture.lens_fused import available
+
+    assert available(torch.device("cuda"))  # auto picks the fused path on CUDA: Triton must be there
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(40000, 64, generator=gen) for _ in range(2)]  # chunks 16384, 16384, 7232 (eager tail)
+    h = [torch.randn(300, 64, generator=gen) * 2 for _ in range(4)]
+    pairs, tracked = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], [5, 39999]
+    on = lambda device: [Lens(w.to(device), nn.Identity()) for w in (weights[0], weights[1], weights[0], weights[1])]  # noqa: E731
+    cpu = lens_statistics(h, on("cpu"), pairs, 10, tracked, vocab_chunk=16384, backend="kernels")
+    gpu = lens_statistics([x.cuda() for x in h], on("cuda"), pairs, 10, tracked, vocab_chunk=16384)
+    for field in ("entropy_pn", "lse_pn", "topk_logit_pnk", "kl_qn", "rise_shift_qnk", "fall_shift_qnk", "tracked_pnj"):
+        torch.testing.assert_close(getattr(gpu, field).cpu(), getattr(cpu, field), rtol=1e-4, atol=5e-4, msg=field)
+    for field in ("topk_id_pnk", "rise_id_qnk", "fall_id_qnk"):
+        assert (getattr(gpu, field).cpu() == getattr(cpu, field)).float().mean() > 0.99, field  # near-ties may swap

@@ -144,3 +144,48 @@ def test_segment_topk_equals_topk(largest):
         want = x[:, :width].topk(20, dim=1, largest=largest)
         got = _chunk_topk(x[:, :width].contiguous(), 20, largest)
         assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices), width
+
+
+def _random_lenses(vocab: int, dim: int, seed: int, count: int = 2):
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    return [Lens(torch.randn(vocab, dim, generator=gen), nn.Identity()) for _ in range(count)], gen
+
+
+@pytest.mark.slow  # compiles the fused reductions once per session (~20 s on the CPU)
+def test_fused_statistics_match_plain_reference():
+    # Chunks of 512 = 4 segments of 128 with top_k 1; the last chunk (1100 - 1024 = 76) takes the eager path.
+    (lens_l, lens_r), gen = _random_lenses(1100, 16, 2)
+    h_l = torch.randn(5, 16, generator=gen) * 2
+    h_r = h_l + 0.7 * torch.randn(5, 16, generator=gen)
+    stats = lens_statistics([h_l, h_r], [lens_l, lens_r], [(0, 1)], top_k=1, tracked_ids=[4], vocab_chunk=512,
+                            backend="fused")
+    for n in range(h_l.shape[0]):
+        ref = ref_position(h_l[n], h_r[n], lens_l.weight_vd, lens_r.weight_vd, 1, [4])
+        assert _close(float(stats.entropy_pn[0, n]), ref["entropy_l"])
+        assert _close(float(stats.entropy_pn[1, n]), ref["entropy_r"])
+        assert _close(float(stats.kl_qn[0, n]), ref["kl"], abs_=1e-6)
+        assert stats.rise_id_qnk[0, n].tolist() == ref["rise"] and stats.fall_id_qnk[0, n].tolist() == ref["fall"]
+        assert stats.topk_id_pnk[0, n].tolist() == ref["top_l"]
+        assert _close(float(stats.rise_shift_qnk[0, n, 0]), ref["rise_val"][0], abs_=1e-5)
+        assert _close(float(stats.topk_logit_pnk[0, n, 0]), ref["top_l_val"][0], abs_=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocab_chunk", [4096, 2048])  # 2048: too narrow for 7 of 16 segments, so eager
+def test_fused_backend_agrees_with_the_kernels(vocab_chunk):
+    from capture.lens_fused import fits
+
+    lenses, gen = _random_lenses(9000, 24, 1)  # chunks 4096, 4096 and 808 (eager)
+    h = [torch.randn(33, 24, generator=gen) * 3 for _ in range(3)]
+    args = (h, [lenses[0], lenses[1], lenses[0]], [(0, 1), (0, 2), (1, 2)], 7, [3, 8999])
+    assert fits(4096, 7) and not fits(2048, 7) and not fits(808, 7)
+    a = lens_statistics(*args, vocab_chunk=vocab_chunk, backend="kernels")
+    b = lens_statistics(*args, vocab_chunk=vocab_chunk, backend="fused")
+    for field in ("topk_id_pnk", "rise_id_qnk", "fall_id_qnk"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    for field in ("entropy_pn", "lse_pn", "topk_logit_pnk", "kl_qn", "rise_shift_qnk", "fall_shift_qnk", "tracked_pnj"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6, msg=field)
+    same = lens_statistics([h[0], h[0]], [lenses[0], lenses[0]], [(0, 1)], 7, [], vocab_chunk=4096, backend="fused")
+    assert torch.equal(same.kl_qn, torch.zeros_like(same.kl_qn))  # identical passes: exactly no divergence

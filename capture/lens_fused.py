@@ -1,0 +1,125 @@
+"""The lens statistics of a vocabulary chunk in a few fused passes (``torch.compile``), for CUDA.
+
+Axes legend: p = pass, q = pair, n = position, v = vocabulary entry of the chunk,
+s = segment of :data:`SEGMENT` entries, c = entry of a candidate segment, k = top-k rank.
+
+After the lens products, the eager torch path (``ChunkState.add_chunk``) runs one
+kernel per operation and reads or writes the chunk's logits about 11 times per pass
+and 9 per pair, writing ``exp(z - max)`` and every pair's shift as they go; on a GPU
+those passes over memory, not the products, set the statistics' pace (48% of the GPU
+time in the profile of issue 17). Here two compiled functions do all that touches the
+whole chunk: one reads each pass's logits for the segment maxima, the new running
+maximum and both exponential sums; one reads each pair's two passes for the KL
+numerator and the segment extremes of the shift. Neither the exponentials nor the
+shifts are kept. Top-k values are then selected among the entries of the k best
+segments only (as ``capture.lens._chunk_topk`` does), gathered from the logits.
+
+Sums are accumulated in float64, as on the other paths. A chunk whose width is not a
+whole number of segments, or too narrow for segment selection, takes the eager path:
+in real vocabularies that is at most the last chunk. Compiled once per process with
+dynamic shapes (about 20 s, then cached on disk by inductor).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from capture.lens import ChunkState
+from capture.transfer import to_device
+
+SEGMENT = 128  # entries per segment: the same as capture.lens.TOPK_SEGMENT
+
+
+def _pass_reductions(z_pnv: torch.Tensor, max_pn: torch.Tensor):
+    p, n, v = z_pnv.shape
+    seg_max_pns = z_pnv.view(p, n, v // SEGMENT, SEGMENT).amax(-1)
+    new_max_pn = torch.maximum(max_pn, seg_max_pns.amax(-1))
+    x_pnv = z_pnv - new_max_pn[:, :, None]
+    e_pnv = torch.exp(x_pnv)
+    return (new_max_pn, seg_max_pns, e_pnv.to(torch.float64).sum(-1),
+            (e_pnv * x_pnv).to(torch.float64).sum(-1))
+
+
+def _pair_reductions(z_pnv: torch.Tensor, new_max_pn: torch.Tensor, left_q: torch.Tensor, right_q: torch.Tensor):
+    q, (_, n, v) = left_q.shape[0], z_pnv.shape
+    z_right = z_pnv[right_q]
+    shift_qnv = z_right - z_pnv[left_q]
+    e_right = torch.exp(z_right - new_max_pn[right_q][:, :, None])
+    segments = shift_qnv.view(q, n, v // SEGMENT, SEGMENT)
+    return (e_right * shift_qnv).to(torch.float64).sum(-1), segments.amax(-1), segments.amin(-1)
+
+
+@functools.cache
+def compiled() -> tuple:
+    """The two reductions compiled (dynamic shapes: one compilation for every block and chunk size)."""
+    return (torch.compile(_pass_reductions, dynamic=True, fullgraph=True),
+            torch.compile(_pair_reductions, dynamic=True, fullgraph=True))
+
+
+def available(device: torch.device) -> bool:
+    """Whether ``torch.compile`` can build kernels for ``device`` (Triton on CUDA)."""
+    if device.type != "cuda":
+        return True  # inductor's C++ backend: what the tests run
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+def fits(width: int, k: int) -> bool:
+    """Whether a chunk of ``width`` entries takes the fused path (whole segments, room for segment selection)."""
+    return width % SEGMENT == 0 and width >= 4 * max(k, 1) * SEGMENT
+
+
+def _best_segments(values_of, extremes_ns: torch.Tensor, k: int, largest: bool):
+    """(values, ids within the chunk) of the k best entries, looked for in the k best segments only;
+    ``values_of(segments_nk)`` gives those segments' entries, (n, k, SEGMENT)."""
+    n = extremes_ns.shape[0]
+    segments_nk = extremes_ns.topk(k, dim=1, largest=largest).indices
+    values, at = values_of(segments_nk).reshape(n, k * SEGMENT).topk(k, dim=1, largest=largest)
+    return values, segments_nk.gather(1, at // SEGMENT) * SEGMENT + at % SEGMENT
+
+
+def _entries(z_nv: torch.Tensor, segments_nk: torch.Tensor) -> torch.Tensor:
+    n, v = z_nv.shape
+    k = segments_nk.shape[1]
+    return z_nv.view(n, v // SEGMENT, SEGMENT).gather(1, segments_nk[:, :, None].expand(n, k, SEGMENT))
+
+
+def add_chunk(state: ChunkState, z_pnv: torch.Tensor, start: int, pair_index: tuple[torch.Tensor, torch.Tensor]):
+    """Fold a chunk of logits (``fits`` its width) into ``state``, as ``state.add_chunk`` would."""
+    pass_reductions, pair_reductions = compiled()
+    new_max_pn, seg_max_pns, sum_pn, zsum_pn = pass_reductions(z_pnv, state.soft.max_pn)
+    rescale_pn = state.soft.move_max(new_max_pn)
+    state.soft.add_chunk(sum_pn, zsum_pn)
+    k = state.k
+    if k:
+        for p, top in enumerate(state.tops):
+            top.merge(*_best_segments(lambda s, p=p: _entries(z_pnv[p], s), seg_max_pns[p], k, True), start)
+    if not state.pairs:
+        return
+    kl_part_qn, rise_qns, fall_qns = pair_reductions(z_pnv, new_max_pn, *pair_index)
+    for q, (left, right) in enumerate(state.pairs):
+        state.kl_num[q] = state.kl_num[q] * rescale_pn[right] + kl_part_qn[q]
+        if k:
+            shift_of = lambda s, a=left, b=right: _entries(z_pnv[b], s) - _entries(z_pnv[a], s)  # noqa: E731
+            state.rises[q].merge(*_best_segments(shift_of, rise_qns[q], k, True), start)
+            state.falls[q].merge(*_best_segments(shift_of, fall_qns[q], k, False), start)
+
+
+def chunks_fused(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
+    """The chunk loop of :func:`capture.lens.lens_statistics` with the fused chunk statistics."""
+    n, device = h_by_pass[0].shape[0], h_by_pass[0].device
+    state = ChunkState.empty(len(h_by_pass), pairs, k, soft)
+    pair_index = tuple(to_device(torch.tensor([pair[i] for pair in pairs], dtype=torch.long), device) for i in (0, 1))
+    for start in range(0, vocab, vocab_chunk):
+        stop = min(start + vocab_chunk, vocab)
+        z_pnv = torch.empty(len(h_by_pass), n, stop - start, device=device)
+        for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
+            lens.logits(h, start, stop, out=z_pnv[p])
+        if fits(stop - start, k):
+            add_chunk(state, z_pnv, start, pair_index)
+        else:
+            state.add_chunk(z_pnv, start)
+    return state.results()

@@ -1,0 +1,82 @@
+"""run_passes: batches placed into write groups one batch behind their launch, and the non-finite check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capture.passes import Pass
+from capture.prompts import TokenizedPrompts
+from capture.runner import StoredWindow, forward_residuals, run_passes
+from store.errors import NonFiniteActivation
+from tests.helpers import load
+
+# Store order: longest first; labels are source positions.
+IDS = [[5, 9, 13, 2, 7, 11], [3, 4, 8, 6, 1], [10, 12, 14], [15, 16, 17], [18, 19], [20]]
+LABELS = [4, 0, 5, 1, 3, 2]
+PASSES = [(0, Pass("BB", "base", "base", "base")), (2, Pass("SB", "base", "sft", "base"))]
+
+
+def _alone(llm, embedding, seq, layers):
+    resid, final = forward_residuals(llm, embedding, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long),
+                                     keep_layers=layers)
+    return resid[0].numpy(), final[0].numpy()
+
+
+def _run(llm, embeddings, window, groups, **extra):
+    prompts = TokenizedPrompts(texts=[""] * len(IDS), ids=IDS, labels=LABELS)
+    options = dict(batch_size=2, batch_tokens=1000, out_dtype=torch.float32, pad_id=0) | extra
+    extent = lambda g: max(window.lengths[g])  # noqa: E731 - the group's longest stored window
+    return list(run_passes(llm, PASSES, embeddings, prompts, groups, window, token_extent=extent, **options))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+@pytest.mark.parametrize("positions", ["all", "last:2"])
+def test_groups_equal_prompts_run_alone(make_model, batch_size, positions):
+    llm, other = load(make_model("llama", 0)), load(make_model("llama", 1))
+    embeddings = {"base": llm.get_input_embeddings(), "sft": other.get_input_embeddings()}
+    layers = [0, 2]
+    n = [len(i) for i in IDS]
+    start = [0] * len(IDS) if positions == "all" else [max(0, k - 2) for k in n]
+    window = StoredWindow(start=start, stop=n, layers=layers)
+    groups = [slice(0, 2), slice(2, 5), slice(5, 6)]
+    got = _run(llm, embeddings, window, groups, batch_size=batch_size)
+    assert [(g.pass_index, g.prompts) for g in got] == [(p, g) for p, _ in PASSES for g in groups]
+    for captured in got:
+        embedding = embeddings[dict(PASSES)[captured.pass_index].embedding]
+        assert captured.n_real_tokens == sum(b - a for a, b in zip(start[captured.prompts], n[captured.prompts],
+                                                                   strict=True))
+        for row, prompt in enumerate(range(captured.prompts.start, captured.prompts.stop)):
+            resid, final = _alone(llm, embedding, IDS[prompt], layers)
+            a, b = start[prompt], n[prompt]
+            np.testing.assert_allclose(captured.resid_gltd[row, :, : b - a], resid[:, a:b], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(captured.final_gtd[row, : b - a], final[a:b], atol=1e-5, rtol=0)
+            assert np.isnan(captured.resid_gltd[row, :, b - a:]).all()
+            assert np.isnan(captured.final_gtd[row, b - a:]).all()
+
+
+def _with_huge_token(make_model, token: int):
+    llm = load(make_model("llama", 0))
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[token] = 1e9  # finite in float32, inf once stored as float16
+    return llm
+
+
+def test_non_finite_names_the_pass_prompt_true_layer_and_position(make_model):
+    llm = _with_huge_token(make_model, 8)  # IDS[1][2]: store row 1, source prompt 0, position 2
+    embeddings = {"base": llm.get_input_embeddings(), "sft": llm.get_input_embeddings()}
+    n = [len(i) for i in IDS]
+    window = StoredWindow(start=[0] * len(IDS), stop=n, layers=[1, 2])
+    with pytest.raises(NonFiniteActivation, match=r"pass BB, prompt 0, layer 1, position 2 \(inf\)"):
+        _run(llm, embeddings, window, [slice(0, 2), slice(2, 6)], out_dtype=torch.float16)
+
+
+def test_non_finite_padding_is_not_an_error(make_model):
+    llm = _with_huge_token(make_model, 0)  # the pad id: only padding positions overflow
+    embeddings = {"base": llm.get_input_embeddings(), "sft": llm.get_input_embeddings()}
+    n = [len(i) for i in IDS]
+    window = StoredWindow(start=[0] * len(IDS), stop=n, layers=[0, 1])
+    got = _run(llm, embeddings, window, [slice(0, 6)], batch_size=6, out_dtype=torch.float16)
+    assert all(np.isfinite(g.resid_gltd[0]).all() for g in got)  # the longest prompt has no padding
+    assert sum(np.isfinite(g.resid_gltd[:, 0, :, 0]).sum() for g in got) == 2 * sum(n)
