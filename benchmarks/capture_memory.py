@@ -11,6 +11,7 @@ is below the two models' weights together, to show that the capture completes th
 
     python benchmarks/capture_memory.py                          # gpt2-small and qwen0.5b shapes, CPU
     python benchmarks/capture_memory.py --shapes qwen0.5b --cap
+    python benchmarks/capture_memory.py --shapes minitron8b --device cuda --dtype bfloat16 --lens on --max-memory 24GB
     python benchmarks/capture_memory.py child --base B --sft S --store X.zarr   # one measurement
 """
 
@@ -41,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
 
     settings = CaptureSettings(base=args.base, sft=args.sft, prompts=prompt_set(args.prompts), device=args.device,
                                lens=not args.no_lens, batch_size=args.batch_size, store=args.store, overwrite=True,
-                               dtype=args.dtype)
+                               dtype=args.dtype, max_memory=args.max_memory)
     plan = plan_capture(settings, log=lambda msg: None)
     on_cuda = args.device.startswith("cuda")
     if on_cuda:
@@ -53,11 +54,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(base: Path, sft: Path, store: Path, *, lens: bool = True, prompts: str = "dev", device: str = "cpu",
-            batch_size: int = 4, dtype: str = "float32", cgroup: Path | None = None) -> dict:
+            batch_size: int = 4, dtype: str = "float32", cgroup: Path | None = None,
+            max_memory: str | None = None) -> dict:
     """Run :func:`child` in a fresh process (inside ``cgroup`` if given) and return its report."""
     cmd = [sys.executable, __file__, "child", "--base", str(base), "--sft", str(sft), "--store", str(store),
            "--prompts", prompts, "--device", device, "--batch-size", str(batch_size), "--dtype", dtype]
     cmd += [] if lens else ["--no-lens"]
+    cmd += ["--max-memory", max_memory] if max_memory else []
 
     def join_cgroup() -> None:
         if cgroup is not None:
@@ -111,12 +114,14 @@ def main() -> None:
     one.add_argument("--dtype", default="float32")
     one.add_argument("--batch-size", type=int, default=4)
     one.add_argument("--no-lens", action="store_true")
+    one.add_argument("--max-memory")
     parser.add_argument("--shapes", default="gpt2-small,qwen0.5b")
     parser.add_argument("--prompts", default="dev", choices=["dev", "64x100"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models-dir", default=None)
     parser.add_argument("--lens", default="both", choices=["both", "on", "off"], help="captures with statistics or not")
+    parser.add_argument("--max-memory", help="the captures' --max-memory (refused if the plan is over it)")
     parser.add_argument("--cap", action="store_true", help="also run the last shape under a cgroup memory cap")
     parser.add_argument("--cap-fraction", type=float, default=0.75,
                         help="the cap as a fraction of the two models' weights together (default 0.75)")
@@ -138,7 +143,7 @@ def main() -> None:
         model_bytes = fp.params
         for lens in {"both": (False, True), "on": (True,), "off": (False,)}[args.lens]:
             report = measure(base, sft, work / f"{shape}.zarr", lens=lens, prompts=args.prompts, device=args.device,
-                             dtype=args.dtype)
+                             dtype=args.dtype, max_memory=args.max_memory)
             above = report["measured"] - report["baseline"]
             target = one_model_target(report, fp, lens)
             rows.append({"shape": shape, "lens": lens, "model_MiB": model_bytes / 2**20,

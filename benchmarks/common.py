@@ -22,6 +22,11 @@ SHAPES = {
     "qwen1.5b": ("Qwen2Config", dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
                                      num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
                                      tie_word_embeddings=True, max_position_embeddings=4096)),
+    # nvidia/Mistral-NeMo-Minitron-8B-Base's published config (random weights here)
+    "minitron8b": ("MistralConfig", dict(num_hidden_layers=40, hidden_size=4096, num_attention_heads=32,
+                                         num_key_value_heads=8, head_dim=128, intermediate_size=11520,
+                                         vocab_size=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                         rope_theta=1e6, max_position_embeddings=8192)),
 }
 
 

@@ -114,7 +114,8 @@ def write_lens_statistics(
             continue
         # Only the stored part of the group (its longest prompt's token chunks) is read and computed on.
         extent = writer.group_extent(group)
-        resid = np.asarray(root["resid"][:, group, :, :extent], dtype=np.float32)
+        resid = np.asarray(writer.read("resid", (slice(None), group, slice(None), slice(0, extent), slice(None))),
+                           dtype=np.float32)
         mask = _real_mask_glt(n_tokens_p[group], n_layers1, extent)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
                                    vocab_chunk)
