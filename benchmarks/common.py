@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from capture.prompts import DEV_PROMPTS_FILE
@@ -140,3 +141,29 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
+
+
+def plain_write(directory: Path, n_bytes: int, block: int = 64 << 20) -> float:
+    """Seconds to write ``n_bytes`` sequentially to a new file in ``directory`` and fsync it."""
+    data = np.random.default_rng(0).integers(0, 255, min(block, n_bytes), dtype=np.uint8).tobytes()
+    path = directory / "plain.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        left = n_bytes
+        while left > 0:
+            f.write(data[:left] if left < len(data) else data)
+            left -= len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def stored_real_bytes(store) -> int:
+    """Bytes of the real-token residuals a capture store holds, before compression (resid and final, every pass)."""
+    from store.reader import open_store
+
+    ds = open_store(store)
+    per_token = ds.sizes["pass_"] * (ds.sizes["layer"] + 1) * ds.sizes["dim"] * ds.resid.dtype.itemsize
+    return int(ds.n_tokens.sum()) * per_token

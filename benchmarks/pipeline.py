@@ -18,11 +18,9 @@ cProfile and the top functions by cumulative time are printed.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import emit_report, machine, timed  # noqa: E402
+from benchmarks.common import emit_report, machine, plain_write, timed  # noqa: E402
 from benchmarks.ragged import bare_forwards, docstrings  # noqa: E402
 from capture.job import run_capture  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
@@ -44,23 +42,6 @@ def real_texts(tokenizer, n: int, max_tokens: int) -> list[str]:
     pieces = sorted({p.strip() for p in pieces} - {""})
     fits = [p for p in pieces if len(tokenizer(p, add_special_tokens=False)["input_ids"]) < max_tokens - 8]
     return [fits[i % len(fits)] + (f" ({i // len(fits)})" if i >= len(fits) else "") for i in range(n)]
-
-
-def plain_write(directory: Path, n_bytes: int, block: int = 64 << 20) -> float:
-    """Seconds to write ``n_bytes`` sequentially to a new file in ``directory`` and fsync it."""
-    data = np.random.default_rng(0).integers(0, 255, min(block, n_bytes), dtype=np.uint8).tobytes()
-    path = directory / "plain.bin"
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        left = n_bytes
-        while left > 0:
-            f.write(data[:left] if left < len(data) else data)
-            left -= len(data)
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return seconds
 
 
 def main() -> None:
