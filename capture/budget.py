@@ -119,7 +119,8 @@ def forward_activations(model: ModelFootprint, batch: int, n_tokens: int, out_it
     captured = batch * ((kept_layers or model.n_layers + 1) + 1) * n_tokens * model.hidden * out_itemsize
     block = batch * n_tokens * (3 * model.ffn + 4 * model.hidden) * model_itemsize
     scores = batch * model.n_heads * n_tokens * n_tokens * 4
-    host_copy = captured if not on_cpu else 0  # copied to the host before the write
+    # On CUDA the last batch's residuals stay alive until their copy to the host is done (capture.transfer).
+    host_copy = captured if not on_cpu else 0
     return captured + block + scores + host_copy
 
 

@@ -13,6 +13,7 @@ from the attention mask so GPT-2's learned positions stay correct too.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -199,19 +200,21 @@ def run_passes(
     """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
 
     ``prompts.ids`` are what each forward sees (in store order); ``window`` what of it is
-    stored; ``token_extent(group)`` the token positions the group's buffer covers. Each
-    batch is placed in its group after the next batch is launched, so that on CUDA the
-    device computes one batch while the last is copied (``capture.transfer``).
+    stored; ``token_extent(group)`` the token positions the group's buffer covers. On CUDA
+    each batch is placed in its group after the next batch is launched, so that the device
+    computes one batch while the last is copied (``capture.transfer``); on the CPU at once,
+    so that no batch outlives its placement.
     """
     filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
     copies = DeviceToHost(_device_of(model.get_input_embeddings()))
     lengths = prompts.lengths  # a list built once, not per batch
-    previous: _Launched | None = None
+    pending: deque[_Launched] = deque()
     for pass_index, spec in passes:
         for group in groups:
             if skip(pass_index, group):
                 continue
             batches = compute_batches(lengths, group, batch_size, batch_tokens)
+            extent = token_extent(group)
             for number, batch in enumerate(batches):
                 ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
                 ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
@@ -222,15 +225,17 @@ def run_passes(
                     found, value = _first_non_finite(resid_bltd, real_bt)
                     resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
                     final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
-                width = min(resid_bltd.shape[2], token_extent(group)) if filling.simple else resid_bltd.shape[2]
+                width = min(resid_bltd.shape[2], extent) if filling.simple else resid_bltd.shape[2]
                 copy = copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
-                launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1,
-                                     tuple(resid_bltd.shape), copy)
-                if previous is not None and (done := filling.place(previous)) is not None:
-                    yield done
-                previous = launched
-    if previous is not None and (done := filling.place(previous)) is not None:
-        yield done
+                pending.append(_Launched(pass_index, spec.name, group, batch, number == len(batches) - 1,
+                                         tuple(resid_bltd.shape), copy))
+                del resid_bltd, final_btd, found, value, copy  # only the copy in flight keeps them alive
+                while len(pending) > copies.in_flight:
+                    if (done := filling.place(pending.popleft())) is not None:
+                        yield done
+    while pending:
+        if (done := filling.place(pending.popleft())) is not None:
+            yield done
 
 
 class Throughput:

@@ -42,6 +42,9 @@ class DeviceToHost:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Copies worth leaving in flight while the next batch is launched: one on CUDA (double buffering);
+        # none elsewhere, where a copy is done when started and keeping it would only hold its memory longer.
+        self.in_flight = 1 if self._stream is not None else 0
 
     def start(self, *tensors: torch.Tensor) -> HostCopy:
         """Copy ``tensors`` (views are fine) to the host, once the work queued so far has made them.

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from capture import runner
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
 from capture.runner import StoredWindow, forward_residuals, run_passes
+from capture.transfer import DeviceToHost
 from store.errors import NonFiniteActivation
 from tests.helpers import load
 
@@ -31,9 +33,20 @@ def _run(llm, embeddings, window, groups, **extra):
     return list(run_passes(llm, PASSES, embeddings, prompts, groups, window, token_extent=extent, **options))
 
 
+class _OneBehind(DeviceToHost):
+    """The CUDA schedule on the CPU: each batch placed only after the next one is launched."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.in_flight = 1
+
+
+@pytest.mark.parametrize("schedule", ["cpu", "one behind"])
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 @pytest.mark.parametrize("positions", ["all", "last:2"])
-def test_groups_equal_prompts_run_alone(make_model, batch_size, positions):
+def test_groups_equal_prompts_run_alone(make_model, batch_size, positions, schedule, monkeypatch):
+    if schedule == "one behind":
+        monkeypatch.setattr(runner, "DeviceToHost", _OneBehind)
     llm, other = load(make_model("llama", 0)), load(make_model("llama", 1))
     embeddings = {"base": llm.get_input_embeddings(), "sft": other.get_input_embeddings()}
     layers = [0, 2]
