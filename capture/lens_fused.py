@@ -17,14 +17,17 @@ segments only (as ``capture.lens._chunk_topk`` does), gathered from the logits.
 Sums are accumulated in float64, as on the other paths. A chunk whose width is not a
 whole number of segments, or too narrow for segment selection, takes the eager path:
 in real vocabularies that is at most the last chunk. Compiled once per process with
-dynamic shapes (about 20 s, then cached on disk by inductor).
+dynamic shapes (about 20 s, then cached on disk by inductor); if compilation fails, a
+warning says why and the rest of the run takes the eager path.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+import torch._dynamo.exc
 
 from capture.lens import ChunkState
 from capture.transfer import to_device
@@ -58,13 +61,29 @@ def compiled() -> tuple:
             torch.compile(_pair_reductions, dynamic=True, fullgraph=True))
 
 
+_BROKEN: list[str] = []  # set when compilation failed in this process: the eager path from then on
+
+
 def available(device: torch.device) -> bool:
-    """Whether ``torch.compile`` can build kernels for ``device`` (Triton on CUDA)."""
+    """Whether ``torch.compile`` can build kernels for ``device`` (Triton on CUDA) and has not failed here."""
+    if _BROKEN:
+        return False
     if device.type != "cuda":
         return True  # inductor's C++ backend: what the tests run
-    from torch.utils._triton import has_triton
-
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
     return has_triton()
+
+
+def _failed(error: Exception) -> None:
+    """Compilation failed: say so once and take the eager path (same numbers, slower) for the rest of the run."""
+    cause = getattr(error, "inner_exception", None) or error  # what the compiler raised, not dynamo's wrapper
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    _BROKEN.append(first_line)
+    warnings.warn(f"the fused lens statistics could not be compiled ({type(cause).__name__}: {first_line}); "
+                  "using the eager torch path (same numbers, slower)", stacklevel=3)
 
 
 def fits(width: int, k: int) -> bool:
@@ -91,15 +110,15 @@ def add_chunk(state: ChunkState, z_pnv: torch.Tensor, start: int, pair_index: tu
     """Fold a chunk of logits (``fits`` its width) into ``state``, as ``state.add_chunk`` would."""
     pass_reductions, pair_reductions = compiled()
     new_max_pn, seg_max_pns, sum_pn, zsum_pn = pass_reductions(z_pnv, state.soft.max_pn)
+    if state.pairs:
+        kl_part_qn, rise_qns, fall_qns = pair_reductions(z_pnv, new_max_pn, *pair_index)
+    # ``state`` changes only from here on, so a compilation that fails above leaves it as it was.
     rescale_pn = state.soft.move_max(new_max_pn)
     state.soft.add_chunk(sum_pn, zsum_pn)
     k = state.k
     if k:
         for p, top in enumerate(state.tops):
             top.merge(*_best_segments(lambda s, p=p: _entries(z_pnv[p], s), seg_max_pns[p], k, True), start)
-    if not state.pairs:
-        return
-    kl_part_qn, rise_qns, fall_qns = pair_reductions(z_pnv, new_max_pn, *pair_index)
     for q, (left, right) in enumerate(state.pairs):
         state.kl_num[q] = state.kl_num[q] * rescale_pn[right] + kl_part_qn[q]
         if k:
@@ -118,8 +137,11 @@ def chunks_fused(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
         z_pnv = torch.empty(len(h_by_pass), n, stop - start, device=device)
         for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
             lens.logits(h, start, stop, out=z_pnv[p])
-        if fits(stop - start, k):
-            add_chunk(state, z_pnv, start, pair_index)
-        else:
-            state.add_chunk(z_pnv, start)
+        if fits(stop - start, k) and not _BROKEN:
+            try:
+                add_chunk(state, z_pnv, start, pair_index)
+                continue
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # raised before ``state`` changes
+                _failed(error)
+        state.add_chunk(z_pnv, start)
     return state.results()

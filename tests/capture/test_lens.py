@@ -181,3 +181,23 @@ def test_fused_path_choice_and_identical_passes():
     h = torch.randn(33, 24, generator=gen) * 3
     same = lens_statistics([h, h], [lenses[0], lenses[0]], [(0, 1)], 7, [], vocab_chunk=4096, backend="fused")
     assert torch.equal(same.kl_qn, torch.zeros_like(same.kl_qn))  # identical passes: exactly no divergence
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
+    from capture import lens_fused
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(lens_fused, "_BROKEN", [])
+    monkeypatch.setattr(lens_fused, "compiled", lambda: tuple(
+        torch.compile(f, backend=no_compiler) for f in (lens_fused._pass_reductions, lens_fused._pair_reductions)))
+    lenses, gen = _random_lenses(9000, 24, 1)
+    h = [torch.randn(33, 24, generator=gen) * 3 for _ in range(2)]
+    args = (h, lenses, [(0, 1)], 7, [3])
+    with pytest.warns(UserWarning, match="could not be compiled .*no C\\+\\+ compiler here.*eager"):
+        got = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    want = lens_statistics(*args, vocab_chunk=4096, backend="kernels")
+    assert torch.equal(got.topk_id_pnk, want.topk_id_pnk) and torch.equal(got.rise_id_qnk, want.rise_id_qnk)
+    torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
+    assert not lens_fused.available(torch.device("cpu"))  # the rest of the run stays eager
