@@ -77,8 +77,8 @@ def forward_residuals(
 def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found, value) of the first non-finite value at a real position, in C order, as tensors on the
     device: one reduction, and nothing waits for the device. ``found`` is (any, flat index)."""
-    bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1)
-    any_, index = bad_n.max(0)
+    bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1).view(torch.uint8)  # no copy
+    any_, index = bad_n.max(0)  # the first maximum: the first bad value in C order
     return torch.stack([any_.long(), index]), resid_bltd.view(-1).index_select(0, index.view(1))
 
 
