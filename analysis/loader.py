@@ -38,7 +38,8 @@ import numpy as np
 import xarray as xr
 
 from store.errors import UsageError
-from store.location import StorePath, zarr_store
+from store.location import StorePath
+from store.reader import ArrayRegions
 from store.units import format_bytes, parse_size
 
 NORM_SAMPLE_ROWS = 8192  # rows the normalisation factors are estimated from
@@ -72,6 +73,7 @@ class Selection:
     units: list[Unit]
     labels_p: np.ndarray  # store row -> prompt label (source position)
     chunk_bytes: int  # bytes of one unit read (all passes)
+    layer_chunk: int = 1  # the store's layer chunk: a unit reads whole chunks
     excluded_massive: int = 0
     scales: np.ndarray | None = field(default=None)  # (n_layers, n_passes) multipliers
 
@@ -170,21 +172,25 @@ def select(store: StorePath, layer, passes=None, pair=None, positions="all", inc
                      pass_names=chosen, layer_index=[stored.index(x) for x in layers],
                      layer_axis=not isinstance(layer, (int, np.integer)), difference=difference, dim=ds.sizes["dim"],
                      units=units, labels_p=np.asarray(ds.prompt.values), chunk_bytes=chunk_bytes,
-                     excluded_massive=excluded)
+                     layer_chunk=layer_chunk, excluded_massive=excluded)
 
 
-def read_unit(resid, sel: Selection, unit: Unit) -> np.ndarray:
-    """The selected rows of one unit, float32: (n, n_layers, n_passes, dim), store order (row, token)."""
-    layers = sel.layer_index
-    contiguous = layers == list(range(layers[0], layers[0] + len(layers)))
-    where_l = slice(layers[0], layers[-1] + 1) if contiguous else layers
-    out = np.empty((unit.n, len(layers), len(sel.pass_index), sel.dim), dtype=np.float32)
-    for j, p in enumerate(sel.pass_index):
-        if len(layers) == 1:  # (rows, tokens, dim): the mask gathers contiguous rows
-            out[:, 0, j] = resid[p, unit.rows, layers[0], unit.tokens, :][unit.keep_pt]
-        else:
-            block = resid.oindex[p, unit.rows, where_l, unit.tokens, :]  # (rows, layers, tokens, dim)
-            out[:, :, j] = np.moveaxis(block, 1, 2)[unit.keep_pt]  # widened to float32 on assignment
+def read_unit(resid: ArrayRegions, sel: Selection, unit: Unit) -> np.ndarray:
+    """The selected rows of one unit, float32: (n, n_layers, n_passes, dim), store order (row, token).
+
+    Per pass, each layer chunk holding selected layers is read once, from its first to its last
+    selected layer (a local store reads it straight from its chunk files).
+    """
+    out = np.empty((unit.n, len(sel.layer_index), len(sel.pass_index), sel.dim), dtype=np.float32)
+    by_chunk: dict[int, list[tuple[int, int]]] = {}  # layer chunk -> (position in the output, layer)
+    for j, layer in enumerate(sel.layer_index):
+        by_chunk.setdefault(layer // sel.layer_chunk, []).append((j, layer))
+    for i, p in enumerate(sel.pass_index):
+        for picks in by_chunk.values():
+            low, high = min(x for _, x in picks), max(x for _, x in picks) + 1
+            block = resid.read((slice(p, p + 1), unit.rows, slice(low, high), unit.tokens, slice(None)))[0]
+            for j, layer in picks:  # block: (rows, layers low..high, tokens, dim)
+                out[:, j, i] = block[:, layer - low][unit.keep_pt]  # widened to float32 on assignment
     return out
 
 
@@ -285,10 +291,9 @@ def buffer_rows(sel: Selection, shuffle_buffer, batch_size: int) -> int:
     return int(rows)
 
 
-def open_resid(sel: Selection):
-    import zarr
-
-    return zarr.open_group(store=zarr_store(sel.store, sel.storage_options, read_only=True), mode="r")["resid"]
+def open_resid(sel: Selection) -> ArrayRegions:
+    """The store's ``resid`` for :func:`read_unit` (picklable: each DataLoader worker reopens it)."""
+    return ArrayRegions(sel.store, "resid", sel.storage_options)
 
 
 def activation_loader(store: StorePath, layer, *, passes: Sequence[str] | None = None, pair: str | None = None,

@@ -60,7 +60,7 @@ def raw_read(loader) -> tuple[float, int]:
     from analysis.loader import open_resid
 
     sel = loader.selection
-    resid = open_resid(sel)
+    resid = open_resid(sel).array  # the zarr array itself, not the loader's direct chunk reads
     layer = sel.layer_index[0]
     start, rows = time.perf_counter(), 0
     for unit in sel.units:

@@ -42,6 +42,16 @@ def _threads() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child (a DataLoader worker, say) inherits the pool object but none of its threads:
+    # work submitted to it would wait forever. The child starts its own on first use.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _compressor(codecs) -> object | bool | None:
     """The numcodecs compressor equal to ``codecs`` after the bytes codec; None for no compressor,
     False when the codecs are not ones this module writes."""
@@ -136,20 +146,29 @@ class ChunkFiles:
         out[...] = np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)[inside]
 
     def _pieces(self, where: tuple) -> list[list[tuple]]:
-        """Per axis of an aligned region: (chunk coordinate, slice of the region, slice of the chunk) for each
-        chunk it crosses, or one (index, None, None) for an int axis."""
+        """Per axis of a region: (chunk coordinate, slice of the region, slice of the chunk) for each chunk it
+        crosses, or one (index, None, None) for an int axis (which only a chunk of 1 along it allows)."""
         axes = []
         for index, size, chunk in zip(where, self.shape, self.chunks, strict=True):
             if isinstance(index, slice):
                 start, stop, _ = index.indices(size)
-                axes.append([(c // chunk, slice(c - start, min(c + chunk, stop) - start),
-                              slice(0, min(chunk, stop - c))) for c in range(start, stop, chunk)])
+                pieces = []
+                for c in range(start // chunk, -(-stop // chunk) if stop > start else start // chunk):
+                    lo, hi = max(start, c * chunk), min(stop, (c + 1) * chunk)
+                    pieces.append((c, slice(lo - start, hi - start), slice(lo - c * chunk, hi - c * chunk)))
+                axes.append(pieces)
             else:
                 axes.append([(int(index), None, None)])
         return axes
 
+    def readable(self, where: tuple) -> bool:
+        """Whether :meth:`read` takes ``where``: a slice of step 1 per axis."""
+        return len(where) == len(self.shape) and all(
+            isinstance(index, slice) and index.step in (None, 1) for index in where)
+
     def read(self, where: tuple) -> np.ndarray:
-        """The aligned region ``where`` (slices, one per axis), read chunk by chunk on the threads."""
+        """The region ``where`` (slices of step 1, one per axis, aligned or not), read chunk by chunk on the
+        threads; each chunk it touches is decoded whole, as zarr does."""
         axes = self._pieces(where)
         out = np.empty(tuple(pieces[-1][1].stop if pieces else 0 for pieces in axes), self.dtype)
         jobs = [_threads().submit(self._get, tuple(c for c, _, _ in combo), out[tuple(o for _, o, _ in combo)],

@@ -109,34 +109,47 @@ def is_padding_block(block: np.ndarray) -> bool:
 
 
 class ArrayRegions:
-    """Reads rectangular regions of one array of a local store straight from its chunk files
-    (picklable: reopens). A region of many small chunks costs about a third of what zarr-python
-    spends on it, and a third again of reading it chunk by chunk through xarray's indexing
-    adapters; and it is one task, not one per chunk.
+    """Reads rectangular regions of one array of a store; for a local store straight from its
+    chunk files (picklable: reopens). A region of many small chunks costs about a third of what
+    zarr-python spends on it, and a third again of reading it chunk by chunk through xarray's
+    indexing adapters; and it is one task, not one per chunk. Other stores read through zarr.
     """
 
-    def __init__(self, path: StorePath, name: str):
-        self.path, self.name, self._array, self._direct = str(path), name, None, None
+    def __init__(self, path: StorePath, name: str, storage_options: dict | None = None):
+        self.path, self.name, self.storage_options = path, name, storage_options
+        self._array, self._direct = None, None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "name": self.name}
+        return {"path": self.path, "name": self.name, "storage_options": self.storage_options}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    def read(self, index: tuple) -> np.ndarray:
-        """The region ``index`` (a slice per axis): chunk files read directly where the region is
-        chunk-aligned and the codecs allow (``store.chunk_io``), else through zarr."""
+    @property
+    def array(self):
+        """The zarr array (opened on first use)."""
         if self._array is None:
             import zarr
 
             from store.chunk_io import ChunkFiles
+            from store.location import zarr_store
 
-            self._array = zarr.open_array(store=self.path, path=self.name, mode="r")
+            group = zarr.open_group(store=zarr_store(self.path, self.storage_options, read_only=True), mode="r")
+            self._array = group[self.name]
             self._direct = ChunkFiles.for_array(self._array)
-        if self._direct is not None and all(isinstance(i, slice) for i in index) and self._direct.aligned(index):
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def read(self, index: tuple) -> np.ndarray:
+        """The region ``index`` (a slice per axis): chunk files read directly where the codecs allow
+        (``store.chunk_io``), else through zarr."""
+        array = self.array
+        if self._direct is not None and self._direct.readable(index):
             return self._direct.read(index)
-        return self._array[index]
+        return array[index]
 
 
 # skip-padding layer name -> the array it reads. The name is a token of xarray's own graph for that array

@@ -227,25 +227,26 @@ class StoreWriter:
                     if not isinstance(index, (int, np.integer))]
             self._write_aligned(name, array, tuple(where), values[tuple(pick)])
 
-    def _direct(self, name: str, array: zarr.Array, where: tuple) -> ChunkFiles | None:
-        """Direct chunk I/O for ``where`` of ``name`` where :mod:`store.chunk_io` can do it, else None (zarr)."""
+    def _chunk_files(self, name: str, array: zarr.Array) -> ChunkFiles | None:
+        """Direct chunk I/O for ``name`` where :mod:`store.chunk_io` can do it, else None (zarr does)."""
         if name not in self._chunk_writers:
             self._chunk_writers[name] = ChunkFiles.for_array(array)
-        direct = self._chunk_writers[name]
-        return direct if direct is not None and direct.aligned(where) else None
+        return self._chunk_writers[name]
 
     def _write_aligned(self, name: str, array: zarr.Array, where: tuple, values: np.ndarray) -> None:
         """Write a chunk-aligned region: chunk files directly where :mod:`store.chunk_io` can, else zarr."""
-        if (direct := self._direct(name, array, where)) is not None:
+        direct = self._chunk_files(name, array)
+        if direct is not None and direct.aligned(where):
             direct.write(where, values)
         else:
             array[where] = values.astype(array.dtype, copy=False)
 
     def read(self, name: str, where: tuple) -> np.ndarray:
-        """A region of ``name`` (a slice per axis): straight from the chunk files where it is chunk-aligned
-        in a local store (absent chunks read as the fill value, as zarr reads them), else through zarr."""
+        """A region of ``name`` (a slice per axis): straight from the chunk files in a local store (absent
+        chunks read as the fill value, as zarr reads them), else through zarr."""
         array = self.group[name]
-        if all(isinstance(index, slice) for index in where) and (direct := self._direct(name, array, where)):
+        direct = self._chunk_files(name, array)
+        if direct is not None and direct.readable(where):
             return direct.read(where)
         return array[where]
 

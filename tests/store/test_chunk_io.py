@@ -101,8 +101,24 @@ def test_direct_reads_equal_zarrs_reads(tmp_path, codec, dtype, fill):
                (slice(0, 2), slice(0, 7), slice(0, 3), slice(0, 13), slice(0, 4)),  # edges, absent chunks
                (slice(0, 1), slice(3, 6), slice(0, 3), slice(4, 8), slice(0, 4)),
                (slice(1, 2), slice(6, 7), slice(0, 3), slice(12, 13), slice(0, 4))]
-    for where in regions:
-        assert reader.aligned(where)
+    unaligned = [(slice(0, 1), slice(1, 5), slice(1, 2), slice(3, 11), slice(1, 3)),  # inside and across chunks
+                 (slice(0, 2), slice(2, 7), slice(0, 3), slice(7, 13), slice(0, 4)),  # into absent chunks, edges
+                 (slice(0, 1), slice(2, 2), slice(0, 3), slice(0, 4), slice(0, 4))]  # empty
+    for where in regions + unaligned:
+        assert reader.aligned(where) == (where in regions) and reader.readable(where)
         got = reader.read(where)
         assert got.dtype == array.dtype and got.shape == array[where].shape
         np.testing.assert_array_equal(got, array[where])
+    assert not reader.readable((0, slice(0, 3), slice(0, 3), slice(0, 12), slice(0, 4)))  # ints go to zarr
+
+
+def test_reads_work_in_a_forked_child_after_the_parent_used_the_threads(tmp_path):
+    import multiprocessing
+
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(4, 6), chunks=(2, 3), dtype="float32", fill_value=np.nan)
+    array[...] = np.arange(24, dtype=np.float32).reshape(4, 6)
+    direct = ChunkFiles.for_array(array)
+    expected = direct.read((slice(0, 4), slice(0, 6)))  # the parent's pool now has threads
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # a child without them (as DataLoader workers)
+        got = pool.apply_async(direct.read, ((slice(0, 4), slice(0, 6)),)).get(timeout=60)
+    np.testing.assert_array_equal(got, expected)
