@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from capture.lens import Lens, lens_statistics
-from capture.transfer import DeviceToHost, to_device
+from capture.transfer import DeviceToHost, arrivals, to_device
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter, fault_point
 
@@ -67,26 +67,22 @@ def _group_statistics(
     n_rows = h_pnd.shape[1]
     block = -(-n_rows // max(1, -(-n_rows // block_rows)))
     real_rows = np.flatnonzero(real_n)
-    copies, pending = DeviceToHost(device), None
+    copies = DeviceToHost(device)
 
-    def place(lens_i: int, rows: np.ndarray, copy) -> None:
-        for (name, *_), values in zip(fields, copy.wait(), strict=True):
+    def launches():
+        for lens_i, lens_name in enumerate(LENS_NAMES):
+            for start in range(0, n_rows, block):
+                h_by_pass = [to_device(h_pnd[p, start:start + block], device) for p in range(n_pass)]
+                if lens_name == "norm":
+                    h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
+                stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
+                copy = copies.start(*(getattr(stats, field) for _, field, *_ in fields))
+                yield (lens_i, real_rows[start:start + block]), copy
+
+    # On CUDA each block's results come back while the next block computes (capture.transfer).
+    for (lens_i, rows), arrays in arrivals(copies, launches()):
+        for (name, *_), values in zip(fields, arrays, strict=True):
             out[name][:, lens_i, rows] = values
-
-    # Each block's results are copied behind the computation of the next (see capture.transfer).
-    for lens_i, lens_name in enumerate(LENS_NAMES):
-        for start in range(0, n_rows, block):
-            h_by_pass = [to_device(h_pnd[p, start:start + block], device) for p in range(n_pass)]
-            if lens_name == "norm":
-                h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
-            stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
-            copy = copies.start(*(getattr(stats, field) for _, field, *_ in fields))
-            launched = (lens_i, real_rows[start:start + block], copy)
-            if pending is not None:
-                place(*pending)
-            pending = launched
-    if pending is not None:
-        place(*pending)
     return {name: values.reshape(*values.shape[:2], *mask_glt.shape, *values.shape[3:])
             for name, values in out.items()}
 

@@ -12,8 +12,8 @@ from the attention mask so GPT-2's learned positions stay correct too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ from capture.hooks import ResidualRecorder
 from capture.models import decoder, decoder_layers
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
-from capture.transfer import DeviceToHost, HostCopy, to_device
+from capture.transfer import DeviceToHost, HostCopy, arrivals, to_device
 from store.errors import NonFiniteActivation
 
 
@@ -138,7 +138,6 @@ class _Launched:
     batch: slice
     last: bool  # the group's last batch
     shape_bltd: tuple[int, ...]
-    copy: HostCopy  # resid, final, found, value
 
 
 class _GroupFilling:
@@ -151,9 +150,10 @@ class _GroupFilling:
         self.stored_lengths = window.lengths  # a list built once, not per batch
         self.open: dict[tuple[int, int], CapturedGroup] = {}
 
-    def place(self, launched: _Launched) -> CapturedGroup | None:
-        """Wait for ``launched``'s copy and place it in its group; the group once its last batch is placed."""
-        resid_host, final_host, found, value = launched.copy.wait()
+    def place(self, launched: _Launched, arrays: list[np.ndarray]) -> CapturedGroup | None:
+        """Place a batch's copied results (resid, final, found, value) in its group; the group once its last
+        batch is placed."""
+        resid_host, final_host, found, value = arrays
         batch, group = launched.batch, launched.group
         if found[0]:
             row, layer, token, _ = np.unravel_index(int(found[1]), launched.shape_bltd)
@@ -207,35 +207,43 @@ def run_passes(
     """
     filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
     copies = DeviceToHost(_device_of(model.get_input_embeddings()))
-    lengths = prompts.lengths  # a list built once, not per batch
-    pending: deque[_Launched] = deque()
-    for pass_index, spec in passes:
-        for group in groups:
-            if skip(pass_index, group):
-                continue
-            batches = compute_batches(lengths, group, batch_size, batch_tokens)
-            extent = token_extent(group)
-            for number, batch in enumerate(batches):
-                ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
-                ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
-                resid_bltd, final_btd = forward_residuals(model, embeddings[spec.embedding], ids_bt, mask_bt,
-                                                          out_dtype, window.layers)
-                real_bt = mask_bt.bool()
-                with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
-                    found, value = _first_non_finite(resid_bltd, real_bt)
-                    resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
-                    final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
-                width = min(resid_bltd.shape[2], extent) if filling.simple else resid_bltd.shape[2]
-                copy = copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
-                pending.append(_Launched(pass_index, spec.name, group, batch, number == len(batches) - 1,
-                                         tuple(resid_bltd.shape), copy))
-                del resid_bltd, final_btd, found, value, copy  # only the copy in flight keeps them alive
-                while len(pending) > copies.in_flight:
-                    if (done := filling.place(pending.popleft())) is not None:
-                        yield done
-    while pending:
-        if (done := filling.place(pending.popleft())) is not None:
+
+    def launches() -> Iterator[tuple[_Launched, HostCopy]]:
+        lengths = prompts.lengths  # a list built once, not per batch
+        for pass_index, spec in passes:
+            for group in groups:
+                if skip(pass_index, group):
+                    continue
+                batches = compute_batches(lengths, group, batch_size, batch_tokens)
+                extent = token_extent(group)
+                for number, batch in enumerate(batches):
+                    launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1, ())
+                    yield _launch(model, embeddings[spec.embedding], prompts, launched, copies, window.layers,
+                                  out_dtype, pad_id, extent if filling.simple else None)
+
+    for launched, arrays in arrivals(copies, launches()):
+        if (done := filling.place(launched, arrays)) is not None:
             yield done
+
+
+def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, launched: _Launched,
+            copies: DeviceToHost, layers: list[int], out_dtype: torch.dtype, pad_id: int,
+            width: int | None) -> tuple[_Launched, HostCopy]:
+    """Queue one batch's forward, make its padding NaN, and start its copy to the host (the first ``width``
+    positions, all where None)."""
+    batch = launched.batch
+    ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
+    ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
+    resid_bltd, final_btd = forward_residuals(model, embedding, ids_bt, mask_bt, out_dtype, layers)
+    real_bt = mask_bt.bool()
+    with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
+        found, value = _first_non_finite(resid_bltd, real_bt)
+        resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
+        final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
+    width = resid_bltd.shape[2] if width is None else min(resid_bltd.shape[2], width)
+    launched = dataclasses.replace(launched, shape_bltd=tuple(resid_bltd.shape))
+    # Only the copy keeps the device tensors alive from here (until it is done).
+    return launched, copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
 
 
 class Throughput:

@@ -14,8 +14,14 @@ On the CPU a copy is finished when it starts: the tensors are already host memor
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import numpy as np
 import torch
+
+Item = TypeVar("Item")
 
 
 class HostCopy:
@@ -72,3 +78,23 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or tensor.device == device:
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def arrivals(copies: DeviceToHost, launched: Iterable[tuple[Item, HostCopy]]) -> Iterator[tuple[Item, list]]:
+    """``(item, host arrays)`` for each ``(item, copy)`` of ``launched``, in order, leaving
+    ``copies.in_flight`` copies pending: on CUDA the next item is launched (``launched`` advanced)
+    before the last one's copy is waited for; elsewhere each is handed on as soon as it is made.
+
+    >>> copies = DeviceToHost(torch.device("cpu"))
+    >>> [(i, a[0].tolist()) for i, a in arrivals(copies, ((i, copies.start(torch.tensor([i]))) for i in range(2)))]
+    [(0, [0]), (1, [1])]
+    """
+    pending: deque[tuple[Item, HostCopy]] = deque()
+    for item in launched:
+        pending.append(item)
+        while len(pending) > copies.in_flight:
+            done, copy = pending.popleft()
+            yield done, copy.wait()
+    while pending:
+        done, copy = pending.popleft()
+        yield done, copy.wait()

@@ -139,10 +139,6 @@ class ArrayRegions:
             self._direct = ChunkFiles.for_array(self._array)
         return self._array
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.array.shape
-
     def read(self, index: tuple) -> np.ndarray:
         """The region ``index`` (a slice per axis): chunk files read directly where the codecs allow
         (``store.chunk_io``), else through zarr."""
