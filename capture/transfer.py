@@ -46,6 +46,8 @@ class DeviceToHost:
     """
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current one; tensors name theirs
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Copies worth leaving in flight while the next batch is launched: one on CUDA (double buffering);
@@ -63,6 +65,9 @@ class DeviceToHost:
         hosts = []
         with torch.cuda.stream(self._stream):
             for tensor in tensors:
+                if tensor.device != self.device:  # another device's tensor (a split model): a plain, blocking copy
+                    hosts.append(tensor.cpu())
+                    continue
                 host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 host.copy_(tensor, non_blocking=True)
                 tensor.record_stream(self._stream)

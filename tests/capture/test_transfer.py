@@ -20,11 +20,13 @@ def test_cpu_copies_are_the_tensors_themselves():
 def test_cuda_copy_survives_freeing_and_reuse_of_its_source():
     device = torch.device("cuda")
     copies = DeviceToHost(device)
+    assert copies.in_flight == 1 and copies.device == torch.device("cuda", torch.cuda.current_device())
     a = torch.randn(2048, 2048, device=device)
     product = a @ a  # queued: the copy waits for it on its side stream
     expected = product.cpu()
     product = a @ a
     copy = copies.start(product[:, :1000], torch.stack([product.isfinite().all().long()]))
+    assert all(host.is_pinned() for host in copy._tensors)  # the asynchronous path, not the blocking one
     del product  # its memory goes back to the compute stream's allocator; record_stream keeps it from reuse
     for _ in range(8):
         torch.full((2048, 2048), float("nan"), device=device)
