@@ -1,4 +1,4 @@
-"""run_passes: batches placed into write groups one batch behind their launch, and the non-finite check."""
+"""run_passes: batches placed in write groups (at once, or one behind their launch as on CUDA); the non-finite check."""
 
 from __future__ import annotations
 
