@@ -37,7 +37,7 @@ from benchmarks.common import (
     machine,
     plain_write,
     prompt_set,
-    stored_real_bytes,
+    real_token_bytes,
     timed,
 )
 from capture.job import run_capture
@@ -48,6 +48,7 @@ from capture.passes import DEFAULT_PASSES
 from capture.prompts import tokenize_prompts
 from capture.runner import pad_batch
 from capture.settings import CaptureSettings
+from store.reader import open_store
 
 
 @torch.inference_mode()
@@ -130,7 +131,7 @@ def main() -> None:
             if busy is not None:
                 idle[key].append(busy.idle_fraction)
             if key == "resid":  # the disk's floor: a plain write of the bytes this capture stored
-                real_bytes = stored_real_bytes(settings.store)
+                real_bytes = real_token_bytes(open_store(settings.store))
                 runs["write"].append(plain_write(work, real_bytes))
             shutil.rmtree(work / f"{key}{attempt}.zarr", ignore_errors=True)
     results = {key: min(values) for key, values in runs.items() if values}

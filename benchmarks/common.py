@@ -160,10 +160,8 @@ def plain_write(directory: Path, n_bytes: int, block: int = 64 << 20) -> float:
     return seconds
 
 
-def stored_real_bytes(store) -> int:
-    """Bytes of the real-token residuals a capture store holds, before compression (resid and final, every pass)."""
-    from store.reader import open_store
-
-    ds = open_store(store)
+def real_token_bytes(ds, n_tokens: int | None = None) -> int:
+    """Bytes of the real-token residuals a capture store holds, before compression (resid and final, every
+    pass): of its own ``n_tokens`` unless a token count is given."""
     per_token = ds.sizes["pass_"] * (ds.sizes["layer"] + 1) * ds.sizes["dim"] * ds.resid.dtype.itemsize
-    return int(ds.n_tokens.sum()) * per_token
+    return (int(ds.n_tokens.sum()) if n_tokens is None else n_tokens) * per_token

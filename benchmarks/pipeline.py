@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import emit_report, machine, plain_write, timed  # noqa: E402
+from benchmarks.common import emit_report, machine, plain_write, real_token_bytes, timed  # noqa: E402
 from benchmarks.ragged import bare_forwards, docstrings  # noqa: E402
 from capture.job import run_capture  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
         runs["resid"].append(times["resid"])
         ds = open_store(store)
         real = int(ds.n_tokens.sum())
-        per_token = ds.sizes["pass_"] * (ds.sizes["layer"] + 1) * ds.sizes["dim"] * ds.resid.dtype.itemsize
-        runs["write"].append(plain_write(work, real * per_token))
+        runs["write"].append(plain_write(work, real_token_bytes(ds)))
         if attempt < args.repeat - 1:
             shutil.rmtree(store)
     if args.profile:
@@ -95,7 +94,7 @@ def main() -> None:
     report = {
         "machine": machine(), "pair": "tiny", "codec": settings.codec, "prompts": len(prompts), "tokens": real,
         "median_tokens": float(np.median(lengths)), "longest_tokens": int(lengths.max()),
-        "real_bytes": real * per_token, "on_disk_bytes": on_disk, "chunks": list(ds.resid.data.chunksize),
+        "real_bytes": real_token_bytes(ds), "on_disk_bytes": on_disk, "chunks": list(ds.resid.data.chunksize),
         "seconds": {k: round(v, 2) for k, v in best.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_floor": round(best["resid"] / (best["forward"] + best["write"]), 3),

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import emit_report, machine, timed  # noqa: E402
+from benchmarks.common import emit_report, machine, real_token_bytes, timed  # noqa: E402
 from capture.job import run_capture  # noqa: E402
 from capture.models import decoder, load_input_embedding, load_model, release_memory  # noqa: E402
 from capture.passes import DEFAULT_PASSES  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
         if attempt < args.repeat - 1:
             shutil.rmtree(store)
     ds = open_store(store)
-    per_token = ds.sizes["pass_"] * (ds.sizes["layer"] + 1) * ds.sizes["dim"] * 2
+    real_bytes = real_token_bytes(ds, int(lengths.sum()))
     stored = stored_bytes(ds, ["resid", "final"])
     twin = work / "twin.zarr"
     unpadded_twin(twin, ds)
@@ -170,8 +170,8 @@ def main() -> None:
         "chunks": list(ds.resid.data.chunksize), "seconds": {k: round(v, 2) for k, v in best.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_forward": round(best["resid"] / best["forward"], 3),
-        "stored_over_real_bytes": round(stored / (int(lengths.sum()) * per_token), 3),
-        "padded_over_real_bytes": round((ds.resid.nbytes + ds.final.nbytes) / (int(lengths.sum()) * per_token), 2),
+        "stored_over_real_bytes": round(stored / real_bytes, 3),
+        "padded_over_real_bytes": round((ds.resid.nbytes + ds.final.nbytes) / real_bytes, 2),
         "report_ragged_over_unpadded": round(best["report ragged"] / best["report unpadded"], 3),
         "decompose_ragged_over_unpadded": round(best["decompose ragged"] / best["decompose unpadded"], 3),
     }
