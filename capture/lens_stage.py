@@ -18,6 +18,7 @@ import torch
 
 from capture.lens import Lens, lens_statistics
 from capture.transfer import DeviceToHost, arrivals, to_device
+from store.reader import ArrayRegions
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter, fault_point
 
@@ -105,12 +106,13 @@ def write_lens_statistics(
     n_tokens_p = np.asarray(root["n_tokens"][...])
     n_layers1 = root["resid"].shape[2]
     done = np.asarray(root["lens_done"][...], dtype=bool)
+    stored = ArrayRegions(writer.path, "resid", writer.storage_options)  # chunk files read directly where local
     for group in groups:
         if done[group].all():
             continue
         # Only the stored part of the group (its longest prompt's token chunks) is read and computed on.
         extent = writer.group_extent(group)
-        resid = np.asarray(writer.read("resid", (slice(None), group, slice(None), slice(0, extent), slice(None))),
+        resid = np.asarray(stored.read((slice(None), group, slice(None), slice(0, extent), slice(None))),
                            dtype=np.float32)
         mask = _real_mask_glt(n_tokens_p[group], n_layers1, extent)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,

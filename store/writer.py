@@ -227,28 +227,15 @@ class StoreWriter:
                     if not isinstance(index, (int, np.integer))]
             self._write_aligned(name, array, tuple(where), values[tuple(pick)])
 
-    def _chunk_files(self, name: str, array: zarr.Array) -> ChunkFiles | None:
-        """Direct chunk I/O for ``name`` where :mod:`store.chunk_io` can do it, else None (zarr does)."""
-        if name not in self._chunk_writers:
-            self._chunk_writers[name] = ChunkFiles.for_array(array)
-        return self._chunk_writers[name]
-
     def _write_aligned(self, name: str, array: zarr.Array, where: tuple, values: np.ndarray) -> None:
         """Write a chunk-aligned region: chunk files directly where :mod:`store.chunk_io` can, else zarr."""
-        direct = self._chunk_files(name, array)
+        if name not in self._chunk_writers:
+            self._chunk_writers[name] = ChunkFiles.for_array(array)
+        direct = self._chunk_writers[name]
         if direct is not None and direct.aligned(where):
             direct.write(where, values)
         else:
             array[where] = values.astype(array.dtype, copy=False)
-
-    def read(self, name: str, where: tuple) -> np.ndarray:
-        """A region of ``name`` (a slice per axis): straight from the chunk files in a local store (absent
-        chunks read as the fill value, as zarr reads them), else through zarr."""
-        array = self.group[name]
-        direct = self._chunk_files(name, array)
-        if direct is not None and direct.readable(where):
-            return direct.read(where)
-        return array[where]
 
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
         """Write one pass x prompt-group region, then flag it done."""

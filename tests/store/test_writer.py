@@ -82,21 +82,3 @@ def test_describe_store(tmp_path):
     assert "pass_=4, prompt=3, layer=3, token=5, dim=8" in text
     assert "complete   12/12" in text
 
-
-def test_read_equals_zarrs_read_on_a_ragged_store(tmp_path):
-    import zarr
-
-    from store.chunking import Chunking
-
-    lengths = (9, 7, 3, 2, 1)  # longest first, as capture lays them out; token chunks of 2
-    path = write_tiny_store(tmp_path / "s.zarr", n_prompts=5, lengths=lengths,
-                            chunking=Chunking(prompt=2, layer=3, token=2))
-    writer = StoreWriter(path)
-    array = zarr.open_group(str(path), mode="r")["resid"]
-    chunk_file = lambda *coords: path.joinpath("resid", "c", *map(str, coords))  # noqa: E731
-    assert chunk_file(0, 0, 0, 0, 0).exists() and not chunk_file(0, 2, 0, 1, 0).exists()  # padding: never written
-    for where in [(slice(None), slice(0, 2), slice(None), slice(0, 10), slice(None)),  # whole store chunks
-                  (slice(None), slice(2, 5), slice(None), slice(0, 4), slice(None)),  # absent chunks read as NaN
-                  (slice(1, 3), slice(1, 4), slice(None), slice(0, 3), slice(None))]:  # unaligned: through zarr
-        np.testing.assert_array_equal(writer.read("resid", where), array[where])
-    assert np.isnan(writer.read("resid", (slice(None), slice(4, 5), slice(None), slice(2, 4), slice(None)))).all()
