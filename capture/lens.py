@@ -126,15 +126,33 @@ def _chunk_topk(x_nv: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor
     except among exactly equal values, whose order ``topk`` leaves unspecified too.
     """
     n, width = x_nv.shape
-    if width % TOPK_SEGMENT or width < 4 * k * TOPK_SEGMENT:
+    if not segment_selectable(width, k):
         return x_nv.topk(k, dim=1, largest=largest)
     segments = x_nv.view(n, width // TOPK_SEGMENT, TOPK_SEGMENT)
-    extremes = segments.amax(dim=2) if largest else segments.amin(dim=2)
-    best_segments = extremes.topk(k, dim=1, largest=largest).indices  # (n, k)
-    candidates = segments.gather(1, best_segments[:, :, None].expand(n, k, TOPK_SEGMENT)).view(n, k * TOPK_SEGMENT)
-    values, at = candidates.topk(k, dim=1, largest=largest)
-    ids = best_segments.gather(1, at // TOPK_SEGMENT) * TOPK_SEGMENT + at % TOPK_SEGMENT
-    return values, ids
+    extremes_ns = segments.amax(dim=2) if largest else segments.amin(dim=2)
+    return best_in_segments(lambda s: segment_entries(x_nv, s), extremes_ns, k, largest)
+
+
+def segment_selectable(width: int, k: int) -> bool:
+    """Whether a chunk of ``width`` entries is whole segments with room to select k of them (4k or more)."""
+    return width % TOPK_SEGMENT == 0 and width >= 4 * max(k, 1) * TOPK_SEGMENT
+
+
+def best_in_segments(values_of, extremes_ns: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids within the chunk) of the k best entries, looked for in the k segments with the best
+    extremes only; ``values_of(segments_nk)`` gives those segments' entries, (n, k, TOPK_SEGMENT)."""
+    n = extremes_ns.shape[0]
+    segments_nk = extremes_ns.topk(k, dim=1, largest=largest).indices
+    values, at = values_of(segments_nk).reshape(n, k * TOPK_SEGMENT).topk(k, dim=1, largest=largest)
+    return values, segments_nk.gather(1, at // TOPK_SEGMENT) * TOPK_SEGMENT + at % TOPK_SEGMENT
+
+
+def segment_entries(x_nv: torch.Tensor, segments_nk: torch.Tensor) -> torch.Tensor:
+    """The entries of the chosen segments of each row, (n, k, TOPK_SEGMENT)."""
+    n, width = x_nv.shape
+    k = segments_nk.shape[1]
+    return x_nv.view(n, width // TOPK_SEGMENT, TOPK_SEGMENT).gather(
+        1, segments_nk[:, :, None].expand(n, k, TOPK_SEGMENT))
 
 
 @dataclass

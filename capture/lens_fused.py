@@ -1,7 +1,7 @@
 """The lens statistics of a vocabulary chunk in a few fused passes (``torch.compile``), for CUDA.
 
 Axes legend: p = pass, q = pair, n = position, v = vocabulary entry of the chunk,
-s = segment of :data:`SEGMENT` entries, c = entry of a candidate segment, k = top-k rank.
+s = segment of ``capture.lens.TOPK_SEGMENT`` entries, c = entry of a candidate segment, k = top-k rank.
 
 After the lens products, the eager torch path (``ChunkState.add_chunk``) runs one
 kernel per operation and reads or writes the chunk's logits about 11 times per pass
@@ -12,7 +12,8 @@ whole chunk: one reads each pass's logits for the segment maxima, the new runnin
 maximum and both exponential sums; one reads each pair's two passes for the KL
 numerator and the segment extremes of the shift. Neither the exponentials nor the
 shifts are kept. Top-k values are then selected among the entries of the k best
-segments only (as ``capture.lens._chunk_topk`` does), gathered from the logits.
+segments only (``capture.lens.best_in_segments``, as the eager path does), gathered from
+the logits.
 
 Sums are accumulated in float64, as on the other paths. A chunk whose width is not a
 whole number of segments, or too narrow for segment selection, takes the eager path:
@@ -29,15 +30,13 @@ import warnings
 import torch
 import torch._dynamo.exc
 
-from capture.lens import ChunkState
+from capture.lens import TOPK_SEGMENT, ChunkState, best_in_segments, segment_entries, segment_selectable
 from capture.transfer import to_device
-
-SEGMENT = 128  # entries per segment: the same as capture.lens.TOPK_SEGMENT
 
 
 def _pass_reductions(z_pnv: torch.Tensor, max_pn: torch.Tensor):
     p, n, v = z_pnv.shape
-    seg_max_pns = z_pnv.view(p, n, v // SEGMENT, SEGMENT).amax(-1)
+    seg_max_pns = z_pnv.view(p, n, v // TOPK_SEGMENT, TOPK_SEGMENT).amax(-1)
     new_max_pn = torch.maximum(max_pn, seg_max_pns.amax(-1))
     x_pnv = z_pnv - new_max_pn[:, :, None]
     e_pnv = torch.exp(x_pnv)
@@ -50,7 +49,7 @@ def _pair_reductions(z_pnv: torch.Tensor, new_max_pn: torch.Tensor, left_q: torc
     z_right = z_pnv[right_q]
     shift_qnv = z_right - z_pnv[left_q]
     e_right = torch.exp(z_right - new_max_pn[right_q][:, :, None])
-    segments = shift_qnv.view(q, n, v // SEGMENT, SEGMENT)
+    segments = shift_qnv.view(q, n, v // TOPK_SEGMENT, TOPK_SEGMENT)
     return (e_right * shift_qnv).to(torch.float64).sum(-1), segments.amax(-1), segments.amin(-1)
 
 
@@ -86,28 +85,8 @@ def _failed(error: Exception) -> None:
                   "using the eager torch path (same numbers, slower)", stacklevel=3)
 
 
-def fits(width: int, k: int) -> bool:
-    """Whether a chunk of ``width`` entries takes the fused path (whole segments, room for segment selection)."""
-    return width % SEGMENT == 0 and width >= 4 * max(k, 1) * SEGMENT
-
-
-def _best_segments(values_of, extremes_ns: torch.Tensor, k: int, largest: bool):
-    """(values, ids within the chunk) of the k best entries, looked for in the k best segments only;
-    ``values_of(segments_nk)`` gives those segments' entries, (n, k, SEGMENT)."""
-    n = extremes_ns.shape[0]
-    segments_nk = extremes_ns.topk(k, dim=1, largest=largest).indices
-    values, at = values_of(segments_nk).reshape(n, k * SEGMENT).topk(k, dim=1, largest=largest)
-    return values, segments_nk.gather(1, at // SEGMENT) * SEGMENT + at % SEGMENT
-
-
-def _entries(z_nv: torch.Tensor, segments_nk: torch.Tensor) -> torch.Tensor:
-    n, v = z_nv.shape
-    k = segments_nk.shape[1]
-    return z_nv.view(n, v // SEGMENT, SEGMENT).gather(1, segments_nk[:, :, None].expand(n, k, SEGMENT))
-
-
 def add_chunk(state: ChunkState, z_pnv: torch.Tensor, start: int, pair_index: tuple[torch.Tensor, torch.Tensor]):
-    """Fold a chunk of logits (``fits`` its width) into ``state``, as ``state.add_chunk`` would."""
+    """Fold a chunk of logits (``segment_selectable`` by its width) into ``state``, as ``state.add_chunk`` would."""
     pass_reductions, pair_reductions = compiled()
     new_max_pn, seg_max_pns, sum_pn, zsum_pn = pass_reductions(z_pnv, state.soft.max_pn)
     if state.pairs:
@@ -118,13 +97,13 @@ def add_chunk(state: ChunkState, z_pnv: torch.Tensor, start: int, pair_index: tu
     k = state.k
     if k:
         for p, top in enumerate(state.tops):
-            top.merge(*_best_segments(lambda s, p=p: _entries(z_pnv[p], s), seg_max_pns[p], k, True), start)
+            top.merge(*best_in_segments(lambda s, p=p: segment_entries(z_pnv[p], s), seg_max_pns[p], k, True), start)
     for q, (left, right) in enumerate(state.pairs):
         state.kl_num[q] = state.kl_num[q] * rescale_pn[right] + kl_part_qn[q]
         if k:
-            shift_of = lambda s, a=left, b=right: _entries(z_pnv[b], s) - _entries(z_pnv[a], s)  # noqa: E731
-            state.rises[q].merge(*_best_segments(shift_of, rise_qns[q], k, True), start)
-            state.falls[q].merge(*_best_segments(shift_of, fall_qns[q], k, False), start)
+            shift_of = lambda s, a=left, b=right: segment_entries(z_pnv[b], s) - segment_entries(z_pnv[a], s)  # noqa: E731
+            state.rises[q].merge(*best_in_segments(shift_of, rise_qns[q], k, True), start)
+            state.falls[q].merge(*best_in_segments(shift_of, fall_qns[q], k, False), start)
 
 
 def chunks_fused(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
@@ -137,7 +116,7 @@ def chunks_fused(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chunk):
         z_pnv = torch.empty(len(h_by_pass), n, stop - start, device=device)
         for p, (lens, h) in enumerate(zip(lens_by_pass, h_by_pass, strict=True)):
             lens.logits(h, start, stop, out=z_pnv[p])
-        if fits(stop - start, k) and not _BROKEN:
+        if segment_selectable(stop - start, k) and not _BROKEN:
             try:
                 add_chunk(state, z_pnv, start, pair_index)
                 continue

@@ -174,9 +174,10 @@ def test_fused_statistics_match_plain_reference():
 
 @pytest.mark.slow
 def test_fused_path_choice_and_identical_passes():
-    from capture.lens_fused import fits
+    from capture.lens import segment_selectable
 
-    assert fits(4096, 7) and not fits(2048, 7) and not fits(808, 7) and not fits(4100, 1)
+    assert segment_selectable(4096, 7) and not segment_selectable(2048, 7)
+    assert not segment_selectable(808, 7) and not segment_selectable(4100, 1)
     lenses, gen = _random_lenses(9000, 24, 1)
     h = torch.randn(33, 24, generator=gen) * 3
     same = lens_statistics([h, h], [lenses[0], lenses[0]], [(0, 1)], 7, [], vocab_chunk=4096, backend="fused")
