@@ -73,7 +73,7 @@ class Selection:
     units: list[Unit]
     labels_p: np.ndarray  # store row -> prompt label (source position)
     chunk_bytes: int  # bytes of one unit read (all passes)
-    layer_chunk: int = 1  # the store's layer chunk: a unit reads whole chunks
+    layer_chunk: int = 1  # the store's layer chunk: a unit reads each layer chunk it needs once
     excluded_massive: int = 0
     scales: np.ndarray | None = field(default=None)  # (n_layers, n_passes) multipliers
 

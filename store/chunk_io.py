@@ -12,9 +12,9 @@ zarr's own writes). Anything else (fsspec URLs, other codecs, unaligned regions)
 zarr as before. As zarr does, a chunk holding only the fill value is not written (and a stale
 file of it removed), which is how padding-only chunks stay absent from a store.
 
-Reading is the mirror image, for analysis over many small chunks of a ragged store: a
-chunk-aligned region is read file by file and decoded on the same threads (an absent chunk
-is the fill value), at a fraction of zarr's cost per chunk.
+Reading is the mirror image, for analysis over many small chunks of a ragged store: any
+region is read file by file and decoded on the same threads (each chunk it touches whole;
+an absent chunk is the fill value), at a fraction of zarr's cost per chunk.
 """
 
 from __future__ import annotations
