@@ -12,7 +12,6 @@ from the attention mask so GPT-2's learned positions stay correct too.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,10 +75,12 @@ def forward_residuals(
 
 def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found, value) of the first non-finite value at a real position, in C order, as tensors on the
-    device: one reduction, and nothing waits for the device. ``found`` is (any, flat index)."""
+    device: one reduction, and nothing waits for the device. ``found`` is (any, row, layer, token)."""
     bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1).view(torch.uint8)  # no copy
     any_, index = bad_n.max(0)  # the first maximum: the first bad value in C order
-    return torch.stack([any_.long(), index]), resid_bltd.view(-1).index_select(0, index.view(1))
+    _, n_layer, n_tok, n_dim = resid_bltd.shape
+    where = [index // (n_layer * n_tok * n_dim), index // (n_tok * n_dim) % n_layer, index // n_dim % n_tok]
+    return torch.stack([any_.long(), *where]), resid_bltd.view(-1).index_select(0, index.view(1))
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,6 @@ class _Launched:
     group: slice
     batch: slice
     last: bool  # the group's last batch
-    shape_bltd: tuple[int, ...]
 
 
 class _GroupFilling:
@@ -156,9 +156,9 @@ class _GroupFilling:
         resid_host, final_host, found, value = arrays
         batch, group = launched.batch, launched.group
         if found[0]:
-            row, layer, token, _ = np.unravel_index(int(found[1]), launched.shape_bltd)
-            raise NonFiniteActivation(pass_=launched.pass_name, prompt=self.prompts.label(batch.start + int(row)),
-                                      layer=self.window.layers[layer], token=int(token), value=float(value[0]))
+            _, row, layer, token = (int(i) for i in found)
+            raise NonFiniteActivation(pass_=launched.pass_name, prompt=self.prompts.label(batch.start + row),
+                                      layer=self.window.layers[layer], token=token, value=float(value[0]))
         key = (launched.pass_index, group.start)
         if key not in self.open:  # allocated at its first batch's placement: after the previous group was handed on
             size, extent = group.stop - group.start, self.token_extent(group)
@@ -217,21 +217,20 @@ def run_passes(
                 batches = compute_batches(lengths, group, batch_size, batch_tokens)
                 extent = token_extent(group)
                 for number, batch in enumerate(batches):
-                    launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1, ())
-                    yield _launch(model, embeddings[spec.embedding], prompts, launched, copies, window.layers,
-                                  out_dtype, pad_id, extent if filling.simple else None)
+                    launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1)
+                    yield launched, _launch(model, embeddings[spec.embedding], prompts, batch, copies, window.layers,
+                                            out_dtype, pad_id, extent if filling.simple else None)
 
     for launched, arrays in arrivals(copies, launches()):
         if (done := filling.place(launched, arrays)) is not None:
             yield done
 
 
-def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, launched: _Launched,
+def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, batch: slice,
             copies: DeviceToHost, layers: list[int], out_dtype: torch.dtype, pad_id: int,
-            width: int | None) -> tuple[_Launched, HostCopy]:
+            width: int | None) -> HostCopy:
     """Queue one batch's forward, make its padding NaN, and start its copy to the host (the first ``width``
     positions, all where None)."""
-    batch = launched.batch
     ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
     ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
     resid_bltd, final_btd = forward_residuals(model, embedding, ids_bt, mask_bt, out_dtype, layers)
@@ -241,9 +240,8 @@ def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, l
         resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
         final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
     width = resid_bltd.shape[2] if width is None else min(resid_bltd.shape[2], width)
-    launched = dataclasses.replace(launched, shape_bltd=tuple(resid_bltd.shape))
     # Only the copy keeps the device tensors alive from here (until it is done).
-    return launched, copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
+    return copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
 
 
 class Throughput:
