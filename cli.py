@@ -178,9 +178,10 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
 
     ds = open_store(args.store)
     with _compute_context(args, ds):
-        result = diff_lens(ds, k=args.k, top=args.top, include_massive=args.include_massive)
-    pairs = args.pass_pair or [str(p) for p in result.pair.values]
-    layers = [int(la) for la in result.layer.values] if args.layer is None else args.layer
+        result = diff_lens(ds, k=args.k, top=args.top, include_massive=args.include_massive, pairs=args.pass_pair,
+                           layers=args.layer)
+    pairs = [str(p) for p in result.pair.values]
+    layers = [int(la) for la in result.layer.values]
     print(f"Mean difference h_right - h_left, read through each side's normed lens ({result.attrs['lens_source']}); "
           f"windows: the first {args.k} real positions of each prompt, and all real positions"
           + ("" if args.include_massive else "; massive-activation positions left out"))
@@ -357,8 +358,10 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     inp.add_argument("--normalize-length", action="store_true", default=None,
                      help="cut every prompt to the shortest prompt's token count, and say so")
     inp.add_argument("--add-bos", action="store_true", default=None, help="prepend the BOS token")
-    inp.add_argument("--chat-template", action="store_true", default=None,
-                     help="wrap each prompt as a user turn with the tokenizer's chat template")
+    inp.add_argument("--chat-template", nargs="?", const="always", choices=["auto", "always", "never"],
+                     help="which prompts the tokenizer's chat template renders: auto (default) the chat "
+                     "conversations (messages rows) only, plain texts as they are; always (the bare flag) also "
+                     "wraps each plain text as a user turn; never refuses chat conversations")
     inp.add_argument("--max-tokens", type=int, help="longest prompt allowed, in tokens (default: model context)")
     inp.add_argument("--truncate", action="store_true", default=None,
                      help="cut prompts longer than --max-tokens with a warning instead of failing")

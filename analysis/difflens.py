@@ -147,12 +147,48 @@ def token_text_table(ds: xr.Dataset, prompt: int | None = None) -> np.ndarray:
     return np.vectorize(lookup.__getitem__, otypes=[object])(ids) if ids.size else ids.astype(object)
 
 
-def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None) -> xr.DataArray:
+def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None,
+                     layers: list[int] | None = None) -> xr.DataArray:
     """(pair, layer, window, dim): the mean of h_right - h_left over the first ``k`` real positions of each
-    prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out. Lazy."""
+    prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out, ``layers``
+    (labels) restricts the layers read. Lazy; on a store as ``open_store`` gives it, one streamed pass over the
+    chunks (:mod:`analysis.masked_sums`), whose memory follows the run size, not the store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> ds = open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))
+    >>> mean_differences(ds, k=2, layers=[1]).sizes
+    Frozen({'pair': 6, 'layer': 1, 'window': 2, 'dim': 8})
+    """
+    from analysis import masked_sums
+    from analysis.metrics import select_side
+
+    if not masked_sums.applies(ds):
+        return _mean_differences_xarray(ds, k, where, layers)
+    real = np.arange(ds.sizes["token"])[None, :] < np.asarray(ds.n_tokens.values)[:, None]
+    if where is not None:
+        real = real & np.asarray(where.transpose("prompt", "token").values, dtype=bool)
+    first = real & (np.arange(ds.sizes["token"]) < k)[None, :]
+    keep = np.stack([first, real])
+    sums = masked_sums.masked_sums(ds, keep, layers)  # (pass_, mask, layer, dim)
+    means = sums / np.maximum(keep.sum(axis=(1, 2)), 1)[None, :, None, None]
+    means = means.where(xr.DataArray(keep.any(axis=(1, 2)), dims="mask"))  # no position: no mean
+    means = means.rename(mask="window").assign_coords(window=list(WINDOWS))
+    diff = select_side(ds, means, "right") - select_side(ds, means, "left")
+    return diff.transpose("pair", "layer", "window", "dim")
+
+
+def _mean_differences_xarray(ds: xr.Dataset, k: int, where: xr.DataArray | None,
+                             layers: list[int] | None) -> xr.DataArray:
+    """:func:`mean_differences` as an xarray expression, for arrays in another layout (e.g. ``open_stores``)."""
     from analysis.metrics import select_side
 
     resid = ds.resid.astype("float64")
+    if layers is not None:
+        resid = resid.sel(layer=list(layers))
     diff = select_side(ds, resid, "right") - select_side(ds, resid, "left")
     real = ds.token < ds.n_tokens
     if where is not None:
@@ -164,14 +200,26 @@ def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = No
 
 
 def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False,
-              massive: xr.DataArray | None = None) -> xr.Dataset:
+              massive: xr.DataArray | None = None, pairs: list[str] | None = None,
+              layers: list[int] | None = None) -> xr.Dataset:
     """Top promoted and suppressed tokens of each pair's mean difference, per layer and window, read through
-    the left and the right pass's normed lens. Computes (the means are small). ``massive`` (prompt, token)
-    gives the massive-activation positions when the caller has already found them."""
+    the left and the right pass's normed lens. Computes (the means are small, and read in one streamed pass).
+    ``massive`` (prompt, token) gives the massive-activation positions when the caller has already found them;
+    ``pairs`` and ``layers`` (labels) restrict the result (and the layers read).
+
+    """
     if "resid" not in ds:
         raise MissingData(what="residuals", fix="the difference lens reads the stored residuals")
     if top < 1 or k < 1:
         raise UsageError(f"--top and --k must be at least 1, got {top} and {k}")
+    from analysis.metrics import store_pass_pairs
+
+    have_pairs, have_layers = store_pass_pairs(ds)[0], [int(la) for la in ds.layer.values]
+    bad = [q for q in pairs or [] if q not in have_pairs] or [la for la in layers or [] if la not in have_layers]
+    if bad:
+        what = "pair" if isinstance(bad[0], str) else "layer"
+        have = have_pairs if what == "pair" else have_layers
+        raise UsageError(f"unknown {what} {bad[0]!r}; the store has {', '.join(map(str, have))}")
     lenses, source = load_lenses(ds)
     where = None
     if not include_massive:
@@ -180,7 +228,9 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
 
             massive = massive_positions(ds).massive
         where = ~massive
-    deltas = mean_differences(ds, k, where).compute()
+    deltas = mean_differences(ds, k, where, layers).compute()
+    if pairs:
+        deltas = deltas.sel(pair=list(pairs))
     sides = {"left": deltas.left.values, "right": deltas.right.values}
     passes = {str(p): str(u) for p, u in zip(ds.pass_.values, ds.unembedding.values, strict=True)}
     shape = (deltas.sizes["pair"], deltas.sizes["layer"], len(WINDOWS), 2, top)

@@ -16,7 +16,15 @@ import torch
 
 from capture.models import check_compatible, check_safe_weights, load_tokenizer, read_shape
 from capture.passes import Pass, PassPair, parse_pass_pairs, parse_passes
-from capture.prompts import TokenizedPrompts, collect_prompts, normalize_lengths, resolve_tracked, tokenize_prompts
+from capture.prompts import (
+    TokenizedPrompts,
+    collect_prompts,
+    describe_templating,
+    normalize_lengths,
+    resolve_tracked,
+    templated_prompts,
+    tokenize_prompts,
+)
 from capture.runner import StoredWindow
 from capture.selection import Positions, parse_layers
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
@@ -87,6 +95,7 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
                                            limit=settings.limit, shuffle=settings.shuffle, seed=settings.seed)
     texts, expanded_from, variants = expand_prompts(sources, settings.variants, settings.variant_options)
     prompt_index = [source_rows[i] for i in expanded_from]
+    templated_prompts(texts, settings.chat_template)  # a conversation under `never` is refused before any load
     positions = Positions.parse(settings.positions)
     resolved = resolve_models(settings)
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
@@ -107,6 +116,9 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         limit, why = shapes["base"].max_positions, "the model's context length"
     tokenized = tokenize_prompts(tokenizer, texts, add_bos=settings.add_bos, chat_template=settings.chat_template,
                                  max_tokens=limit, truncate=settings.truncate, limit_reason=why)
+    mixed = describe_templating(tokenized.templated, settings.chat_template)
+    if mixed:
+        log(mixed)
     if settings.normalize_length:
         tokenized, message = normalize_lengths(tokenizer, tokenized)
         log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
@@ -174,7 +186,8 @@ def make_template(prep: Prepared):
         token_pieces=tokens.pieces, layers=window.layers, prompt_labels=tokens.labels,
         prompt_index=prep.prompt_index, variants=prep.variants, prompt_lengths=prep.prompt_lengths,
         token_positions=[list(range(a, b)) for a, b in zip(window.start, window.stop, strict=True)],
-        roles=tokens.roles, hidden=prep.shapes["base"].hidden, store_dtype=settings.store_dtype, chunking=chunking,
+        roles=tokens.roles, templated=tokens.templated, hidden=prep.shapes["base"].hidden,
+        store_dtype=settings.store_dtype, chunking=chunking,
         attrs=attrs,
     )
     if settings.save_lens:

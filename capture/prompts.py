@@ -1,8 +1,9 @@
 """Prompts: reading them, and turning them into token ids the way the store records them.
 
 Order follows the legacy tool: every prompts-file line first, then inline prompts.
-Tokenisation adds no special tokens unless ``add_bos`` or ``chat_template`` asks for
-them, so a plain capture sees exactly the text's tokens.
+Tokenisation adds no special tokens unless ``add_bos`` or the chat template asks for
+them, so a plain capture sees exactly the text's tokens; the chat template renders chat
+conversations only, unless ``--chat-template always`` wraps plain texts too.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TokenizedPrompts:
     pieces: list[list[str]] = field(default_factory=list)
     roles: list[list[str]] | None = None
     labels: list[int] | None = None  # each prompt's position in source order (default: its index)
+    templated: list[bool] | None = None  # whether the chat template rendered each prompt
 
     @property
     def lengths(self) -> list[int]:
@@ -68,7 +70,8 @@ class TokenizedPrompts:
         """These prompts in this order."""
         pick = lambda items: [items[r] for r in rows] if items is not None else None  # noqa: E731
         labels = [self.labels[r] for r in rows] if self.labels is not None else list(rows)
-        return TokenizedPrompts(pick(self.texts), pick(self.ids), pick(self.pieces) or [], pick(self.roles), labels)
+        return TokenizedPrompts(pick(self.texts), pick(self.ids), pick(self.pieces) or [], pick(self.roles), labels,
+                                pick(self.templated))
 
 
 TEMPLATE_ROLE = "template"
@@ -90,24 +93,62 @@ def _token_roles(offsets: list[tuple[int, int]], text: str, messages: list[dict]
     return roles
 
 
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+PLAIN_ROLE = "text"  # the role of a plain-text prompt's tokens in a store that also holds chats
+
+
+def chat_template_mode(value) -> str:
+    """``--chat-template`` as one of :data:`CHAT_TEMPLATE_MODES` (True/False from older configs: always/auto).
+
+    >>> chat_template_mode(True), chat_template_mode(None), chat_template_mode("never")
+    ('always', 'auto', 'never')
+    """
+    if value is None or value is False:
+        return "auto"
+    if value is True:
+        return "always"
+    if value not in CHAT_TEMPLATE_MODES:
+        raise UsageError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {value!r}")
+    return str(value)
+
+
+def templated_prompts(texts: list[Prompt], mode: str) -> list[bool]:
+    """Which prompts the chat template renders: ``auto`` the conversations (``messages`` rows) only,
+    ``always`` every prompt (a text becomes a user turn), ``never`` none (a conversation is refused).
+
+    >>> templated_prompts(["a", [{"role": "user", "content": "b"}]], "auto")
+    [False, True]
+    """
+    mode = chat_template_mode(mode)
+    chats = [isinstance(t, list) for t in texts]
+    if mode == "never" and any(chats):
+        raise UsageError(f"--chat-template never, but prompt {chats.index(True)} is a chat conversation (a "
+                         "messages list) that only the chat template can render; use --chat-template auto")
+    return [True] * len(texts) if mode == "always" else chats
+
+
 def tokenize_prompts(
     tokenizer,
     texts: list[Prompt],
     *,
     add_bos: bool = False,
-    chat_template: bool = False,
+    chat_template: str | bool = "auto",
     max_tokens: int | None = None,
     truncate: bool = False,
     limit_reason: str = "--max-tokens",
 ) -> TokenizedPrompts:
     """Tokenise prompts for capture; too-long prompts are an error unless ``truncate``.
 
-    A conversation (a list of messages) is rendered with the tokenizer's chat template;
-    with ``chat_template`` a text becomes a user turn. Either way the tokens get roles.
+    ``chat_template`` (:func:`templated_prompts`) says which prompts the tokenizer's chat
+    template renders; plain texts are never wrapped unless it is ``always``. When any prompt
+    is rendered, every token gets a role (:data:`PLAIN_ROLE` for the plain prompts' tokens)
+    and ``templated`` records which prompts were.
     """
-    chats = chat_template or any(isinstance(t, list) for t in texts)
+    templated = templated_prompts(texts, chat_template)
+    chats = any(templated)
     if chats and not getattr(tokenizer, "chat_template", None):
-        what = "--chat-template was given" if chat_template else "the prompts are chat conversations"
+        what = "--chat-template always was given" if not any(isinstance(t, list) for t in texts) else \
+            "the prompts are chat conversations"
         raise UsageError(f"{what} but the tokenizer has no chat template; give a tokenizer with one (--tokenizer) "
                          "or plain-text prompts")
     if add_bos and tokenizer.bos_token_id is None:
@@ -115,13 +156,14 @@ def tokenize_prompts(
     all_ids: list[list[int]] = []
     rendered: list[str] = []
     roles: list[list[str]] | None = [] if chats else None
-    for index, prompt in enumerate(texts):
+    for index, (prompt, render) in enumerate(zip(texts, templated, strict=True)):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = prompt if not chats else tokenizer.apply_chat_template(
+        text = prompt if not render else tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=chats)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=render)
         ids = list(encoded["input_ids"])
-        kinds = _token_roles(encoded["offset_mapping"], text, messages) if chats else None
+        kinds = _token_roles(encoded["offset_mapping"], text, messages) if render else (
+            [PLAIN_ROLE] * len(ids) if chats else None)
         if add_bos and (not ids or ids[0] != tokenizer.bos_token_id):
             ids.insert(0, tokenizer.bos_token_id)
             kinds = [TEMPLATE_ROLE, *kinds] if kinds is not None else None
@@ -138,7 +180,16 @@ def tokenize_prompts(
         if roles is not None:
             roles.append(kinds)
     pieces = [list(tokenizer.convert_ids_to_tokens(ids)) for ids in all_ids]
-    return TokenizedPrompts(texts=rendered, ids=all_ids, pieces=pieces, roles=roles)
+    return TokenizedPrompts(texts=rendered, ids=all_ids, pieces=pieces, roles=roles, templated=templated)
+
+
+def describe_templating(templated: list[bool], mode: str) -> str | None:
+    """One line on a mixed set (some prompts rendered with the chat template, some not); None otherwise."""
+    n = sum(templated)
+    if 0 < n < len(templated):
+        return (f"chat template applied to the {n} chat conversations only; the other {len(templated) - n} prompts "
+                f"are plain text, tokenised as they are (--chat-template {mode}; `always` wraps them as user turns)")
+    return None
 
 
 def resolve_tracked(tokenizer, specs: list[str] | None, vocab_rows: int) -> tuple[list[int], list[str]]:
@@ -186,4 +237,4 @@ def normalize_lengths(tokenizer, tokenized: TokenizedPrompts) -> tuple[Tokenized
     pieces = [p[:target] for p in tokenized.pieces]
     roles = [r[:target] for r in tokenized.roles] if tokenized.roles is not None else None
     message = f"normalized prompt lengths to {target} tokens (previous max length {max(lengths)} tokens)"
-    return TokenizedPrompts(texts=texts, ids=ids, pieces=pieces, roles=roles), message
+    return TokenizedPrompts(texts=texts, ids=ids, pieces=pieces, roles=roles, templated=tokenized.templated), message

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from capture.model_pairs import TINY, get_model_pair
+from capture.prompts import chat_template_mode
 from store.errors import UsageError
 from store.location import sanitize_label
 from store.schema import content_digest
@@ -48,7 +49,7 @@ class CaptureSettings:
     max_tokens: int | None = None
     truncate: bool = False
     add_bos: bool = False
-    chat_template: bool = False
+    chat_template: str = "auto"  # auto (conversations only), always (plain texts as user turns too), never
     store: str | None = None
     store_dtype: str = "float16"
     codec: str = DEFAULT_CODEC  # compression of the data arrays (store.units.CODECS); not part of the content
@@ -70,6 +71,9 @@ class CaptureSettings:
     embedding_variants: list[str] = field(default_factory=list)  # legacy single-pass mode: format-1 export
     model_kwargs: dict = field(default_factory=dict)
     tokenizer_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.chat_template = chat_template_mode(self.chat_template)  # older configs: True / False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -79,6 +79,7 @@ def build_template(
     prompt_lengths: list[int] | None = None,
     token_positions: list[list[int]] | None = None,
     roles: list[list[str]] | None = None,
+    templated: list[bool] | None = None,
 ) -> xr.Dataset:
     """The full-size, lazily NaN-filled Dataset written before any region.
 
@@ -87,7 +88,8 @@ def build_template(
     coordinate. ``token_ids`` are the stored positions' ids, ``token_positions`` their
     positions in the prompt (default 0, 1, ...), ``prompt_lengths`` the prompts' full
     token counts (default: the stored counts), ``layers`` the true layer numbers kept
-    (default 0..L), ``roles`` a chat role per stored token (optional).
+    (default 0..L), ``roles`` a chat role per stored token (optional), ``templated`` whether the chat
+    template rendered each prompt (optional).
     """
     n_pass, n_prompts = len(passes), len(texts)
     layers = list(layers) if layers is not None else list(range(n_layers1))
@@ -129,6 +131,8 @@ def build_template(
         for row, kinds in enumerate(roles):
             roles_pt[row, : len(kinds)] = kinds
         coords["role"] = (("prompt", "token"), roles_pt)
+    if templated is not None:
+        coords["chat_templated"] = ("prompt", np.asarray(templated, dtype=bool))
     return xr.Dataset(
         {
             "resid": (DIMS, resid, {"long_name": "residual stream", "layer_semantics": LAYER_SEMANTICS}),

@@ -86,7 +86,7 @@ def test_overwrite_and_options(tiny_pair, tmp_path, capsys):
     ds = open_store(path)
     assert list(ds.pass_.values) == ["BB", "SS"] and ds.resid.dtype == np.float32
     assert ds.token_str.values[0, 0] == "<|endoftext|>" and "<|assistant|>" in ds.token_str.values[0].tolist()
-    assert ds.attrs["capture_settings"]["chat_template"] is True
+    assert ds.attrs["capture_settings"]["chat_template"] == "always" and ds.chat_templated.values.all()
     assert main([*args, "--overwrite", "--passes", "SS"]) == 0
     assert list(open_store(path).pass_.values) == ["SS"]
 

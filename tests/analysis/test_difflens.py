@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from analysis import open_store
 from analysis.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
+from analysis.metrics import store_pass_pairs
 from store.schema import add_saved_lens_variables
 from store.testing import write_tiny_store
 from store.writer import StoreWriter, consolidate
@@ -77,3 +79,52 @@ def test_shift_rate_against_a_plain_count(tiny_store):
                 real += 1
                 shifted += top[passes.index(right), p, t, 0] not in top[passes.index(left), p, t, :3]
         assert float(got.isel(pair=q)) == shifted / real
+
+
+def _plain_mean_differences(ds, k, keep_pt, layers):
+    """A float64 loop over positions: the reference of the streamed means."""
+    resid = np.asarray(ds.resid.sel(layer=layers).values, dtype=np.float64)  # (pass, prompt, layer, token, dim)
+    passes = [str(p) for p in ds.pass_.values]
+
+    names, lefts, rights = store_pass_pairs(ds)
+    result = np.zeros((len(names), len(layers), 2, resid.shape[-1]))
+    for q, (left, right) in enumerate(zip(lefts, rights, strict=True)):
+        for w, window in enumerate(("first", "all")):
+            rows = []
+            for p in range(ds.sizes["prompt"]):
+                for t in range(int(ds.n_tokens.values[p])):
+                    if keep_pt[p, t] and (window == "all" or t < k):
+                        rows.append(resid[passes.index(right), p, :, t] - resid[passes.index(left), p, :, t])
+            result[q, :, w] = np.mean(rows, axis=0)
+    return result
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2], [2]])
+def test_streamed_mean_differences_equal_a_plain_loop(tmp_path, layers):
+    from analysis.difflens import _mean_differences_xarray, mean_differences
+    from store.chunking import Chunking
+
+    lengths = (23, 17, 17, 9, 4, 2, 1)
+    path = write_tiny_store(tmp_path / "r.zarr", n_prompts=len(lengths), lengths=lengths, store_dtype="float16",
+                            chunking=Chunking(prompt=2, layer=3, token=4))
+    ds = open_store(path)
+    rng = np.random.default_rng(1)
+    keep_pt = rng.random((ds.sizes["prompt"], ds.sizes["token"])) > 0.3
+    where = xr.DataArray(keep_pt, dims=("prompt", "token"))
+    streamed = mean_differences(ds, 3, where, layers)
+    assert "masked-sums" in str(streamed.data.dask.layers.keys())  # the streamed path, not the xarray one
+    expected = _plain_mean_differences(ds, 3, keep_pt, layers)
+    np.testing.assert_allclose(streamed.values, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_mean_differences_xarray(ds, 3, where, layers).values, expected, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_diff_lens_restricts_pairs_and_layers_in_one_line(tmp_path):
+    ds = _store_with_a_planted_difference(tmp_path, promoted=5, suppressed=2)
+    result = diff_lens(ds, k=2, top=3, include_massive=True, pairs=["BB-SS"], layers=[1])
+    assert list(result.pair.values) == ["BB-SS"] and list(result.layer.values) == [1]
+    assert (result.promoted_id.isel(rank=0).values == 5).all()
+    with pytest.raises(Exception, match="unknown layer 9; the store has 0, 1, 2"):
+        diff_lens(ds, layers=[9])
+    with pytest.raises(Exception, match="unknown pair 'XX-YY'"):
+        diff_lens(ds, pairs=["XX-YY"])

@@ -112,6 +112,42 @@ def test_chat_conversations_get_roles_end_to_end(tiny_pair, tmp_path):
     assert "user" in plain.role.values[: int(plain.n_tokens)].tolist()
     assert (chat.role.values[n:] == "").all()
     assert np.isfinite(chat.resid.sel(pass_="SS").values[:, :n]).all()
+    assert ds.chat_templated.values.tolist() == [True, True] and ds.attrs["capture_settings"]["chat_template"] == \
+        "always"
+
+
+def test_plain_text_beside_chats_is_never_wrapped_by_default(tiny_pair, tmp_path, capsys):
+    """A plain row in a set with chat rows keeps exactly its own tokens (the template renders conversations only),
+    the store records which prompts were rendered, and the mix is said in one line."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"text": "Plain text too."}) + "\n")
+    store = tmp_path / "s.zarr"
+    assert main(["capture", "--cache-dir", str(tiny_pair[2]), "--prompts-file", str(path), "--store", str(store),
+                 "--quiet", "--no-lens"]) == 0
+    said = capsys.readouterr()
+    assert "chat template applied to the 1 chat conversations only; the other 1 prompts are plain text" in \
+        said.out + said.err
+    ds = open_store(store)
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    plain = ds.sel(prompt=1)
+    n = int(plain.n_tokens)
+    assert plain.token_id.values[:n].tolist() == tok("Plain text too.", add_special_tokens=False)["input_ids"]
+    assert set(plain.role.values[:n].tolist()) == {"text"}
+    assert ds.chat_templated.values.tolist() == [True, False]
+    assert ds.attrs["capture_settings"]["chat_template"] == "auto"
+
+
+def test_chat_template_never_refuses_conversations_before_any_load(tmp_path, capsys):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    store = tmp_path / "s.zarr"
+    assert main(["capture", "--cache-dir", str(tmp_path / "nowhere"), "--prompts-file", str(path), "--store",
+                 str(store), "--quiet", "--chat-template", "never"]) == 2
+    err = capsys.readouterr().err
+    assert "--chat-template never, but prompt 1 is a chat conversation" in err and err.count("\n") == 1
+    assert not store.exists() and not (tmp_path / "nowhere").exists()
 
 
 def test_shuffle_and_limit_sample_a_dataset(tiny_pair, tmp_path):

@@ -61,7 +61,7 @@ def test_tokenize_limits_and_bos(tokenizer_dir):
     with pytest.warns(UserWarning, match="truncated"):
         assert tokenize_prompts(tok, [text], max_tokens=3, truncate=True).lengths == [3]
     with pytest.raises(UsageError, match="no chat template"):
-        tokenize_prompts(tok, [text], chat_template=True)
+        tokenize_prompts(tok, [text], chat_template="always")
 
 
 def test_resolve_tracked_pieces_and_ids(tokenizer_dir):
