@@ -13,6 +13,18 @@ import traceback
 from pathlib import Path
 
 
+def _open_for_analysis(store: str, reads_lens: bool = True):
+    """The store as analysis may read it (``store.completeness.usable``); the lines on what is left out printed
+    first, so that nothing below them is read as covering it."""
+    from store.completeness import usable
+    from store.reader import open_store
+
+    ds, notes = usable(open_store(store), reads_lens=reads_lens)
+    for note in notes:
+        print(f"note: {note}")
+    return ds
+
+
 def _cmd_pairs(args: argparse.Namespace) -> int:
     from capture.model_pairs import MODEL_PAIRS
 
@@ -101,7 +113,7 @@ def _cmd_export_json(args: argparse.Namespace) -> int:
 def _cmd_export_netcdf(args: argparse.Namespace) -> int:
     from store.conversions.export_netcdf import export_netcdf
 
-    path = export_netcdf(args.store, args.out, args.sel, args.vars)
+    path = export_netcdf(args.store, args.out, args.sel, args.vars, log=lambda line: print(f"note: {line}"))
     print(f"Wrote netCDF to: {path}")
     return 0
 
@@ -118,11 +130,10 @@ def _cmd_import_json(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.export_rows import check_export_path, export_rows
     from analysis.report import build_report
-    from store.reader import open_store
 
     if args.export:
         check_export_path(args.export)  # before any work
-    ds = open_store(args.store)
+    ds = _open_for_analysis(args.store)
     with _compute_context(args, ds) as where:
         if not args.quiet and (args.scheduler or args.local_cluster or args.memory_limit):
             print(f"computing on {where}", file=sys.stderr)
@@ -144,9 +155,8 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     from analysis.factorial import factorial_shares
     from analysis.outliers import describe_massive, massive_positions
     from analysis.report import table
-    from store.reader import open_store
 
-    ds = open_store(args.store)
+    ds = _open_for_analysis(args.store, reads_lens=False)
     found = massive_positions(ds, args.massive_factor)
     with _compute_context(args, ds):
         found = found.compute()
@@ -166,17 +176,21 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
         part = shares if group is None else shares.sel({args.by: group})
         if group is not None:
             print(f"\n{args.by} = {group}:")
-        rows = [[int(layer), *(float(part[c].sel(layer=layer)) for c in columns),
+        rows = [[int(layer), *(float(part[c].sel(layer=layer)) if float(part.total_sq.sel(layer=layer)) > 0
+                               else "-" for c in columns),
                  float(np.sqrt(part.total_sq.sel(layer=layer)))] for layer in part.layer.values]
+        if any("-" in row for row in rows):  # shares of nothing are not numbers
+            print("(-: no change at this layer, sum |D|^2 = 0, so no shares)")
         print(table(["layer", "embedding", "body", "cross", "interaction", "sqrt sum |D|^2"], rows))
     return 0
 
 
 def _cmd_diff_lens(args: argparse.Namespace) -> int:
-    from analysis.difflens import diff_lens, token_texts
-    from store.reader import open_store
+    import numpy as np
 
-    ds = open_store(args.store)
+    from analysis.difflens import diff_lens, token_texts
+
+    ds = _open_for_analysis(args.store, reads_lens=False)
     with _compute_context(args, ds):
         result = diff_lens(ds, k=args.k, top=args.top, include_massive=args.include_massive, pairs=args.pass_pair,
                            layers=args.layer)
@@ -185,13 +199,16 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
     print(f"Mean difference h_right - h_left, read through each side's normed lens ({result.attrs['lens_source']}); "
           f"windows: the first {args.k} real positions of each prompt, and all real positions"
           + ("" if args.include_massive else "; massive-activation positions left out"))
-    for pair in pairs:
-        for layer in layers:
-            for window in result.window.values:
-                for side in ("left", "right"):
-                    cell = result.sel(pair=pair, layer=layer, window=window, side=side)
-                    up = ", ".join(repr(t) for t in token_texts(ds, cell.promoted_id.values))
-                    down = ", ".join(repr(t) for t in token_texts(ds, cell.suppressed_id.values))
+    texts = {}
+    for kind in ("promoted", "suppressed"):  # decoded once, all cells together
+        ids = result[f"{kind}_id"].values
+        texts[kind] = np.array(token_texts(ds, ids.ravel()), dtype=object).reshape(ids.shape)
+    for q, pair in enumerate(pairs):
+        for la, layer in enumerate(layers):
+            for w, window in enumerate(result.window.values):
+                for s, side in enumerate(("left", "right")):
+                    up = ", ".join(repr(t) for t in texts["promoted"][q, la, w, s])
+                    down = ", ".join(repr(t) for t in texts["suppressed"][q, la, w, s])
                     print(f"{pair} layer {layer} {window} ({side} lens): promoted {up}; suppressed {down}")
     return 0
 
@@ -200,6 +217,7 @@ def _cmd_loader_stats(args: argparse.Namespace) -> int:
     from analysis.loader import activation_loader
     from analysis.loader_stats import loader_stats
 
+    _open_for_analysis(args.store, reads_lens=False)  # refuses unfinished residuals in one line
     passes = args.passes.split(",") if args.passes else None
     positions = "all" if args.positions == "all" else int(args.positions)
     loader = activation_loader(args.store, layer=args.layer if len(args.layer) > 1 else args.layer[0], passes=passes,
@@ -269,9 +287,8 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
     from analysis.decompose import decompose_store
     from analysis.report import table
-    from store.reader import open_store
 
-    with _compute_context(args, open_store(args.store)):
+    with _compute_context(args, _open_for_analysis(args.store, reads_lens=False)):
         path, reused = decompose_store(args.store, top_k=args.top_k, cp_rank=args.cp_rank,
                                        tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pass_pair,
                                        out=args.out, force=args.force, progress=not args.quiet,
@@ -289,6 +306,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    import html
     from pathlib import Path
 
     import xarray as xr
@@ -297,9 +315,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from analysis.decompose import decompose_store
     from analysis.report import check_prompt
     from store.location import local_sibling
-    from store.reader import open_store
 
-    ds = open_store(args.store)
+    ds = _open_for_analysis(args.store)
     check_prompt(ds, args.prompt)
     out = Path(args.out) if args.out else local_sibling(args.store, "-plots")
     out.mkdir(parents=True, exist_ok=True)
@@ -324,12 +341,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             [str(q), f"{float(result.participation_ratio.sel(pair=q).mean()):.2f}",
              int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
             for q in result.pair.values]
-        from analysis.answer import opening
+        from analysis.answer import chat_templating, opening
         from analysis.metrics import pair_metrics
+        from store.completeness import LEFT_OUT_ATTR, left_out
 
         with _compute_context(args, ds):
             sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, found, args.include_massive)
-        settings = {"store": str(args.store), **ds.attrs}
+        if left_out(ds):
+            sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
+        settings = {"store": str(args.store), "chat template": chat_templating(ds),
+                    **{k: v for k, v in ds.attrs.items() if k != LEFT_OUT_ATTR}}
         page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
                                  sections, first)
         print(f"Wrote {page}")
@@ -527,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-type", choices=["pairwise", "runs"], default="pairwise", help="pairs or single passes")
     p.add_argument("--top-n", type=int, default=5,
                    help="hotspots and tracked changes listed (largest |value|), grid preview rows and columns")
-    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of entropy, KL and logits")
+    p.add_argument("--lens", choices=["raw", "norm"], default="norm",
+                   help="lens of entropy, KL and logits: norm (default; final norm, then unembedding: the standard "
+                   "logit lens) or raw (unembedding alone)")
     p.add_argument("--pair", dest="pass_pair", action="append", help="only these pairs of passes (repeatable)")
     p.add_argument("--pass", dest="pass_", action="append", help="only these passes with --record-type runs")
     p.add_argument("--token-id", type=int, action="append",
@@ -577,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-metric", default="norm", help="pass metric of the per-pass heatmaps (default norm; "
                    "empty to skip)")
     p.add_argument("--prompt", type=int, default=0, help="prompt index of the heatmaps (default 0)")
-    p.add_argument("--lens", choices=["raw", "norm"], default="raw", help="lens of KL (default raw)")
+    p.add_argument("--lens", choices=["raw", "norm"], default="norm", help="lens of KL (default norm, as everywhere)")
     p.add_argument("--top-k", type=int, default=8, help="principal directions of the decomposition")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _massive_args(p, "colour scales, spectra and the opening tables", factor=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from analysis.difflens import token_texts
+from analysis.difflens import token_texts, visible
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -25,6 +25,15 @@ def _table(header: list[str], rows: list[list]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{c:.4g}' if isinstance(c, float) else str(c))}</td>"
                                     for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def chat_templating(ds: xr.Dataset) -> str:
+    """Which prompts the chat template rendered, from the store itself (what the page's settings state)."""
+    if "chat_templated" in ds.coords:
+        n = int(np.asarray(ds.chat_templated.values).sum())
+    else:  # stores before ``chat_templated``: a role per token meant every prompt was rendered
+        n = ds.sizes["prompt"] if "role" in ds.coords else 0
+    return f"applied to {n} of {ds.sizes['prompt']} prompts"
 
 
 def _pair(ds: xr.Dataset, pairs: list[str]) -> str:
@@ -84,16 +93,24 @@ def diff_lens_section(ds: xr.Dataset, massive: xr.DataArray | None, top: int = 8
     rows = []
     for layer in result.layer.values[-4:]:
         cell = result.sel(pair=pair, layer=layer, window="first", side="right")
-        rows.append([int(layer), " ".join(repr(t) for t in token_texts(ds, cell.promoted_id.values)),
-                     " ".join(repr(t) for t in token_texts(ds, cell.suppressed_id.values))])
+        rows.append([int(layer), " ".join(visible(t) for t in token_texts(ds, cell.promoted_id.values)),
+                     " ".join(visible(t) for t in token_texts(ds, cell.suppressed_id.values))])
     return (f"<h2>Difference lens ({html.escape(pair)})</h2><p>The mean difference over the first "
             f"{result.attrs['k']} real positions, read through the right pass's normed lens "
             f"({html.escape(result.attrs['lens_source'])}).</p>" + _table(["layer", "promoted", "suppressed"], rows))
 
 
+def _not_available(title: str, ds: xr.Dataset) -> str:
+    """A section's note in place of a panel whose statistics are absent or unfinished."""
+    from store.completeness import left_out, lens_note
+
+    why = left_out(ds) or lens_note(ds) or "this store has no lens statistics"
+    return f'<h2>{html.escape(title)}</h2><p class="note">Not shown: {html.escape(why)}</p>'
+
+
 def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
     if "kl" not in ds:
-        return ""
+        return _not_available("Largest KL, norm lens", ds)
     from analysis.reductions import hotspots
 
     pair = _pair(ds, [str(p) for p in ds.pair.values])
@@ -107,7 +124,7 @@ def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
             continue
         context = token_texts(ds, ids[row, max(0, token - 4):min(int(n_tokens[row]), token + 2)])
         rows.append([int(ds.prompt.values[row]), int(ds.layer.values[layer]), token,
-                     "".join(context), float(spots.value[r])])
+                     "".join(context).replace("\n", "⏎"), float(spots.value[r])])
     return (f"<h2>Largest KL({html.escape(pair)}), norm lens</h2>"
             + _table(["prompt", "layer", "token", "context", "KL [nats]"], rows))
 
@@ -115,7 +132,7 @@ def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
 def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "SS") -> str:
     """Layers x tokens of one prompt: the ``pass_``'s top norm-lens token per cell, coloured by KL(``pair``)."""
     if "topk_id" not in ds or "kl" not in ds:
-        return ""
+        return _not_available(f"Token view: prompt {prompt}, pass {pass_}", ds)
     pair = pair if pair in [str(p) for p in ds.pair.values] else str(ds.pair.values[0])
     one = ds.sel(prompt=prompt)
     n = int(one.n_tokens)
@@ -123,7 +140,7 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
     kl = one.kl.sel(lens="norm", pair=pair).isel(token=slice(0, n)).values
     scale = np.nanpercentile(kl, 99) if np.isfinite(kl).any() else 1.0
     texts = token_texts(ds, one.token_id.values[:n])
-    header = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in texts) + "</tr>"
+    header = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(visible(t))}</th>" for t in texts) + "</tr>"
     body = []
     for li in range(top.shape[0] - 1, -1, -1):
         words = token_texts(ds, top[li])
@@ -131,7 +148,8 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
         for t in range(n):
             heat = float(np.clip(np.nan_to_num(kl[li, t]) / max(scale, 1e-12), 0, 1))
             color = f"rgba(220, 60, 40, {heat:.2f})"
-            cells.append(f'<td style="background:{color}" title="KL {kl[li, t]:.3g}">{html.escape(words[t])}</td>')
+            cells.append(f'<td style="background:{color}" title="KL {kl[li, t]:.3g}">'
+                         f"{html.escape(visible(words[t]))}</td>")
         body.append(f"<tr><th>{int(ds.layer.values[li])}</th>{''.join(cells)}</tr>")
     return (f'<h2>Token view: prompt {prompt}, pass {pass_}</h2><p>Each cell is the top token of the {pass_} pass '
             f"under the norm lens at that layer and position; red is KL({html.escape(pair)}), norm lens (99th "

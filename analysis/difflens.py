@@ -19,6 +19,7 @@ not among the left pass's top-3.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +110,30 @@ def token_texts(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
     the raw pieces from the store where there is none."""
     path = _tokenizer_json(ds)
     if path is not None:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(path))
-        return [tokenizer.decode([int(i)]) for i in ids]
+        tokenizer = _tokenizer(str(path))
+        # special tokens (<|im_start|>...) decode to their own text, not to nothing
+        return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
     return [str(i) for i in ids]
+
+
+_VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
+
+
+def visible(text: str) -> str:
+    """A token's text as a table cell shows it: spaces and line breaks drawn (``␣``, ``⏎``, ``⇥``), never blank.
+
+    >>> visible(" the"), visible("\n\n"), visible("<|im_start|>"), visible("")
+    ('␣the', '⏎⏎', '<|im_start|>', '∅')
+    """
+    return str(text).translate(_VISIBLE) if text else "∅"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """A tokenizer.json loaded once per process (a large vocabulary takes a tenth of a second to parse)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
 
 
 def _tokenizer_json(ds: xr.Dataset) -> Path | None:
@@ -264,5 +284,7 @@ def shift_rate(ds: xr.Dataset) -> xr.DataArray:
     right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
     left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")
     real = ds.token < ds.n_tokens
+    if "lens_done" in ds:  # prompts whose statistics were never written hold fill ids, not tokens
+        real = real & ds.lens_done
     shifted = ~(left_top3 == right_top1).any("k")
     return (shifted.where(real).sum(["prompt", "token"]) / real.sum()).rename("shift_rate")

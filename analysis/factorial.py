@@ -19,6 +19,8 @@ per-position sums over ``dim`` are float64, padding-only chunks are skipped.
 
 from __future__ import annotations
 
+from functools import partial
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -64,9 +66,23 @@ def _block_terms(bb, bs, sb, ss) -> np.ndarray:
     return out
 
 
+def _run_terms(passes: list[np.ndarray], index: list[int]) -> np.ndarray:
+    """:func:`_block_terms` of a run's piece, a layer at a time (float64 copies of one layer, not of the piece)."""
+    bb, bs, sb, ss = (passes[i] for i in index)  # each (prompt, layer, token, dim)
+    out = np.empty((len(TERMS), *bb.shape[:-1]))
+    for la in range(bb.shape[1]):
+        out[:, :, la] = _block_terms(bb[:, la], bs[:, la], sb[:, la], ss[:, la])
+    return out
+
+
 def factorial_terms(ds: xr.Dataset) -> xr.DataArray:
     """The five per-position sums ``term`` x (prompt, layer, token), lazily (NaN on padding)."""
     index = _require_passes(ds)
+    from analysis import ragged_sums
+
+    if ragged_sums.applies(ds):  # a task per run of real chunks, read straight from the chunk files
+        terms = ragged_sums.terms_over_runs(ds, partial(_run_terms, index=index), len(TERMS), "factorial-terms")
+        return terms.assign_coords(term=list(TERMS))
     data = ds.resid.transpose("pass_", "prompt", "layer", "token", "dim").data
     blocks = [data[i] for i in index]
     terms = da.map_blocks(_block_terms, *blocks, dtype=np.float64, drop_axis=3, new_axis=0,

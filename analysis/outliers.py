@@ -65,8 +65,9 @@ def describe_massive(ds: xr.Dataset, found: xr.Dataset, included: bool = False, 
     massive = np.asarray(found.massive.values)
     if not massive.any():
         return [f"massive activations: none (no position over {found.attrs['factor']:g}x its layer's median norm)"]
+    from analysis.difflens import token_text_table, visible
+
     peak = np.asarray(found.peak_ratio.values)
-    pieces = np.asarray(ds.token_str.values)
     rows, tokens = np.nonzero(massive)
     order = np.argsort(-peak[rows, tokens])
     by_token: dict[int, int] = {}
@@ -77,7 +78,8 @@ def describe_massive(ds: xr.Dataset, found: xr.Dataset, included: bool = False, 
     lines = [f"massive activations: {len(rows)} positions over {found.attrs['factor']:g}x their layer's median norm "
              f"({common}); " + ("kept in the summaries below (--include-massive)" if included else
                                  "left out of the summaries below (--include-massive keeps them)")]
+    texts = token_text_table(ds)  # decoded (" the"), shown visibly (␣the), not raw pieces (Ġthe)
     for i in order[:limit]:
         r, t = int(rows[i]), int(tokens[i])
-        lines.append(f"  prompt {int(ds.prompt.values[r])}, token {t} {pieces[r, t]!r}: {peak[r, t]:.0f}x")
+        lines.append(f"  prompt {int(ds.prompt.values[r])}, token {t} {visible(texts[r, t])}: {peak[r, t]:.0f}x")
     return lines

@@ -21,12 +21,19 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
-from analysis.difflens import token_text_table
+from analysis.difflens import token_text_table, visible
 from analysis.metrics import pair_metrics, pass_metrics
 from store.atomic import atomic_output
 
 CURVES = (("norm_diff", "||h_right - h_left||"), ("cosine_sim", "cos(h_left, h_right)"),
           ("kl", "KL(right || left) [nats]"))
+LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")  # read through a lens: titles name it
+
+
+def _layer_ticks(layers: np.ndarray, most: int = 12) -> list[int]:
+    """Row indices to label on a layer axis: at most ``most``, evenly spaced, the last included."""
+    step = max(1, -(-len(layers) // most))
+    return sorted({*range(0, len(layers), step), len(layers) - 1})
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
@@ -38,7 +45,7 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
+def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
     metrics = pair_metrics(ds, lens)
     present = [(m, label) for m, label in CURVES if m in metrics]
@@ -47,7 +54,8 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
     for ax, (metric, label) in zip(axes[0], present, strict=True):
         for pair in means[metric].pair.values:
             ax.plot(means[metric].layer.values, means[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
-        ax.set(title=f"{metric} by layer (mean over prompts and tokens)", xlabel="layer (0 = embeddings)",
+        lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
+        ax.set(title=f"{metric} by layer (mean over prompts and tokens{lens_label})", xlabel="layer (0 = embeddings)",
                ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -55,7 +63,7 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "raw") -> Path:
     return _save(fig, out / "layer_curves.png")
 
 
-def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "raw",
+def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "norm",
              massive: np.ndarray | None = None) -> Path:
     """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass.
 
@@ -68,7 +76,7 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     lead = "pair" if "pair" in table[metric].dims else "pass_"
     n_real = int(ds.n_tokens.sel(prompt=prompt))
     grid = table[metric].sel(prompt=prompt).isel(token=slice(0, n_real)).compute()
-    tokens = [str(t) for t in token_text_table(ds, prompt)[:n_real]]  # decoded text, not raw pieces
+    tokens = [visible(t) for t in token_text_table(ds, prompt)[:n_real]]  # decoded text, not raw pieces
     labels = [str(x) for x in grid[lead].values]
     cols = min(3, len(labels))
     rows = -(-len(labels) // cols)
@@ -81,8 +89,11 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
         vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
         image = ax.imshow(panel, aspect="auto", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-12),
                           cmap="viridis")
-        ax.set(title=f"{metric}, {'pair' if lead == 'pair' else 'pass'} {label} (1-99% colour scale)",
+        lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
+        ax.set(title=f"{metric}{lens_label}, {'pair' if lead == 'pair' else 'pass'} {label} (1-99% colour scale)",
                xlabel="token", ylabel="layer")
+        layer_ticks = _layer_ticks(grid.layer.values)  # rows are stored layers: label them with their numbers
+        ax.set_yticks(layer_ticks, [str(int(grid.layer.values[i])) for i in layer_ticks])
         step = max(1, n_real // 12)
         ax.set_xticks(range(0, n_real, step), tokens[::step], rotation=60, fontsize=7)
         fig.colorbar(image, ax=ax)
@@ -99,17 +110,19 @@ def spectra_plots(result: xr.Dataset, out: Path) -> list[Path]:
     rows = -(-len(pairs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     cmap = plt.get_cmap("viridis")
-    n_layer = result.sizes["layer"]
+    labels = [int(la) for la in result.layer.values]  # true layer numbers (a --layers store keeps a subset)
+    low, high = min(labels), max(max(labels), min(labels) + 1)
     for ax, pair in zip(axes.flat, pairs, strict=False):
-        for layer in range(n_layer):
+        for layer, label in enumerate(labels):
             s = result.singular_value.sel(pair=pair).isel(layer=layer).values
             if np.nansum(s) > 0:
                 share = s**2 / np.nansum(s**2)
-                ax.semilogy(np.arange(1, len(s) + 1), np.maximum(share, 1e-12), color=cmap(layer / max(1, n_layer - 1)))
+                ax.semilogy(np.arange(1, len(s) + 1), np.maximum(share, 1e-12),
+                            color=cmap((label - low) / (high - low)))
         ax.set(title=f"spectrum of {pair} differences", xlabel="component", ylabel="share of variance")
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
-    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layer - 1)), ax=axes, label="layer")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(low, high)), ax=axes, label="layer")
     spectra_png = _save(fig, out / "spectra.png", tight=False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for pair in pairs:

@@ -42,6 +42,12 @@ def previous_layer_dots_over_runs(ds: xr.Dataset) -> xr.DataArray:
     return _over_runs(ds, _previous_dots, ds.sizes["pass_"], ("previous-layer-dots",))
 
 
+def terms_over_runs(ds: xr.Dataset, kernel, n_terms: int, name: str) -> xr.DataArray:
+    """Any per-position ``kernel(passes) -> (n_terms, prompt, layer, token)`` over the runs (e.g. the
+    factorial's terms); ``name`` tells graphs of different kernels apart."""
+    return _over_runs(ds, kernel, n_terms, (name,))
+
+
 def _previous_dots(passes: list[np.ndarray]) -> np.ndarray:
     return np.stack([previous_layer_dots(x, layer_axis=1) for x in passes])  # x: (prompt, layer, token, dim)
 

@@ -14,13 +14,16 @@ import dask
 import numpy as np
 import xarray as xr
 
-from analysis.difflens import token_text_table
+from analysis.difflens import token_text_table, visible
 from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
+from analysis.shared_prefix import shared_positions
 from analysis.tracked import tracked_changes, tracked_trajectory
-from store.errors import UsageError
+from store.completeness import left_out
+from store.errors import MissingData, UsageError
 
 RUN_METRICS = (*PASS_METRICS, "entropy")
+LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")  # read through a lens: their tables name it
 LOGIT_SOURCES = ("left", "right", "diff")
 CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
 
@@ -69,7 +72,8 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
     values = _metrics(ds, record_type, lens)
     missing = [m for m in metrics if m not in values]
     if missing:
-        raise UsageError(f"metric {missing[0]!r} needs data this store does not have (resid or lens statistics)")
+        why = left_out(ds) or "it needs residuals or lens statistics, which this store does not have"
+        raise MissingData(what=f"data for metric {missing[0]!r}", fix=why)
     have = [str(x) for x in values[lead].values]
     chosen = labels or have
     bad = [x for x in chosen if x not in have]
@@ -79,8 +83,10 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
 
 
 def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None):
-    lazy = {m: (summarize_over(values[m], axis), hotspots(values[m], top_n), seven_number_summary(values[m]))
-            for m in metrics}
+    repeat_pt, count_pt = shared_positions(ds)
+    once = xr.DataArray(~repeat_pt, dims=("prompt", "token"))  # a position shared by many prompts, listed once
+    lazy = {m: (summarize_over(values[m], axis), hotspots(values[m].where(once), top_n),
+                seven_number_summary(values[m])) for m in metrics}
     lazy["extra"] = extra
     with warnings.catch_warnings():
         # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
@@ -94,31 +100,89 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
     lines, rows = [], []
     for metric in metrics:
         summary, spots, seven = computed[metric]
-        for label in chosen:
-            s = summary.sel({lead: label})
-            lines.append(f"\n{metric} by {axis} ({word} {label}, lens {lens}):")
+        lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
+        for group, meaning in same_tables(ds, summary, spots, lead, chosen):
+            if meaning.startswith("zero"):
+                lines.append(f"\n{metric} ({word}s {', '.join(group)}{lens_label}): exactly 0 at every {axis}: "
+                             + meaning.removeprefix("zero: "))
+                continue
+            s = summary.sel({lead: group[0]})
+            named = f"{word} {group[0]}" if len(group) == 1 else f"{word}s {', '.join(group)}: {meaning}"
+            lines.append(f"\n{metric} by {axis} ({named}{lens_label}):")
             lines.append(table([axis, "mean", "std", "min", "max"],
                                [[int(i), *(float(s[k][j]) for k in ("mean", "std", "min", "max"))]
                                 for j, i in enumerate(s[axis].values)]))
-            h = spots.sel({lead: label})
-            # hotspots gives store rows; reports name prompts by their label (source position)
-            spot_rows = [
-                {"metric": metric, lead: label, "rank": r + 1, "prompt": int(labels[int(h.prompt.values[r])]),
-                 "layer": int(layers[int(h.layer.values[r])]), "token_idx": int(h.token.values[r]),
-                 "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
-                 "value": float(h.value.values[r])}
-                for r in range(h.sizes["rank"]) if int(h.prompt.values[r]) >= 0
-            ]
-            rows += spot_rows
+            for label in group:
+                h = spots.sel({lead: label})
+                # hotspots gives store rows; reports name prompts by their label (source position)
+                rows += [{"metric": metric, lead: label, "rank": r + 1,
+                          "prompt": int(labels[int(h.prompt.values[r])]),
+                          "layer": int(layers[int(h.layer.values[r])]), "token_idx": int(h.token.values[r]),
+                          "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
+                          "value": float(h.value.values[r]),
+                          "prompts_sharing": int(count_pt[int(h.prompt.values[r]), int(h.token.values[r])])}
+                         for r in range(h.sizes["rank"]) if int(h.prompt.values[r]) >= 0]
+            shown = [r for r in rows if r["metric"] == metric and r[lead] == group[0]]
             lines.append(f"top {top_n} |{metric}| hotspots:")
             lines.append(table(["rank", "prompt", "layer", "token_idx", "token", "value"],
-                               [[r["rank"], r["prompt"], r["layer"], r["token_idx"], r["token"], r["value"]]
-                                for r in spot_rows]))
+                               [[r["rank"], _prompt_cell(r), r["layer"], r["token_idx"], visible(r["token"]),
+                                 r["value"]] for r in shown]))
         names = list(seven.data_vars)
         lines.append(f"\n{metric} across prompts (each prompt's mean over layers and tokens):")
         lines.append(table([word, *names], [[label, *(float(seven[n].sel({lead: label})) for n in names)]
                                             for label in chosen]))
     return lines, rows, extra
+
+
+def _prompt_cell(row: dict) -> str:
+    shared = row["prompts_sharing"]
+    return str(row["prompt"]) if shared <= 1 else f"{row['prompt']} (+{shared - 1} same prefix)"
+
+
+def same_tables(ds: xr.Dataset, summary: xr.Dataset, spots: xr.Dataset, lead: str,
+                chosen: list[str]) -> list[tuple[list[str], str]]:
+    """``chosen`` grouped by identical tables (summary and hotspot values), each group with what it means:
+    ``zero: ...`` for a metric exactly 0 everywhere (which passes are identical and why), else a phrase.
+
+    Pairs of a pair whose embeddings are frozen come out as two zero pairs and four identical ones.
+    """
+    groups: list[tuple[list[str], np.ndarray]] = []
+    for label in chosen:
+        key = np.concatenate([summary.sel({lead: label})[k].values.ravel() for k in ("mean", "min", "max")]
+                             + [spots.sel({lead: label}).value.values.ravel()])
+        for members, seen in groups:
+            if seen.shape == key.shape and np.allclose(seen, key, rtol=1e-9, atol=0, equal_nan=True):
+                members.append(label)
+                break
+        else:
+            groups.append(([label], key))
+    out = []
+    for members, key in groups:
+        finite = key[np.isfinite(key)]
+        if lead == "pair" and finite.size and not finite.any():
+            out.append((members, "zero: " + _why_identical(ds, members)))
+        else:
+            out.append((members, "identical tables" if len(members) > 1 else ""))
+    return out
+
+
+def _why_identical(ds: xr.Dataset, pairs: list[str]) -> str:
+    """What two passes giving the same residuals means, from the passes' recipes."""
+    from analysis.metrics import store_pass_pairs
+
+    names, left, right = store_pass_pairs(ds)
+    passes = [str(p) for p in ds.pass_.values]
+    reasons = set()
+    for pair in pairs:
+        a, b = passes.index(left[names.index(pair)]), passes.index(right[names.index(pair)])
+        if str(ds.model.values[a]) == str(ds.model.values[b]) and str(ds.embedding.values[a]) != str(
+                ds.embedding.values[b]):
+            reasons.add("their passes differ only in the input embedding, so the input embeddings are identical")
+        elif str(ds.embedding.values[a]) == str(ds.embedding.values[b]):
+            reasons.add("their passes differ only in the body, so the bodies compute the same here")
+        else:
+            reasons.add("their passes compute the same residuals")
+    return "; ".join(sorted(reasons))
 
 
 def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], list[dict]]:
@@ -132,9 +196,10 @@ def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], lis
     rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
              "token_idx": int(t), "token": str(token_text_table(ds, int(pr))[int(t)]), "shift": float(v)}
             for (q, p, pr, la, t), v in ordered.items()]
-    lines = [f"\ntracked logit changes, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
+    lines = [f"\ntracked logit changes, {lens} lens, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
              table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
-                   [[r["token_id"], r["pair"], r["prompt"], r["layer"], r["token_idx"], r["token"], r["shift"]]
+                   [[r["token_id"], r["pair"], r["prompt"], r["layer"], r["token_idx"], visible(r["token"]),
+                     r["shift"]]
                     for r in rows]) if rows else "(none)"]
     return lines, rows
 
@@ -142,7 +207,7 @@ def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], lis
 def _grid_lines(grid_lt: np.ndarray, tokens: np.ndarray, n_real: int, top_n: int) -> list[str]:
     lines = []
     for layer in range(min(top_n, grid_lt.shape[0])):
-        cells = [f"{tokens[t]}:{grid_lt[layer, t]:.3f}" for t in range(min(top_n, n_real))
+        cells = [f"{visible(tokens[t])}:{grid_lt[layer, t]:.3f}" for t in range(min(top_n, n_real))
                  if np.isfinite(grid_lt[layer, t])]
         lines.append(f"  L{layer}: " + (", ".join(cells) if cells else "-"))
     return lines
@@ -177,7 +242,7 @@ def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> lis
 
 
 def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "layer",
-                 record_type: str = "pairwise", top_n: int = 5, lens: str = "raw",
+                 record_type: str = "pairwise", top_n: int = 5, lens: str = "norm",
                  labels: list[str] | None = None, token_ids: list[int] | None = None,
                  logit_source: str = "diff", prompt: int = 0, include_massive: bool = False,
                  massive_factor: float = 10.0) -> tuple[str, list[dict]]:
@@ -190,7 +255,7 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     >>> from analysis import open_store
     >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
     >>> text.splitlines()[2], len(rows)
-    ('norm_diff by layer (pair BB-BS, lens raw):', 6)
+    ('norm_diff by layer (pair BB-BS):', 6)
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")

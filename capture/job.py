@@ -22,10 +22,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from capture.lens import Lens, describe_norm
-from capture.lens_stage import write_lens_statistics
+from capture.lens_stage import pending_rows, write_lens_statistics
 from capture.memory_plan import build_plan
 from capture.models import DTYPES, input_embedding_copy, load_input_embedding, load_model, release_memory
 from capture.prepare import Prepared, make_template, pad_id_of, prepare
@@ -237,11 +238,12 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
     if settings.save_lens and "saved_lens" not in writer.attrs:
         writer.finalize({"saved_lens": _save_lenses(writer, lenses)})
     if settings.lens and not lens_done.all():
-        bar = tqdm(total=int((~lens_done).sum()), unit="prompt", desc="lens statistics", disable=not progress)
+        # by rows (position x layer x lens), not prompt groups: a group of long prompts takes minutes on a CPU
+        rows = pending_rows(np.asarray(writer.group["n_tokens"][...]), lens_done, writer.group["resid"].shape[2])
+        bar = tqdm(total=rows, unit="row", unit_scale=True, desc="lens statistics", disable=not progress)
         write_lens_statistics(
             writer, [lenses[p.unembedding] for p in prep.passes], [(q.left, q.right) for q in prep.pass_pairs],
-            prep.fingerprint["top_k"], prep.tracked[0], groups, device=prep.resolved.device,
-            on_group=lambda g: bar.update(g.stop - g.start),
+            prep.fingerprint["top_k"], prep.tracked[0], groups, device=prep.resolved.device, on_rows=bar.update,
         )
         bar.close()
     writer.finalize({"completed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})

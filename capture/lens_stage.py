@@ -50,8 +50,10 @@ _FIELDS = (
 def _group_statistics(
     resid_pgltd: np.ndarray, mask_glt: np.ndarray, lenses: list[Lens], pairs: list[tuple[int, int]],
     top_k: int, tracked_ids: list[int], device: torch.device, block_rows: int, vocab_chunk: int,
+    on_rows: Callable[[int], None] = lambda n: None,
 ) -> dict[str, np.ndarray]:
-    """All statistics of one prompt group as arrays shaped (p or q, lens, g, l, t[, k or j])."""
+    """All statistics of one prompt group as arrays shaped (p or q, lens, g, l, t[, k or j]);
+    ``on_rows(n)`` after each block of ``n`` rows (real positions x layers, one lens)."""
     n_pass = resid_pgltd.shape[0]
     real_n = mask_glt.reshape(-1)
     h_pnd = torch.from_numpy(resid_pgltd.reshape(n_pass, real_n.size, -1)[:, real_n])
@@ -84,8 +86,18 @@ def _group_statistics(
     for (lens_i, rows), arrays in arrivals(copies, launches()):
         for (name, *_), values in zip(fields, arrays, strict=True):
             out[name][:, lens_i, rows] = values
+        on_rows(len(rows))
     return {name: values.reshape(*values.shape[:2], *mask_glt.shape, *values.shape[3:])
             for name, values in out.items()}
+
+
+def pending_rows(n_tokens_p: np.ndarray, lens_done_p: np.ndarray, n_layers1: int) -> int:
+    """Rows the statistics stage still has to compute: real positions x layers x lenses of the prompts not done.
+
+    >>> pending_rows(np.array([3, 2]), np.array([False, True]), 4)
+    24
+    """
+    return int(np.asarray(n_tokens_p)[~np.asarray(lens_done_p, dtype=bool)].sum()) * n_layers1 * len(LENS_NAMES)
 
 
 def write_lens_statistics(
@@ -98,8 +110,10 @@ def write_lens_statistics(
     device: torch.device | str = "cpu",
     vocab_chunk: int | None = None,
     on_group: Callable[[slice], None] = lambda group: None,
+    on_rows: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Compute and write the statistics of every prompt group not yet flagged ``lens_done``."""
+    """Compute and write the statistics of every prompt group not yet flagged ``lens_done``; ``on_rows`` counts
+    the rows (real positions x layers, per lens) as they are computed, for a progress bar with an ETA."""
     block_rows, default_chunk = statistics_blocks(device)
     vocab_chunk = vocab_chunk or default_chunk
     root = writer.group
@@ -116,7 +130,7 @@ def write_lens_statistics(
                            dtype=np.float32)
         mask = _real_mask_glt(n_tokens_p[group], n_layers1, extent)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
-                                   vocab_chunk)
+                                   vocab_chunk, on_rows)
         for index, (name, values) in enumerate(arrays.items()):
             writer.write_staircase(name, (slice(None), slice(None)), group, values)
             if index == 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from capture.prompt_sources import Prompt, read_prompts_file
 from store.errors import EmptyPrompt, PromptTooLong, UsageError
+from store.schema import PLAIN_ROLE, TEMPLATE_ROLE
 
 DEV_PROMPTS_FILE = Path(__file__).parent / "data" / "dev_prompts.txt"
 
@@ -74,9 +75,6 @@ class TokenizedPrompts:
                                 pick(self.templated))
 
 
-TEMPLATE_ROLE = "template"
-
-
 def _token_roles(offsets: list[tuple[int, int]], text: str, messages: list[dict]) -> list[str]:
     """The role of each token: the message whose content its characters overlap, else the template's."""
     spans, cursor = [], 0
@@ -94,7 +92,6 @@ def _token_roles(offsets: list[tuple[int, int]], text: str, messages: list[dict]
 
 
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
-PLAIN_ROLE = "text"  # the role of a plain-text prompt's tokens in a store that also holds chats
 
 
 def chat_template_mode(value) -> str:

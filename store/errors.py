@@ -125,6 +125,12 @@ class StoreFormatError(ResdiffError, ValueError):
     _msg = "{path} is not a readable resdiff store: {detail}"
 
 
+class NotExportable(ResdiffError, ValueError):
+    """A store the target format cannot hold."""
+
+    _msg = "{path} cannot be exported in this format: {detail}"
+
+
 class StoreConflict(ResdiffError, FileExistsError):
     """A store that exists with settings that differ from the requested ones."""
 

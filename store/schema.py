@@ -37,6 +37,12 @@ STANDARD_PASSES: tuple[dict[str, str], ...] = tuple(
 )
 
 
+# The ``role`` of a token that no message's content covers (role markers, a default system prompt), and of
+# a plain-text prompt's tokens in a store that also holds chat conversations.
+TEMPLATE_ROLE = "template"
+PLAIN_ROLE = "text"
+
+
 def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
     """(name, left, right) of every pair of passes in plan order, the default comparisons.
 

@@ -24,8 +24,9 @@ import numpy as np
 import xarray as xr
 
 from store.atomic import atomic_output
+from store.completeness import lens_note, require_residuals_done
 from store.conversions.legacy_records import format1_records, prompt_text
-from store.errors import StoreFormatError, UsageError
+from store.errors import NotExportable, UsageError
 from store.location import STORAGE_OPTIONS, sanitize_label
 from store.reader import open_store
 
@@ -163,15 +164,18 @@ def _write_json(ds: xr.Dataset, store, storage_options, lens: str, json_path: Pa
 def _check_exportable(ds: xr.Dataset, path) -> None:
     missing = [v for v in ("entropy", "kl", "topk_id", "rise_id") if v not in ds]
     if missing:
-        raise StoreFormatError(path=path,
-            detail="it has no lens statistics (captured with --no-lens), which the legacy JSON needs; "
-                   "recapture without --no-lens")
+        raise NotExportable(path=path, detail="it has no lens statistics (captured with --no-lens), which the "
+                            "legacy JSON needs; recapture without --no-lens")
     fingerprint = ds.attrs.get("content_fingerprint", {})
     if fingerprint.get("positions", "all") != "all" or list(ds.layer.values) != list(range(ds.sizes["layer"])):
-        raise StoreFormatError(path=path, detail="it holds a subset of layers or positions (--layers/--positions); "
-                               "the legacy JSON has every layer and token: capture without them to export")
-    if not bool(np.asarray(ds.done.values).all()) or not bool(np.asarray(ds.lens_done.values).all()):
-        raise StoreFormatError(path=path, detail="the capture is incomplete; rerun the capture command to finish it")
+        kept = f"layers {', '.join(str(int(la)) for la in ds.layer.values)}" if fingerprint.get(
+            "positions", "all") == "all" else f"positions {fingerprint.get('positions')}"
+        raise NotExportable(path=path, detail=f"it holds only {kept} (--layers/--positions), and the legacy JSON "
+                            "has every layer and token; read it with `report` or xarray, or capture without them")
+    require_residuals_done(ds)
+    note = lens_note(ds)
+    if note:
+        raise NotExportable(path=path, detail=note)
 
 
 def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens: str = "raw") -> Path:

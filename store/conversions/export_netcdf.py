@@ -16,7 +16,8 @@ import numpy as np
 import xarray as xr
 
 from store.atomic import atomic_output
-from store.errors import UsageError
+from store.completeness import LENS_VARIABLES, left_out, usable
+from store.errors import MissingData, UsageError
 from store.reader import open_store
 
 
@@ -51,15 +52,29 @@ def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
 
 
 def export_netcdf(store: str | Path, out: str | Path, selection: list[str] | None = None,
-                  variables: list[str] | None = None) -> Path:
-    """Write the selected part of ``store`` to ``out`` (netCDF4, float32)."""
-    ds = open_store(store)
+                  variables: list[str] | None = None, log=None) -> Path:
+    """Write the selected part of ``store`` to ``out`` (netCDF4, float32).
+
+    The token axis is cut to the selection's longest prompt (padding past it is not written);
+    unfinished lens statistics are left out with a line to ``log`` (refused when asked for by name).
+    """
+    full = open_store(store)
     if variables:
-        unknown = [v for v in variables if v not in ds.data_vars]
+        unknown = [v for v in variables if v not in full.data_vars]
         if unknown:
-            raise UsageError(f"--vars: no variable {unknown[0]!r} in the store; it has {', '.join(ds.data_vars)}")
+            raise UsageError(f"--vars: no variable {unknown[0]!r} in the store; it has {', '.join(full.data_vars)}")
+    ds, notes = usable(full, needs_residuals=not variables or "resid" in variables or "final" in variables,
+                       reads_lens=not variables or any(v in LENS_VARIABLES for v in variables))
+    if variables:
+        dropped = [v for v in variables if v not in ds.data_vars]
+        if dropped:
+            raise MissingData(what=f"finished {dropped[0]}", fix=left_out(ds))
         ds = ds[variables]
+    for note in notes:
+        (log or print)(note)
     ds = ds.sel(parse_selection(selection, ds))
+    if "token" in ds.dims and "n_tokens" in ds.coords:  # the selection's longest prompt, not the store's
+        ds = ds.isel(token=slice(0, max(1, int(np.asarray(ds.n_tokens.values).max()))))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as partial:
