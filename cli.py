@@ -343,14 +343,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             for q in result.pair.values]
         from analysis.answer import chat_templating, opening
         from analysis.metrics import pair_metrics
-        from store.completeness import LEFT_OUT_ATTR, left_out
+        from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out
 
         with _compute_context(args, ds):
             sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, found, args.include_massive)
         if left_out(ds):
             sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
         settings = {"store": str(args.store), "chat template": chat_templating(ds),
-                    **{k: v for k, v in ds.attrs.items() if k != LEFT_OUT_ATTR}}
+                    **{k: v for k, v in ds.attrs.items() if k not in (LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR)}}
         page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
                                  sections, first)
         print(f"Wrote {page}")

@@ -120,7 +120,7 @@ _VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
 
 
 def visible(text: str) -> str:
-    """A token's text as a table cell shows it: spaces and line breaks drawn (``␣``, ``⏎``, ``⇥``), never blank.
+    r"""A token's text as a table cell shows it: spaces and line breaks drawn (``␣``, ``⏎``, ``⇥``), never blank.
 
     >>> visible(" the"), visible("\n\n"), visible("<|im_start|>"), visible("")
     ('␣the', '⏎⏎', '<|im_start|>', '∅')

@@ -18,6 +18,7 @@ from analysis.difflens import token_text_table, visible
 from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
 from analysis.shared_prefix import shared_positions
+from analysis.summary import summary_inputs, summary_sentences
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.completeness import left_out
 from store.errors import MissingData, UsageError
@@ -254,8 +255,8 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     >>> from store.testing import write_tiny_store
     >>> from analysis import open_store
     >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
-    >>> text.splitlines()[2], len(rows)
-    ('norm_diff by layer (pair BB-BS):', 6)
+    >>> text.splitlines()[0][:48], len(rows)
+    ('Summary: Fine-tuning changed the residual stream', 6)
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")
@@ -264,16 +265,23 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     if token_ids and record_type != "pairwise":
         raise UsageError("--token-id works with --record-type pairwise (tracked logits are compared per pair)")
     values, chosen, lead, metrics = _choose(ds, record_type, metrics, lens, labels)
-    found = None
+    found, keep = None, None
     if "resid" in ds:  # massive activations: found in the same computation, left out unless asked
         from analysis.outliers import describe_massive, massive_positions
 
         found = massive_positions(ds, massive_factor)
         if not include_massive:
-            values = values.where(~found.massive)
-    lines, rows, found = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, found)
+            keep = ~found.massive
+            values = values.where(keep)
+    extra = {"found": found, "summary": summary_inputs(ds, keep)}  # computed with the tables, sharing reads
+    lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra)
+    found = extra["found"]
+    n_massive = int(found.massive.sum()) if found is not None else 0
+    opening = summary_sentences(ds, extra["summary"], n_massive, not include_massive)
     if found is not None:
         lines = [*describe_massive(ds, found, include_massive), *lines]
+    if opening:
+        lines = ["Summary: " + " ".join(opening), "", *lines]
     if record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3:
         from analysis.difflens import shift_rate
 

@@ -18,19 +18,32 @@ from store.schema import TEMPLATE_ROLE
 
 
 def shared_positions(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(repeat_pt, count_pt) over store rows: ``repeat`` marks a position whose prefix (its tokens and all
-    before it) an earlier prompt has too; ``count`` is, at the first prompt with a prefix, how many share it
-    (1 for a position of its own).
+    """(repeat_pt, count_pt) over store rows, for the chat template's own text: ``repeat`` marks a template
+    position whose prefix (its token and all before it) an earlier prompt has too; ``count`` is, at the first
+    prompt with that prefix, how many prompts share it (1 everywhere else).
+
+    Only template text counts: it is what a chat template repeats, and the rule that a shared prefix means a
+    shared residual holds for a real capture (a causal model), not for made-up data.
 
     >>> import tempfile
     >>> from store.testing import write_tiny_store
     >>> from analysis import open_store
     >>> repeat, count = shared_positions(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
-    >>> repeat[1].tolist(), count[0].tolist()  # the tiny prompts all start 10, 11, 12...
-    ([True, True, True, True, False], [3, 3, 3, 2, 1])
+    >>> bool(repeat.any()), int(count.max())  # no chat template, so nothing is template text
+    (False, 1)
     """
-    ids = np.asarray(ds.token_id.values)
-    n_tokens = np.asarray(ds.n_tokens.values)
+    repeat, count = _shared_prefixes(np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values))
+    template = np.asarray(ds.role.values) == TEMPLATE_ROLE if "role" in ds.coords else np.zeros(repeat.shape, bool)
+    return repeat & template, np.where(template, count, 1)
+
+
+def _shared_prefixes(ids: np.ndarray, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shared_positions` for every position, template or not.
+
+    >>> repeat, count = _shared_prefixes(np.array([[5, 6, 7], [5, 6, 8], [5, 9, -1]]), np.array([3, 3, 2]))
+    >>> repeat.tolist(), count[0].tolist()
+    ([[False, False, False], [True, True, False], [True, False, False]], [3, 2, 1])
+    """
     repeat = np.zeros(ids.shape, dtype=bool)
     count = np.zeros(ids.shape, dtype=np.int64)
     # A trie of prefixes: node ids are exact (no hashing of token sequences, so no collisions).

@@ -22,6 +22,7 @@ from store.schema import PAIR_STATS, PASS_STATS
 
 LENS_VARIABLES = (*PASS_STATS, *PAIR_STATS)
 LEFT_OUT_ATTR = "resdiff_left_out"  # the line of :func:`usable`, kept on the Dataset for later errors
+UNFINISHED_LENS_ATTR = "resdiff_unfinished_lens"  # "done/prompts" of lens statistics :func:`usable` dropped
 RESUME = "rerun the same `capture` command to finish it (it resumes where it stopped)"
 
 
@@ -85,11 +86,13 @@ def usable(ds: xr.Dataset, needs_residuals: bool = True, reads_lens: bool = True
     """
     if needs_residuals:
         require_residuals_done(ds)
-    note = lens_note(ds)
-    if note and lens_state(ds) is not None:
+    note, state = lens_note(ds), lens_state(ds)
+    attrs = {LEFT_OUT_ATTR: note or ""}
+    if note and state is not None:
         ds = ds.drop_vars([name for name in (*LENS_VARIABLES, "lens_done") if name in ds])
+        attrs[UNFINISHED_LENS_ATTR] = f"{state[0]}/{state[1]}"
     notes = [note] if note and reads_lens else []
-    return ds.assign_attrs({LEFT_OUT_ATTR: note or ""}), notes
+    return ds.assign_attrs(attrs), notes
 
 
 def left_out(ds: xr.Dataset) -> str:

@@ -99,7 +99,8 @@ def test_report_and_store_errors(make_model, store, tmp_path, capsys):
     assert main(_capture(make_model, store, None, None, "--no-lens")) == 0
     capsys.readouterr()
     before = sorted(p.stat().st_mtime_ns for p in store.rglob("*"))
-    _fails(["report", str(store), "--metric", "kl"], "needs data this store does not have", capsys)
+    _fails(["report", str(store), "--metric", "kl"], "this store has no data for metric 'kl'; lens statistics: none "
+           "in this store (captured with --no-lens", capsys)
     _fails(["report", str(store), "--metric", "nope"], "unknown pairwise metric 'nope'", capsys)
     _fails(["report", str(store), "--pair", "BB-XX"], "unknown pair 'BB-XX'", capsys)
     _fails(["report", str(store), "--record-type", "runs", "--pass", "XX"], "unknown pass 'XX'", capsys)

@@ -39,7 +39,8 @@ def test_a_planted_sink_is_found_and_nothing_else(tmp_path):
 def test_reports_list_the_sink_and_leave_it_out(tmp_path):
     ds = _planted(tmp_path)
     text, rows = build_report(ds, top_n=3)
-    assert text.startswith("massive activations: 1 positions over 10x") and "token 0" in text
+    assert "\nmassive activations: 1 positions over 10x" in text and "token 0" in text
+    assert text.startswith("Summary: ")
     label = int(ds.prompt.values[1])
     assert not any(r["prompt"] == label and r["token_idx"] == 0 for r in rows)
     kept, kept_rows = build_report(ds, top_n=3, include_massive=True)

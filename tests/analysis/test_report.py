@@ -24,7 +24,7 @@ def test_report_tables_and_exports(store_path, tmp_path, capsys):
                  "--lens", "norm", "--export", str(out)]) == 0
     text = capsys.readouterr().out
     summary = summarize_over(pair_metrics(open_store(store_path)).cosine_sim.sel(pair="BB-SS"), "layer").compute()
-    assert "cosine_sim by layer (pair BB-SS, lens norm):" in text
+    assert "cosine_sim by layer (pair BB-SS):" in text  # a geometric metric: no lens in its title
     for layer in range(summary.sizes["layer"]):
         assert f"{float(summary['mean'][layer]):.4f}" in text
     rows = list(csv.DictReader(out.open()))
@@ -41,7 +41,7 @@ def test_report_runs_and_json_export(store_path, tmp_path, capsys):
     assert main(["report", str(store_path), "--record-type", "runs", "--metric", "norm", "--metric", "entropy",
                  "--pass", "SS", "--axis", "token", "--export", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "norm by token (pass SS, lens raw):" in text and "entropy by token" in text
+    assert "norm by token (pass SS):" in text and "entropy by token (pass SS, norm lens):" in text
     rows = json.loads(out.read_text())
     assert {r["metric"] for r in rows} == {"norm", "entropy"} and all(r["pass_"] == "SS" for r in rows)
     assert np.isfinite([r["value"] for r in rows]).all()
