@@ -309,6 +309,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     import html
     from pathlib import Path
 
+    import numpy as np
     import xarray as xr
 
     from analysis import plots
@@ -338,15 +339,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(f"Wrote {image}")
     if args.html:
         rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
-            [str(q), f"{float(result.participation_ratio.sel(pair=q).mean()):.2f}",
-             int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
+            [str(q), f"{float(ratio):.2f}" if np.isfinite(ratio := float(result.participation_ratio.sel(pair=q).mean()))
+             else "– (no difference)", int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
             for q in result.pair.values]
         from analysis.answer import chat_templating, opening
         from analysis.metrics import pair_metrics
+        from analysis.summary import report_summary
         from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out
 
         with _compute_context(args, ds):
             sections, first = opening(ds, pair_metrics(ds, "norm"), out, args.prompt, found, args.include_massive)
+            keep = None if args.include_massive else ~found.massive
+            summary = report_summary(ds, keep, int(found.massive.sum()), not args.include_massive)
+        sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
         if left_out(ds):
             sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
         settings = {"store": str(args.store), "chat template": chat_templating(ds),
@@ -412,6 +417,9 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
     lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
                       help="capture residuals only, no lens statistics")
+    lens.add_argument("--lens-layers", metavar="LIST",
+                      help="compute the statistics on these stored layers only, e.g. -1 or 8,16:24 (as --layers; "
+                      "default every stored layer); on a CPU they cost far more than the residuals, per layer")
     lens.add_argument("--top-k", type=int, help="top-k logits, rises and falls kept per position (default 20)")
     lens.add_argument("--track", action="append", metavar="TOKEN",
                       help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")

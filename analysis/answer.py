@@ -18,12 +18,19 @@ import numpy as np
 import xarray as xr
 
 from analysis.difflens import token_texts, visible
+from store.schema import lens_layers
+
+
+def _cell(value) -> str:
+    """A table cell: floats to 4 significant digits; a NaN (nothing to compute there) as a dash, never "nan"."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if np.isfinite(value) else "–"
+    return str(value)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
     cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{c:.4g}' if isinstance(c, float) else str(c))}</td>"
-                                    for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
@@ -46,6 +53,9 @@ def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | Non
     rows = []
     for pair in by_layer.pair.values:
         series = by_layer.sel(pair=pair).values
+        if not np.nan_to_num(series).any():  # e.g. passes that differ only in identical input embeddings
+            rows.append([str(pair), "no change at any layer (exactly 0)"])
+            continue
         order = np.argsort(-np.nan_to_num(series, nan=-np.inf))[:3]
         rows.append([str(pair), ", ".join(f"{int(by_layer.layer.values[i])} ({series[i]:.3g})" for i in order)])
     return ("<h2>Where the change is largest</h2><p>Mean relative change ||h_right - h_left|| / ||h_left|| per "
@@ -77,7 +87,7 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path) -> t
     rows = [[int(la), float(shares.embedding_share.sel(layer=la)), float(shares.body_share.sel(layer=la)),
              float(shares.interaction_ratio.sel(layer=la))] for la in layers]
     return ("<h2>Embeddings or body?</h2><p>D = h_SS - h_BB = E + B: the embedding main effect E, the body main "
-            "effect B and their interaction, as shares of sum |D|^2.</p>"
+            "effect B and their interaction, as shares of sum |D|^2 (–: no change at that layer, so no shares).</p>"
             + _table(["layer", "embedding", "body", "interaction"], rows)), image
 
 
@@ -112,48 +122,66 @@ def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
     if "kl" not in ds:
         return _not_available("Largest KL, norm lens", ds)
     from analysis.reductions import hotspots
+    from analysis.shared_prefix import shared_positions, user_start
 
     pair = _pair(ds, [str(p) for p in ds.pair.values])
     kl = ds.kl.sel(lens="norm", pair=pair, drop=True)
+    repeat, count = shared_positions(ds)  # template text shared by many prompts: one row, with its count
+    kl = kl.where(xr.DataArray(~repeat, dims=("prompt", "token")))
     spots = hotspots(kl if keep is None else kl.where(keep), top).compute()
-    ids, n_tokens = np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values)
+    ids, n_tokens, starts = np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values), user_start(ds)
     rows = []
     for r in range(spots.sizes["rank"]):
-        row, layer, token = int(spots.prompt[r]), int(spots.layer[r]), int(spots.token[r])
+        row, layer, token = int(spots.prompt[r]), int(spots.layer[r]), int(spots.token[r])  # indices
         if row < 0:
             continue
-        context = token_texts(ds, ids[row, max(0, token - 4):min(int(n_tokens[row]), token + 2)])
-        rows.append([int(ds.prompt.values[row]), int(ds.layer.values[layer]), token,
-                     "".join(context).replace("\n", "⏎"), float(spots.value[r])])
+        begin = max(0, token - 4) if token < starts[row] else max(int(starts[row]), token - 4)  # from the user's text
+        context = token_texts(ds, ids[row, begin:min(int(n_tokens[row]), token + 2)])
+        shared = int(count[row, token])
+        label = str(int(ds.prompt.values[row])) + (f" (+{shared - 1} same prefix)" if shared > 1 else "")
+        rows.append([label, int(ds.layer.values[layer]), token, "".join(context).replace("\n", "⏎"),
+                     float(spots.value[r])])
     return (f"<h2>Largest KL({html.escape(pair)}), norm lens</h2>"
             + _table(["prompt", "layer", "token", "context", "KL [nats]"], rows))
 
 
 def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "SS") -> str:
-    """Layers x tokens of one prompt: the ``pass_``'s top norm-lens token per cell, coloured by KL(``pair``)."""
+    """Layers x tokens of one prompt: the ``pass_``'s top norm-lens token per cell, coloured by KL(``pair``).
+
+    Columns start at the user's text (a chat template's leading text, such as a default system prompt, is
+    the same in every conversation); the table scrolls in its own box with its headers kept in view."""
     if "topk_id" not in ds or "kl" not in ds:
         return _not_available(f"Token view: prompt {prompt}, pass {pass_}", ds)
+    from analysis.shared_prefix import user_start
+
     pair = pair if pair in [str(p) for p in ds.pair.values] else str(ds.pair.values[0])
-    one = ds.sel(prompt=prompt)
+    row = [int(p) for p in ds.prompt.values].index(prompt)
+    start = int(user_start(ds)[row])
+    one = ds.sel(prompt=prompt, layer=lens_layers(ds))  # rows: the layers with statistics
     n = int(one.n_tokens)
-    top = one.topk_id.sel(lens="norm", pass_=pass_).isel(k=0, token=slice(0, n)).values  # (layer, token)
-    kl = one.kl.sel(lens="norm", pair=pair).isel(token=slice(0, n)).values
+    columns = slice(start, n)
+    top = one.topk_id.sel(lens="norm", pass_=pass_).isel(k=0, token=columns).values  # (layer, token)
+    kl = one.kl.sel(lens="norm", pair=pair).isel(token=columns).values
     scale = np.nanpercentile(kl, 99) if np.isfinite(kl).any() else 1.0
-    texts = token_texts(ds, one.token_id.values[:n])
-    header = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(visible(t))}</th>" for t in texts) + "</tr>"
+    texts = token_texts(ds, one.token_id.values[columns])
+    header = ('<tr><th class="corner">layer</th>' + "".join(f"<th>{html.escape(visible(t))}</th>" for t in texts)
+              + "</tr>")
     body = []
     for li in range(top.shape[0] - 1, -1, -1):
         words = token_texts(ds, top[li])
         cells = []
-        for t in range(n):
+        for t in range(len(texts)):
             heat = float(np.clip(np.nan_to_num(kl[li, t]) / max(scale, 1e-12), 0, 1))
             color = f"rgba(220, 60, 40, {heat:.2f})"
             cells.append(f'<td style="background:{color}" title="KL {kl[li, t]:.3g}">'
                          f"{html.escape(visible(words[t]))}</td>")
-        body.append(f"<tr><th>{int(ds.layer.values[li])}</th>{''.join(cells)}</tr>")
+        body.append(f"<tr><th>{int(one.layer.values[li])}</th>{''.join(cells)}</tr>")
+    skipped = (f" The first {start} positions, the chat template's own text before the user's, are not shown."
+               if start else "")
     return (f'<h2>Token view: prompt {prompt}, pass {pass_}</h2><p>Each cell is the top token of the {pass_} pass '
             f"under the norm lens at that layer and position; red is KL({html.escape(pair)}), norm lens (99th "
-            f'percentile = full red).</p><table class="tokens" id="token-view">{header}{"".join(body)}</table>')
+            f"percentile = full red).{skipped}</p>"
+            f'<div class="scroll"><table class="tokens" id="token-view">{header}{"".join(body)}</table></div>')
 
 
 def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, found: xr.Dataset,

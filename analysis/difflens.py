@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from store.errors import LensNotSaved, MissingData, UsageError
-from store.schema import norm_formula
+from store.schema import lens_layers, norm_formula
 
 WINDOWS = ("first", "all")
 
@@ -274,13 +274,13 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
 
 
 def shift_rate(ds: xr.Dataset) -> xr.DataArray:
-    """Per pair: the share of real positions where the right pass's top-1 norm-lens token at the last layer is
-    not among the left pass's top-3 (URIAL's token distribution shift). Lazy."""
+    """Per pair: the share of real positions where the right pass's top-1 norm-lens token at the last layer (with
+    statistics) is not among the left pass's top-3 (URIAL's token distribution shift). Lazy."""
     if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
         raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
     from analysis.metrics import select_side
 
-    top = ds.topk_id.sel(lens="norm", drop=True).isel(layer=-1, drop=True)
+    top = ds.topk_id.sel(lens="norm", drop=True).sel(layer=lens_layers(ds)[-1], drop=True)
     right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
     left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")
     real = ds.token < ds.n_tokens

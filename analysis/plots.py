@@ -176,7 +176,11 @@ def html_report(images: list[Path], out: Path, title: str, summary_rows: list[li
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 pre{{background:#f4f4f4;padding:1em;overflow:auto}}
-table.tokens td{{text-align:center;font-family:monospace;font-size:11px;white-space:pre;padding:1px 3px}}</style></head>
+table.tokens td{{text-align:center;font-family:monospace;font-size:11px;white-space:pre;padding:1px 3px}}
+div.scroll{{max-width:100%;max-height:80vh;overflow:auto;border:1px solid #ccc}}
+table.tokens th{{position:sticky;top:0;background:#fff;font-family:monospace;font-size:11px}}
+table.tokens tr th:first-child{{position:sticky;left:0;background:#fff}} table.tokens th.corner{{z-index:2}}
+p.note{{background:#fff4d6;padding:.5em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 {"".join(opening or [])}{first_images}
 <h2>Summary</h2>{table}

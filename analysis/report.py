@@ -22,6 +22,7 @@ from analysis.summary import summary_inputs, summary_sentences
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.completeness import left_out
 from store.errors import MissingData, UsageError
+from store.schema import lens_layers
 
 RUN_METRICS = (*PASS_METRICS, "entropy")
 LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")  # read through a lens: their tables name it
@@ -86,8 +87,10 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
 def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None):
     repeat_pt, count_pt = shared_positions(ds)
     once = xr.DataArray(~repeat_pt, dims=("prompt", "token"))  # a position shared by many prompts, listed once
-    lazy = {m: (summarize_over(values[m], axis), hotspots(values[m].where(once), top_n),
-                seven_number_summary(values[m])) for m in metrics}
+    with_lens = lens_layers(ds)  # lens metrics exist at these layers only (all, unless --lens-layers chose)
+    pick = {m: values[m].sel(layer=with_lens) if m in LENS_METRICS else values[m] for m in metrics}
+    lazy = {m: (summarize_over(pick[m], axis), hotspots(pick[m].where(once), top_n),
+                seven_number_summary(pick[m])) for m in metrics}
     lazy["extra"] = extra
     with warnings.catch_warnings():
         # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
@@ -96,7 +99,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
         (computed,) = dask.compute(lazy)
     extra = computed.pop("extra")
     tokens = token_text_table(ds)  # decoded text, not raw tokenizer pieces
-    labels, layers = ds.prompt.values, ds.layer.values
+    labels = ds.prompt.values
     word = "pair" if lead == "pair" else "pass"
     lines, rows = [], []
     for metric in metrics:
@@ -118,7 +121,8 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
                 # hotspots gives store rows; reports name prompts by their label (source position)
                 rows += [{"metric": metric, lead: label, "rank": r + 1,
                           "prompt": int(labels[int(h.prompt.values[r])]),
-                          "layer": int(layers[int(h.layer.values[r])]), "token_idx": int(h.token.values[r]),
+                          "layer": int(pick[metric].layer.values[int(h.layer.values[r])]),
+                          "token_idx": int(h.token.values[r]),
                           "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
                           "value": float(h.value.values[r]),
                           "prompts_sharing": int(count_pt[int(h.prompt.values[r]), int(h.token.values[r])])}

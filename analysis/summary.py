@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from store.completeness import UNFINISHED_LENS_ATTR
+from store.schema import lens_layers
 
 DOMINANT = 0.8  # a share at least this large "carries" the change
 ZERO = 1e-12  # relative changes below this are no change (float64 sums of identical values are exactly 0)
@@ -48,8 +49,10 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
         terms = terms if keep is None else terms.where(keep)
         out["factorial"] = terms.sum(["prompt", "token"], skipna=True).assign_coords(term=list(TERMS))
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:
-        kl = ds.kl.sel(lens="norm", pair=pair, drop=True).isel(layer=-1, drop=True)
+        last = lens_layers(ds)[-1]
+        kl = ds.kl.sel(lens="norm", pair=pair, drop=True).sel(layer=last, drop=True)
         out["kl_last"] = (kl if keep is None else kl.where(keep)).mean(skipna=True)
+        out["kl_layer"] = last
         if "topk_id" in ds and ds.sizes.get("k", 0) >= 3:
             from analysis.difflens import shift_rate
 
@@ -69,8 +72,9 @@ def summary_sentences(ds: xr.Dataset, computed: dict, n_massive: int = 0, massiv
     sentences.append(_depth_sentence(computed["rel_by_layer"], left, right))
     if "kl_last" in computed:
         kl = float(computed["kl_last"])
-        text = (f"At the last layer, under the norm lens, KL({right} || {left}) averages {kl:.3g} nats per "
-                "position")
+        last = int(computed["kl_layer"])
+        where = "the last layer" if last == int(ds.layer.values[-1]) else f"layer {last} (the last with statistics)"
+        text = f"At {where}, under the norm lens, KL({right} || {left}) averages {kl:.3g} nats per position"
         if "shift_rate" in computed and np.isfinite(float(computed["shift_rate"])):
             text += (f", and {100 * float(computed['shift_rate']):.1f}% of positions have a {right} top-1 token "
                      f"outside {left}'s top 3 (the shift rate)")

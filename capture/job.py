@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from capture.lens import Lens, describe_norm
-from capture.lens_stage import pending_rows, write_lens_statistics
+from capture.lens_stage import chosen_layers, pending_rows, write_lens_statistics
 from capture.memory_plan import build_plan
 from capture.models import DTYPES, input_embedding_copy, load_input_embedding, load_model, release_memory
 from capture.prepare import Prepared, make_template, pad_id_of, prepare
@@ -239,7 +239,8 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
         writer.finalize({"saved_lens": _save_lenses(writer, lenses)})
     if settings.lens and not lens_done.all():
         # by rows (position x layer x lens), not prompt groups: a group of long prompts takes minutes on a CPU
-        rows = pending_rows(np.asarray(writer.group["n_tokens"][...]), lens_done, writer.group["resid"].shape[2])
+        n_lens_layers = int(chosen_layers(writer.group).sum())
+        rows = pending_rows(np.asarray(writer.group["n_tokens"][...]), lens_done, n_lens_layers)
         bar = tqdm(total=rows, unit="row", unit_scale=True, desc="lens statistics", disable=not progress)
         write_lens_statistics(
             writer, [lenses[p.unembedding] for p in prep.passes], [(q.left, q.right) for q in prep.pass_pairs],

@@ -32,9 +32,10 @@ def statistics_blocks(device: torch.device | str) -> tuple[int, int]:
     return BLOCKS["cpu" if torch.device(device).type == "cpu" else "cuda"]
 
 
-def _real_mask_glt(n_tokens_g: np.ndarray, n_layers1: int, n_tokens: int) -> np.ndarray:
+def _real_mask_glt(n_tokens_g: np.ndarray, lens_l: np.ndarray, n_tokens: int) -> np.ndarray:
+    """The rows computed: real positions at the layers whose statistics are kept (``lens_l``)."""
     real_gt = np.arange(n_tokens)[None, :] < n_tokens_g[:, None]
-    return np.broadcast_to(real_gt[:, None, :], (len(n_tokens_g), n_layers1, n_tokens))
+    return real_gt[:, None, :] & np.asarray(lens_l, dtype=bool)[None, :, None]
 
 
 # (statistic, LensStats field, lead axis, trailing axis, fill for padding)
@@ -91,13 +92,21 @@ def _group_statistics(
             for name, values in out.items()}
 
 
-def pending_rows(n_tokens_p: np.ndarray, lens_done_p: np.ndarray, n_layers1: int) -> int:
-    """Rows the statistics stage still has to compute: real positions x layers x lenses of the prompts not done.
+def chosen_layers(root) -> np.ndarray:
+    """(layer,) bool: the stored layers whose statistics are computed (``--lens-layers``; all without it)."""
+    if "lens_layer" in root:
+        return np.asarray(root["lens_layer"][...], dtype=bool)
+    return np.ones(root["resid"].shape[2], dtype=bool)
+
+
+def pending_rows(n_tokens_p: np.ndarray, lens_done_p: np.ndarray, n_lens_layers: int) -> int:
+    """Rows the statistics stage still has to compute: real positions x lens layers x lenses of the prompts
+    not done.
 
     >>> pending_rows(np.array([3, 2]), np.array([False, True]), 4)
     24
     """
-    return int(np.asarray(n_tokens_p)[~np.asarray(lens_done_p, dtype=bool)].sum()) * n_layers1 * len(LENS_NAMES)
+    return int(np.asarray(n_tokens_p)[~np.asarray(lens_done_p, dtype=bool)].sum()) * n_lens_layers * len(LENS_NAMES)
 
 
 def write_lens_statistics(
@@ -118,7 +127,7 @@ def write_lens_statistics(
     vocab_chunk = vocab_chunk or default_chunk
     root = writer.group
     n_tokens_p = np.asarray(root["n_tokens"][...])
-    n_layers1 = root["resid"].shape[2]
+    lens_l = chosen_layers(root)
     done = np.asarray(root["lens_done"][...], dtype=bool)
     stored = ArrayRegions(writer.path, "resid", writer.storage_options)  # chunk files read directly where local
     for group in groups:
@@ -128,7 +137,7 @@ def write_lens_statistics(
         extent = writer.group_extent(group)
         resid = np.asarray(stored.read((slice(None), group, slice(None), slice(0, extent), slice(None))),
                            dtype=np.float32)
-        mask = _real_mask_glt(n_tokens_p[group], n_layers1, extent)
+        mask = _real_mask_glt(n_tokens_p[group], lens_l, extent)
         arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
                                    vocab_chunk, on_rows)
         for index, (name, values) in enumerate(arrays.items()):

@@ -123,6 +123,7 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         tokenized, message = normalize_lengths(tokenizer, tokenized)
         log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
     layers = parse_layers(settings.layers, shapes["base"].n_layers + 1)
+    lens_layers = _lens_layers(settings, layers, shapes["base"].n_layers + 1)
     full_lengths = tokenized.lengths
     tokenized, window = _store_order(tokenized, positions, layers)
     hidden, itemsize = shapes["base"].hidden, units.itemsize(settings.store_dtype)
@@ -141,13 +142,28 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         "save_lens": settings.save_lens, "variants_sha256": content_digest(variants),
         "variant_options": settings.variant_options, "prompt_index_sha256": content_digest(prompt_index),
         "normalize_length": settings.normalize_length, "allow_mismatched_pair": settings.allow_mismatched_pair,
-        "layers": layers, "positions": positions.describe(),
+        "layers": layers, "positions": positions.describe(), "lens_layers": lens_layers,
     }
     path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
     in_store_order = lambda items: [items[i] for i in tokenized.labels]  # noqa: E731
     return Prepared(settings, passes, pass_pairs, refs, in_store_order(prompt_index), in_store_order(variants),
                     in_store_order(full_lengths), shapes, resolved, tokenizer, tokenized, window, tracked, path,
                     chunking, fingerprint)
+
+
+def _lens_layers(settings: CaptureSettings, layers: list[int], n_layers1: int) -> list[int]:
+    """The stored layers whose lens statistics are computed (``--lens-layers``; default every stored layer)."""
+    if settings.lens_layers is None:
+        return list(layers)
+    chosen = parse_layers(settings.lens_layers, n_layers1, "--lens-layers")
+    missing = [la for la in chosen if la not in layers]
+    if missing:
+        raise UsageError(f"--lens-layers names layer {missing[0]}, which is not stored (--layers keeps "
+                         f"{', '.join(map(str, layers))}); choose among the stored layers")
+    if not settings.lens:
+        raise UsageError("--lens-layers chooses where lens statistics are computed, but --no-lens computes none; "
+                         "drop one of them")
+    return chosen
 
 
 def _store_order(tokenized: TokenizedPrompts, positions: Positions, layers: list[int]
@@ -197,7 +213,7 @@ def make_template(prep: Prepared):
         ds = add_lens_variables(
             ds, pairs=[tuple(x) for x in prep.fingerprint["pass_pairs"]], top_k=prep.fingerprint["top_k"],
             tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
-            chunk_token=chunking.token,
+            chunk_token=chunking.token, lens_layers=prep.fingerprint["lens_layers"],
         )
     return ds
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from store.errors import UsageError
 
 
-def parse_layers(spec: str | None, n_layers1: int) -> list[int]:
+def parse_layers(spec: str | None, n_layers1: int, flag: str = "--layers") -> list[int]:
     """The layer numbers ``spec`` names, sorted and unique (all of 0..L when None).
 
     >>> parse_layers("0,8,16:20,-1", 25)
@@ -28,10 +28,10 @@ def parse_layers(spec: str | None, n_layers1: int) -> list[int]:
         try:
             value = int(text)
         except ValueError:
-            raise UsageError(f"--layers {spec!r}: {text!r} is not a layer number; write e.g. 0,8,16:24") from None
+            raise UsageError(f"{flag} {spec!r}: {text!r} is not a layer number; write e.g. 0,8,16:24") from None
         value = value + n_layers1 if value < 0 else value
         if not 0 <= value < n_layers1:
-            raise UsageError(f"--layers {spec!r}: layer {text} is outside 0..{n_layers1 - 1} (the model has "
+            raise UsageError(f"{flag} {spec!r}: layer {text} is outside 0..{n_layers1 - 1} (the model has "
                              f"{n_layers1 - 1} blocks; layer 0 is the embedding output)")
         return value
 
@@ -47,7 +47,7 @@ def parse_layers(spec: str | None, n_layers1: int) -> list[int]:
         else:
             layers.add(number(item))
     if not layers:
-        raise UsageError(f"--layers {spec!r} names no layer; write e.g. 0,8,16:24")
+        raise UsageError(f"{flag} {spec!r} names no layer; write e.g. 0,8,16:24")
     return sorted(layers)
 
 

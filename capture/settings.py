@@ -19,6 +19,7 @@ CONTENT_KEYS = (
     "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts_sha256", "n_prompts", "dtype", "store_dtype",
     "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pass_pairs", "save_lens",
     "variants_sha256", "variant_options", "prompt_index_sha256", "normalize_length", "allow_mismatched_pair",
+    "lens_layers",
 )
 
 
@@ -38,6 +39,7 @@ class CaptureSettings:
     shuffle: bool = False
     seed: int = 0
     layers: str | None = None  # --layers 0,8,16:24 (default all)
+    lens_layers: str | None = None  # --lens-layers: lens statistics on these stored layers only (default all)
     positions: str | None = None  # --positions first:32 | last:16 (default all)
     dtype: str | None = None
     device: str = "auto"

@@ -207,11 +207,13 @@ _STAT_ATTRS = {
 def add_lens_variables(
     ds: xr.Dataset, *, pairs: list[tuple[str, str, str]], top_k: int, tracked_ids: list[int],
     tracked_strs: list[str], chunk_prompt: int, chunk_token: int | None = None,
+    lens_layers: list[int] | None = None,
 ) -> xr.Dataset:
     """Add the (lazily empty) logit-lens statistics to a template.
 
     ``pairs`` are (name, left pass, right pass). Integer ids of unwritten regions read
-    as 0: trust them only where ``lens_done`` is set.
+    as 0: trust them only where ``lens_done`` is set. ``lens_layers`` (true layer numbers,
+    default all) are the layers whose statistics are computed: the ``lens_layer`` coordinate.
     """
     n_pass, n_prompts = ds.sizes["pass_"], ds.sizes["prompt"]
     n_layers1, n_tokens = ds.sizes["layer"], ds.sizes["token"]
@@ -240,7 +242,10 @@ def add_lens_variables(
         data[name] = (dims, array, _STAT_ATTRS[name])
     data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=chunk_prompt),
                          {"long_name": "lens statistics of this prompt fully written"})
+    stored = [int(la) for la in ds.layer.values]
+    chosen = set(stored if lens_layers is None else lens_layers)
     coords = {
+        "lens_layer": ("layer", np.array([la in chosen for la in stored], dtype=bool)),
         "lens": ("lens", string_array(LENS_NAMES)),
         "pair": ("pair", string_array([p[0] for p in pairs])),
         "left": ("pair", string_array([p[1] for p in pairs])),
@@ -250,6 +255,21 @@ def add_lens_variables(
         "tracked_str": ("tracked", string_array(tracked_strs)),
     }
     return ds.assign_coords(coords).assign(data)
+
+
+def lens_layers(ds: xr.Dataset) -> list[int]:
+    """The layers (true numbers) whose lens statistics a store holds: ``lens_layer`` where a capture chose
+    some (``--lens-layers``), every stored layer otherwise (stores before the coordinate).
+
+    >>> import numpy as np
+    >>> ds = xr.Dataset(coords={"layer": [0, 4, 8], "lens_layer": ("layer", np.array([False, True, True]))})
+    >>> lens_layers(ds)
+    [4, 8]
+    """
+    labels = [int(la) for la in ds.layer.values]
+    if "lens_layer" not in ds.coords:
+        return labels
+    return [la for la, kept in zip(labels, np.asarray(ds.lens_layer.values, dtype=bool), strict=True) if kept]
 
 
 def add_saved_lens_variables(ds: xr.Dataset, *, sources: list[str], vocab: int, hidden: int) -> xr.Dataset:

@@ -86,7 +86,7 @@ def test_commands_that_read_only_residuals_are_unaffected(name, lens_killed, tmp
 def test_asking_for_an_unfinished_statistic_is_refused_in_one_line(lens_killed, tmp_path, capsys):
     for args in (["report", "{store}", "--metric", "kl"], ["export-netcdf", "{store}", "{tmp}/y.nc", "--vars", "kl"],
                  ["export-json", "{store}", "--out", "{tmp}/json"]):
-        code, out, err = _run(args, lens_killed, tmp_path, capsys)
+        code, _out, err = _run(args, lens_killed, tmp_path, capsys)
         assert code == 2 and err.count("\n") == 1 and "unfinished, 2 of 4 prompts done" in err, (args, err)
     assert not (tmp_path / "y.nc").exists() and not list((tmp_path).glob("json/*/*.json"))
 
@@ -95,6 +95,6 @@ def test_unfinished_residuals_are_refused_by_every_command(tiny_pair, tmp_path, 
     store = tmp_path / "resid.zarr"
     _killed_capture(tiny_pair, store, "region:6")
     for args in [*COMMANDS.values(), *QUIET.values(), ["export-json", "{store}", "--out", "{tmp}/json"]]:
-        code, out, err = _run(args, store, tmp_path, capsys)
+        code, _out, err = _run(args, store, tmp_path, capsys)
         assert code == 2 and err.count("\n") == 1, (args, err)
         assert "pass x prompt regions were never written" in err and "rerun the same `capture` command" in err

@@ -29,6 +29,7 @@ from store.conversions.legacy_records import format1_records, prompt_text
 from store.errors import NotExportable, UsageError
 from store.location import STORAGE_OPTIONS, sanitize_label
 from store.reader import open_store
+from store.schema import lens_layers
 
 META_NOTE = "Multi-pass residual comparison exported by resdiff from a Zarr store (derived view)."
 MANIFEST_HEADER = "timestamp,entry,prompt_count,prompt_variants,multi_pass,json_path,log_path"
@@ -172,6 +173,10 @@ def _check_exportable(ds: xr.Dataset, path) -> None:
             "positions", "all") == "all" else f"positions {fingerprint.get('positions')}"
         raise NotExportable(path=path, detail=f"it holds only {kept} (--layers/--positions), and the legacy JSON "
                             "has every layer and token; read it with `report` or xarray, or capture without them")
+    if lens_layers(ds) != [int(la) for la in ds.layer.values]:
+        kept = ", ".join(map(str, lens_layers(ds)))
+        raise NotExportable(path=path, detail=f"its lens statistics cover layers {kept} only (--lens-layers), "
+                            "and the legacy JSON has them at every layer; capture without --lens-layers to export")
     require_residuals_done(ds)
     note = lens_note(ds)
     if note:
