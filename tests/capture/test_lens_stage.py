@@ -162,3 +162,37 @@ def test_pass_reads_out_with_its_own_unembedding(make_model, tmp_path):
         z = w @ ds.resid.sel(pass_=name).values[0, 2, 3].astype(np.float64)
         lse = z.max() + np.log(np.exp(z - z.max()).sum())
         np.testing.assert_allclose(ds.lse.sel(pass_=name, lens="raw").values[0, 2, 3], lse, rtol=1e-6)
+
+
+def test_lens_layers_compute_the_chosen_layers_only(make_model, tmp_path, capsys):
+    """--lens-layers: the chosen layers' statistics equal a full capture's, the others are never computed (fill
+    values, not numbers), every reader follows the lens_layer coordinate, and bad specs are refused up front."""
+    from analysis.report import build_report
+    from cli import main
+    from store.schema import lens_layers
+
+    base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
+
+    def capture(name, **extra):
+        settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / name),
+                                   store_dtype="float32", device="cpu", top_k=3, **extra)
+        return open_store(run_capture(settings, log=lambda *a: None, progress=False))
+
+    full, some = capture("full"), capture("some", lens_layers="1,-1")
+    last = int(full.layer.values[-1])
+    assert lens_layers(some) == [1, last] and lens_layers(full) == [int(x) for x in full.layer.values]
+    for name in ("entropy", "kl", "topk_logit"):
+        np.testing.assert_allclose(some[name].sel(layer=[1, last]).values, full[name].sel(layer=[1, last]).values,
+                                   rtol=1e-6, equal_nan=True, err_msg=name)
+        assert np.isnan(some[name].sel(layer=[0, 2]).values).all()
+    np.testing.assert_array_equal(some.topk_id.sel(layer=[1, last]).values, full.topk_id.sel(layer=[1, last]).values)
+    text, _ = build_report(some, metrics=["kl"])
+    assert "kl by layer" in text and not any(line.split()[:1] in (["0"], ["2"]) for line in
+                                             text.split("kl by layer")[1].split("top")[0].splitlines()[2:])
+    assert "nan" not in text.lower()
+    capsys.readouterr()
+    for spec, message in (("9", "outside"), ("1:1", "names no layer")):
+        code = main(["capture", "--base", str(base_dir), "--sft", str(sft_dir), "--store", str(tmp_path / "bad"),
+                     "--prompt", "hi", "--lens-layers", spec, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
