@@ -48,6 +48,7 @@ class GroupTask:
     group: slice
     batch_size: int
     batch_tokens: int
+    max_padding: float
     store_dtype: str
     pad_id: int
     dtype: str
@@ -115,7 +116,8 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
     tokens = 0
     for captured in run_passes(
         model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), [task.group], task.window,
-        batch_size=task.batch_size, batch_tokens=task.batch_tokens, token_extent=writer.group_extent,
+        batch_size=task.batch_size, batch_tokens=task.batch_tokens, max_padding=task.max_padding,
+        token_extent=writer.group_extent,
         out_dtype=DTYPES[task.store_dtype],
         pad_id=task.pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
     ):
@@ -150,6 +152,7 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                     store=str(prep.path), llm_ref=prep.refs[llm], passes=specs,
                     embedding_refs={s: prep.refs[s] for s in sources}, ids=prep.tokenized.ids, window=prep.window,
                     group=group, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+                    max_padding=settings.padding_for(resolved.device),
                     store_dtype=settings.store_dtype, pad_id=pad_id_of(prep.tokenizer), dtype=resolved.dtype,
                     device=resolved.device, trust_remote_code=settings.trust_remote_code,
                     allow_pickle=settings.allow_pickle, load_kwargs=settings.load_kwargs(),

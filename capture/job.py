@@ -135,7 +135,8 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
             kept[llm] = _keep_input_embedding(model, lenses.get(llm), refs[llm], prep, device)
         captured = run_passes(
             model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups, prep.window,
-            batch_size=settings.batch_size, batch_tokens=settings.batch_tokens, token_extent=writer.group_extent,
+            batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+            max_padding=settings.padding_for(resolved.device), token_extent=writer.group_extent,
             out_dtype=DTYPES[settings.store_dtype], pad_id=pad_id_of(prep.tokenizer),
             skip=lambda i, g: bool(done_pp[i, g].all()),
         )

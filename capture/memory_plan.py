@@ -118,7 +118,8 @@ def _shapes(prep: Prepared) -> _Shapes:
     settings, lengths, stored = prep.settings, prep.tokenized.lengths, np.asarray(prep.window.lengths)
     groups = write_groups(lengths, prep.chunking.prompt, settings.batch_size, settings.batch_tokens)
     batches = {(b.stop - b.start, lengths[b.start]) for g in groups
-               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens)}
+               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens,
+                                        settings.padding_for(prep.resolved.device))}
     n_tokens = max(prep.window.lengths)
     extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
                                       for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))

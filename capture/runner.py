@@ -94,21 +94,28 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids_bt, mask_bt
 
 
-def compute_batches(lengths: list[int], rows: slice, batch_size: int, batch_tokens: int) -> list[slice]:
+def compute_batches(lengths: list[int], rows: slice, batch_size: int, batch_tokens: int,
+                    max_padding: float = float("inf")) -> list[slice]:
     """Consecutive prompts of ``rows`` in batches of at most ``batch_size`` prompts and ``batch_tokens``
-    padded tokens (prompts times the batch's longest; a prompt longer than the budget runs alone).
+    padded tokens (prompts times the batch's longest; a prompt longer than the budget runs alone), whose padded
+    tokens are at most ``1 + max_padding`` times their real tokens (a batch of one never pads).
 
     Prompts are in store order, longest first, so a batch holds prompts of similar length.
 
     >>> compute_batches([90, 50, 40, 40, 10], slice(0, 5), batch_size=8, batch_tokens=100)
     [slice(0, 1, None), slice(1, 3, None), slice(3, 5, None)]
+    >>> compute_batches([90, 50, 40, 40, 10], slice(0, 5), batch_size=8, batch_tokens=1000, max_padding=0.05)
+    [slice(0, 1, None), slice(1, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
     batches, start = [], rows.start
     while start < rows.stop:
-        stop, longest = start + 1, lengths[start]
-        while stop < rows.stop and stop - start < batch_size and \
-                (stop - start + 1) * max(longest, lengths[stop]) <= batch_tokens:
-            longest = max(longest, lengths[stop])
+        stop, longest, real = start + 1, lengths[start], lengths[start]
+        while stop < rows.stop and stop - start < batch_size:
+            wide = max(longest, lengths[stop])
+            padded = (stop - start + 1) * wide
+            if padded > batch_tokens or padded > (1 + max_padding) * (real + lengths[stop]):
+                break
+            longest, real = wide, real + lengths[stop]
             stop += 1
         batches.append(slice(start, stop))
         start = stop
@@ -192,6 +199,7 @@ def run_passes(
     *,
     batch_size: int,
     batch_tokens: int,
+    max_padding: float = float("inf"),
     token_extent: Callable[[slice], int],
     out_dtype: torch.dtype,
     pad_id: int = 0,
@@ -214,7 +222,7 @@ def run_passes(
             for group in groups:
                 if skip(pass_index, group):
                     continue
-                batches = compute_batches(lengths, group, batch_size, batch_tokens)
+                batches = compute_batches(lengths, group, batch_size, batch_tokens, max_padding)
                 extent = token_extent(group)
                 for number, batch in enumerate(batches):
                     launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1)

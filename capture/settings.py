@@ -14,6 +14,8 @@ from store.location import sanitize_label
 from store.schema import content_digest
 from store.units import CODECS, DEFAULT_CODEC, MODEL_DTYPES, STORE_DTYPES
 
+BATCH_PADDING = {"cpu": 0.05, "gpu": 0.15}  # default --batch-padding by device (see CaptureSettings.padding_for)
+
 # Settings that change what is written; a resumed capture must agree on all of them.
 CONTENT_KEYS = (
     "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts_sha256", "n_prompts", "dtype", "store_dtype",
@@ -46,6 +48,7 @@ class CaptureSettings:
     device_map: str | None = None
     batch_size: int = 64  # prompts per forward pass, at most
     batch_tokens: int = 8192  # padded tokens per forward pass, at most (a longer prompt runs alone)
+    batch_padding: float | None = None  # padded / real tokens of a batch at most 1 + this (default by device)
     scheduler: str | None = None  # tcp://HOST:PORT of a dask.distributed scheduler
     local_cluster: int | None = None  # worker processes to start on loopback
     max_tokens: int | None = None
@@ -76,6 +79,13 @@ class CaptureSettings:
 
     def __post_init__(self) -> None:
         self.chat_template = chat_template_mode(self.chat_template)  # older configs: True / False
+
+    def padding_for(self, device: str) -> float:
+        """``--batch-padding``, or the device's default: on a CPU a small batch costs nothing more per token, so
+        batches pad at most 5%; on a GPU a bigger batch fills the device, and 15% is allowed."""
+        if self.batch_padding is not None:
+            return self.batch_padding
+        return BATCH_PADDING["cpu" if str(device).startswith("cpu") else "gpu"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +132,9 @@ def resolve_models(settings: CaptureSettings) -> ResolvedModels:
     """Turn ``--pair`` or ``--base/--sft`` into model references, a label and a dtype."""
     if settings.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if settings.batch_padding is not None and settings.batch_padding < 0:
+        raise UsageError(f"--batch-padding must be 0 or more (a fraction of the real tokens), got "
+                         f"{settings.batch_padding}")
     if settings.batch_tokens < 1:
         raise UsageError(f"--batch-tokens must be at least 1, got {settings.batch_tokens}")
     if bool(settings.base) != bool(settings.sft):

@@ -174,8 +174,8 @@ def test_lens_layers_compute_the_chosen_layers_only(make_model, tmp_path, capsys
     base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
 
     def capture(name, **extra):
-        settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / name),
-                                   store_dtype="float32", device="cpu", top_k=3, **extra)
+        settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3],
+                                   store=str(tmp_path / name), store_dtype="float32", device="cpu", top_k=3, **extra)
         return open_store(run_capture(settings, log=lambda *a: None, progress=False))
 
     full, some = capture("full"), capture("some", lens_layers="1,-1")

@@ -9,9 +9,9 @@ import torch
 from capture import runner
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
-from capture.runner import StoredWindow, forward_residuals, run_passes
+from capture.runner import StoredWindow, compute_batches, forward_residuals, run_passes
 from capture.transfer import DeviceToHost
-from store.errors import NonFiniteActivation
+from store.errors import NonFiniteActivation, UsageError
 from tests.helpers import load
 
 # Store order: longest first; labels are source positions.
@@ -93,3 +93,26 @@ def test_non_finite_padding_is_not_an_error(make_model):
     got = _run(llm, embeddings, window, [slice(0, 6)], batch_size=6, out_dtype=torch.float16)
     assert all(np.isfinite(g.resid_gltd[0]).all() for g in got)  # the longest prompt has no padding
     assert sum(np.isfinite(g.resid_gltd[:, 0, :, 0]).sum() for g in got) == 2 * sum(n)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.05, 0.3])
+def test_batches_pad_at_most_the_allowed_share(max_padding):
+    rng = np.random.default_rng(0)
+    lengths = sorted((int(x) for x in rng.lognormal(3.5, 1.0, 500) + 1), reverse=True)
+    batches = compute_batches(lengths, slice(0, len(lengths)), 64, 8192, max_padding)
+    assert [i for b in batches for i in range(b.start, b.stop)] == list(range(len(lengths)))
+    for b in batches:
+        part = lengths[b]
+        assert len(part) == 1 or len(part) * max(part) <= (1 + max_padding) * sum(part) + 1e-9
+        assert len(part) <= 64 and (len(part) == 1 or len(part) * max(part) <= 8192)
+    padded = sum((b.stop - b.start) * lengths[b.start] for b in batches)
+    assert padded <= (1 + max_padding) * sum(lengths)
+
+
+def test_default_batch_padding_follows_the_device():
+    from capture.settings import CaptureSettings, resolve_models
+
+    assert CaptureSettings().padding_for("cpu") == 0.05 and CaptureSettings().padding_for("cuda:1") == 0.15
+    assert CaptureSettings(batch_padding=0.5).padding_for("cpu") == 0.5
+    with pytest.raises(UsageError, match="--batch-padding must be 0 or more"):
+        resolve_models(CaptureSettings(batch_padding=-0.1))
