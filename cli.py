@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "decompose", help="spectra, effective ranks, principal angles, CP and Tucker of the pairwise differences",
         description="Per pair and layer: the spectrum of the difference vectors h_right - h_left over all real "
-        "positions (uncentred), participation ratio, rank to 90/99%% of variance, top-k directions and principal "
+        "positions (uncentred), participation ratio, rank to 90/99% of variance, top-k directions and principal "
         "angles between pairs' top-k subspaces; CP and Tucker of the pair x layer x dim tensor of mean "
         "differences. Written to a sibling store named by the settings; the same settings reuse it.",
     )
@@ -676,7 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="path of a store")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness")
+    p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness",
+                       description="Print a short summary of a store without reading its data: format, dimensions, "
+                       "models, passes, prompts and their token counts, which regions and lens statistics are done, "
+                       "chunking and stored bytes.")
     p.add_argument("store", help="path of a store written by `capture`")
     p.set_defaults(func=_cmd_info)
     return parser

@@ -219,19 +219,36 @@ def summarize_over(metric: xr.DataArray, axis: str = "layer") -> xr.Dataset:
     })
 
 
+def _default_names(stores: list[xr.Dataset], paths: list) -> list[str]:
+    """Each store's pair label; where labels repeat (stores of one pair), the stores' file names, numbered if
+    those repeat too.
+
+    >>> _default_names([xr.Dataset(attrs={"pair_label": "p"})] * 2, ["a/run.zarr", "b/run.zarr"])
+    ['run-1', 'run-2']
+    """
+    from pathlib import Path
+
+    labels = [ds.attrs.get("pair_label") or Path(str(p)).stem for ds, p in zip(stores, paths, strict=True)]
+    if len(set(labels)) == len(labels):
+        return labels
+    stems = [Path(str(p).rstrip("/")).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{stem}-{i + 1}" for i, stem in enumerate(stems)]
+
+
 def open_stores(paths: list, names: list[str] | None = None) -> xr.Dataset:
     """Open several stores lazily and stack them along a new ``model_pair`` dimension.
 
     They must agree in every size and in their prompts' tokens (stores of the same
     prompts captured on models of one shape, e.g. a sweep of checkpoints); otherwise a
-    :class:`UsageError` names the first difference.
+    :class:`UsageError` names the first difference. ``names`` default to the stores' pair
+    labels, or their file names where two stores hold the same pair.
     """
-    from pathlib import Path
-
     from store.reader import open_store
 
     stores = [open_store(p) for p in paths]
-    names = list(names or [ds.attrs.get("pair_label") or Path(p).stem for ds, p in zip(stores, paths, strict=True)])
+    names = list(names or _default_names(stores, paths))
     if len(set(names)) != len(names):
         raise UsageError(f"model_pair names must be unique, got {names}; pass names explicitly")
     first = stores[0]

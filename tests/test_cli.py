@@ -166,3 +166,16 @@ def test_debug_shows_traceback_in_a_real_process():
     help_text = subprocess.run([sys.executable, "cli.py", "capture", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=120).stdout
     assert "--pair" in help_text and "resumes" in help_text
+
+
+def test_every_help_renders_its_percent_signs(capsys):
+    from cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ["", *commands]:
+        with pytest.raises(SystemExit):
+            main([name, "--help"] if name else ["--help"])
+        text = capsys.readouterr().out
+        assert "%%" not in text and "usage:" in text, name
+    assert commands["info"].description  # a description beside its one-line help

@@ -10,7 +10,7 @@ from analysis import open_store, pair_metrics, pass_metrics, summarize_over
 from capture.job import run_capture
 from capture.settings import CaptureSettings
 from store.errors import UsageError
-from store.testing import CountingScheduler
+from store.testing import CountingScheduler, write_tiny_store
 from tests.helpers import PROMPTS
 
 
@@ -135,3 +135,14 @@ def test_open_stores_stacks_compatible_stores(store, make_model, tmp_path):
                 log=lambda *a: None, progress=False)
     with pytest.raises(UsageError, match="cannot be combined: prompt is 4 vs 2"):
         open_stores([path, short])
+
+
+def test_open_stores_names_two_stores_of_one_pair_by_their_files(tmp_path):
+    from analysis import open_stores
+
+    a = write_tiny_store(tmp_path / "a" / "run.zarr")
+    b = write_tiny_store(tmp_path / "b" / "other.zarr", seed=1)
+    combined = open_stores([a, b])
+    assert combined.model_pair.values.tolist() == ["run", "other"]
+    same = open_stores([a, write_tiny_store(tmp_path / "c" / "run.zarr", seed=2)])
+    assert same.model_pair.values.tolist() == ["run-1", "run-2"]

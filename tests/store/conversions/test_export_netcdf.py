@@ -37,3 +37,17 @@ def test_netcdf_bad_selection(tiny_pair, tmp_path, capsys):
     assert main(["export-netcdf", str(store), str(tmp_path / "x.nc"), "--vars", "nope"]) == 2
     assert "no variable 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x.nc").exists()
+
+
+def test_netcdf_of_one_prompt_keeps_its_tokens_not_the_longest_prompts(tmp_path):
+    import xarray as xr
+
+    from store.testing import write_tiny_store
+
+    store = write_tiny_store(tmp_path / "s.zarr", n_prompts=3, lengths=(9, 3, 5))
+    out = tmp_path / "one.nc"
+    assert main(["export-netcdf", str(store), str(out), "--sel", "prompt=1"]) == 0
+    with xr.open_dataset(out, engine="netcdf4") as back:
+        assert back.sizes["token"] == 3  # padding past the selection's longest prompt is not written
+        want = open_store(store).sel(prompt=1).isel(token=slice(0, 3))
+        np.testing.assert_array_equal(back.resid.values, want.resid.values.astype(np.float32))
