@@ -30,6 +30,7 @@ from capture.prepare import Prepared, make_template, prepare
 from capture.residency import residency_schedule
 from capture.runner import compute_batches
 from capture.settings import CaptureSettings
+from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units
 from store.chunking import chunk_slices, token_extent, write_groups
 from store.errors import MemoryBudgetExceeded
@@ -64,6 +65,8 @@ class CapturePlan:
     baseline: int
     steps: list[PlanStep]
     store_bytes: dict[str, int]
+    times: StageTimes | None = None
+    calibration: Calibration | None = None
 
     @property
     def largest(self) -> PlanStep:
@@ -83,6 +86,16 @@ class CapturePlan:
         lines.append(f"store: {self.store}, at most {format_bytes(total)} before compression ({parts})")
         lines.append(f"predicted peak {where}: {format_bytes(self.peak)} = {format_bytes(self.baseline)} in use "
                      f"now + step {self.steps.index(self.largest) + 1} ({format_bytes(self.largest.total)})")
+        if self.times is not None and self.calibration is not None:
+            t = self.times
+            stats = f", lens statistics ~{format_seconds(t.statistics)}" if t.statistics else ""
+            lines.append(f"predicted time: residuals ~{format_seconds(t.residuals)} (forwards "
+                         f"~{format_seconds(t.forwards)}, writes ~{format_seconds(t.writes)}){stats}; total "
+                         f"~{format_seconds(t.total)}, model loading extra (calibrated here: "
+                         f"{self.calibration.describe()})")
+            if t.statistics > 2 * t.residuals:
+                lines.append("  the lens statistics dominate: --lens-layers (e.g. -1, the last layer) computes them "
+                             "on fewer layers, --no-lens skips them")
         return "\n".join(lines)
 
     def check(self, limit: int | None, as_given: str = "") -> None:
@@ -193,8 +206,9 @@ def _store_bytes(prep: Prepared) -> dict[str, int]:
     return sizes
 
 
-def build_plan(prep: Prepared) -> CapturePlan:
-    """The plan of the capture ``prep`` describes; reads configs and checkpoint headers only."""
+def build_plan(prep: Prepared, calibrated: bool = False) -> CapturePlan:
+    """The plan of the capture ``prep`` describes; reads configs and checkpoint headers only. ``calibrated``
+    adds each stage's time from about a second of measurements on this machine (``--plan`` prints it)."""
     resolved = prep.resolved
     on_cpu = not resolved.device.startswith("cuda")
     fps = {llm: model_footprint(ref, resolved.dtype, resolved.device, prep.settings.trust_remote_code)
@@ -205,13 +219,38 @@ def build_plan(prep: Prepared) -> CapturePlan:
         steps.append(_statistics_step(prep, fps["base"], on_cpu, shapes))
         if on_cpu:
             _warm_statistics_kernels()
+    store_bytes = _store_bytes(prep)
+    calibration, times = _times(prep, fps["base"], store_bytes) if calibrated else (None, None)
     return CapturePlan(
         label=resolved.label, store=str(prep.path), device=resolved.device, n_prompts=len(prep.tokenized.texts),
         n_tokens=max(prep.tokenized.lengths), baseline=process_baseline(resolved.device), steps=steps,
-        store_bytes=_store_bytes(prep),
+        store_bytes=store_bytes, times=times, calibration=calibration,
     )
 
 
+def _times(prep: Prepared, fp: ModelFootprint, store_bytes: dict[str, int]) -> tuple[Calibration, StageTimes]:
+    """Each stage's seconds from a short calibration of this machine (:mod:`capture.time_plan`)."""
+    from pathlib import Path
+
+    from capture.models import DTYPES
+    from store.location import is_url
+
+    settings, resolved, lengths = prep.settings, prep.resolved, prep.tokenized.lengths
+    padding = settings.padding_for(resolved.device)
+    groups = write_groups(lengths, prep.chunking.prompt, settings.batch_size, settings.batch_tokens)
+    batches = [(b.stop - b.start, lengths[b.start]) for g in groups
+               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens, padding)]
+    block_rows, vocab_chunk = statistics_blocks(resolved.device)
+    store_dir = Path(".") if is_url(prep.path) else Path(str(prep.path)).resolve().parent
+    calibration = calibrate(fp.hidden, fp.ffn, vocab_chunk, block_rows, resolved.device, DTYPES[resolved.dtype],
+                            store_dir)
+    rows = sum(prep.window.lengths) * len(prep.fingerprint["lens_layers"]) * 2 if settings.lens else 0
+    times = estimate(calibration, body_params=fp.body // units.itemsize(resolved.dtype), n_layers=fp.n_layers,
+                     hidden=fp.hidden, vocab=fp.vocab, batches=batches, n_passes=len(prep.passes),
+                     store_bytes=store_bytes["residuals"], statistics_rows=rows)
+    return calibration, times
+
+
 def plan_capture(settings: CaptureSettings, log=print) -> CapturePlan:
-    """Validate ``settings`` as ``capture`` would and return its plan, loading no weights."""
-    return build_plan(prepare(settings, log))
+    """Validate ``settings`` as ``capture`` would and return its plan with stage times, loading no weights."""
+    return build_plan(prepare(settings, log), calibrated=True)
