@@ -170,16 +170,21 @@ class _GroupFilling:
         if key not in self.open:  # allocated at its first batch's placement: after the previous group was handed on
             size, extent = group.stop - group.start, self.token_extent(group)
             hidden = resid_host.shape[-1]
-            self.open[key] = CapturedGroup(
-                launched.pass_index, group, np.full((size, len(self.window.layers), extent, hidden), np.nan,
-                                                    dtype=self.np_dtype),
-                np.full((size, extent, hidden), np.nan, dtype=self.np_dtype), 0)
+            # Simple placement writes every cell of every row (values, then NaN past the batch), so the buffer
+            # needs no NaN fill of its own: one pass over the memory, not two.
+            alloc = (lambda shape: np.empty(shape, self.np_dtype)) if self.simple else \
+                (lambda shape: np.full(shape, np.nan, dtype=self.np_dtype))
+            self.open[key] = CapturedGroup(launched.pass_index, group,
+                                           alloc((size, len(self.window.layers), extent, hidden)),
+                                           alloc((size, extent, hidden)), 0)
         filling = self.open[key]
         at = batch.start - group.start
         if self.simple:
-            width = resid_host.shape[2]
-            filling.resid_gltd[at:at + len(resid_host), :, :width] = resid_host
-            filling.final_gtd[at:at + len(resid_host), :width] = final_host
+            width, rows = resid_host.shape[2], slice(at, at + len(resid_host))
+            filling.resid_gltd[rows, :, :width] = resid_host
+            filling.resid_gltd[rows, :, width:] = np.nan
+            filling.final_gtd[rows, :width] = final_host
+            filling.final_gtd[rows, width:] = np.nan
         else:  # --positions last:N: each prompt's own window
             for row in range(len(resid_host)):
                 a, b = self.window.start[batch.start + row], self.window.stop[batch.start + row]
