@@ -283,6 +283,7 @@ def _tucker_ranks(text: str | None):
 
 
 def _cmd_decompose(args: argparse.Namespace) -> int:
+    import numpy as np
     import xarray as xr
 
     from analysis.decompose import decompose_store
@@ -295,9 +296,13 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
                                        include_massive=args.include_massive)
     res = xr.open_zarr(str(path))
     print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
-    rows = [[str(q), int(la), float(res.participation_ratio.sel(pair=q, layer=la)),
+    ratio = res.participation_ratio.values  # (pair, layer); NaN where the differences are all zero
+    zero = [str(q) for q, row in zip(res.pair.values, ratio, strict=True) if not np.isfinite(row).any()]
+    if zero:
+        print(f"pairs {', '.join(zero)}: no difference at any layer (exactly 0), so no spectrum")
+    rows = [[str(q), int(la), float(ratio[i, j]) if np.isfinite(ratio[i, j]) else "- (no difference)",
              int(res.rank90.sel(pair=q, layer=la)), int(res.rank99.sel(pair=q, layer=la))]
-            for q in res.pair.values for la in res.layer.values]
+            for i, q in enumerate(res.pair.values) if str(q) not in zero for j, la in enumerate(res.layer.values)]
     print(table(["pair", "layer", "participation", "rank90", "rank99"], rows))
     print(f"CP rank {res.sizes['cp_rank']}: relative error {res.attrs['cp_relative_error']:.3e}; "
           f"Tucker ranks {tuple(res.attrs['tucker_ranks'])}: relative error {res.attrs['tucker_relative_error']:.3e}")
