@@ -29,8 +29,10 @@ def test_the_page_opens_with_what_changed(page):
     store, report = page
     text = report.read_text()
     headings = re.findall(r"<h2>(.*?)</h2>", text)
-    assert headings[:6] == ["Massive activations", "Where the change is largest", "Embeddings or body?",
+    assert headings[:7] == ["Summary", "Massive activations", "Where the change is largest", "Embeddings or body?",
                             "Difference lens (BB-SS)", "Largest KL(BB-SS), norm lens", "Token view: prompt 1, pass SS"]
+    summary = text[text.index("<h2>Summary</h2>"):text.index("<h2>Massive activations</h2>")]
+    assert "Fine-tuning changed the residual stream" in summary and "KL(SS || BB) averages" in summary
     assert headings.index("Figures") > headings.index("Token view: prompt 1, pass SS")
     token_view = text[text.index('id="token-view"'):]
     token_view = token_view[:token_view.index("</table>")]
