@@ -75,6 +75,31 @@ def _run_terms(passes: list[np.ndarray], index: list[int]) -> np.ndarray:
     return out
 
 
+def terms_from_distances(sq: dict[frozenset, xr.DataArray]) -> xr.DataArray:
+    """The five :data:`TERMS` from the six squared distances ``|h_i - h_j|^2`` between the four passes, keyed
+    by ``frozenset({i, j})``: every term is a quadratic form of the differences from BB, whose inner products
+    the distances determine (``<a, b> = (|a|^2 + |b|^2 - |a - b|^2) / 2``). Linear in the distances, so it
+    applies to their sums over positions as well, which is how :mod:`analysis.summary` gets the factorial from
+    the pair sums a report computes anyway (no second read). Per position, the direct sums of
+    :func:`factorial_terms` are exact where these may cancel; summed over a layer the difference is rounding.
+    """
+    def dist(i: str, j: str) -> xr.DataArray:
+        return sq[frozenset((i, j))]
+
+    aa, bb, cc = dist("BB", "BS"), dist("BB", "SB"), dist("BB", "SS")  # a = BS - BB, b = SB - BB, c = SS - BB
+    ab = (aa + bb - dist("BS", "SB")) / 2
+    ac = (aa + cc - dist("BS", "SS")) / 2
+    bc = (bb + cc - dist("SB", "SS")) / 2
+    terms = {
+        "total_sq": cc,
+        "embedding_sq": (aa + bb + cc + 2 * bc - 2 * ab - 2 * ac) / 4,  # E = (b + c - a) / 2
+        "body_sq": (aa + bb + cc + 2 * ac - 2 * ab - 2 * bc) / 4,  # B = (a + c - b) / 2
+        "interaction_sq": aa + bb + cc - 2 * ac - 2 * bc + 2 * ab,  # I = c - a - b
+        "embedding_dot_body": (2 * ab + cc - aa - bb) / 4,
+    }
+    return xr.concat([terms[t] for t in TERMS], dim="term").assign_coords(term=list(TERMS))
+
+
 def factorial_terms(ds: xr.Dataset) -> xr.DataArray:
     """The five per-position sums ``term`` x (prompt, layer, token), lazily (NaN on padding)."""
     index = _require_passes(ds)

@@ -144,3 +144,18 @@ def test_groups_by_role_and_kind_partition_the_total(tiny_pair, tmp_path):
     kinds = token_kinds(ds).values
     assert set(kinds[kinds != ""]) == {"special", "text"}
     assert main(["factorial", str(store), "--by", "kind"]) == 0
+
+
+def test_terms_from_the_six_distances_equal_the_direct_sums(tmp_path):
+    """The summary's factorial (from the pair sums a report computes anyway) against the direct per-position
+    terms, summed per layer: the same numbers to rounding."""
+    from analysis.factorial import factorial_terms, terms_from_distances
+    from analysis.metrics import _residual_sums, store_pass_pairs
+
+    ds = open_store(write_tiny_store(tmp_path / "s.zarr", n_prompts=5, n_layers1=3, hidden=8))
+    names, left, right = store_pass_pairs(ds)
+    per_layer = _residual_sums(ds)[2].sum(["prompt", "token"])
+    derived = terms_from_distances({frozenset((a, b)): per_layer.sel(pair=q, drop=True)
+                                    for q, a, b in zip(names, left, right, strict=True)}).compute()
+    direct = factorial_terms(ds).sum(["prompt", "token"]).compute()
+    np.testing.assert_allclose(derived.values, direct.transpose("term", "layer").values, rtol=1e-9, atol=1e-9)
