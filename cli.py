@@ -150,6 +150,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_factorial(args: argparse.Namespace) -> int:
+    import dask
     import numpy as np
 
     from analysis.factorial import factorial_shares
@@ -158,15 +159,15 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
 
     ds = _open_for_analysis(args.store, reads_lens=False)
     found = massive_positions(ds, args.massive_factor)
-    with _compute_context(args, ds):
-        found = found.compute()
-        keep = None if args.include_massive else ~found.massive
-        by = args.by
-        if by == "kind":  # special and chat-template tokens against the rest
-            from analysis.difflens import token_kinds
+    keep = None if args.include_massive else ~found.massive
+    by = args.by
+    if by == "kind":  # special and chat-template tokens against the rest
+        from analysis.difflens import token_kinds
 
-            by = token_kinds(ds)
-        shares = factorial_shares(ds, where=keep, by=by).compute()
+        by = token_kinds(ds)
+    with _compute_context(args, ds):
+        # one computation: the massive positions and the shares come from the same read of the residuals
+        found, shares = dask.compute(found, factorial_shares(ds, where=keep, by=by))
     print("\n".join(describe_massive(ds, found, args.include_massive)))
     columns = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
     groups = [None] if args.by is None else [str(g) for g in shares[args.by].values]

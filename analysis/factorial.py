@@ -146,6 +146,21 @@ def _shares(sums: xr.Dataset) -> xr.Dataset:
     })
 
 
+def _shared_terms(ds: xr.Dataset) -> xr.DataArray:
+    """The per-position terms from the pair sums every pair metric reads (:func:`terms_from_distances`) when the
+    store's pairs cover the six combinations of the four passes, so that one read serves the metrics, the
+    massive-activation search and the factorial; else :func:`factorial_terms`."""
+    from analysis.metrics import _residual_sums, store_pass_pairs
+
+    _require_passes(ds)
+    names, left, right = store_pass_pairs(ds)
+    keys = {frozenset((a, b)): q for q, a, b in zip(names, left, right, strict=True)}
+    if not all(frozenset((a, b)) in keys for i, a in enumerate(FACTORIAL_PASSES) for b in FACTORIAL_PASSES[i + 1:]):
+        return factorial_terms(ds)
+    sqdiff = _residual_sums(ds)[2]
+    return terms_from_distances({k: sqdiff.sel(pair=q, drop=True) for k, q in keys.items()})
+
+
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
                      where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
     """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
@@ -154,7 +169,7 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
     and token, e.g. not a massive-activation position) leaves positions out.
     """
-    terms = factorial_terms(ds)
+    terms = _shared_terms(ds)
     if where is not None:
         terms = terms.where(where)
     if by is None:
