@@ -99,3 +99,36 @@ def test_a_memory_limit_picks_smaller_layer_tiles_with_the_same_spectra(planted)
         tiled = spectra(ds, top_k=2, pairs=["BS-SB"])
     np.testing.assert_allclose(tiled.singular_value.values, whole.singular_value.values, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(tiled.mean_diff.values, whole.mean_diff.values, rtol=1e-12, atol=1e-15)
+
+
+def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path):
+    """SB = BB and SS = BS (frozen input embeddings): two pairs are exactly zero and four share one Gram; every
+    pair's spectrum and mean difference equal a float64 reference computed pair by pair from the rows."""
+    import zarr
+
+    from analysis.decompose import spectra
+    from store.testing import write_tiny_store
+    from store.writer import consolidate
+
+    path = write_tiny_store(tmp_path / "s.zarr", n_prompts=5, lengths=(7, 3, 6, 2, 5), hidden=6, n_layers1=3,
+                            store_dtype="float16", chunking=Chunking(prompt=2, layer=3, token=4))
+    group = zarr.open_group(str(path), mode="r+")
+    group["resid"][2] = group["resid"][0]  # SB = BB
+    group["resid"][3] = group["resid"][1]  # SS = BS
+    consolidate(path)
+    ds = open_store(path)
+    result = spectra(ds, top_k=2)
+    resid = ds.resid.values.astype(np.float64)  # (pass, prompt, layer, token, dim), NaN on padding
+    passes = [str(p) for p in ds.pass_.values]
+    for pair in result.pair.values:
+        left, right = str(pair).split("-")
+        for layer in range(ds.sizes["layer"]):
+            d = resid[passes.index(right), :, layer] - resid[passes.index(left), :, layer]
+            d = d.reshape(-1, d.shape[-1])
+            d = d[~np.isnan(d).any(axis=1)]
+            want = np.sqrt(np.clip(np.linalg.eigvalsh(d.T @ d)[::-1], 0, None))
+            got = result.singular_value.sel(pair=pair).isel(layer=layer).values
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9, err_msg=f"{pair} {layer}")
+            np.testing.assert_allclose(result.mean_diff.sel(pair=pair).isel(layer=layer).values, d.mean(axis=0),
+                                       rtol=1e-9, atol=1e-12)
+    assert not result.singular_value.sel(pair="BB-SB").values.any()
