@@ -254,7 +254,8 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
     scale = p.add_argument_group("where to compute (default: threads on this machine)")
     scale.add_argument("--memory-limit", metavar="SIZE",
                        help="bound the computation's memory, e.g. 1GB (the process's own ~0.4 GB of libraries "
-                       "comes on top); sets the threads, or each --local-cluster worker's limit")
+                       "comes on top; default: a quarter of this machine's memory); sets the threads and the "
+                       "blocks read at once, or each --local-cluster worker's limit")
     scale.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                        help="run on an existing dask.distributed scheduler (workers need resdiff importable and "
                        "the store path readable)")
@@ -263,9 +264,9 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compute_context(args: argparse.Namespace, ds):
-    from analysis.compute import compute_on, parse_memory, tile_bytes
+    from analysis.compute import compute_on, default_memory_limit, parse_memory, tile_bytes
 
-    limit = parse_memory(args.memory_limit) if args.memory_limit else None
+    limit = parse_memory(args.memory_limit) if args.memory_limit else default_memory_limit()
     return compute_on(args.scheduler, args.local_cluster, limit, tile_bytes(ds))
 
 
@@ -694,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "memory_limit", None) and not (getattr(args, "scheduler", None) or
-                                                     getattr(args, "local_cluster", None) is not None):
+    if hasattr(args, "memory_limit") and not (getattr(args, "scheduler", None) or
+                                              getattr(args, "local_cluster", None) is not None):
         from analysis.compute import share_one_heap
 
         share_one_heap()  # before any thread starts (see its docstring)

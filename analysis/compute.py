@@ -35,6 +35,16 @@ _BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life 
 _ONE_HEAP = False  # set by share_one_heap
 
 
+DEFAULT_MEMORY_SHARE = 0.25  # of this machine's memory, the --memory-limit when none is given
+
+
+def default_memory_limit() -> int:
+    """The ``--memory-limit`` of a command that was given none: a quarter of this machine's memory."""
+    import psutil
+
+    return int(psutil.virtual_memory().total * DEFAULT_MEMORY_SHARE)
+
+
 def parse_memory(text: str | int) -> int:
     """Bytes from ``1GB``, ``512MiB``, ``2e9`` or an int; a one-line error otherwise."""
     return parse_size(text, "--memory-limit")

@@ -99,3 +99,29 @@ def test_report_on_an_existing_scheduler_with_pinned_workers(store_path, capsys)
 def test_unreachable_scheduler_is_a_one_line_error(store_path, capsys):
     assert main(["report", str(store_path), "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 2
     assert "could not reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_analysis_commands_have_a_default_memory_limit(monkeypatch, capsys):
+    """Without --memory-limit a command is bounded by a quarter of the machine's memory, as its help says."""
+    import contextlib
+
+    import psutil
+
+    import cli
+    from analysis.compute import default_memory_limit
+
+    assert default_memory_limit() == int(psutil.virtual_memory().total * 0.25)
+    seen = {}
+
+    def fake_compute_on(scheduler, local_cluster, memory_limit, tile):
+        seen["limit"] = memory_limit
+        return contextlib.nullcontext("here")
+
+    monkeypatch.setattr("analysis.compute.compute_on", fake_compute_on)
+    monkeypatch.setattr("analysis.compute.tile_bytes", lambda ds: 1)
+    with cli._compute_context(cli.build_parser().parse_args(["report", "x.zarr"]), None):
+        pass
+    assert seen["limit"] == default_memory_limit()
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    assert "default: a quarter of this machine's memory" in " ".join(capsys.readouterr().out.split())
