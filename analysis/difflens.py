@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -278,8 +279,14 @@ def shift_rate(ds: xr.Dataset) -> xr.DataArray:
     statistics) is not among the left pass's top-3 (URIAL's token distribution shift). Lazy."""
     if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
         raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
-    from analysis.metrics import select_side
+    from analysis import lens_sums
+    from analysis.metrics import select_side, store_pass_pairs
 
+    if lens_sums.applies(ds):  # a task per run of prompt chunks, not per chunk of topk_id
+        _, left, right = store_pass_pairs(ds)
+        counts = lens_sums.last_layer_counts(ds, list(zip(left, right, strict=True)), []).data
+        rate = da.where(counts[-1] > 0, counts[:-1] / da.maximum(counts[-1], 1), np.nan)
+        return xr.DataArray(rate, dims="pair", coords={"pair": ds.pair}, name="shift_rate")
     top = ds.topk_id.sel(lens="norm", drop=True).sel(layer=lens_layers(ds)[-1], drop=True)
     right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
     left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")

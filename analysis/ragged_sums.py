@@ -61,6 +61,17 @@ def _run_task(pieces: list, kernel, shape: tuple) -> np.ndarray:
 
 
 RUN_BYTES = 4 * TARGET_CHUNK_BYTES  # what a task holds: the regions it reads at once and its padded result
+# Under a memory limit a run is smaller: each metric derived from a run's sums is another array of its padded
+# result's size, and a report keeps several of them per running task (measured: 1.64 GB at 1 GB with 64 MiB runs).
+LIMIT_SHARE = 48
+
+
+def run_bytes() -> int:
+    """What a task may hold: :data:`RUN_BYTES`, or less under ``--memory-limit`` (1/48 of it, at least 4 MiB)."""
+    from analysis.compute import memory_limit
+
+    limit = memory_limit()
+    return RUN_BYTES if limit is None else int(min(RUN_BYTES, max(4 << 20, limit // LIMIT_SHARE)))
 
 
 def _plan(ds: xr.Dataset, n_terms: int) -> list[tuple]:
@@ -74,7 +85,7 @@ def _plan(ds: xr.Dataset, n_terms: int) -> list[tuple]:
     direct = direct_regions(ds.resid) is not None
     cell, per_prompt = n_pass * n_layer * n_dim * itemsize, n_terms * n_layer * n_tokens * 8
     plan = []
-    for run in prompt_runs(np.asarray(ds.n_tokens.values), chunks[1][0], chunks[3][0], n_tokens, cell, RUN_BYTES,
+    for run in prompt_runs(np.asarray(ds.n_tokens.values), chunks[1][0], chunks[3][0], n_tokens, cell, run_bytes(),
                            prompt_bytes=per_prompt):
         pieces = []
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):

@@ -57,15 +57,22 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
             terms = factorial_terms(ds)
             terms = terms if keep is None else terms.where(keep)
             out["factorial"] = terms.sum(["prompt", "token"], skipna=True).assign_coords(term=list(TERMS))
-    if "kl" in ds and pair in [str(q) for q in ds.pair.values]:
-        last = lens_layers(ds)[-1]
-        kl = ds.kl.sel(lens="norm", pair=pair, drop=True).sel(layer=last, drop=True)
-        out["kl_last"] = (kl if keep is None else kl.where(keep)).mean(skipna=True)
-        out["kl_layer"] = last
-        if "topk_id" in ds and ds.sizes.get("k", 0) >= 3:
-            from analysis.difflens import shift_rate
+    if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
+        from analysis import lens_sums
 
-            out["shift_rate"] = shift_rate(ds).sel(pair=pair)
+        out["kl_layer"] = lens_layers(ds)[-1]
+        top3 = "topk_id" in ds and ds.sizes.get("k", 0) >= 3
+        if lens_sums.applies(ds) and top3:  # one streamed read of the last layer's statistics
+            counts = lens_sums.last_layer_counts(ds, [chosen[1:]], [pair])
+            out["kl_last"] = counts[1] / counts[2]
+            out["shift_rate"] = counts[0] / counts[2]
+        else:
+            kl = ds.kl.sel(lens="norm", pair=pair, drop=True).sel(layer=out["kl_layer"], drop=True)
+            out["kl_last"] = kl.where(ds.token < ds.n_tokens).mean(skipna=True)
+            if top3:
+                from analysis.difflens import shift_rate
+
+                out["shift_rate"] = shift_rate(ds).sel(pair=pair)
     return out
 
 
@@ -92,7 +99,8 @@ def summary_sentences(ds: xr.Dataset, computed: dict, n_massive: int = 0, massiv
         sentences.append("What this does to the output is not shown: " + _no_lens(ds) + ".")
     if n_massive:
         sentences.append(f"{n_massive} massive-activation positions (attention sinks) are "
-                         + ("left out of these numbers." if massive_left_out else "included in these numbers."))
+                         + ("left out of the residual numbers." if massive_left_out else
+                            "included in the residual numbers."))
     return sentences
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,33 @@ def direct_regions(var: xr.DataArray) -> ArrayRegions | None:
     return _DIRECT.get(getattr(var.data, "name", None))
 
 
+class _SkipLayer(Mapping):
+    """The tasks of a skip-padding array, made when asked for, not stored: a store of many prompts and token
+    chunks has hundreds of thousands of chunks per variable, and a dict of them all for every variable took
+    a gigabyte before anything was read. A real block's task is the original chunk; a padding block's a view."""
+
+    def __init__(self, name: str, data, real: np.ndarray, p_axis: int, t_axis: int) -> None:
+        self.name, self.source, self.chunks, self.dtype = name, data.name, data.chunks, data.dtype
+        self.real, self.p_axis, self.t_axis, self.numblocks = real, p_axis, t_axis, data.numblocks
+
+    def __getitem__(self, key):
+        if not (isinstance(key, tuple) and key and key[0] == self.name and len(key) == len(self.numblocks) + 1):
+            raise KeyError(key)
+        index = key[1:]
+        if not all(isinstance(i, int) and 0 <= i < n for i, n in zip(index, self.numblocks, strict=True)):
+            raise KeyError(key)
+        if self.real[index[self.p_axis], index[self.t_axis]]:
+            return (self.source, *index)
+        shape = tuple(self.chunks[axis][i] for axis, i in enumerate(index))
+        return (_padding_block, shape, self.dtype)
+
+    def __iter__(self):
+        return ((self.name, *index) for index in np.ndindex(*self.numblocks))
+
+    def __len__(self) -> int:
+        return int(np.prod(self.numblocks, dtype=np.int64))
+
+
 def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, path: StorePath | None = None) -> xr.DataArray:
     import dask
     import dask.array as da
@@ -171,13 +199,7 @@ def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, path: StorePath | None =
     if real.all():
         return var
     name = "skip-padding-" + dask.base.tokenize(data, chunk_prompt, chunk_token)
-    graph = {}
-    for index in np.ndindex(*data.numblocks):
-        if real[index[p_axis], index[t_axis]]:
-            graph[(name, *index)] = (data.name, *index)
-        else:
-            shape = tuple(data.chunks[axis][i] for axis, i in enumerate(index))
-            graph[(name, *index)] = (_padding_block, shape, data.dtype)
+    graph = _SkipLayer(name, data, real, p_axis, t_axis)
     layers = HighLevelGraph.from_collections(name, graph, dependencies=[data])
     if path is not None and var.name is not None and var.dtype.kind == "f":  # floats: no decoding but NaN fill
         _DIRECT[name] = ArrayRegions(path, str(var.name))

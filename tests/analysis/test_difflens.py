@@ -128,3 +128,36 @@ def test_diff_lens_restricts_pairs_and_layers_in_one_line(tmp_path):
         diff_lens(ds, layers=[9])
     with pytest.raises(Exception, match="unknown pair 'XX-YY'"):
         diff_lens(ds, pairs=["XX-YY"])
+
+
+def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
+    """The shift rate and the summary's mean KL, read region by region (analysis.lens_sums), against plain loops
+    over a ragged store of several prompt and token chunks, one prompt's statistics unfinished."""
+    from analysis import lens_sums
+    from cli import main
+
+    store = tmp_path / "r.zarr"
+    prompts = ["The moon is bright tonight over the quiet sea.", "Yes", "Why is the sky blue at noon today?", "Hi",
+               "Two plus two makes four, said the teacher to the class."]
+    assert main(["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store), "--quiet", "--chunk-prompts",
+                 "2", "--top-k", "4", *[x for p in prompts for x in ("--prompt", p)]]) == 0
+    zarr.open_group(str(store), mode="r+")["lens_done"][1] = False  # its ids must not count
+    ds = open_store(store)
+    assert lens_sums.applies(ds)
+    got = shift_rate(ds).compute()
+    counts = lens_sums.last_layer_counts(ds, [("BB", "SS")], ["BB-SS"]).compute().values
+    top = ds.topk_id.sel(lens="norm").isel(layer=-1).values  # (pass, prompt, token, k), store order
+    kl = ds.kl.sel(lens="norm", pair="BB-SS").isel(layer=-1).values
+    passes, done = list(ds.pass_.values), ds.lens_done.values
+    for q, (left, right) in enumerate(zip(ds.left.values, ds.right.values, strict=True)):
+        shifted = real = 0
+        kl_sum = 0.0
+        for p in range(ds.sizes["prompt"]):
+            for t in range(int(ds.n_tokens.values[p]) if done[p] else 0):
+                real += 1
+                shifted += top[passes.index(right), p, t, 0] not in top[passes.index(left), p, t, :3]
+                kl_sum += float(kl[p, t])
+        assert float(got.isel(pair=q)) == shifted / real
+        if (left, right) == ("BB", "SS"):
+            assert counts[0] == shifted and counts[2] == real
+            np.testing.assert_allclose(counts[1], kl_sum, rtol=1e-6)

@@ -1,0 +1,102 @@
+"""Reductions of the lens statistics at one layer, streamed a run of prompt chunks at a time.
+
+A statistics variable of a ragged store has a chunk per (pass or pair, lens, prompt chunk, token chunk):
+hundreds of thousands on a store of a thousand prompts, and an xarray expression over one of them (select a
+lens, a layer, compare top-k ids across passes) builds a graph layer of that many tasks per step, which took
+minutes and gigabytes before reading anything. Here a task reads the real regions of a run of prompt chunks
+straight from the chunk files (``store.reader.ArrayRegions``), reduces them to a few numbers, and the runs'
+numbers are added: as many tasks as runs. Used for the shift rate and the mean KL at the last layer with
+statistics (``report``'s summary). Stores that are not local fall back to the xarray expressions.
+
+Axes legend: s = pass, q = pair, r = store row (prompt) of a run, t = token, k = top-k rank.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from analysis.regions import prompt_runs
+from store.chunking import TARGET_CHUNK_BYTES
+from store.reader import ArrayRegions, direct_regions
+from store.schema import lens_layers
+
+
+def _local_path(ds: xr.Dataset):
+    for name in ("kl", "entropy", "resid"):
+        if name in ds and (source := direct_regions(ds[name])) is not None:
+            return source.path
+    return None
+
+
+def applies(ds: xr.Dataset) -> bool:
+    """True for a local store as ``open_store`` gave it (its statistics can be read region by region)."""
+    return _local_path(ds) is not None and "lens_done" in ds
+
+
+def _real_rt(n_tokens_r: np.ndarray, done_r: np.ndarray, extent: int) -> np.ndarray:
+    return (np.arange(extent)[None, :] < n_tokens_r[:, None]) & done_r[:, None]
+
+
+def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int]) -> np.ndarray:
+    """[shifted per pair..., KL sum per kl pair..., real positions] of one run."""
+    out = np.zeros(len(pairs) + len(kl_pairs) + 1)
+    for top, kl, real_rt in pieces:
+        top_srtk = top.read()[:, 0, :, 0]  # (pass, rows, tokens, 3)
+        for q, (left, right) in enumerate(pairs):
+            same = (top_srtk[left] == top_srtk[right][..., :1]).any(axis=-1)
+            out[q] += np.count_nonzero(~same & real_rt)
+        if kl is not None:
+            kl_qrt = kl.read()[:, 0, :, 0]  # (pair, rows, tokens)
+            for i, q in enumerate(kl_pairs):
+                out[len(pairs) + i] += float(np.where(real_rt, kl_qrt[q], 0.0).sum())
+        out[-1] += np.count_nonzero(real_rt)
+    return out
+
+
+class _Region:
+    """A region of a store array, read when the task runs (a literal in the graph)."""
+
+    def __init__(self, source: ArrayRegions, index: tuple) -> None:
+        self.source, self.index = source, index
+
+    def read(self) -> np.ndarray:
+        return self.source.read(self.index)
+
+
+def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: list[str],
+                      lens: str = "norm") -> xr.DataArray:
+    """Lazily, at the last layer with statistics and under ``lens``: for each (left, right) of ``pairs`` the
+    real positions whose right top-1 token is not in the left top-3, for each name of ``kl_pairs`` the sum of
+    its KL over real positions, and the number of real positions (prompts whose statistics are done)."""
+    path = _local_path(ds)
+    passes, stored_pairs = [str(p) for p in ds.pass_.values], [str(q) for q in ds.pair.values]
+    lens_i = [str(x) for x in ds.lens.values].index(lens)
+    layer_i = [int(la) for la in ds.layer.values].index(lens_layers(ds)[-1])
+    top = ArrayRegions(path, "topk_id")
+    kl = ArrayRegions(path, "kl") if kl_pairs else None
+    index = [(passes.index(a), passes.index(b)) for a, b in pairs]
+    kl_index = [stored_pairs.index(q) for q in kl_pairs]
+    n_tokens = np.asarray(ds.n_tokens.values)
+    done = np.asarray(ds.lens_done.values, dtype=bool)
+    chunks = ds.topk_id.data.chunks  # (pass, lens, prompt, layer, token, k)
+    cell = len(passes) * 3 * 4
+    name = "last-layer-counts-" + tokenize(path, pairs, kl_pairs, lens, n_tokens, done)
+    graph = {}
+    runs = prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES)
+    for r, run in enumerate(runs):
+        pieces = []
+        for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
+            where = (slice(lens_i, lens_i + 1), rows, slice(layer_i, layer_i + 1), slice(0, extent))
+            top_region = _Region(top, (slice(None), *where, slice(0, 3)))
+            kl_region = _Region(kl, (slice(None), *where)) if kl is not None else None
+            pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent)])
+        graph[(name + "-run", r)] = (_run_counts, pieces, index, kl_index)
+    graph[(name, 0)] = (sum, [(name + "-run", r) for r in range(len(runs))])
+    n_out = len(pairs) + len(kl_pairs) + 1
+    counts = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[]), name, ((n_out,),),
+                      dtype=np.float64, meta=np.empty((0,), np.float64))
+    return xr.DataArray(counts, dims="count")
