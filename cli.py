@@ -158,14 +158,14 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     from analysis.report import table
 
     ds = _open_for_analysis(args.store, reads_lens=False)
-    found = massive_positions(ds, args.massive_factor)
-    keep = None if args.include_massive else ~found.massive
     by = args.by
     if by == "kind":  # special and chat-template tokens against the rest
         from analysis.difflens import token_kinds
 
         by = token_kinds(ds)
-    with _compute_context(args, ds):
+    with _compute_context(args, ds):  # graphs built here follow the memory limit
+        found = massive_positions(ds, args.massive_factor)
+        keep = None if args.include_massive else ~found.massive
         # one computation: the massive positions and the shares come from the same read of the residuals
         found, shares = dask.compute(found, factorial_shares(ds, where=keep, by=by))
     print("\n".join(describe_massive(ds, found, args.include_massive)))

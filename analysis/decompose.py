@@ -36,53 +36,31 @@ from store.reader import is_padding_block
 from store.schema import string_array
 
 
-def _gram_block(*passes: np.ndarray, pairs: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """(pair, layer, dim, dim + 2) of one block: each pair's Gram of h_right - h_left, sum of rows, count of
-    real rows. ``passes`` are the block of each pass, (prompt, layer, token, dim); ``pairs`` index them.
-
-    All pairs come from one read of the block. One layer at a time keeps the float64 differences small; the
-    Gram is a BLAS product. Passes whose values are identical at a layer (a pair with frozen input embeddings
-    makes BB and SB the same) are one class there: a pair within a class is exactly zero, and pairs between the
-    same two classes share one Gram (a reversed pair negates only the row sum).
-    """
-    n_layer, n_dim = passes[0].shape[1], passes[0].shape[3]
-    out = np.zeros((len(pairs), n_layer, n_dim, n_dim + 2))
-    if all(is_padding_block(x) for x in passes):
+def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    # (prompt, layer, token, dim) x 2 -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.
+    # One layer at a time keeps the float64 difference small; the Gram is a BLAS product.
+    n_layer, n_dim = left.shape[1], left.shape[3]
+    out = np.zeros((1, n_layer, n_dim, n_dim + 2))
+    if is_padding_block(left) and is_padding_block(right):
         return out
     for layer in range(n_layer):
-        x_nd = [x[:, layer].reshape(-1, n_dim) for x in passes]
-        real = ~np.any([np.isnan(x).any(axis=1) for x in x_nd], axis=0)
-        x_nd = [x[real] for x in x_nd]
-        cls = []  # the first pass with the same values, per pass
-        for s, x in enumerate(x_nd):
-            cls.append(next((t for t in range(s) if cls[t] == t and np.array_equal(x_nd[t], x)), s))
-        done: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        for q, (left, right) in enumerate(pairs):
-            out[q, layer, :, n_dim + 1] = real.sum()
-            a, b = cls[left], cls[right]
-            if a == b:
-                continue  # identical values: the difference is exactly zero
-            key = (min(a, b), max(a, b))
-            if key not in done:
-                diff_nd = x_nd[key[1]].astype(np.float64) - x_nd[key[0]]
-                done[key] = (diff_nd.T @ diff_nd, diff_nd.sum(axis=0))
-            gram_dd, sum_d = done[key]
-            out[q, layer, :, :n_dim] = gram_dd
-            out[q, layer, :, n_dim] = sum_d if (a, b) == key else -sum_d
+        diff_nd = (right[:, layer].astype(np.float64) - left[:, layer]).reshape(-1, n_dim)
+        real = ~np.isnan(diff_nd).any(axis=1)
+        diff_nd = diff_nd[real]
+        out[0, layer, :, :n_dim] = diff_nd.T @ diff_nd
+        out[0, layer, :, n_dim] = diff_nd.sum(axis=0)
+        out[0, layer, :, n_dim + 1] = real.sum()
     return out
 
 
-def _layer_sums(ds: xr.Dataset, pairs: list[tuple[str, str]], layers: slice,
-                exclude_pt: np.ndarray | None = None) -> np.ndarray:
-    """(pair, layer, dim, dim + 2): Gram, row sums and counts of each (left, right) pair per layer of
-    ``layers``, from one read of the passes, accumulated block by block in place.
+def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice, exclude_pt: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Gram, row sums and counts per layer of ``layers``, accumulated block by block in place.
 
     A few prompt blocks (one per worker thread) are computed at a time and added into one
     float64 accumulator, so memory holds the accumulator plus those blocks, never a tree
     of Gram-sized partial sums. ``exclude_pt`` (prompt x token, store order) leaves positions out.
     """
-    passes = sorted({p for pair in pairs for p in pair}, key=[str(p) for p in ds.pass_.values].index)
-    index = tuple((passes.index(left), passes.index(right)) for left, right in pairs)
     sub = ds.isel(layer=layers)
     if has_padding_chunks(sub):
         # A ragged store: its real rows, regrouped into blocks about a store chunk's size (only the chunks
@@ -92,22 +70,21 @@ def _layer_sums(ds: xr.Dataset, pairs: list[tuple[str, str]], layers: slice,
             row_of = {label: i for i, label in enumerate(ds.prompt.values)}
             out = exclude_pt[[row_of[p] for p in rows.prompt.values], rows.token.values]
             rows = rows.isel(position=np.flatnonzero(~out))
-        data = [rows.sel(pass_=p).data[:, :, None, :].rechunk({1: -1, 3: -1}) for p in passes]
+        a, b = (rows.sel(pass_=p).data[:, :, None, :].rechunk({1: -1, 3: -1}) for p in (left, right))
     else:
         resid = sub.resid
         if exclude_pt is not None:  # excluded rows become NaN, which the block function leaves out
             resid = resid.where(xr.DataArray(~exclude_pt, dims=("prompt", "token")))
         # (prompt chunk, token chunk) blocks of all the tile's layers: a block's size is the store chunks'.
-        data = [resid.sel(pass_=p).data.rechunk({1: -1, 3: -1}) for p in passes]
-    first = data[0]
-    n_layer, n_dim = first.shape[1], first.shape[3]
-    blocks = [dask.delayed(_gram_block)(*(x.blocks[i, 0, j, 0] for x in data), pairs=index)
-              for i in range(first.numblocks[0]) for j in range(first.numblocks[2])]
-    total = np.zeros((len(pairs), n_layer, n_dim, n_dim + 2))
-    step = _blocks_at_once(total.nbytes, len(passes) * first.dtype.itemsize * int(np.prod(first.chunksize)))
+        a, b = (resid.sel(pass_=p).data.rechunk({1: -1, 3: -1}) for p in (left, right))
+    n_layer, n_dim = a.shape[1], a.shape[3]
+    blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0])
+              for i in range(a.numblocks[0]) for j in range(a.numblocks[2])]
+    total = np.zeros((n_layer, n_dim, n_dim + 2))
+    step = _blocks_at_once(total.nbytes, a.dtype.itemsize * int(np.prod(a.chunksize)))
     for start in range(0, len(blocks), step):
         for part in dask.compute(*blocks[start:start + step]):
-            total += part
+            total += part[0]
     return total
 
 
@@ -120,8 +97,8 @@ def _blocks_at_once(gram_bytes: int, chunk_bytes: int) -> int:
         return step
     # Gram-sized buffers go straight back to the OS; chunk-sized ones are reused from the heap.
     release_freed_memory_early(mmap_threshold=min(gram_bytes, 32 * 2**20))
-    # The passes' chunks, the block's Grams and their copies on the way out of the task (measured: about 4 x).
-    per_block = chunk_bytes + 4 * gram_bytes
+    # Both passes' chunks, the block's Gram and its copies on the way out of the task (measured: about 4 Grams).
+    per_block = 2 * chunk_bytes + 4 * gram_bytes
     fits = (limit - gram_bytes) // per_block
     if fits < 1:
         raise UsageError(f"--memory-limit {limit / 1e6:.0f} MB is too small to decompose this store: one block "
@@ -130,10 +107,9 @@ def _blocks_at_once(gram_bytes: int, chunk_bytes: int) -> int:
     return max(1, min(step, fits))
 
 
-def _layer_tile(ds: xr.Dataset, n_pairs: int = 1, n_passes: int = 2) -> int:
+def _layer_tile(ds: xr.Dataset) -> int:
     """Layers per computation: the store's layer chunk, fewer under a memory limit so that a block (its Gram
-    matrices of ``n_pairs`` pairs and ``n_passes`` passes' chunks, :func:`_blocks_at_once`) and the
-    accumulator fit."""
+    matrices and both passes' chunks, :func:`_blocks_at_once`) and the accumulator fit."""
     from analysis.compute import memory_limit
 
     chunk = ds.resid.data.chunksize if hasattr(ds.resid.data, "chunksize") else ds.resid.shape
@@ -144,7 +120,7 @@ def _layer_tile(ds: xr.Dataset, n_pairs: int = 1, n_passes: int = 2) -> int:
     gram = ds.sizes["dim"] * (ds.sizes["dim"] + 2) * 8  # per layer
     block = int(np.prod(chunk[1:], dtype=np.int64)) // chunk[2] * ds.resid.dtype.itemsize  # per layer, one pass
     # Half the limit by the model: measured, a one-block tile of 15 layers (model 500 MB) took 605 MB.
-    return max(1, min(tile, limit // (2 * (5 * n_pairs * gram + n_passes * block))))
+    return max(1, min(tile, limit // (2 * (5 * gram + 2 * block))))
 
 
 def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,13 +179,12 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     direction = np.full((len(chosen), n_layer, top_k, n_dim), np.nan)
     mean_diff = np.full((len(chosen), n_layer, n_dim), np.nan)
     ranks = np.full((3, len(chosen), n_layer), np.nan)
-    sides = [(lefts[names.index(pair)], rights[names.index(pair)]) for pair in chosen]
-    tile = _layer_tile(ds, len(chosen), len({p for side in sides for p in side}))
+    tile = _layer_tile(ds)
     for start in range(0, n_layer, tile):
         layers = slice(start, min(start + tile, n_layer))
-        # Every pair from one read of the tile; the tile is sized so that all their Gram matrices fit.
-        all_sums = _layer_sums(ds, sides, layers, exclude_pt)
-        for q, sums_lde in enumerate(all_sums):
+        # One pair per computation: its Gram matrices are the largest objects alive (reads repeat, FLOPs do not).
+        for q, pair in enumerate(chosen):
+            sums_lde = _layer_sums(ds, lefts[names.index(pair)], rights[names.index(pair)], layers, exclude_pt)
             for offset, gram_de in enumerate(sums_lde):
                 layer = start + offset
                 count = gram_de[0, -1]

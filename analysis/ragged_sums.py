@@ -106,7 +106,9 @@ def _over_runs(ds: xr.Dataset, kernel, n_terms: int, what: tuple) -> xr.DataArra
     resid = ds.resid
     n_pass, _, n_layer, n_tokens, _ = resid.shape
     plan = _plan(ds, n_terms)
-    name = f"{what[0]}-over-runs-" + tokenize(resid.data.name, *what[1:], ds.n_tokens.values)
+    # The runs are part of the name: graphs built under different memory limits have different runs.
+    bounds = [(run.rows.start, run.rows.stop) for run, _, _ in plan]
+    name = f"{what[0]}-over-runs-" + tokenize(resid.data.name, *what[1:], ds.n_tokens.values, bounds)
     graph = {}
     for r, (run, pieces, _) in enumerate(plan):
         tasks = [[rows.start - run.rows.start, rows.stop - run.rows.start, tokens.start, tokens.stop,
