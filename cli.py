@@ -403,7 +403,9 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: the pair's)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     run.add_argument("--device-map", help="passed to transformers, e.g. auto for several GPUs")
-    run.add_argument("--batch-size", type=int, help="prompts per forward pass, at most (default 64)")
+    run.add_argument("--batch-size", type=int,
+                     help="prompts per forward pass, at most (default 8 on a CPU, where small batches are fastest, "
+                     "64 on a GPU)")
     run.add_argument("--batch-tokens", type=int, metavar="N",
                      help="padded tokens per forward pass, at most (default 8192); prompts are batched longest "
                      "first, so a batch holds prompts of similar length; a longer prompt runs alone")

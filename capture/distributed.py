@@ -151,7 +151,8 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                 GroupTask(
                     store=str(prep.path), llm_ref=prep.refs[llm], passes=specs,
                     embedding_refs={s: prep.refs[s] for s in sources}, ids=prep.tokenized.ids, window=prep.window,
-                    group=group, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+                    group=group, batch_size=settings.batch_size_for(resolved.device),
+                    batch_tokens=settings.batch_tokens,
                     max_padding=settings.padding_for(resolved.device),
                     store_dtype=settings.store_dtype, pad_id=pad_id_of(prep.tokenizer), dtype=resolved.dtype,
                     device=resolved.device, trust_remote_code=settings.trust_remote_code,

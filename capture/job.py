@@ -135,7 +135,7 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
             kept[llm] = _keep_input_embedding(model, lenses.get(llm), refs[llm], prep, device)
         captured = run_passes(
             model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups, prep.window,
-            batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+            batch_size=settings.batch_size_for(resolved.device), batch_tokens=settings.batch_tokens,
             max_padding=settings.padding_for(resolved.device), token_extent=writer.group_extent,
             out_dtype=DTYPES[settings.store_dtype], pad_id=pad_id_of(prep.tokenizer),
             skip=lambda i, g: bool(done_pp[i, g].all()),
@@ -220,7 +220,8 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
 
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep))
     stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
-    groups = write_groups(prep.tokenized.lengths, stored_chunk, settings.batch_size, settings.batch_tokens)
+    groups = write_groups(prep.tokenized.lengths, stored_chunk, settings.batch_size_for(prep.resolved.device),
+                          settings.batch_tokens)
     status = writer.completeness()
     done_pp, lens_done = writer.done_pp(), writer.lens_done()
     if status.complete:

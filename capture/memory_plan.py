@@ -129,9 +129,10 @@ class _Shapes:
 def _shapes(prep: Prepared) -> _Shapes:
     """The same groups and batches the capture job forms (``write_groups``, ``compute_batches``)."""
     settings, lengths, stored = prep.settings, prep.tokenized.lengths, np.asarray(prep.window.lengths)
-    groups = write_groups(lengths, prep.chunking.prompt, settings.batch_size, settings.batch_tokens)
+    size = settings.batch_size_for(prep.resolved.device)
+    groups = write_groups(lengths, prep.chunking.prompt, size, settings.batch_tokens)
     batches = {(b.stop - b.start, lengths[b.start]) for g in groups
-               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens,
+               for b in compute_batches(lengths, g, size, settings.batch_tokens,
                                         settings.padding_for(prep.resolved.device))}
     n_tokens = max(prep.window.lengths)
     extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
@@ -237,9 +238,10 @@ def _times(prep: Prepared, fp: ModelFootprint, store_bytes: dict[str, int]) -> t
 
     settings, resolved, lengths = prep.settings, prep.resolved, prep.tokenized.lengths
     padding = settings.padding_for(resolved.device)
-    groups = write_groups(lengths, prep.chunking.prompt, settings.batch_size, settings.batch_tokens)
+    size = settings.batch_size_for(resolved.device)
+    groups = write_groups(lengths, prep.chunking.prompt, size, settings.batch_tokens)
     batches = [(b.stop - b.start, lengths[b.start]) for g in groups
-               for b in compute_batches(lengths, g, settings.batch_size, settings.batch_tokens, padding)]
+               for b in compute_batches(lengths, g, size, settings.batch_tokens, padding)]
     block_rows, vocab_chunk = statistics_blocks(resolved.device)
     store_dir = Path(".") if is_url(prep.path) else Path(str(prep.path)).resolve().parent
     calibration = calibrate(fp.hidden, fp.ffn, vocab_chunk, block_rows, resolved.device, DTYPES[resolved.dtype],

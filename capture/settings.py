@@ -15,6 +15,9 @@ from store.schema import content_digest
 from store.units import CODECS, DEFAULT_CODEC, MODEL_DTYPES, STORE_DTYPES
 
 BATCH_PADDING = {"cpu": 0.05, "gpu": 0.15}  # default --batch-padding by device (see CaptureSettings.padding_for)
+# Default --batch-size by device: on a CPU a forward of 8 prompts was the fastest per token of 8, 16, 32 and 64
+# (benchmarks/batching.py, BENCHMARKS.md); a GPU fills with more.
+BATCH_SIZE = {"cpu": 8, "gpu": 64}
 
 # Settings that change what is written; a resumed capture must agree on all of them.
 CONTENT_KEYS = (
@@ -46,7 +49,7 @@ class CaptureSettings:
     dtype: str | None = None
     device: str = "auto"
     device_map: str | None = None
-    batch_size: int = 64  # prompts per forward pass, at most
+    batch_size: int | None = None  # prompts per forward pass, at most (default by device: batch_size_for)
     batch_tokens: int = 8192  # padded tokens per forward pass, at most (a longer prompt runs alone)
     batch_padding: float | None = None  # padded / real tokens of a batch at most 1 + this (default by device)
     scheduler: str | None = None  # tcp://HOST:PORT of a dask.distributed scheduler
@@ -79,6 +82,12 @@ class CaptureSettings:
 
     def __post_init__(self) -> None:
         self.chat_template = chat_template_mode(self.chat_template)  # older configs: True / False
+
+    def batch_size_for(self, device: str) -> int:
+        """``--batch-size``, or the device's default (:data:`BATCH_SIZE`)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return BATCH_SIZE["cpu" if str(device).startswith("cpu") else "gpu"]
 
     def padding_for(self, device: str) -> float:
         """``--batch-padding``, or the device's default: on a CPU a small batch costs nothing more per token, so
@@ -130,7 +139,7 @@ def resolve_device(device: str) -> str:
 
 def resolve_models(settings: CaptureSettings) -> ResolvedModels:
     """Turn ``--pair`` or ``--base/--sft`` into model references, a label and a dtype."""
-    if settings.batch_size < 1:
+    if settings.batch_size is not None and settings.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {settings.batch_size}")
     if settings.batch_padding is not None and settings.batch_padding < 0:
         raise UsageError(f"--batch-padding must be 0 or more (a fraction of the real tokens), got "
