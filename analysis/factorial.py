@@ -146,7 +146,7 @@ def _shares(sums: xr.Dataset) -> xr.Dataset:
     })
 
 
-def _shared_terms(ds: xr.Dataset) -> xr.DataArray:
+def position_terms(ds: xr.Dataset) -> xr.DataArray:
     """The per-position terms from the pair sums every pair metric reads (:func:`terms_from_distances`) when the
     store's pairs cover the six combinations of the four passes, so that one read serves the metrics, the
     massive-activation search and the factorial; else :func:`factorial_terms`."""
@@ -169,7 +169,7 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
     and token, e.g. not a massive-activation position) leaves positions out.
     """
-    terms = _shared_terms(ds)
+    terms = position_terms(ds)
     if where is not None:
         terms = terms.where(where)
     if by is None:

@@ -34,8 +34,8 @@ def _pair(ds: xr.Dataset) -> tuple[str, str, str] | None:
 
 def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     """The lazy numbers the summary needs (compute them with the rest of a report, in one ``dask.compute``)."""
-    from analysis.factorial import FACTORIAL_PASSES, TERMS, factorial_terms, terms_from_distances
-    from analysis.metrics import _residual_sums, pair_metrics, store_pass_pairs
+    from analysis.factorial import FACTORIAL_PASSES, position_terms
+    from analysis.metrics import pair_metrics
 
     out: dict = {}
     chosen = _pair(ds)
@@ -45,18 +45,9 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     rel = pair_metrics(ds, "norm").rel_norm_diff.sel(pair=pair, drop=True)
     out["rel_by_layer"] = (rel if keep is None else rel.where(keep)).mean(["prompt", "token"], skipna=True)
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
-        names, left, right = store_pass_pairs(ds)
-        keys = {frozenset((a, b)): q for q, a, b in zip(names, left, right, strict=True)}
-        if all(frozenset((a, b)) in keys for i, a in enumerate(FACTORIAL_PASSES) for b in FACTORIAL_PASSES[i + 1:]):
-            # from the pair sums the report computes anyway: no second read of the residuals
-            sqdiff = _residual_sums(ds)[2]
-            sqdiff = sqdiff if keep is None else sqdiff.where(keep)
-            per_layer = sqdiff.sum(["prompt", "token"], skipna=True)
-            out["factorial"] = terms_from_distances({k: per_layer.sel(pair=q, drop=True) for k, q in keys.items()})
-        else:
-            terms = factorial_terms(ds)
-            terms = terms if keep is None else terms.where(keep)
-            out["factorial"] = terms.sum(["prompt", "token"], skipna=True).assign_coords(term=list(TERMS))
+        terms = position_terms(ds)  # from the pair sums the report reads anyway, where it can
+        terms = terms if keep is None else terms.where(keep)
+        out["factorial"] = terms.sum(["prompt", "token"], skipna=True)
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
         from analysis import lens_sums
 
