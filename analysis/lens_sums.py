@@ -100,3 +100,45 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
     counts = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[]), name, ((n_out,),),
                       dtype=np.float64, meta=np.empty((0,), np.float64))
     return xr.DataArray(counts, dims="count")
+
+
+def _run_layer_sums(pieces: list, n_pair: int, n_layer: int) -> np.ndarray:
+    """(pair, layer) sums over real positions of one run, and the count in the last row."""
+    out = np.zeros((n_pair + 1, n_layer))
+    for region, real_rt in pieces:
+        values_qrlt = region.read()[:, 0]  # (pair, rows, layers, tokens)
+        out[:-1] += np.where(real_rt[None, :, None, :], values_qrlt, 0.0).sum(axis=(1, 3))
+        out[-1] += np.count_nonzero(real_rt)
+    return out
+
+
+def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.DataArray:
+    """(pair or pass_, layer): the mean of a per-position statistic over real positions (prompts whose
+    statistics are done) at each layer with statistics, a task per run of prompt chunks. Lazy."""
+    path = _local_path(ds)
+    var = ds[name]
+    lead = var.dims[0]
+    lens_i = [str(x) for x in ds.lens.values].index(lens)
+    stored = [int(la) for la in ds.layer.values]
+    kept = [stored.index(la) for la in lens_layers(ds)]
+    layers = slice(kept[0], kept[-1] + 1)  # one read covers them; the layers between are dropped after
+    source = ArrayRegions(path, name)
+    n_tokens, done = np.asarray(ds.n_tokens.values), np.asarray(ds.lens_done.values, dtype=bool)
+    chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
+    token = "layer-means-" + tokenize(path, name, lens, n_tokens, done, kept)
+    graph = {}
+    runs = prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4,
+                       TARGET_CHUNK_BYTES)
+    n_layer = layers.stop - layers.start
+    for r, run in enumerate(runs):
+        pieces = [[_Region(source, (slice(None), slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))),
+                   _real_rt(n_tokens[rows], done[rows], extent)]
+                  for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
+        graph[(token + "-run", r)] = (_run_layer_sums, pieces, var.sizes[lead], n_layer)
+    graph[(token, 0, 0)] = (sum, [(token + "-run", r) for r in range(len(runs))])
+    sums = da.Array(HighLevelGraph.from_collections(token, graph, dependencies=[]), token,
+                    ((var.sizes[lead] + 1,), (n_layer,)), dtype=np.float64, meta=np.empty((0, 0), np.float64))
+    means = sums[:-1] / sums[-1:]
+    offsets = [k - kept[0] for k in kept]
+    return xr.DataArray(means[:, offsets], dims=(lead, "layer"),
+                        coords={lead: ds[lead].values, "layer": [stored[k] for k in kept]}, name=name)

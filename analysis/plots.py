@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import warnings
 from pathlib import Path
 
 import dask
@@ -47,9 +48,20 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
 
 def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
-    metrics = pair_metrics(ds, lens)
-    present = [(m, label) for m, label in CURVES if m in metrics]
-    (means,) = dask.compute({m: metrics[m].mean(["prompt", "token"]) for m, _ in present})
+    from analysis import lens_sums
+    from store.completeness import LENS_VARIABLES
+
+    streamed = "kl" in ds and lens_sums.applies(ds)
+    # geometric curves from the residuals; KL read region by region where it can (an expression over the
+    # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
+    metrics = pair_metrics(ds.drop_vars([v for v in LENS_VARIABLES if v in ds]) if streamed else ds, lens)
+    present = [(m, label) for m, label in CURVES if m in metrics or (m == "kl" and streamed)]
+    lazy = {m: metrics[m].mean(["prompt", "token"]) for m, _ in present if m in metrics}
+    if streamed:
+        lazy["kl"] = lens_sums.layer_means(ds, "kl", lens)
+    with warnings.catch_warnings():  # layers without statistics (--lens-layers) have no mean: not drawn
+        warnings.filterwarnings("ignore", "Mean of empty", RuntimeWarning)
+        (means,) = dask.compute(lazy)
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
     for ax, (metric, label) in zip(axes[0], present, strict=True):
         for pair in means[metric].pair.values:
@@ -70,6 +82,10 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     ``massive`` (this prompt's tokens) marks massive-activation positions: drawn, but left
     out of the colour scale, which is each panel's own 1-99% range of the other cells.
     """
+    from store.completeness import LENS_VARIABLES
+
+    if metric not in ("kl", "entropy_left", "entropy_right"):  # no graph over the statistics variables
+        ds = ds.drop_vars([v for v in LENS_VARIABLES if v in ds])
     table = pair_metrics(ds, lens)
     if metric not in table:
         table = pass_metrics(ds)

@@ -161,3 +161,6 @@ def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
         if (left, right) == ("BB", "SS"):
             assert counts[0] == shifted and counts[2] == real
             np.testing.assert_allclose(counts[1], kl_sum, rtol=1e-6)
+    real_pt = (ds.token < ds.n_tokens) & ds.lens_done
+    want = ds.kl.sel(lens="norm").where(real_pt).mean(["prompt", "token"]).transpose("pair", "layer")
+    np.testing.assert_allclose(lens_sums.layer_means(ds, "kl", "norm").values, want.values, rtol=1e-6)
