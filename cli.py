@@ -352,11 +352,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         from analysis.answer import chat_templating, opening
         from analysis.metrics import pair_metrics
         from analysis.summary import report_summary
-        from store.completeness import LEFT_OUT_ATTR, LENS_VARIABLES, UNFINISHED_LENS_ATTR, left_out
+        from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
 
         with _compute_context(args, ds):
-            geometric = ds.drop_vars([v for v in LENS_VARIABLES if v in ds])  # no graph over the statistics
-            sections, first = opening(ds, pair_metrics(geometric, "norm"), out, args.prompt, found,
+            # the opening's metrics are geometric: built without graphs over the statistics variables
+            sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, args.prompt, found,
                                       args.include_massive)
             keep = None if args.include_massive else ~found.massive
             summary = report_summary(ds, keep, int(found.massive.sum()), not args.include_massive)

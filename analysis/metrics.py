@@ -33,6 +33,8 @@ from store.schema import every_pass_pair
 
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
+# Metrics read through a lens (from the stored statistics, not the residuals): their tables and titles name it.
+LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")
 PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "rel_norm_diff", "cosine_sim", "cosine_prev_left",
                 "cosine_prev_right", "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl")
 

@@ -23,12 +23,11 @@ import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
 from analysis.difflens import token_text_table, visible
-from analysis.metrics import pair_metrics, pass_metrics
+from analysis.metrics import LENS_METRICS, pair_metrics, pass_metrics
 from store.atomic import atomic_output
 
 CURVES = (("norm_diff", "||h_right - h_left||"), ("cosine_sim", "cos(h_left, h_right)"),
           ("kl", "KL(right || left) [nats]"))
-LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")  # read through a lens: titles name it
 
 
 def _layer_ticks(layers: np.ndarray, most: int = 12) -> list[int]:
@@ -49,12 +48,12 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
 def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
     from analysis import lens_sums
-    from store.completeness import LENS_VARIABLES
+    from store.completeness import without_lens
 
     streamed = "kl" in ds and lens_sums.applies(ds)
     # geometric curves from the residuals; KL read region by region where it can (an expression over the
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
-    metrics = pair_metrics(ds.drop_vars([v for v in LENS_VARIABLES if v in ds]) if streamed else ds, lens)
+    metrics = pair_metrics(without_lens(ds) if streamed else ds, lens)
     present = [(m, label) for m, label in CURVES if m in metrics or (m == "kl" and streamed)]
     lazy = {m: metrics[m].mean(["prompt", "token"]) for m, _ in present if m in metrics}
     if streamed:
@@ -82,10 +81,10 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
     ``massive`` (this prompt's tokens) marks massive-activation positions: drawn, but left
     out of the colour scale, which is each panel's own 1-99% range of the other cells.
     """
-    from store.completeness import LENS_VARIABLES
+    from store.completeness import without_lens
 
-    if metric not in ("kl", "entropy_left", "entropy_right"):  # no graph over the statistics variables
-        ds = ds.drop_vars([v for v in LENS_VARIABLES if v in ds])
+    if metric not in LENS_METRICS:  # no graph over the statistics variables
+        ds = without_lens(ds)
     table = pair_metrics(ds, lens)
     if metric not in table:
         table = pass_metrics(ds)

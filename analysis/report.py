@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.difflens import token_text_table, visible
-from analysis.metrics import PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
+from analysis.metrics import LENS_METRICS, PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
 from analysis.shared_prefix import shared_positions
 from analysis.summary import summary_inputs, summary_sentences
@@ -25,7 +25,6 @@ from store.errors import MissingData, UsageError
 from store.schema import lens_layers
 
 RUN_METRICS = (*PASS_METRICS, "entropy")
-LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")  # read through a lens: their tables name it
 LOGIT_SOURCES = ("left", "right", "diff")
 CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
 

@@ -89,10 +89,15 @@ def usable(ds: xr.Dataset, needs_residuals: bool = True, reads_lens: bool = True
     note, state = lens_note(ds), lens_state(ds)
     attrs = {LEFT_OUT_ATTR: note or ""}
     if note and state is not None:
-        ds = ds.drop_vars([name for name in (*LENS_VARIABLES, "lens_done") if name in ds])
+        ds = without_lens(ds).drop_vars("lens_done")
         attrs[UNFINISHED_LENS_ATTR] = f"{state[0]}/{state[1]}"
     notes = [note] if note and reads_lens else []
     return ds.assign_attrs(attrs), notes
+
+
+def without_lens(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` without its lens statistics: what geometric analysis builds on, with no graph over them."""
+    return ds.drop_vars([name for name in LENS_VARIABLES if name in ds])
 
 
 def left_out(ds: xr.Dataset) -> str:
