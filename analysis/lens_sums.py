@@ -13,13 +13,11 @@ Axes legend: s = pass, q = pair, r = store row (prompt) of a run, t = token, k =
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
-from analysis.regions import prompt_runs
+from analysis.regions import materialize, prompt_runs, read_later, summed_over_runs
 from store.chunking import TARGET_CHUNK_BYTES
 from store.reader import ArrayRegions, direct_regions
 from store.schema import lens_layers
@@ -45,26 +43,16 @@ def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int])
     """[shifted per pair..., KL sum per kl pair..., real positions] of one run."""
     out = np.zeros(len(pairs) + len(kl_pairs) + 1)
     for top, kl, real_rt in pieces:
-        top_srtk = top.read()[:, 0, :, 0]  # (pass, rows, tokens, 3)
+        top_srtk = materialize(top)[:, 0, :, 0]  # (pass, rows, tokens, 3)
         for q, (left, right) in enumerate(pairs):
             same = (top_srtk[left] == top_srtk[right][..., :1]).any(axis=-1)
             out[q] += np.count_nonzero(~same & real_rt)
         if kl is not None:
-            kl_qrt = kl.read()[:, 0, :, 0]  # (pair, rows, tokens)
+            kl_qrt = materialize(kl)[:, 0, :, 0]  # (pair, rows, tokens)
             for i, q in enumerate(kl_pairs):
                 out[len(pairs) + i] += float(np.where(real_rt, kl_qrt[q], 0.0).sum())
         out[-1] += np.count_nonzero(real_rt)
     return out
-
-
-class _Region:
-    """A region of a store array, read when the task runs (a literal in the graph)."""
-
-    def __init__(self, source: ArrayRegions, index: tuple) -> None:
-        self.source, self.index = source, index
-
-    def read(self) -> np.ndarray:
-        return self.source.read(self.index)
 
 
 def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: list[str],
@@ -85,20 +73,16 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
     chunks = ds.topk_id.data.chunks  # (pass, lens, prompt, layer, token, k)
     cell = len(passes) * 3 * 4
     name = "last-layer-counts-" + tokenize(path, pairs, kl_pairs, lens, n_tokens, done)
-    graph = {}
-    runs = prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES)
-    for r, run in enumerate(runs):
+    tasks = []
+    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES):
         pieces = []
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
             where = (slice(lens_i, lens_i + 1), rows, slice(layer_i, layer_i + 1), slice(0, extent))
-            top_region = _Region(top, (slice(None), *where, slice(0, 3)))
-            kl_region = _Region(kl, (slice(None), *where)) if kl is not None else None
+            top_region = read_later(top, (slice(None), *where, slice(0, 3)))
+            kl_region = read_later(kl, (slice(None), *where)) if kl is not None else None
             pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent)])
-        graph[(name + "-run", r)] = (_run_counts, pieces, index, kl_index)
-    graph[(name, 0)] = (sum, [(name + "-run", r) for r in range(len(runs))])
-    n_out = len(pairs) + len(kl_pairs) + 1
-    counts = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[]), name, ((n_out,),),
-                      dtype=np.float64, meta=np.empty((0,), np.float64))
+        tasks.append((_run_counts, pieces, index, kl_index))
+    counts = summed_over_runs(name, tasks, (len(pairs) + len(kl_pairs) + 1,))
     return xr.DataArray(counts, dims="count")
 
 
@@ -106,7 +90,7 @@ def _run_layer_sums(pieces: list, n_pair: int, n_layer: int) -> np.ndarray:
     """(pair, layer) sums over real positions of one run, and the count in the last row."""
     out = np.zeros((n_pair + 1, n_layer))
     for region, real_rt in pieces:
-        values_qrlt = region.read()[:, 0]  # (pair, rows, layers, tokens)
+        values_qrlt = materialize(region)[:, 0]  # (pair, rows, layers, tokens)
         out[:-1] += np.where(real_rt[None, :, None, :], values_qrlt, 0.0).sum(axis=(1, 3))
         out[-1] += np.count_nonzero(real_rt)
     return out
@@ -126,18 +110,15 @@ def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.Data
     n_tokens, done = np.asarray(ds.n_tokens.values), np.asarray(ds.lens_done.values, dtype=bool)
     chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
     token = "layer-means-" + tokenize(path, name, lens, n_tokens, done, kept)
-    graph = {}
-    runs = prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4,
-                       TARGET_CHUNK_BYTES)
     n_layer = layers.stop - layers.start
-    for r, run in enumerate(runs):
-        pieces = [[_Region(source, (slice(None), slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))),
+    tasks = []
+    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4,
+                           TARGET_CHUNK_BYTES):
+        pieces = [[read_later(source, (slice(None), slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))),
                    _real_rt(n_tokens[rows], done[rows], extent)]
                   for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
-        graph[(token + "-run", r)] = (_run_layer_sums, pieces, var.sizes[lead], n_layer)
-    graph[(token, 0, 0)] = (sum, [(token + "-run", r) for r in range(len(runs))])
-    sums = da.Array(HighLevelGraph.from_collections(token, graph, dependencies=[]), token,
-                    ((var.sizes[lead] + 1,), (n_layer,)), dtype=np.float64, meta=np.empty((0, 0), np.float64))
+        tasks.append((_run_layer_sums, pieces, var.sizes[lead], n_layer))
+    sums = summed_over_runs(token, tasks, (var.sizes[lead] + 1, n_layer))
     means = sums[:-1] / sums[-1:]
     offsets = [k - kept[0] for k in kept]
     return xr.DataArray(means[:, offsets], dims=(lead, "layer"),

@@ -18,14 +18,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
-from analysis.regions import materialize, prompt_runs, region, token_slab
-from store.chunking import TARGET_CHUNK_BYTES
+from analysis.ragged_sums import LAYOUT, RUN_BYTES
+from analysis.regions import materialize, prompt_runs, region, summed_over_runs, token_slab
 from store.reader import direct_regions
-
-LAYOUT = ("pass_", "prompt", "layer", "token", "dim")  # as a store holds resid
-RUN_BYTES = 4 * TARGET_CHUNK_BYTES  # the regions of all passes a task reads at once, at most
 
 
 def applies(ds: xr.Dataset) -> bool:
@@ -55,10 +51,6 @@ def _run_sums(pieces: list, n_shape: tuple) -> np.ndarray:
     return out
 
 
-def _add(parts: list[np.ndarray]) -> np.ndarray:
-    return np.sum(parts, axis=0) if parts else None
-
-
 def masked_sums(ds: xr.Dataset, keep_mpt: np.ndarray, layers: list[int] | None = None) -> xr.DataArray:
     """(pass_, mask, layer, dim): the float64 sum of each pass's residuals over the positions each mask keeps.
 
@@ -78,9 +70,8 @@ def masked_sums(ds: xr.Dataset, keep_mpt: np.ndarray, layers: list[int] | None =
     cell = n_pass * n_layer * n_dim * itemsize
     name = "masked-sums-" + tokenize(resid.data.name, keep_mpt, n_tokens_p)
     shape = (n_pass, keep_mpt.shape[0], n_layer, n_dim)
-    graph = {}
-    runs = prompt_runs(n_tokens_p, chunks[1][0], chunks[3][0], n_tokens, cell, RUN_BYTES)
-    for r, run in enumerate(runs):
+    tasks = []
+    for run in prompt_runs(n_tokens_p, chunks[1][0], chunks[3][0], n_tokens, cell, RUN_BYTES):
         pieces = []
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
             slab = token_slab(rows.stop - rows.start, n_layer * n_dim, itemsize, chunks[3][0], extent, direct)
@@ -90,11 +81,7 @@ def masked_sums(ds: xr.Dataset, keep_mpt: np.ndarray, layers: list[int] | None =
                 if keep.any():
                     pieces.append([[region(resid, {"pass_": slice(s, s + 1), "prompt": rows, "token": tokens})
                                     for s in range(n_pass)], keep])
-        graph[(name + "-run", r)] = (_run_sums, pieces, shape)
-    graph[(name, 0, 0, 0, 0)] = (_add, [(name + "-run", r) for r in range(len(runs))])
-    deps = [] if direct else [resid.data]
-    layers_graph = HighLevelGraph.from_collections(name, graph, dependencies=deps)
-    sums = da.Array(layers_graph, name, tuple((n,) for n in shape), dtype=np.float64,
-                    meta=np.empty((0,) * 4, np.float64))
+        tasks.append((_run_sums, pieces, shape))
+    sums = summed_over_runs(name, tasks, shape, [] if direct else [resid.data])
     return xr.DataArray(sums, dims=("pass_", "mask", "layer", "dim"),
                         coords={"pass_": ds.pass_.values, "layer": resid.layer.values})

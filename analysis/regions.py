@@ -78,6 +78,30 @@ class _Crop:
         self.index = index
 
 
+def read_later(source: ArrayRegions, index: tuple) -> _Read:
+    """A region of any store array (``source``) that a task reads when it runs: for arrays :func:`region` has
+    no direct reads of (statistics, ids), given a source of its own. :func:`materialize` reads it."""
+    return _Read(source, index)
+
+
+def _add_up(parts: list[np.ndarray], shape: tuple) -> np.ndarray:
+    out = np.zeros(shape)
+    for part in parts:
+        out += part
+    return out
+
+
+def summed_over_runs(name: str, run_tasks: list[tuple], shape: tuple, dependencies=()) -> da.Array:
+    """One float64 block of ``shape``: the sum of ``run_tasks``, the tasks (one per run of prompt chunks) that
+    each return such an array. The runs' partial results are small (a few numbers, or (pass, layer, dim)
+    sums); no run, no partial: zeros."""
+    graph = {(name + "-run", r): task for r, task in enumerate(run_tasks)}
+    graph[(name, *(0,) * len(shape))] = (_add_up, [(name + "-run", r) for r in range(len(run_tasks))], shape)
+    layer = HighLevelGraph.from_collections(name, graph, dependencies=list(dependencies))
+    return da.Array(layer, name, tuple((n,) for n in shape), dtype=np.float64,
+                    meta=np.empty((0,) * len(shape), np.float64))
+
+
 def materialize(region) -> np.ndarray:
     """The array of a region made by :func:`region`, inside a task."""
     if isinstance(region, _Read):
