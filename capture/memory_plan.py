@@ -126,19 +126,26 @@ class _Shapes:
     kept_layers: int
 
 
-def _shapes(prep: Prepared) -> _Shapes:
-    """The same groups and batches the capture job forms (``write_groups``, ``compute_batches``)."""
-    settings, lengths, stored = prep.settings, prep.tokenized.lengths, np.asarray(prep.window.lengths)
-    size = settings.batch_size_for(prep.resolved.device)
+def _groups_and_batches(prep: Prepared) -> tuple[list[slice], list[tuple[int, int]]]:
+    """The write groups and the (prompts, padded length) of every compute batch of one pass, as the capture
+    job forms them (``write_groups``, ``compute_batches``)."""
+    settings, lengths, device = prep.settings, prep.tokenized.lengths, prep.resolved.device
+    size = settings.batch_size_for(device)
     groups = write_groups(lengths, prep.chunking.prompt, size, settings.batch_tokens)
-    batches = {(b.stop - b.start, lengths[b.start]) for g in groups
-               for b in compute_batches(lengths, g, size, settings.batch_tokens,
-                                        settings.padding_for(prep.resolved.device))}
+    batches = [(b.stop - b.start, lengths[b.start]) for g in groups
+               for b in compute_batches(lengths, g, size, settings.batch_tokens, settings.padding_for(device))]
+    return groups, batches
+
+
+def _shapes(prep: Prepared) -> _Shapes:
+    """The batch shapes and the largest write group of the capture (:func:`_groups_and_batches`)."""
+    lengths, stored = prep.tokenized.lengths, np.asarray(prep.window.lengths)
+    groups, batches = _groups_and_batches(prep)
     n_tokens = max(prep.window.lengths)
     extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
                                       for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))
                for g in groups]
-    return _Shapes(sorted(batches), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers))
+    return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers))
 
 
 def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, shapes: _Shapes) -> list[PlanStep]:
@@ -221,10 +228,11 @@ def build_plan(prep: Prepared, calibrated: bool = False) -> CapturePlan:
         if on_cpu:
             _warm_statistics_kernels()
     store_bytes = _store_bytes(prep)
+    baseline = process_baseline(resolved.device)  # before the calibration, whose buffers are not the capture's
     calibration, times = _times(prep, fps["base"], store_bytes) if calibrated else (None, None)
     return CapturePlan(
         label=resolved.label, store=str(prep.path), device=resolved.device, n_prompts=len(prep.tokenized.texts),
-        n_tokens=max(prep.tokenized.lengths), baseline=process_baseline(resolved.device), steps=steps,
+        n_tokens=max(prep.tokenized.lengths), baseline=baseline, steps=steps,
         store_bytes=store_bytes, times=times, calibration=calibration,
     )
 
@@ -236,12 +244,8 @@ def _times(prep: Prepared, fp: ModelFootprint, store_bytes: dict[str, int]) -> t
     from capture.models import DTYPES
     from store.location import is_url
 
-    settings, resolved, lengths = prep.settings, prep.resolved, prep.tokenized.lengths
-    padding = settings.padding_for(resolved.device)
-    size = settings.batch_size_for(resolved.device)
-    groups = write_groups(lengths, prep.chunking.prompt, size, settings.batch_tokens)
-    batches = [(b.stop - b.start, lengths[b.start]) for g in groups
-               for b in compute_batches(lengths, g, size, settings.batch_tokens, padding)]
+    settings, resolved = prep.settings, prep.resolved
+    _, batches = _groups_and_batches(prep)
     block_rows, vocab_chunk = statistics_blocks(resolved.device)
     store_dir = Path(".") if is_url(prep.path) else Path(str(prep.path)).resolve().parent
     calibration = calibrate(fp.hidden, fp.ffn, vocab_chunk, block_rows, resolved.device, DTYPES[resolved.dtype],

@@ -28,6 +28,11 @@ CONTENT_KEYS = (
 )
 
 
+def _device_kind(device: str) -> str:
+    """The key of the per-device defaults: ``cpu``, or ``gpu`` for any accelerator."""
+    return "cpu" if str(device).startswith("cpu") else "gpu"
+
+
 @dataclass
 class CaptureSettings:
     """Everything ``cli.py capture`` accepts, with its defaults."""
@@ -85,16 +90,12 @@ class CaptureSettings:
 
     def batch_size_for(self, device: str) -> int:
         """``--batch-size``, or the device's default (:data:`BATCH_SIZE`)."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return BATCH_SIZE["cpu" if str(device).startswith("cpu") else "gpu"]
+        return self.batch_size if self.batch_size is not None else BATCH_SIZE[_device_kind(device)]
 
     def padding_for(self, device: str) -> float:
         """``--batch-padding``, or the device's default: on a CPU a small batch costs nothing more per token, so
         batches pad at most 5%; on a GPU a bigger batch fills the device, and 15% is allowed."""
-        if self.batch_padding is not None:
-            return self.batch_padding
-        return BATCH_PADDING["cpu" if str(device).startswith("cpu") else "gpu"]
+        return self.batch_padding if self.batch_padding is not None else BATCH_PADDING[_device_kind(device)]
 
     def to_dict(self) -> dict:
         return asdict(self)
