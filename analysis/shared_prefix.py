@@ -32,8 +32,11 @@ def shared_positions(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     >>> bool(repeat.any()), int(count.max())  # no chat template, so nothing is template text
     (False, 1)
     """
+    shape = (ds.sizes["prompt"], ds.sizes["token"])
+    template = np.asarray(ds.role.values) == TEMPLATE_ROLE if "role" in ds.coords else np.zeros(shape, bool)
+    if not template.any():  # no template text: nothing to walk the prefixes for
+        return np.zeros(shape, bool), np.ones(shape, np.int64)
     repeat, count = _shared_prefixes(np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values))
-    template = np.asarray(ds.role.values) == TEMPLATE_ROLE if "role" in ds.coords else np.zeros(repeat.shape, bool)
     return repeat & template, np.where(template, count, 1)
 
 

@@ -135,12 +135,13 @@ def _depth_sentence(rel: xr.DataArray, left: str, right: str) -> str:
         return f"{what[0].upper()}{what[1:]} is 0 at every stored layer."
     first, peak = int(changed[0]), int(np.argmax(values))
     half = int(np.flatnonzero(values >= values[peak] / 2)[0])
-    text = (f"{what[0].upper()}{what[1:]} is {values[changed[0]]:.3g} at layer {layers[first]} and "
-            f"{values[-1]:.3g} at layer {layers[-1]}, largest ({values[peak]:.3g}) at layer {layers[peak]}")
+    numbers = (f"{what} is {values[first]:.3g} at layer {layers[first]} and {values[-1]:.3g} at layer "
+               f"{layers[-1]}, largest ({values[peak]:.3g}) at layer {layers[peak]}")
     if layers[first] > 1:  # layer 0 is the embedding output; a first change at layer 1 says nothing
-        text = (f"Nothing changes before layer {layers[first]} ({left} and {right} are identical there); "
-                f"from it on, {what} is {values[first]:.3g} at layer {layers[first]} and {values[-1]:.3g} at "
-                f"layer {layers[-1]}, largest ({values[peak]:.3g}) at layer {layers[peak]}")
+        text = f"Nothing changes before layer {layers[first]} ({left} and {right} are identical there); from it on, "
+        text += numbers
+    else:
+        text = numbers[0].upper() + numbers[1:]
     return text + f"; it first reaches half its largest value at layer {layers[half]}."
 
 
