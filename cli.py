@@ -207,6 +207,10 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
     for q, pair in enumerate(pairs):
         for la, layer in enumerate(layers):
             for w, window in enumerate(result.window.values):
+                if (result.promoted_id.values[q, la, w] < 0).all():
+                    print(f"{pair} layer {layer} {window}: no difference (the mean of h_right - h_left is exactly 0, "
+                          "or the window holds no position)")
+                    continue
                 for s, side in enumerate(("left", "right")):
                     up = ", ".join(repr(t) for t in texts["promoted"][q, la, w, s])
                     down = ", ".join(repr(t) for t in texts["suppressed"][q, la, w, s])

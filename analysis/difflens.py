@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from store.errors import LensNotSaved, MissingData, UsageError
 from store.schema import lens_layers, norm_formula
@@ -48,10 +50,41 @@ class NumpyLens:
     softcap: float | None = None
 
     def logits(self, h_nd: np.ndarray) -> np.ndarray:
-        normed = norm_formula(self.norm_kind, h_nd.astype(np.float64), self.norm_weight, self.norm_bias, self.eps,
-                              lambda x: x.mean(-1, keepdims=True))
-        z = (normed @ self.weight_vd.T.astype(np.float64) + self.bias_v) * self.multiplier
+        """(n, vocab) float64 logits of the rows of ``h_nd``."""
+        return self._head(self._normed(h_nd) @ self.weight_vd.T.astype(np.float64) + self.bias_v)
+
+    def _normed(self, h_nd: np.ndarray) -> np.ndarray:
+        return norm_formula(self.norm_kind, h_nd.astype(np.float64), self.norm_weight, self.norm_bias, self.eps,
+                            lambda x: x.mean(-1, keepdims=True))
+
+    def _head(self, z):
+        z = z * self.multiplier
         return self.softcap * np.tanh(z / self.softcap) if self.softcap else z
+
+    def extremes(self, h_nd: np.ndarray, top: int, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top`` largest and smallest float64 logits of each row: ``(ids, values)``, each (2, n, top),
+        [0] promoted (largest first), [1] suppressed (smallest first).
+
+        Candidates come from one float32 product (half the time of float64's and no float64 copy of the
+        vocabulary matrix), a generous margin of them; their logits are then recomputed in float64 and ranked
+        as :func:`_top_ids` ranks the full float64 row, so the answer is the float64 one. ``rows`` at a time.
+        """
+        n, vocab = h_nd.shape[0], self.weight_vd.shape[0]
+        top = min(top, vocab)
+        margin = min(vocab, 4 * top + 16)
+        ids, values = np.zeros((2, n, top), np.int64), np.zeros((2, n, top))
+        weight32 = np.asarray(self.weight_vd, dtype=np.float32)
+        for start in range(0, n, rows):
+            normed = self._normed(h_nd[start:start + rows])
+            z32 = normed.astype(np.float32) @ weight32.T + self.bias_v.astype(np.float32)
+            for side, sign in enumerate((1.0, -1.0)):
+                cand = np.argpartition(sign * z32, vocab - margin, axis=-1)[:, -margin:]
+                z = self._head(np.einsum("nd,nkd->nk", normed, self.weight_vd[cand].astype(np.float64))
+                               + self.bias_v[cand])
+                picked = _top_ids(sign * z, top)
+                ids[side, start:start + rows] = np.take_along_axis(cand, picked, axis=-1)
+                values[side, start:start + rows] = np.take_along_axis(z, picked, axis=-1)
+        return ids, values
 
 
 def _saved_lens(ds: xr.Dataset, source: str) -> NumpyLens:
@@ -108,13 +141,13 @@ def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
 
 def token_texts(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
     """Readable text of token ids (`` the`` rather than ``Ġthe``), from the base checkpoint's tokenizer.json;
-    the raw pieces from the store where there is none."""
+    the raw pieces from the store where there is none; "" for -1 (no token)."""
     path = _tokenizer_json(ds)
     if path is not None:
         tokenizer = _tokenizer(str(path))
         # special tokens (<|im_start|>...) decode to their own text, not to nothing
-        return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
-    return [str(i) for i in ids]
+        return [tokenizer.decode([int(i)], skip_special_tokens=False) if i >= 0 else "" for i in ids]
+    return [str(i) if i >= 0 else "" for i in ids]
 
 
 _VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
@@ -169,11 +202,13 @@ def token_text_table(ds: xr.Dataset, prompt: int | None = None) -> np.ndarray:
 
 
 def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None,
-                     layers: list[int] | None = None) -> xr.DataArray:
+                     layers: list[int] | None = None, massive_factor: float | None = None) -> xr.DataArray:
     """(pair, layer, window, dim): the mean of h_right - h_left over the first ``k`` real positions of each
     prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out, ``layers``
-    (labels) restricts the layers read. Lazy; on a store as ``open_store`` gives it, one streamed pass over the
-    chunks (:mod:`analysis.masked_sums`), whose memory follows the run size, not the store.
+    (labels) restricts the layers; ``massive_factor`` leaves out the massive-activation positions found with that
+    factor. Lazy; on a store as ``open_store`` gives it, one streamed pass over the chunks
+    (:mod:`analysis.masked_sums`, which finds the massive positions as it reads), whose memory follows the run
+    size, not the store.
 
     Examples
     --------
@@ -188,15 +223,20 @@ def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = No
     from analysis.metrics import select_side
 
     if not masked_sums.applies(ds):
+        if massive_factor is not None:
+            from analysis.outliers import massive_positions
+
+            ordinary = ~massive_positions(ds, massive_factor).massive
+            where = ordinary if where is None else where & ordinary
         return _mean_differences_xarray(ds, k, where, layers)
     real = np.arange(ds.sizes["token"])[None, :] < np.asarray(ds.n_tokens.values)[:, None]
     if where is not None:
         real = real & np.asarray(where.transpose("prompt", "token").values, dtype=bool)
     first = real & (np.arange(ds.sizes["token"]) < k)[None, :]
     keep = np.stack([first, real])
-    sums = masked_sums.masked_sums(ds, keep, layers)  # (pass_, mask, layer, dim)
-    means = sums / np.maximum(keep.sum(axis=(1, 2)), 1)[None, :, None, None]
-    means = means.where(xr.DataArray(keep.any(axis=(1, 2)), dims="mask"))  # no position: no mean
+    sums = masked_sums.masked_sums(ds, keep, layers, massive_factor)
+    means = sums["sum"] / np.maximum(sums["count"], 1)
+    means = means.where(sums["count"] > 0)  # no position: no mean
     means = means.rename(mask="window").assign_coords(window=list(WINDOWS))
     diff = select_side(ds, means, "right") - select_side(ds, means, "left")
     return diff.transpose("pair", "layer", "window", "dim")
@@ -220,11 +260,27 @@ def _mean_differences_xarray(ds: xr.Dataset, k: int, where: xr.DataArray | None,
                                                                                         "dim")
 
 
+def _top_ids(z: np.ndarray, top: int) -> np.ndarray:
+    """The ids of the ``top`` largest values along the last axis, largest first (ties: the larger id first, as a
+    reversed stable sort orders them).
+
+    >>> _top_ids(np.array([[1.0, 5.0, 3.0, 5.0]]), 3).tolist()
+    [[3, 1, 2]]
+    """
+    top = min(top, z.shape[-1])
+    part = np.argpartition(z, z.shape[-1] - top, axis=-1)[..., -top:]
+    # the stable order of (value, id) from the largest down, as np.argsort(z)[..., ::-1] gives it
+    order = np.lexsort((part, np.take_along_axis(z, part, axis=-1)), axis=-1)[..., ::-1]
+    return np.take_along_axis(part, order, axis=-1)
+
+
 def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False,
               massive: xr.DataArray | None = None, pairs: list[str] | None = None,
               layers: list[int] | None = None) -> xr.Dataset:
     """Top promoted and suppressed tokens of each pair's mean difference, per layer and window, read through
     the left and the right pass's normed lens. Computes (the means are small, and read in one streamed pass).
+    Where a mean difference is exactly zero, or its window holds no position, there are no tokens: ids -1,
+    logits NaN.
     ``massive`` (prompt, token) gives the massive-activation positions when the caller has already found them;
     ``pairs`` and ``layers`` (labels) restrict the result (and the layers read).
 
@@ -242,14 +298,15 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
         have = have_pairs if what == "pair" else have_layers
         raise UsageError(f"unknown {what} {bad[0]!r}; the store has {', '.join(map(str, have))}")
     lenses, source = load_lenses(ds)
-    where = None
+    where, factor = None, None
     if not include_massive:
-        if massive is None:
-            from analysis.outliers import massive_positions
+        if massive is None:  # found while the means are read
+            from analysis.outliers import MASSIVE_FACTOR
 
-            massive = massive_positions(ds).massive
-        where = ~massive
-    deltas = mean_differences(ds, k, where, layers).compute()
+            factor = MASSIVE_FACTOR
+        else:
+            where = ~massive
+    deltas = mean_differences(ds, k, where, layers, factor).compute()
     if pairs:
         deltas = deltas.sel(pair=list(pairs))
     sides = {"left": deltas.left.values, "right": deltas.right.values}
@@ -257,15 +314,29 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
     shape = (deltas.sizes["pair"], deltas.sizes["layer"], len(WINDOWS), 2, top)
     ids = {"promoted": np.zeros(shape, np.int64), "suppressed": np.zeros(shape, np.int64)}
     values = {"promoted": np.zeros(shape), "suppressed": np.zeros(shape)}
-    for q in range(deltas.sizes["pair"]):
-        for s, side in enumerate(("left", "right")):
-            lens = lenses[passes[sides[side][q]]]
-            delta = np.nan_to_num(deltas.values[q])  # (layer, window, dim)
-            z = lens.logits(delta.reshape(-1, delta.shape[-1])).reshape(*delta.shape[:2], -1)
-            order = np.argsort(z, axis=-1)
-            for kind, picked in (("promoted", order[..., ::-1][..., :top]), ("suppressed", order[..., :top])):
-                ids[kind][q, :, :, s] = picked
-                values[kind][q, :, :, s] = np.take_along_axis(z, picked, axis=-1)
+    # No difference (exactly 0, e.g. the same embeddings at layer 0) or no position in the window: no tokens.
+    empty_qlw = np.isnan(deltas.values).any(-1) | (deltas.values == 0).all(-1)
+    delta_qlwd = np.nan_to_num(deltas.values)
+    # One product per lens over the distinct rows of every (pair, side) it reads (pairs may share their
+    # differences exactly); the data are read, so BLAS may use every core.
+    for unembedding in sorted(set(passes.values())):
+        reads = [(q, s) for q in range(shape[0]) for s, side in enumerate(("left", "right"))
+                 if passes[sides[side][q]] == unembedding]
+        if not reads:
+            continue
+        rows = np.concatenate([delta_qlwd[q].reshape(-1, delta_qlwd.shape[-1]) for q, _ in reads])
+        distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
+        with threadpool_limits(limits=os.cpu_count() or 1):
+            top_ids, top_values = lenses[unembedding].extremes(distinct, top)
+        top_ids = top_ids[:, inverse.ravel()].reshape(2, len(reads), *shape[1:3], -1)
+        top_values = top_values[:, inverse.ravel()].reshape(2, len(reads), *shape[1:3], -1)
+        for r, (q, s) in enumerate(reads):
+            for k, kind in enumerate(("promoted", "suppressed")):
+                ids[kind][q, :, :, s] = top_ids[k, r]
+                values[kind][q, :, :, s] = top_values[k, r]
+    for kind in ids:
+        ids[kind][empty_qlw] = -1
+        values[kind][empty_qlw] = np.nan
     dims = ("pair", "layer", "window", "side", "rank")
     return xr.Dataset({f"{kind}_id": (dims, ids[kind]) for kind in ids} |
                       {f"{kind}_logit": (dims, values[kind]) for kind in values},

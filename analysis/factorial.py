@@ -25,6 +25,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from analysis.reductions import position_sum
 from store.errors import MissingData
 from store.reader import is_padding_block
 
@@ -146,19 +147,30 @@ def _shares(sums: xr.Dataset) -> xr.Dataset:
     })
 
 
-def position_terms(ds: xr.Dataset) -> xr.DataArray:
-    """The per-position terms from the pair sums every pair metric reads (:func:`terms_from_distances`) when the
-    store's pairs cover the six combinations of the four passes, so that one read serves the metrics, the
-    massive-activation search and the factorial; else :func:`factorial_terms`."""
+def _pair_distances(ds: xr.Dataset) -> xr.DataArray | None:
+    """The squared distances ``|h_right - h_left|^2`` (pair, prompt, layer, token) of the store's pairs when they
+    cover the six combinations of the four passes (one read serves the metrics, the massive-activation search
+    and the factorial), else None."""
     from analysis.metrics import _residual_sums, store_pass_pairs
 
     _require_passes(ds)
-    names, left, right = store_pass_pairs(ds)
-    keys = {frozenset((a, b)): q for q, a, b in zip(names, left, right, strict=True)}
-    if not all(frozenset((a, b)) in keys for i, a in enumerate(FACTORIAL_PASSES) for b in FACTORIAL_PASSES[i + 1:]):
-        return factorial_terms(ds)
-    sqdiff = _residual_sums(ds)[2]
-    return terms_from_distances({k: sqdiff.sel(pair=q, drop=True) for k, q in keys.items()})
+    _, left, right = store_pass_pairs(ds)
+    have = {frozenset((a, b)) for a, b in zip(left, right, strict=True)}
+    if not all(frozenset((a, b)) in have for i, a in enumerate(FACTORIAL_PASSES) for b in FACTORIAL_PASSES[i + 1:]):
+        return None
+    return _residual_sums(ds)[2]
+
+
+def _by_pair(sqdiff: xr.DataArray) -> dict[frozenset, xr.DataArray]:
+    return {frozenset((str(a), str(b))): sqdiff.isel(pair=q, drop=True)
+            for q, (a, b) in enumerate(zip(sqdiff.left.values, sqdiff.right.values, strict=True))}
+
+
+def position_terms(ds: xr.Dataset) -> xr.DataArray:
+    """The per-position terms from the pair sums every pair metric reads (:func:`terms_from_distances`) when the
+    store's pairs cover the six combinations of the four passes, else :func:`factorial_terms`."""
+    sqdiff = _pair_distances(ds)
+    return factorial_terms(ds) if sqdiff is None else terms_from_distances(_by_pair(sqdiff))
 
 
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
@@ -167,13 +179,19 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions.
 
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
-    and token, e.g. not a massive-activation position) leaves positions out.
+    and token, e.g. not a massive-activation position) leaves positions out. From the pair distances the
+    terms are linear, so the six distances are summed first and the terms formed from the sums.
     """
-    terms = position_terms(ds)
-    if where is not None:
-        terms = terms.where(where)
+    sqdiff = _pair_distances(ds)
+    values = factorial_terms(ds) if sqdiff is None else sqdiff.reset_coords(["left", "right"], drop=True)
+
+    def summed(x: xr.DataArray, keep: xr.DataArray | None = where) -> xr.DataArray:
+        if set(over) == {"prompt", "token"}:  # over real positions only, not the padded layout
+            return position_sum(x, np.asarray(ds.n_tokens.values), keep)
+        return (x if keep is None else x.where(keep)).sum(list(over), skipna=True, min_count=1)
+
     if by is None:
-        sums = terms.sum(list(over), skipna=True, min_count=1)
+        sums = summed(values)
     else:
         if isinstance(by, str) and by not in ds.coords:
             raise MissingData(what=f"coordinate {by!r}", fix="group by a coordinate the store has (role needs "
@@ -181,8 +199,11 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
         groups = ds[by].load() if isinstance(by, str) else by
         name = by if isinstance(by, str) else str(by.name or "group")
         labels = sorted(str(g) for g in np.unique(groups.values) if str(g) != "")
-        sums = xr.concat([terms.where(groups == label).sum(list(over), skipna=True, min_count=1) for label in labels],
+        sums = xr.concat([summed(values, groups == label if where is None else (groups == label) & where)
+                          for label in labels],
                          dim=name).assign_coords({name: labels})
+    if sqdiff is not None:
+        sums = terms_from_distances(_by_pair(sums.assign_coords(left=sqdiff.left, right=sqdiff.right)))
     return _shares(sums.to_dataset("term"))
 
 

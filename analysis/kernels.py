@@ -109,3 +109,63 @@ def previous_layer_dots(block: np.ndarray, layer_axis: int) -> np.ndarray:
     h = np.moveaxis(block, layer_axis, 0).astype(np.float64)  # (layer, ..., dim)
     np.moveaxis(out, layer_axis, 0)[1:] = np.einsum("l...d,l...d->l...", h[1:], h[:-1])
     return out
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _kept_sums(x_pltd, half, keep_mpt, slot_l, out_mld, with_sumsq, sumsq_plt):  # pragma: no cover - compiled
+    n_prompt, n_layer, n_token, n_dim = x_pltd.shape
+    n_mask = keep_mpt.shape[0]
+    bits_d = np.empty(n_dim, dtype=np.uint32)
+    row_d = bits_d.view(np.float32)
+    for p in range(n_prompt):
+        for t in range(n_token):
+            kept = False
+            for m in range(n_mask):
+                kept = kept or keep_mpt[m, p, t]
+            if not (kept or with_sumsq):
+                continue
+            for la in range(n_layer):
+                j = slot_l[la]
+                if j < 0 and not with_sumsq:
+                    continue
+                src_d = x_pltd[p, la, t]
+                if half:
+                    _widen_half(src_d, bits_d, row_d)
+                else:
+                    for d in range(n_dim):
+                        row_d[d] = src_d[d]
+                if with_sumsq:  # the loop of _sums: the same sums of squares as the metrics'
+                    acc = 0.0
+                    for d in range(n_dim):
+                        v = np.float64(row_d[d])
+                        acc += v * v
+                    sumsq_plt[p, la, t] = acc
+                if j < 0 or not kept:
+                    continue
+                for m in range(n_mask):
+                    if keep_mpt[m, p, t]:
+                        for d in range(n_dim):
+                            out_mld[m, j, d] += np.float64(row_d[d])
+
+
+def kept_sums(x_pltd: np.ndarray, keep_mpt: np.ndarray, layers: np.ndarray, sumsq: bool = False):
+    """(mask, layer, dim) float64 sums of the vectors of ``x_pltd`` (prompt, layer, token, dim) at the positions
+    each mask of ``keep_mpt`` (mask, prompt, token) keeps, at the ``layers`` (indices into x's layer axis).
+    Each row is widened once (float16 exactly), whatever the number of masks keeping it. With ``sumsq``, also
+    every position's ``sum h^2`` (prompt, layer, token), as :func:`residual_sums` gives it, from the same pass:
+    ``(sums, sumsq)``.
+
+    >>> x = np.arange(8, dtype=np.float16).reshape(1, 2, 2, 2)  # 1 prompt, 2 layers, 2 tokens, 2 dims
+    >>> kept_sums(x, np.array([[[True, True]], [[False, True]]]), np.array([1])).tolist()
+    [[[10.0, 12.0]], [[6.0, 7.0]]]
+    >>> kept_sums(x, np.array([[[False, False]]]), np.array([0]), sumsq=True)[1].tolist()
+    [[[1.0, 13.0], [41.0, 85.0]]]
+    """
+    half = x_pltd.dtype == np.float16
+    x = np.ascontiguousarray(x_pltd).view(np.uint16) if half else np.ascontiguousarray(x_pltd, dtype=np.float32)
+    out = np.zeros((keep_mpt.shape[0], len(layers), x_pltd.shape[-1]))
+    slot = np.full(x_pltd.shape[1], -1, dtype=np.int64)
+    slot[np.asarray(layers, dtype=np.int64)] = np.arange(len(layers))
+    squares = np.full(x_pltd.shape[:3] if sumsq else (0, 0, 0), np.nan)
+    _kept_sums(x, half, np.ascontiguousarray(keep_mpt, dtype=np.bool_), slot, out, sumsq, squares)
+    return (out, squares) if sumsq else out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -41,9 +42,37 @@ def _median_of_real(norms: np.ndarray) -> np.ndarray:
         return np.nanmedian(norms, axis=-1)
 
 
+def peak_ratios(sumsq_nslt: np.ndarray) -> np.ndarray:
+    """(..., pass, layer, token) sums of squares -> (..., token) ``peak_ratio``: the largest over passes and
+    layers of ``||h|| / median ||h||`` over the real tokens of the same pass, prompt and layer (NaN on padding).
+
+    One function per block of prompts, for :func:`massive_positions` and for the tasks that find massive
+    positions while they read (``analysis.masked_sums``): the same numbers either way. Padding is trailing,
+    so each prompt's median is a plain median over its real tokens (a real NaN falls back to ``nanmedian``).
+
+    >>> s = np.array([[[[1.0, 4.0, 400.0, np.nan]]]])  # 1 prompt, 1 pass, 1 layer; norms 1, 2, 20
+    >>> peak_ratios(s).round(2).tolist()
+    [[0.5, 1.0, 10.0, nan]]
+    """
+    *lead, n_pass, n_layer, n_tokens = sumsq_nslt.shape
+    flat = sumsq_nslt.reshape(-1, n_pass, n_layer, n_tokens)
+    out = np.full((flat.shape[0], n_tokens), np.nan, np.float32)
+    real_nt = ~np.isnan(flat).all(axis=(1, 2))
+    for n, real_t in enumerate(real_nt):
+        length = n_tokens - int(np.argmax(real_t[::-1])) if real_t.any() else 0
+        if not length:
+            continue
+        norm = np.sqrt(flat[n, :, :, :length]).astype(np.float32)  # as pass_metrics' norm
+        with warnings.catch_warnings():  # a (pass, layer) of a real NaN only: no median, no ratio
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = (np.nanmedian if np.isnan(norm).any() else np.median)(norm, axis=-1, keepdims=True)
+            out[n, :length] = np.nanmax(norm / median, axis=(0, 1))
+    return out.reshape(*lead, n_tokens)
+
+
 def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Dataset:
     """``massive`` (prompt, token): a position over ``factor`` x its layer's median norm in any pass and layer;
-    ``peak_ratio`` (prompt, token): its largest ratio. Lazy.
+    ``peak_ratio`` (prompt, token): its largest ratio (:func:`peak_ratios`, a task per block of prompts). Lazy.
 
     Examples
     --------
@@ -54,10 +83,21 @@ def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Data
     >>> bool(found.massive.any())  # random residuals have no sink
     False
     """
-    ratio = norm_ratio(ds)
-    peak = ratio.max(["pass_", "layer"], skipna=True)
+    from analysis.metrics import _residual_sums
+
+    sumsq = _residual_sums(ds)[0].transpose(..., "prompt", "pass_", "layer", "token")
+    lead = sumsq.dims[:-3]  # (model_pair,) prompt
+    if sumsq.chunks is None:
+        peak = peak_ratios(sumsq.values)
+    else:
+        data = sumsq.data.rechunk({sumsq.ndim - 3: -1, sumsq.ndim - 2: -1, sumsq.ndim - 1: -1})
+        peak = da.map_blocks(peak_ratios, data, drop_axis=[sumsq.ndim - 3, sumsq.ndim - 2], dtype=np.float32,
+                             meta=np.empty((0,) * (sumsq.ndim - 2), np.float32))
+    labels = {d: sumsq[d] for d in (*lead, "token") if d in sumsq.coords}
+    peak = xr.DataArray(peak, dims=(*lead, "token"), coords=labels)
+    peak = peak.assign_coords(prompt=ds.prompt)
     return xr.Dataset({"massive": (peak > factor).assign_attrs(factor=factor),
-                       "peak_ratio": peak.astype("float32")}).assign_attrs(factor=factor)
+                       "peak_ratio": peak}).assign_attrs(factor=factor)
 
 
 def describe_massive(ds: xr.Dataset, found: xr.Dataset, included: bool = False, limit: int = 10) -> list[str]:

@@ -164,3 +164,58 @@ def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
     real_pt = (ds.token < ds.n_tokens) & ds.lens_done
     want = ds.kl.sel(lens="norm").where(real_pt).mean(["prompt", "token"]).transpose("pair", "layer")
     np.testing.assert_allclose(lens_sums.layer_means(ds, "kl", "norm").values, want.values, rtol=1e-6)
+
+
+def _plain_massive(ds, factor: float = 10.0) -> np.ndarray:
+    """(prompt, token): over ``factor`` x the median norm of its pass, prompt and layer somewhere (a plain loop)."""
+    resid = ds.resid.values.astype(np.float64)  # (pass, prompt, layer, token, dim)
+    out = np.zeros((ds.sizes["prompt"], ds.sizes["token"]), bool)
+    for p, n in enumerate(ds.n_tokens.values):
+        norms = np.sqrt((resid[:, p, :, :n] ** 2).sum(-1))  # (pass, layer, token)
+        out[p, :n] = (norms / np.median(norms, axis=-1, keepdims=True) > factor).any(axis=(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("layers", [None, [2]])
+def test_streamed_means_leave_out_massive_positions_found_while_reading(tmp_path, layers):
+    """One pass finds the massive positions of each prompt and takes them out of the sums: the same means as a
+    plain loop over the positions a plain search did not flag, sinks planted in several chunks and slabs."""
+    from analysis.difflens import mean_differences
+    from store.chunking import Chunking
+
+    lengths = (23, 17, 17, 9, 4, 2, 1)
+    path = write_tiny_store(tmp_path / "r.zarr", n_prompts=len(lengths), lengths=lengths, store_dtype="float16",
+                            chunking=Chunking(prompt=2, layer=3, token=4))
+    resid = zarr.open_group(str(path), mode="r+")["resid"]
+    for row, token, first_layer in ((0, 13, 1), (1, 0, 2), (2, 0, 1), (3, 5, 0)):
+        resid[:, row, first_layer:, token, :] = resid[:, row, first_layer:, token, :] * 300
+    ds = open_store(path)
+    massive = _plain_massive(ds)
+    assert massive.sum() == 4  # the four sinks and nothing else
+    rng = np.random.default_rng(2)
+    keep_pt = rng.random((ds.sizes["prompt"], ds.sizes["token"])) > 0.2
+    streamed = mean_differences(ds, 3, xr.DataArray(keep_pt, dims=("prompt", "token")), layers, massive_factor=10.0)
+    assert "masked-sums" in str(streamed.data.dask.layers.keys())
+    chosen = layers or [0, 1, 2]
+    expected = _plain_mean_differences(ds, 3, keep_pt & ~massive, chosen)
+    np.testing.assert_allclose(streamed.values, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_lens_extremes_equal_a_full_float64_ranking():
+    """Candidates from a float32 product, ranked in float64: the same ids and values as sorting every float64
+    logit of each row (random lens and rows; rows in several blocks)."""
+    from analysis.difflens import NumpyLens
+
+    rng = np.random.default_rng(3)
+    vocab, dim = 500, 16
+    lens = NumpyLens(weight_vd=rng.standard_normal((vocab, dim)).astype(np.float32),
+                     bias_v=rng.standard_normal(vocab).astype(np.float32), norm_kind="rms",
+                     norm_weight=rng.random(dim) + 0.5, norm_bias=np.zeros(dim), eps=1e-6, multiplier=0.7, softcap=30.0)
+    h = rng.standard_normal((70, dim))
+    ids, values = lens.extremes(h, top=7, rows=32)
+    z = lens.logits(h)
+    order = np.argsort(z, axis=-1, kind="stable")
+    np.testing.assert_array_equal(ids[0], order[:, ::-1][:, :7])
+    np.testing.assert_array_equal(ids[1], order[:, :7])
+    np.testing.assert_allclose(values[0], np.take_along_axis(z, ids[0], -1), rtol=1e-12)
+    np.testing.assert_allclose(values[1], np.take_along_axis(z, ids[1], -1), rtol=1e-12)

@@ -34,6 +34,11 @@ def test_a_planted_sink_is_found_and_nothing_else(tmp_path):
     norms = np.sqrt((h**2).sum(-1))
     want = norms / np.nanmedian(norms, axis=-1, keepdims=True)
     np.testing.assert_allclose(norm_ratio(ds).values, want, rtol=1e-5, equal_nan=True)
+    # the peak is the largest ratio over passes and layers, NaN on padding
+    with np.errstate(all="ignore"):
+        peak = np.nanmax(np.where(np.isnan(want), -np.inf, want), axis=(0, 2))
+    np.testing.assert_allclose(found.peak_ratio.values, np.where(np.isinf(peak), np.nan, peak), rtol=1e-5,
+                               equal_nan=True)
 
 
 def test_reports_list_the_sink_and_leave_it_out(tmp_path):
