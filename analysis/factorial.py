@@ -173,8 +173,14 @@ def position_terms(ds: xr.Dataset) -> xr.DataArray:
     return factorial_terms(ds) if sqdiff is None else terms_from_distances(_by_pair(sqdiff))
 
 
+def factorial_sums(ds: xr.Dataset, where: xr.DataArray | None = None) -> xr.DataArray:
+    """The five :data:`TERMS` summed over the real positions ``where`` keeps, per layer: (term, layer). Lazy."""
+    return factorial_shares(ds, where=where, sums_only=True)
+
+
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
-                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
+                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None,
+                     sums_only: bool = False):
     """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
     of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions.
 
@@ -204,7 +210,7 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
                          dim=name).assign_coords({name: labels})
     if sqdiff is not None:
         sums = terms_from_distances(_by_pair(sums.assign_coords(left=sqdiff.left, right=sqdiff.right)))
-    return _shares(sums.to_dataset("term"))
+    return sums if sums_only else _shares(sums.to_dataset("term"))
 
 
 def tracked_factorial(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:

@@ -172,8 +172,9 @@ def select_side(ds: xr.Dataset, x: xr.DataArray, side: str) -> xr.DataArray:
     return picked.rename(pass_="pair").assign_coords(pair=names, left=("pair", left), right=("pair", right))
 
 
-def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
-    """The per-pair metrics of :data:`PAIR_METRICS` for every (pair, prompt, layer, token), lazily.
+def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = None) -> xr.Dataset:
+    """The per-pair metrics of :data:`PAIR_METRICS` (or of ``names`` only: each is a graph to build, and a
+    store's statistics have a chunk per few prompts and tokens) for every (pair, prompt, layer, token), lazily.
 
     ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
     """
@@ -181,31 +182,41 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:
         raise MissingData(what="pairs of passes", fix="capture with at least two passes")
     if "lens" in ds.dims and lens not in ds.lens.values:
         raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
-    per_pass = pass_metrics(ds)
-    left, right = "left", "right"
 
     def side(x: xr.DataArray, which: str) -> xr.DataArray:
         return select_side(ds, x, which)
 
-    out = {
-        "norm_left": side(per_pass.norm, left), "norm_right": side(per_pass.norm, right),
-        "cosine_prev_left": side(per_pass.cosine_prev, left), "cosine_prev_right": side(per_pass.cosine_prev, right),
-        "norm_delta_left": side(per_pass.norm_delta, left), "norm_delta_right": side(per_pass.norm_delta, right),
-    }
+    def per_pass(name: str, which: str):
+        return lambda: side(pass_metrics(ds)[name], which)
+
+    build = {f"{name}_{which}": per_pass(name, which) for name in ("norm", "cosine_prev", "norm_delta")
+             for which in ("left", "right")}
     if "resid" in ds:
-        sumsq, dot, sqdiff = _residual_sums(ds)
-        scale = np.maximum(np.sqrt(side(sumsq, left)) * np.sqrt(side(sumsq, right)), EPS)
-        out["norm_diff"] = np.sqrt(sqdiff).astype("float32").assign_attrs(long_name="||h_right - h_left||")
-        out["rel_norm_diff"] = (np.sqrt(sqdiff) / np.maximum(np.sqrt(side(sumsq, left)), EPS)).astype(
-            "float32").assign_attrs(long_name="||h_right - h_left|| / ||h_left|| (scale-free)")
-        out["cosine_sim"] = (dot / scale).astype("float32").assign_attrs(long_name="cos(h_left, h_right)")
+        def norm_diff():
+            return np.sqrt(_residual_sums(ds)[2]).astype("float32").assign_attrs(long_name="||h_right - h_left||")
+
+        def rel_norm_diff():
+            sumsq, _, sqdiff = _residual_sums(ds)
+            return (np.sqrt(sqdiff) / np.maximum(np.sqrt(side(sumsq, "left")), EPS)).astype("float32").assign_attrs(
+                long_name="||h_right - h_left|| / ||h_left|| (scale-free)")
+
+        def cosine_sim():
+            sumsq, dot, _ = _residual_sums(ds)
+            scale = np.maximum(np.sqrt(side(sumsq, "left")) * np.sqrt(side(sumsq, "right")), EPS)
+            return (dot / scale).astype("float32").assign_attrs(long_name="cos(h_left, h_right)")
+
+        build |= {"norm_diff": norm_diff, "rel_norm_diff": rel_norm_diff, "cosine_sim": cosine_sim}
     else:
-        out["norm_diff"], out["cosine_sim"] = ds.norm_diff, ds.cosine_sim
+        build |= {"norm_diff": lambda: ds.norm_diff, "cosine_sim": lambda: ds.cosine_sim}
     if "entropy" in ds:
-        entropy = ds.entropy.sel(lens=lens, drop=True)
-        out["entropy_left"], out["entropy_right"] = side(entropy, left), side(entropy, right)
-        out["kl"] = ds.kl.sel(lens=lens, drop=True).assign_attrs(long_name="KL(right || left)", units="nats")
-    return xr.Dataset({name: out[name] for name in PAIR_METRICS if name in out})
+        def entropy(which: str):
+            return lambda: side(ds.entropy.sel(lens=lens, drop=True), which)
+
+        build |= {"entropy_left": entropy("left"), "entropy_right": entropy("right"),
+                  "kl": lambda: ds.kl.sel(lens=lens, drop=True).assign_attrs(long_name="KL(right || left)",
+                                                                             units="nats")}
+    wanted = PAIR_METRICS if names is None else [name for name in PAIR_METRICS if name in names]
+    return xr.Dataset({name: build[name]() for name in wanted if name in build})
 
 
 def summarize_over(metric: xr.DataArray, axis: str = "layer") -> xr.Dataset:

@@ -51,9 +51,9 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
-def _metrics(ds: xr.Dataset, record_type: str, lens: str) -> xr.Dataset:
+def _metrics(ds: xr.Dataset, record_type: str, lens: str, names: list[str]) -> xr.Dataset:
     if record_type == "pairwise":
-        return pair_metrics(ds, lens)
+        return pair_metrics(ds, lens, names)
     out = pass_metrics(ds)
     if "entropy" in ds:
         out["entropy"] = ds.entropy.sel(lens=lens, drop=True)
@@ -70,7 +70,7 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
     if unknown:
         raise UsageError(f"unknown {record_type} metric {unknown[0]!r}; known: {', '.join(known)}")
     lead = "pair" if record_type == "pairwise" else "pass_"
-    values = _metrics(ds, record_type, lens)
+    values = _metrics(ds, record_type, lens, metrics)
     missing = [m for m in metrics if m not in values]
     if missing:
         why = left_out(ds) or "it needs residuals or lens statistics, which this store does not have"

@@ -34,20 +34,20 @@ def _pair(ds: xr.Dataset) -> tuple[str, str, str] | None:
 
 def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     """The lazy numbers the summary needs (compute them with the rest of a report, in one ``dask.compute``)."""
-    from analysis.factorial import FACTORIAL_PASSES, position_terms
+    from analysis.factorial import FACTORIAL_PASSES, factorial_sums
     from analysis.metrics import pair_metrics
+    from analysis.reductions import position_mean
 
     out: dict = {}
     chosen = _pair(ds)
     if chosen is None or "resid" not in ds:
         return out
     pair = chosen[0]
-    rel = pair_metrics(ds, "norm").rel_norm_diff.sel(pair=pair, drop=True)
-    out["rel_by_layer"] = (rel if keep is None else rel.where(keep)).mean(["prompt", "token"], skipna=True)
+    rel = pair_metrics(ds, "norm", ["rel_norm_diff"]).rel_norm_diff.sel(pair=pair, drop=True)
+    n_tokens = np.asarray(ds.n_tokens.values)
+    out["rel_by_layer"] = position_mean(rel, n_tokens, keep)  # real positions only, not the padded layout
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
-        terms = position_terms(ds)  # from the pair sums the report reads anyway, where it can
-        terms = terms if keep is None else terms.where(keep)
-        out["factorial"] = terms.sum(["prompt", "token"], skipna=True)
+        out["factorial"] = factorial_sums(ds, keep)  # from the pair sums the report reads anyway, where it can
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
         from analysis import lens_sums
 
