@@ -103,6 +103,9 @@ def diff_lens_section(ds: xr.Dataset, massive: xr.DataArray | None, top: int = 8
     rows = []
     for layer in result.layer.values[-4:]:
         cell = result.sel(pair=pair, layer=layer, window="first", side="right")
+        if (cell.promoted_id.values < 0).all():  # an exactly zero mean difference has no tokens to show
+            rows.append([int(layer), "no difference", "no difference"])
+            continue
         rows.append([int(layer), " ".join(visible(t) for t in token_texts(ds, cell.promoted_id.values)),
                      " ".join(visible(t) for t in token_texts(ds, cell.suppressed_id.values))])
     return (f"<h2>Difference lens ({html.escape(pair)})</h2><p>The mean difference over the first "

@@ -219,3 +219,16 @@ def test_lens_extremes_equal_a_full_float64_ranking():
     np.testing.assert_array_equal(ids[1], order[:, :7])
     np.testing.assert_allclose(values[0], np.take_along_axis(z, ids[0], -1), rtol=1e-12)
     np.testing.assert_allclose(values[1], np.take_along_axis(z, ids[1], -1), rtol=1e-12)
+
+
+def test_an_exactly_zero_difference_lists_no_tokens(tmp_path):
+    """A pair whose passes are the same (here BB and SB: SB set to BB) has a zero mean difference: ids -1 and
+    NaN logits, not the first of a vocabulary of tied logits; the planted pair still reads back."""
+    _store_with_a_planted_difference(tmp_path, promoted=5, suppressed=2)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    group["resid"][2] = group["resid"][0]
+    consolidate(tmp_path / "s.zarr")
+    result = diff_lens(open_store(tmp_path / "s.zarr"), k=2, top=3, include_massive=True)
+    zero = result.sel(pair="BB-SB")
+    assert (zero.promoted_id.values == -1).all() and np.isnan(zero.promoted_logit.values).all()
+    assert (result.sel(pair="BB-SS").promoted_id.isel(rank=0).values[1:] == 5).all()
