@@ -193,7 +193,11 @@ def token_kinds(ds: xr.Dataset) -> xr.DataArray:
 
 
 def token_text_table(ds: xr.Dataset, prompt: int | None = None) -> np.ndarray:
-    """Decoded text of every stored token, (prompt, token) (or one prompt's row), "" on padding."""
+    """Decoded text of every stored token, (prompt, token) (or one prompt's row), "" on padding; a store without
+    token ids (imported from the legacy JSON) has the stored pieces."""
+    if "token_id" not in ds:
+        pieces = ds.token_str if prompt is None else ds.token_str.sel(prompt=prompt)
+        return np.asarray(pieces.values, dtype=object)
     ids = np.asarray((ds.token_id if prompt is None else ds.token_id.sel(prompt=prompt)).values)
     unique = np.unique(ids[ids >= 0])
     lookup = dict(zip(unique.tolist(), token_texts(ds, unique), strict=True))

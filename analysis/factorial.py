@@ -173,21 +173,11 @@ def position_terms(ds: xr.Dataset) -> xr.DataArray:
     return factorial_terms(ds) if sqdiff is None else terms_from_distances(_by_pair(sqdiff))
 
 
-def factorial_sums(ds: xr.Dataset, where: xr.DataArray | None = None) -> xr.DataArray:
-    """The five :data:`TERMS` summed over the real positions ``where`` keeps, per layer: (term, layer). Lazy."""
-    return factorial_shares(ds, where=where, sums_only=True)
-
-
-def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
-                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None,
-                     sums_only: bool = False):
-    """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
-    of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions.
-
-    ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
-    and token, e.g. not a massive-activation position) leaves positions out. From the pair distances the
-    terms are linear, so the six distances are summed first and the terms formed from the sums.
-    """
+def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
+                   where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.DataArray:
+    """The five :data:`TERMS` summed per layer (and per ``by`` group) over the real positions ``where`` keeps:
+    (term, [group,] layer), lazily. From the pair distances the terms are linear, so the six distances are
+    summed first and the terms formed from the sums."""
     sqdiff = _pair_distances(ds)
     values = factorial_terms(ds) if sqdiff is None else sqdiff.reset_coords(["left", "right"], drop=True)
 
@@ -208,9 +198,21 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
         sums = xr.concat([summed(values, groups == label if where is None else (groups == label) & where)
                           for label in labels],
                          dim=name).assign_coords({name: labels})
-    if sqdiff is not None:
-        sums = terms_from_distances(_by_pair(sums.assign_coords(left=sqdiff.left, right=sqdiff.right)))
-    return sums if sums_only else _shares(sums.to_dataset("term"))
+    if sqdiff is None:
+        return sums
+    return terms_from_distances(_by_pair(sums.assign_coords(left=sqdiff.left, right=sqdiff.right)))
+
+
+def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
+                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
+    """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
+    of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions
+    (:func:`factorial_sums`).
+
+    ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
+    and token, e.g. not a massive-activation position) leaves positions out.
+    """
+    return _shares(factorial_sums(ds, over, where, by).to_dataset("term"))
 
 
 def tracked_factorial(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:

@@ -36,6 +36,16 @@ def _widen_half(src_d, bits_d, out_d):  # pragma: no cover - compiled
         out_d[d] = out_d[d] * _HALF_SCALE
 
 
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _square_sum(row_d):  # pragma: no cover - compiled
+    # sum h^2 of one widened row, in float64: one loop for every kernel, so they agree to the last bit
+    acc = 0.0
+    for d in range(row_d.shape[0]):
+        v = np.float64(row_d[d])
+        acc += v * v
+    return acc
+
+
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _sums(x_snd, half, left_q, right_q, out_rn):  # pragma: no cover - compiled
     # x_snd: a tuple of S arrays (n, d), one per pass, so the passes' chunks are never copied together.
@@ -51,11 +61,7 @@ def _sums(x_snd, half, left_q, right_q, out_rn):  # pragma: no cover - compiled
             else:
                 for d in range(n_dim):
                     row_sd[s, d] = x_snd[s][n, d]
-            acc = 0.0
-            for d in range(n_dim):
-                v = np.float64(row_sd[s, d])
-                acc += v * v
-            out_rn[s, n] = acc
+            out_rn[s, n] = _square_sum(row_sd[s])
         for q in range(n_pair):
             a, b = left_q[q], right_q[q]
             dot = 0.0
@@ -134,12 +140,8 @@ def _kept_sums(x_pltd, half, keep_mpt, slot_l, out_mld, with_sumsq, sumsq_plt): 
                 else:
                     for d in range(n_dim):
                         row_d[d] = src_d[d]
-                if with_sumsq:  # the loop of _sums: the same sums of squares as the metrics'
-                    acc = 0.0
-                    for d in range(n_dim):
-                        v = np.float64(row_d[d])
-                        acc += v * v
-                    sumsq_plt[p, la, t] = acc
+                if with_sumsq:  # the same sums of squares as the metrics'
+                    sumsq_plt[p, la, t] = _square_sum(row_d)
                 if j < 0 or not kept:
                     continue
                 for m in range(n_mask):

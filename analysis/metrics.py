@@ -21,6 +21,8 @@ Names and signs, once (the legacy ``norm_delta`` meant two different things):
 
 from __future__ import annotations
 
+import functools
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -181,27 +183,33 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
     if not store_pass_pairs(ds)[0]:
         raise MissingData(what="pairs of passes", fix="capture with at least two passes")
     if "lens" in ds.dims and lens not in ds.lens.values:
-        raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(map(str, ds.lens.values))}")
+        have = [str(x) for x in ds.lens.values]
+        raise UsageError(f"lens {lens!r} is not in this store; it has {', '.join(have)}: choose one with "
+                         f"--lens {have[0]}")
 
     def side(x: xr.DataArray, which: str) -> xr.DataArray:
         return select_side(ds, x, which)
 
+    # Built once however many metrics use them (each is a graph of a task per run or chunk to build).
+    passes = functools.cache(lambda: pass_metrics(ds))
+    sums = functools.cache(lambda: _residual_sums(ds))
+
     def per_pass(name: str, which: str):
-        return lambda: side(pass_metrics(ds)[name], which)
+        return lambda: side(passes()[name], which)
 
     build = {f"{name}_{which}": per_pass(name, which) for name in ("norm", "cosine_prev", "norm_delta")
              for which in ("left", "right")}
     if "resid" in ds:
         def norm_diff():
-            return np.sqrt(_residual_sums(ds)[2]).astype("float32").assign_attrs(long_name="||h_right - h_left||")
+            return np.sqrt(sums()[2]).astype("float32").assign_attrs(long_name="||h_right - h_left||")
 
         def rel_norm_diff():
-            sumsq, _, sqdiff = _residual_sums(ds)
+            sumsq, _, sqdiff = sums()
             return (np.sqrt(sqdiff) / np.maximum(np.sqrt(side(sumsq, "left")), EPS)).astype("float32").assign_attrs(
                 long_name="||h_right - h_left|| / ||h_left|| (scale-free)")
 
         def cosine_sim():
-            sumsq, dot, _ = _residual_sums(ds)
+            sumsq, dot, _ = sums()
             scale = np.maximum(np.sqrt(side(sumsq, "left")) * np.sqrt(side(sumsq, "right")), EPS)
             return (dot / scale).astype("float32").assign_attrs(long_name="cos(h_left, h_right)")
 

@@ -20,26 +20,31 @@ import numpy as np
 import xarray as xr
 
 from analysis.metrics import pass_metrics
-from analysis.positions import cut_padding_tokens
 
 MASSIVE_FACTOR = 10.0  # a position's norm over the median of its prompt and layer
 
 
-def norm_ratio(ds: xr.Dataset) -> xr.DataArray:
-    """||h|| / median ||h|| over the real tokens of the same pass, prompt and layer, lazily."""
-    norm = pass_metrics(ds).norm
-    # Labels off for the median: comparing lazy label arrays on the way back would compute them.
-    median = xr.apply_ufunc(_median_of_real, norm.reset_coords(drop=True).chunk({"token": -1}),
-                            input_core_dims=[["token"]],
-                            dask="parallelized", output_dtypes=[norm.dtype])
-    return (norm / median).rename("norm_ratio")
-
-
-def _median_of_real(norms: np.ndarray) -> np.ndarray:
-    norms = cut_padding_tokens(norms)
-    with warnings.catch_warnings():  # a row of padding only (no real token) has no median: NaN
+def _prompt_ratios(sumsq_slt: np.ndarray) -> tuple[np.ndarray, int]:
+    """One prompt's (pass, layer, token) sums of squares -> float32 ``||h|| / median ||h||`` over its real tokens
+    (the same pass and layer), and how many real tokens it has. Padding is trailing, so the median is a plain
+    one over them (a real NaN falls back to ``nanmedian``)."""
+    real_t = ~np.isnan(sumsq_slt).all(axis=(0, 1))
+    length = len(real_t) - int(np.argmax(real_t[::-1])) if real_t.any() else 0
+    norm = np.sqrt(sumsq_slt[..., :length]).astype(np.float32)  # as pass_metrics' norm
+    with warnings.catch_warnings():  # a (pass, layer) of a real NaN only: no median, no ratio
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(norms, axis=-1)
+        median = (np.nanmedian if np.isnan(norm).any() else np.median)(norm, axis=-1, keepdims=True)
+    return norm / median, length
+
+
+def _ratios(sumsq_nslt: np.ndarray) -> np.ndarray:
+    # (..., pass, layer, token) -> the same shape: each prompt's ratios, NaN on padding
+    flat = sumsq_nslt.reshape(-1, *sumsq_nslt.shape[-3:])
+    out = np.full(flat.shape, np.nan, np.float32)
+    for n, prompt in enumerate(flat):
+        ratio, length = _prompt_ratios(prompt)
+        out[n, ..., :length] = ratio
+    return out.reshape(sumsq_nslt.shape)
 
 
 def peak_ratios(sumsq_nslt: np.ndarray) -> np.ndarray:
@@ -47,27 +52,45 @@ def peak_ratios(sumsq_nslt: np.ndarray) -> np.ndarray:
     layers of ``||h|| / median ||h||`` over the real tokens of the same pass, prompt and layer (NaN on padding).
 
     One function per block of prompts, for :func:`massive_positions` and for the tasks that find massive
-    positions while they read (``analysis.masked_sums``): the same numbers either way. Padding is trailing,
-    so each prompt's median is a plain median over its real tokens (a real NaN falls back to ``nanmedian``).
+    positions while they read (``analysis.masked_sums``): the same numbers either way.
 
     >>> s = np.array([[[[1.0, 4.0, 400.0, np.nan]]]])  # 1 prompt, 1 pass, 1 layer; norms 1, 2, 20
     >>> peak_ratios(s).round(2).tolist()
     [[0.5, 1.0, 10.0, nan]]
     """
-    *lead, n_pass, n_layer, n_tokens = sumsq_nslt.shape
-    flat = sumsq_nslt.reshape(-1, n_pass, n_layer, n_tokens)
-    out = np.full((flat.shape[0], n_tokens), np.nan, np.float32)
-    real_nt = ~np.isnan(flat).all(axis=(1, 2))
-    for n, real_t in enumerate(real_nt):
-        length = n_tokens - int(np.argmax(real_t[::-1])) if real_t.any() else 0
-        if not length:
-            continue
-        norm = np.sqrt(flat[n, :, :, :length]).astype(np.float32)  # as pass_metrics' norm
-        with warnings.catch_warnings():  # a (pass, layer) of a real NaN only: no median, no ratio
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = (np.nanmedian if np.isnan(norm).any() else np.median)(norm, axis=-1, keepdims=True)
-            out[n, :length] = np.nanmax(norm / median, axis=(0, 1))
-    return out.reshape(*lead, n_tokens)
+    flat = sumsq_nslt.reshape(-1, *sumsq_nslt.shape[-3:])
+    out = np.full((flat.shape[0], flat.shape[-1]), np.nan, np.float32)
+    for n, prompt in enumerate(flat):
+        ratio, length = _prompt_ratios(prompt)
+        if length:
+            with warnings.catch_warnings():  # a token whose every ratio is NaN has no peak
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[n, :length] = np.nanmax(ratio, axis=(0, 1))
+    return out.reshape(*sumsq_nslt.shape[:-3], sumsq_nslt.shape[-1])
+
+
+def _per_prompt(ds: xr.Dataset, func, keeps_pass_and_layer: bool) -> xr.DataArray:
+    """``func`` over blocks of prompts of every pass's sums of squares (prompt, pass, layer, token), lazily:
+    from the residuals, or from the stored norms of a statistics-only store."""
+    from analysis.metrics import _residual_sums
+
+    sumsq = _residual_sums(ds)[0] if "resid" in ds else pass_metrics(ds).norm.astype(np.float64) ** 2
+    sumsq = sumsq.transpose(..., "prompt", "pass_", "layer", "token")
+    core = sumsq.ndim - 3
+    kept = sumsq.dims if keeps_pass_and_layer else (*sumsq.dims[:core], "token")
+    if sumsq.chunks is None:
+        values = func(sumsq.values)
+    else:
+        data = sumsq.data.rechunk({core: -1, core + 1: -1, core + 2: -1})
+        values = da.map_blocks(func, data, drop_axis=[] if keeps_pass_and_layer else [core, core + 1],
+                               dtype=np.float32, meta=np.empty((0,) * len(kept), np.float32))
+    return xr.DataArray(values, dims=kept, coords={d: sumsq[d] for d in kept if d in sumsq.coords})
+
+
+def norm_ratio(ds: xr.Dataset) -> xr.DataArray:
+    """||h|| / median ||h|| over the real tokens of the same pass, prompt and layer, lazily (float32)."""
+    ratio = _per_prompt(ds, _ratios, keeps_pass_and_layer=True)
+    return ratio.transpose(..., "pass_", "prompt", "layer", "token").rename("norm_ratio")
 
 
 def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Dataset:
@@ -83,19 +106,7 @@ def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Data
     >>> bool(found.massive.any())  # random residuals have no sink
     False
     """
-    from analysis.metrics import _residual_sums
-
-    sumsq = _residual_sums(ds)[0].transpose(..., "prompt", "pass_", "layer", "token")
-    lead = sumsq.dims[:-3]  # (model_pair,) prompt
-    if sumsq.chunks is None:
-        peak = peak_ratios(sumsq.values)
-    else:
-        data = sumsq.data.rechunk({sumsq.ndim - 3: -1, sumsq.ndim - 2: -1, sumsq.ndim - 1: -1})
-        peak = da.map_blocks(peak_ratios, data, drop_axis=[sumsq.ndim - 3, sumsq.ndim - 2], dtype=np.float32,
-                             meta=np.empty((0,) * (sumsq.ndim - 2), np.float32))
-    labels = {d: sumsq[d] for d in (*lead, "token") if d in sumsq.coords}
-    peak = xr.DataArray(peak, dims=(*lead, "token"), coords=labels)
-    peak = peak.assign_coords(prompt=ds.prompt)
+    peak = _per_prompt(ds, peak_ratios, keeps_pass_and_layer=False).assign_coords(prompt=ds.prompt)
     return xr.Dataset({"massive": (peak > factor).assign_attrs(factor=factor),
                        "peak_ratio": peak}).assign_attrs(factor=factor)
 

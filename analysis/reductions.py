@@ -121,48 +121,28 @@ def seven_number_summary(metric: xr.DataArray) -> xr.Dataset:
     })
 
 
-def _prompt_sums(x_plt: np.ndarray, keep_pt: np.ndarray, n_tokens_p: np.ndarray, count: bool = False
-                 ) -> np.ndarray:
-    # (..., prompt, layer, token) -> (..., prompt, layer): sums over the real kept tokens that are not NaN, NaN
-    # where none (``count``: how many there are); only the block's real tokens are touched (the longest of its
-    # prompts), not its padding.
+def _prompt_totals(x_plt: np.ndarray, keep_pt: np.ndarray, n_tokens_p: np.ndarray) -> np.ndarray:
+    # (..., prompt, layer, token) -> (2, ..., prompt, layer): the sum and the number of the real kept tokens that
+    # are not NaN; only the block's real tokens are touched (the longest of its prompts), not its padding.
     extent = int(n_tokens_p.max(initial=0))
     valid = keep_pt[:, None, :extent] & (np.arange(extent) < n_tokens_p[:, None])[:, None, :]
     x = x_plt[..., :extent]
     valid = valid & ~np.isnan(x)
-    if count:
-        return valid.sum(axis=-1).astype(np.float64)
-    out = np.where(valid, x, 0.0).sum(axis=-1, dtype=np.float64)
-    out[valid.sum(axis=-1) == 0] = np.nan
-    return out
+    return np.stack([np.where(valid, x, 0.0).sum(axis=-1, dtype=np.float64), valid.sum(axis=-1, dtype=np.float64)])
 
 
-def position_sum(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None = None,
-                 count: bool = False) -> xr.DataArray:
-    """The sum over ``prompt`` and ``token`` of ``x`` (..., prompt, layer, token) at the real positions that
-    ``where`` (prompt, token; None: all) keeps and where ``x`` is not NaN; NaN where no position counts.
-    ``xr.where`` and ``sum`` would each pass over the padded array; here a task per block of prompts touches
-    its real tokens only (on a ragged store a small share of the padded layout). ``count``: how many positions
-    count instead (0, not NaN, where none). Lazy when ``x`` is.
-
-    >>> x = xr.DataArray([[[1.0, 2.0, np.nan]], [[4.0, np.nan, np.nan]]], dims=("prompt", "layer", "token"))
-    >>> position_sum(x, np.array([2, 1])).values.tolist()  # per layer
-    [7.0]
-    >>> keep = xr.DataArray([[True, False, True], [True] * 3], dims=("prompt", "token"))
-    >>> position_sum(x, np.array([2, 1]), keep).values.tolist()
-    [5.0]
-    """
+def _position_totals(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None
+                     ) -> tuple[xr.DataArray, xr.DataArray]:
+    """(sum, count) over ``prompt`` and ``token`` of :func:`position_sum`'s positions, from one pass."""
     x = x.transpose(..., "prompt", "layer", "token")
     if where is not None and set(where.dims) != {"prompt", "token"}:  # e.g. per model_pair: the plain way
         real = xr.DataArray(np.arange(x.sizes["token"]) < np.asarray(n_tokens)[:, None], dims=("prompt", "token"))
-        if count:
-            return x.where(where & real).notnull().sum(["prompt", "token"]).astype(np.float64)
-        return x.where(where & real).sum(
-            ["prompt", "token"], skipna=True, min_count=1)
+        kept = x.where(where & real)
+        return kept.sum(["prompt", "token"], skipna=True), kept.notnull().sum(["prompt", "token"]).astype(np.float64)
     keep = xr.DataArray(np.ones((x.sizes["prompt"], x.sizes["token"]), bool), dims=("prompt", "token")) \
         if where is None else where.transpose("prompt", "token")
     if x.chunks is None:
-        per_prompt = _prompt_sums(x.values, np.asarray(keep.values, bool), np.asarray(n_tokens), count)
+        per_prompt = _prompt_totals(x.values, np.asarray(keep.values, bool), np.asarray(n_tokens))
     else:
         import dask.array as da
 
@@ -172,13 +152,30 @@ def position_sum(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | No
         keep_data = keep_data.rechunk((prompt_chunks, -1))
         n_data = da.from_array(np.asarray(n_tokens), chunks=(prompt_chunks,))
         lead = "abcdefgh"[:x.ndim - 3]
-        per_prompt = da.blockwise(_prompt_sums, lead + "pl", data, lead + "plt", keep_data, "pt", n_data, "p",
-                                  count=count, dtype=np.float64, concatenate=True,
-                                  meta=np.empty((0,) * (x.ndim - 1), np.float64))
+        per_prompt = da.blockwise(_prompt_totals, "s" + lead + "pl", data, lead + "plt", keep_data, "pt", n_data,
+                                  "p", new_axes={"s": 2}, dtype=np.float64, concatenate=True,
+                                  meta=np.empty((0,) * x.ndim, np.float64))
     dims = x.dims[:-1]
     coords = {d: x[d] for d in dims if d in x.coords and d != "prompt"}
-    per_prompt = xr.DataArray(per_prompt, dims=dims, coords=coords)
-    return per_prompt.sum("prompt") if count else per_prompt.sum("prompt", skipna=True, min_count=1)
+    totals = xr.DataArray(per_prompt, dims=("total", *dims), coords=coords).sum("prompt")
+    return totals.isel(total=0, drop=True), totals.isel(total=1, drop=True)
+
+
+def position_sum(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None = None) -> xr.DataArray:
+    """The sum over ``prompt`` and ``token`` of ``x`` (..., prompt, layer, token) at the real positions that
+    ``where`` (prompt, token; None: all) keeps and where ``x`` is not NaN; NaN where no position counts.
+    ``xr.where`` and ``sum`` would each pass over the padded array; here a task per block of prompts touches
+    its real tokens only (on a ragged store a small share of the padded layout). Lazy when ``x`` is.
+
+    >>> x = xr.DataArray([[[1.0, 2.0, np.nan]], [[4.0, np.nan, np.nan]]], dims=("prompt", "layer", "token"))
+    >>> position_sum(x, np.array([2, 1])).values.tolist()  # per layer
+    [7.0]
+    >>> keep = xr.DataArray([[True, False, True], [True] * 3], dims=("prompt", "token"))
+    >>> position_sum(x, np.array([2, 1]), keep).values.tolist()
+    [5.0]
+    """
+    total, count = _position_totals(x, n_tokens, where)
+    return total.where(count > 0)
 
 
 def position_mean(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None = None) -> xr.DataArray:
@@ -188,5 +185,5 @@ def position_mean(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | N
     >>> position_mean(x, np.array([2, 1])).values.tolist()
     [2.3333333333333335]
     """
-    n = position_sum(x, n_tokens, where, count=True)
-    return position_sum(x, n_tokens, where) / n.where(n > 0)
+    total, count = _position_totals(x, n_tokens, where)
+    return total / count.where(count > 0)

@@ -47,7 +47,7 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     n_tokens = np.asarray(ds.n_tokens.values)
     out["rel_by_layer"] = position_mean(rel, n_tokens, keep)  # real positions only, not the padded layout
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
-        out["factorial"] = factorial_sums(ds, keep)  # from the pair sums the report reads anyway, where it can
+        out["factorial"] = factorial_sums(ds, where=keep)  # from the pair sums the report reads anyway, where it can
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
         from analysis import lens_sums
 

@@ -56,3 +56,22 @@ def test_residual_only_store_gets_all_pairs_of_its_passes(tmp_path):
     resid = ds.resid.values.astype(np.float64)
     want = np.linalg.norm(resid[3] - resid[1], axis=-1)
     np.testing.assert_allclose(got, want, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_kept_sums_match_float64_and_their_norms_are_the_metrics(dtype):
+    """Masked sums against plain float64; the sums of squares they give on the way are bit-identical to
+    residual_sums' (so a massive position found while summing is the one massive_positions finds)."""
+    from analysis.kernels import kept_sums
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 4, 6, 37)) * 30).astype(dtype)  # (prompt, layer, token, dim)
+    x[2, :, 4:] = np.nan  # a shorter prompt's padding
+    keep = rng.random((2, 3, 6)) > 0.4
+    keep[:, 2, 4:] = False
+    layers = np.array([3, 1])
+    sums, squares = kept_sums(x, keep, layers, sumsq=True)
+    want = np.einsum("mpt,pltd->mld", keep.astype(np.float64), np.nan_to_num(x[:, layers].astype(np.float64)))
+    np.testing.assert_allclose(sums, want, rtol=1e-12)
+    none = np.zeros(0, dtype=np.int64)
+    np.testing.assert_array_equal(squares, residual_sums([x], none, none)[0])

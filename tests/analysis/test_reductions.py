@@ -93,3 +93,32 @@ def test_hotspot_ties_go_to_the_earliest_positions_however_chunked(tmp_path):
             (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 0, 4)]
     few = hotspots(flat.isel(prompt=[3, 4]), top_n=4)  # one real position left (prompt 3, token 1) per layer
     assert np.isnan(few.value.values[3:]).all() and (few.prompt.values[3:] == -1).all()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_position_sums_and_means_against_a_plain_loop(chunked):
+    """Over real positions that a mask keeps and that are not NaN, per layer, with a pair axis in front; a layer
+    where nothing counts is NaN. Chunked: blocks of prompts of uneven length."""
+    import xarray as xr
+
+    from analysis.reductions import position_mean, position_sum
+
+    rng = np.random.default_rng(4)
+    n_tokens = np.array([6, 5, 3, 1])
+    x = rng.standard_normal((2, 4, 3, 6))  # (pair, prompt, layer, token)
+    x[:, 1, 0, 2] = np.nan  # a real position without a value
+    x[:, :, 2] = np.nan  # a layer without any
+    keep = rng.random((4, 6)) > 0.3
+    values = xr.DataArray(x, dims=("pair", "prompt", "layer", "token"))
+    if chunked:
+        values = values.chunk({"prompt": 3})
+    where = xr.DataArray(keep, dims=("prompt", "token"))
+    want_sum, want_mean = np.full((2, 3), np.nan), np.full((2, 3), np.nan)
+    for q in range(2):
+        for la in range(3):
+            cells = [x[q, p, la, t] for p in range(4) for t in range(n_tokens[p])
+                     if keep[p, t] and not np.isnan(x[q, p, la, t])]
+            if cells:
+                want_sum[q, la], want_mean[q, la] = sum(cells), sum(cells) / len(cells)
+    np.testing.assert_allclose(position_sum(values, n_tokens, where).values, want_sum, rtol=1e-12)
+    np.testing.assert_allclose(position_mean(values, n_tokens, where).values, want_mean, rtol=1e-12)

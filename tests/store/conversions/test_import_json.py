@@ -109,3 +109,27 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
         imp.import_json(path, store=precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "precious.partial").exists()
+
+
+def test_a_report_on_an_imported_store_names_its_stored_tokens(tmp_path):
+    """A statistics-only store has token pieces, no ids: the report's tables show the pieces (it crashed)."""
+    from analysis.report import build_report
+
+    records = [_format1_record(i, v) for i in range(2) for v in ("default", "swap")]
+    path = tmp_path / "residual_compare_20251127_000000_x.json"
+    path.write_text(json.dumps(records))
+    text, rows = build_report(open_store(imp.import_json(path)), lens="raw", top_n=2)
+    assert rows and {row["token"] for row in rows} <= {"t0", "t1"} and " t0 " in text
+
+
+def test_massive_positions_of_an_imported_store_come_from_its_stored_norms(tmp_path):
+    from analysis.outliers import massive_positions, norm_ratio
+
+    records = [_format1_record(i, v) for i in range(2) for v in ("default", "swap")]
+    path = tmp_path / "residual_compare_20251127_000000_x.json"
+    path.write_text(json.dumps(records))
+    ds = open_store(imp.import_json(path))
+    norm = ds.norm.values.astype(np.float64)  # (pass, prompt, layer, token), no residuals to take them from
+    want = norm / np.median(norm, axis=-1, keepdims=True)
+    np.testing.assert_allclose(norm_ratio(ds).values, want, rtol=1e-6)
+    np.testing.assert_allclose(massive_positions(ds).peak_ratio.values, want.max(axis=(0, 2)), rtol=1e-6)
