@@ -71,9 +71,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from store.verify import verify_store
 
-    problems = verify_store(args.store)
+    problems = verify_store(args.store, deep=args.deep)
     if not problems:
-        print(f"OK: {args.store} is a sound, complete store")
+        checked = "every chunk decoded" if args.deep else "a sample of each array's chunks decoded; --deep for all"
+        print(f"OK: {args.store} is a sound, complete store ({checked})")
         return 0
     print(f"{args.store}: {len(problems)} problem(s)")
     for problem in problems:
@@ -685,10 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_loader_stats)
 
     p = sub.add_parser(
-        "verify", help="check a store: format, shapes, coords, done coverage, NaN only on padding, no inf",
+        "verify", help="check a store: format, metadata, shapes, done coverage, chunks present and checksummed, "
+                       "NaN only on padding, no inf",
         description="Check a store against its own metadata; prints each problem on a line and exits 1 if any.",
     )
     p.add_argument("store", help="path of a store")
+    p.add_argument("--deep", action="store_true",
+                   help="decode every chunk of every array and check its crc32c checksum (reads the whole store); "
+                        "by default a sample of each array's chunks is decoded, and the residuals all are")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("info", help="summarise a store: dims, passes, models, completeness",
@@ -708,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.compute import share_one_heap
 
         share_one_heap()  # before any thread starts (see its docstring)
-    from store.errors import ResdiffError
+    from store.errors import ResdiffError, damaged_store_error
     from store.location import parse_storage_options, set_storage_options
 
     try:
@@ -728,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a library's own exception: still one line, the traceback only under --debug
         if args.debug:
             traceback.print_exc()
+        damaged = damaged_store_error(exc)
+        if damaged is not None:
+            print(f"error: {damaged}", file=sys.stderr)
+            return 2
         where = traceback.extract_tb(exc.__traceback__)[-1]
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         print(f"error: {type(exc).__name__}: {first} (in {Path(where.filename).name}:{where.lineno}; rerun with "

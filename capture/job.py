@@ -36,6 +36,7 @@ from capture.settings import CONTENT_KEYS, CaptureSettings
 from store.chunking import write_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from store.location import StorePath, exists, is_url
+from store.lock import store_lock
 from store.reader import check_store, is_unfinished
 from store.schema import FORMAT_ATTR, FORMAT_VERSION
 from store.units import parse_size
@@ -207,7 +208,8 @@ def _run_capture(settings: CaptureSettings, log, progress: bool) -> StorePath:
     if limit is not None:
         build_plan(prep).check(limit, str(settings.max_memory))
     try:
-        return _capture_into_store(prep, settings, log, progress)
+        with store_lock(prep.path):  # one writer at a time, from the overwrite or resume to completed_at
+            return _capture_into_store(prep, settings, log, progress)
     except ResdiffError:
         raise
     except OSError as exc:  # ENOSPC, EDQUOT, EROFS, EACCES... from the store's writes

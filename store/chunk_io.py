@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from store.errors import CorruptChunk
+
 WRITE_THREADS = max(2, min(8, os.cpu_count() or 2))
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -52,27 +54,38 @@ def _forget_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _compressor(codecs) -> object | bool | None:
-    """The numcodecs compressor equal to ``codecs`` after the bytes codec; None for no compressor,
-    False when the codecs are not ones this module writes."""
+def _codecs(codecs) -> tuple[object | None, bool] | None:
+    """(the numcodecs compressor equal to ``codecs`` after the bytes codec or None, whether a crc32c checksum
+    follows it); None when the codecs are not ones this module writes."""
     import numcodecs
 
-    rest = list(codecs[1:])
     if not isinstance(codecs[0], zarr.codecs.BytesCodec) or (codecs[0].endian and codecs[0].endian.value != "little"):
-        return False
-    if not rest:
         return None
+    rest = list(codecs[1:])
+    checksum = bool(rest) and isinstance(rest[-1], zarr.codecs.Crc32cCodec)
+    rest = rest[:-1] if checksum else rest
+    if not rest:
+        return None, checksum
     if len(rest) > 1:
-        return False
+        return None
     codec = rest[0]
     if isinstance(codec, zarr.codecs.ZstdCodec):
-        return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
+        return numcodecs.Zstd(level=codec.level, checksum=codec.checksum), checksum
     if isinstance(codec, zarr.codecs.BloscCodec):
         shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                    "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[codec.shuffle.value]
         return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
-                               blocksize=codec.blocksize)
-    return False
+                               blocksize=codec.blocksize), checksum
+    return None
+
+
+def _crc32c(data) -> bytes:
+    """The crc32c of a bytes object or array's bytes, as the 4 little-endian bytes the Zarr codec appends."""
+    import google_crc32c
+
+    if not isinstance(data, bytes):  # it takes bytes or a numpy array, not a memoryview
+        data = np.frombuffer(data, dtype=np.uint8)
+    return np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
 
 
 class ChunkFiles:
@@ -81,8 +94,9 @@ class ChunkFiles:
     Build with :meth:`for_array`, which returns None where zarr must write (and read) instead.
     """
 
-    def __init__(self, directory: Path, array: zarr.Array, compressor) -> None:
-        self.directory, self.compressor = directory, compressor
+    def __init__(self, directory: Path, array: zarr.Array, compressor, checksum: bool) -> None:
+        self.directory, self.compressor, self.checksum = directory, compressor, checksum
+        self.name = array.store_path.path
         self.shape, self.chunks = array.shape, array.chunks
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = array.metadata.fill_value
@@ -96,10 +110,10 @@ class ChunkFiles:
             return None
         if not isinstance(meta.chunk_key_encoding, zarr.core.chunk_key_encodings.DefaultChunkKeyEncoding):
             return None
-        compressor = _compressor(meta.codecs)
-        if compressor is False or np.dtype(array.dtype).kind not in "fiub":
+        codecs = _codecs(meta.codecs)
+        if codecs is None or np.dtype(array.dtype).kind not in "fiub":
             return None
-        return cls(Path(store.root) / array.store_path.path, array, compressor)
+        return cls(Path(store.root) / array.store_path.path, array, *codecs)
 
     def aligned(self, where: tuple) -> bool:
         """Whether ``where`` (ints and slices, one per axis) covers whole chunks only."""
@@ -128,22 +142,40 @@ class ChunkFiles:
             block = full
         data = np.ascontiguousarray(block, dtype=self.dtype)
         # An array, not bytes, goes to the compressor: Blosc takes its element size from it, as zarr's does.
-        data = data.tobytes() if self.compressor is None else self.compressor.encode(data)
+        data = data if self.compressor is None else self.compressor.encode(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         with open(partial, "wb") as f:
             f.write(data)
+            if self.checksum:  # the Zarr v3 crc32c codec: the checksum of the encoded bytes, appended
+                f.write(_crc32c(data))
         os.replace(partial, path)
 
-    def _get(self, coords: tuple[int, ...], out: np.ndarray, inside: tuple) -> None:
+    def decode(self, data: bytes, key: str) -> np.ndarray:
+        """The chunk stored as ``data`` at ``key``; :class:`~store.errors.CorruptChunk` when its checksum
+        fails or it does not decode to a whole chunk."""
+        if self.checksum:
+            data = memoryview(data)  # slices without copies
+            if len(data) < 4 or _crc32c(data[:-4]) != data[-4:]:
+                raise CorruptChunk(path=self.directory.parent, key=key, array=self.name,
+                                   reason="its crc32c checksum does not match its bytes")
+            data = data[:-4]
         try:
-            data = (self.directory / self.encode_key(coords)).read_bytes()
+            if self.compressor is not None:
+                data = self.compressor.decode(data)
+            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
+        except Exception as exc:  # a codec's own error (Blosc, Zstd) or a wrong size: the bytes are damaged
+            reason = f"it does not decode: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            raise CorruptChunk(path=self.directory.parent, key=key, array=self.name, reason=reason) from None
+
+    def _get(self, coords: tuple[int, ...], out: np.ndarray, inside: tuple) -> None:
+        key = self.encode_key(coords)
+        try:
+            data = (self.directory / key).read_bytes()
         except FileNotFoundError:  # never written: the fill value, as zarr reads it
             out.fill(self.fill)
             return
-        if self.compressor is not None:
-            data = self.compressor.decode(data)
-        out[...] = np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)[inside]
+        out[...] = self.decode(data, key)[inside]
 
     def _pieces(self, where: tuple) -> list[list[tuple]]:
         """Per axis of a region: (chunk coordinate, slice of the region, slice of the chunk) for each chunk it

@@ -167,3 +167,34 @@ class LensNotSaved(ResdiffError, KeyError):
 
     _msg = ("this store has no saved lens parameters, so lens statistics of new tokens cannot be computed; "
             "recapture with --save-lens (or use the tokens tracked at capture time, `tracked_logit`)")
+
+
+class StoreLocked(ResdiffError, BlockingIOError):
+    """Another process is writing the store (capture, resume, overwrite or import)."""
+
+    _msg = ("store {path} is being written by {holder}; wait for that run to finish (or stop it), then rerun: a "
+            "store takes one writer at a time")
+
+
+class CorruptChunk(ResdiffError, ValueError):
+    """A chunk whose bytes fail their checksum or cannot be decoded."""
+
+    _msg = ("store {path}: chunk {key} of {array!r} is corrupt ({reason}); its values cannot be trusted. Run "
+            "`python cli.py verify --deep STORE` to list every bad chunk, then recapture the store (or restore it)")
+
+
+# What zarr and numcodecs say about bytes that do not decode (their own exception types vary by codec).
+_DAMAGE_SIGNS = ("checksum do not match", "decompression error", "blosc decompression", "error during blosc",
+                 "Zstd decompression", "LZ4 decompression")
+
+
+def damaged_store_error(exc: BaseException) -> ResdiffError | None:
+    """The one-line error for a chunk that zarr itself failed to decode (read through zarr rather than the
+    direct reader, so its key is unknown here); None for any other exception."""
+    text = str(exc)
+    if not any(sign.lower() in text.lower() for sign in _DAMAGE_SIGNS):
+        return None
+    first = text.splitlines()[0][:160] if text else type(exc).__name__
+    return ResdiffError(f"a chunk of the store failed to decode ({first}): the store is damaged and its values "
+                        "cannot be trusted; run `python cli.py verify --deep STORE` to list every bad chunk, then "
+                        "recapture the store (or restore it)")

@@ -170,14 +170,23 @@ def direct_regions(var: xr.DataArray) -> ArrayRegions | None:
     return _DIRECT.get(getattr(var.data, "name", None))
 
 
+def _read_block(regions: ArrayRegions, where: tuple) -> np.ndarray:
+    return regions.read(where)
+
+
 class _SkipLayer(Mapping):
     """The tasks of a skip-padding array, made when asked for, not stored: a store of many prompts and token
     chunks has hundreds of thousands of chunks per variable, and a dict of them all for every variable took
-    a gigabyte before anything was read. A real block's task is the original chunk; a padding block's a view."""
+    a gigabyte before anything was read. A padding block's task is a view; a real block's reads its chunk
+    file directly where ``regions`` is given (checksum verified: a bad chunk raises ``CorruptChunk`` naming
+    it), else it is the original zarr task."""
 
-    def __init__(self, name: str, data, real: np.ndarray, p_axis: int, t_axis: int) -> None:
+    def __init__(self, name: str, data, real: np.ndarray, p_axis: int, t_axis: int,
+                 regions: ArrayRegions | None) -> None:
         self.name, self.source, self.chunks, self.dtype = name, data.name, data.chunks, data.dtype
         self.real, self.p_axis, self.t_axis, self.numblocks = real, p_axis, t_axis, data.numblocks
+        self.regions = regions
+        self.starts = [np.cumsum((0, *c)).tolist() for c in data.chunks]
 
     def __getitem__(self, key):
         if not (isinstance(key, tuple) and key and key[0] == self.name and len(key) == len(self.numblocks) + 1):
@@ -186,7 +195,10 @@ class _SkipLayer(Mapping):
         if not all(isinstance(i, int) and 0 <= i < n for i, n in zip(index, self.numblocks, strict=True)):
             raise KeyError(key)
         if self.real[index[self.p_axis], index[self.t_axis]]:
-            return (self.source, *index)
+            if self.regions is None:
+                return (self.source, *index)
+            where = tuple(slice(starts[i], starts[i + 1]) for starts, i in zip(self.starts, index, strict=True))
+            return (_read_block, self.regions, where)
         shape = tuple(self.chunks[axis][i] for axis, i in enumerate(index))
         return (_padding_block, shape, self.dtype)
 
@@ -197,7 +209,7 @@ class _SkipLayer(Mapping):
         return int(np.prod(self.numblocks, dtype=np.int64))
 
 
-def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, path: StorePath | None = None) -> xr.DataArray:
+def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, regions: ArrayRegions | None = None) -> xr.DataArray:
     import dask
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
@@ -206,14 +218,25 @@ def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, path: StorePath | None =
     p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
     chunk_prompt, chunk_token = data.chunks[p_axis][0], data.chunks[t_axis][0]
     real = real_blocks(n_tokens_p, chunk_prompt, chunk_token, var.sizes["token"])
-    if real.all():
+    if real.all() and regions is None:
         return var
-    name = "skip-padding-" + dask.base.tokenize(data, chunk_prompt, chunk_token)
-    graph = _SkipLayer(name, data, real, p_axis, t_axis)
-    layers = HighLevelGraph.from_collections(name, graph, dependencies=[data])
-    if path is not None and var.name is not None and var.dtype.kind == "f":  # floats: no decoding but NaN fill
-        _DIRECT[name] = ArrayRegions(path, str(var.name))
+    name = "skip-padding-" + dask.base.tokenize(data, chunk_prompt, chunk_token, regions is not None)
+    graph = _SkipLayer(name, data, real, p_axis, t_axis, regions)
+    layers = HighLevelGraph.from_collections(name, graph, dependencies=[data])  # culled when no task uses it
+    if regions is not None and var.dtype.kind == "f":  # floats: no decoding but NaN fill: whole regions at once
+        _DIRECT[name] = regions
     return var.copy(data=da.Array(layers, name, data.chunks, dtype=data.dtype, meta=data._meta))
+
+
+def _direct_reader(group, name: str, path: Path) -> ArrayRegions | None:
+    """Chunk-file reads of the variable ``name`` when its codecs allow them (``store.chunk_io``) and xarray
+    decodes nothing (numbers and booleans: their fill value is what zarr reads too)."""
+    from store.chunk_io import ChunkFiles
+
+    array = group[name]
+    if array.dtype.kind not in "fiub" or ChunkFiles.for_array(array) is None:
+        return None
+    return ArrayRegions(path, name)
 
 
 def skip_padding_chunks(ds: xr.Dataset, path: StorePath | None = None) -> xr.Dataset:
@@ -231,7 +254,13 @@ def skip_padding_chunks(ds: xr.Dataset, path: StorePath | None = None) -> xr.Dat
     n_tokens_p = np.asarray(ds["n_tokens"].values)
     names = [name for name, var in ds.variables.items()
              if "prompt" in var.dims and "token" in var.dims and var.chunks is not None]
-    return ds.assign({name: _skip_in(ds[name], n_tokens_p, path) for name in names if name in ds.data_vars}
+    readers = dict.fromkeys(names)
+    if path is not None:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        readers = {name: _direct_reader(group, name, path) for name in names}
+    return ds.assign({name: _skip_in(ds[name], n_tokens_p, readers[name]) for name in names if name in ds.data_vars}
                      ).assign_coords({name: _skip_in(ds[name], n_tokens_p) for name in names if name in ds.coords})
 
 

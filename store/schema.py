@@ -18,8 +18,9 @@ import zarr
 from store.chunking import TARGET_CHUNK_BYTES, Chunking
 from store.units import CODECS, DEFAULT_CODEC
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: prompts in source order, whole tokens per chunk
+FORMAT_VERSION = 3
+# format 1: prompts in source order, whole tokens per chunk; format 2: no chunk checksums
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_ATTR = "resdiff_format_version"
 DIMS = ("pass_", "prompt", "layer", "token", "dim")
 LAYER_SEMANTICS = (
@@ -151,23 +152,27 @@ def build_template(
 
 
 def compressors(codec: str) -> list:
-    """The Zarr compressor list of a codec name of :data:`CODECS`."""
+    """The Zarr bytes-to-bytes codecs of a codec name of :data:`CODECS`: its compressor, then a crc32c
+    checksum of the compressed bytes (format 3), which zarr, tensorstore and resdiff's direct reader verify."""
     if codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=1)]
+        return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
     if codec == "lz4":  # no shuffle: it does not help activations (BENCHMARKS.md, "Codecs")
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), zarr.codecs.Crc32cCodec()]
     if codec == "none":
-        return []
+        return [zarr.codecs.Crc32cCodec()]
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
 def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC) -> dict[str, dict]:
-    """Per-variable Zarr encoding: ``codec`` for the data arrays; ids of chunks never written (padding only)
-    read as -1, like the padding inside written chunks."""
+    """Per-variable Zarr encoding: ``codec`` for the data arrays, zstd for the small ones, a checksum for every
+    array (coordinates included); ids of chunks never written (padding only) read as -1, like the padding
+    inside written chunks."""
     out = {}
-    for name, var in ds.data_vars.items():
+    for name, var in ds.variables.items():
         if var.ndim >= 3:
             out[name] = {"compressors": compressors(codec), **({"fill_value": -1} if var.dtype.kind == "i" else {})}
+        else:
+            out[name] = {"compressors": compressors("zstd")}
     return out
 
 

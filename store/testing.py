@@ -87,7 +87,7 @@ def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) ->
 
     The numbers mean nothing; the layout is a real capture's, for exports and benchmarks.
     """
-    from store.schema import add_lens_variables
+    from store.schema import add_lens_variables, encoding
 
     writer = StoreWriter(path)
     ds = open_store(path)
@@ -95,7 +95,7 @@ def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) ->
     chunk = ds["resid"].data.chunksize[1]
     stats = add_lens_variables(ds, pairs=pairs, top_k=20, tracked_ids=[], tracked_strs=[], chunk_prompt=chunk)
     new = stats.drop_vars([v for v in stats.variables if v in ds.variables])
-    new.to_zarr(str(path), mode="a", compute=False, consolidated=False)
+    new.to_zarr(str(path), mode="a", compute=False, consolidated=False, encoding=encoding(new))
     root, rng = writer.group, np.random.default_rng(seed)
     real_glt = ds.n_tokens.values[:, None, None] > ds.token.values[None, None, :]
     for name in new.data_vars:
@@ -133,3 +133,33 @@ def assert_stores_equal(a: str | Path | xr.Dataset, b: str | Path | xr.Dataset, 
     keys = (set(ds_a.attrs) | set(ds_b.attrs)) - set(ignore_attrs)
     differing = sorted(k for k in keys if ds_a.attrs.get(k) != ds_b.attrs.get(k))
     assert not differing, f"attributes differ: {differing}"
+
+
+def chunk_files(path: str | Path, name: str) -> list[Path]:
+    """The chunk files of the array ``name`` of a local store, in key order."""
+    from store.integrity import _chunk_files
+
+    return _chunk_files(Path(path) / name)
+
+
+def damage_chunk(path: str | Path, name: str, how: str, index: int = 0, n_bytes: int = 8) -> str:
+    """Fault injection: damage the ``index``-th chunk file of ``name`` and return its key (``c/0/...``).
+
+    ``how`` is ``flip`` (invert ``n_bytes`` bytes in the middle of the file), ``truncate`` (keep its
+    first half) or ``delete``.
+    """
+    file = chunk_files(path, name)[index]
+    key = file.relative_to(Path(path) / name).as_posix()
+    data = bytearray(file.read_bytes())
+    if how == "flip":
+        middle = len(data) // 2
+        for i in range(middle, min(middle + n_bytes, len(data))):
+            data[i] ^= 0xFF
+        file.write_bytes(bytes(data))
+    elif how == "truncate":
+        file.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "delete":
+        file.unlink()
+    else:
+        raise ValueError(f"unknown damage {how!r}; use flip, truncate or delete")
+    return key

@@ -1,9 +1,11 @@
 """``cli.py verify``: check that a store is what its metadata says, one prompt block at a time.
 
-Checks: format version; dims, coords and their sizes; labels that agree with the
-attributes (pass plan, store dtype, pairs); ``done`` and ``lens_done`` coverage; in
-every done region, residuals finite at real positions and NaN exactly on padding; no
-infinities in any float variable. Memory stays at one prompt block of one variable.
+Checks: format version and metadata (``store.validate``); dims, coords and their sizes;
+labels that agree with the attributes (pass plan, store dtype, pairs); ``done`` and
+``lens_done`` coverage; chunks present wherever a complete region needs them and decoding
+with a matching checksum (``store.integrity``: every chunk with ``deep``, a sample of each
+array otherwise); in every done region, residuals finite at real positions and NaN exactly
+on padding; no infinities in any float variable. Memory stays at one prompt block of one variable.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import zarr
 from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import ResdiffError
 from store.location import is_url, normalize, xarray_kwargs, zarr_store
-from store.reader import check_store
+from store.errors import CorruptChunk
+from store.integrity import corrupt_chunks, missing_chunks
+from store.reader import check_store, open_store
 from store.schema import DIMS
 from store.writer import completeness
 
@@ -113,8 +117,9 @@ def _padding_chunks_written(path: Path, ds: xr.Dataset) -> list[str]:
     return problems
 
 
-def verify_store(path: str | Path) -> list[str]:
-    """Every problem found, as one line each; an empty list for a sound store.
+def verify_store(path: str | Path, deep: bool = False) -> list[str]:
+    """Every problem found, as one line each; an empty list for a sound store. ``deep`` decodes every chunk
+    of every array (checksums included), not a sample of each.
 
     Examples
     --------
@@ -132,9 +137,20 @@ def verify_store(path: str | Path) -> list[str]:
     problems = _structure(ds, attrs)
     if problems:
         return problems  # values cannot be checked against a broken layout
-    problems = _coverage(path, ds) + (_values(ds) if "resid" in ds else [])
+    problems = _coverage(path, ds)
     if not is_url(path):
+        damaged = missing_chunks(path) + corrupt_chunks(path, deep)
+        if damaged:  # the values of damaged chunks would be misread: report the damage alone
+            return _capped(problems + damaged)
         problems += _padding_chunks_written(path, ds)
+    try:  # direct reads of a local store verify each chunk's checksum as they go
+        problems += _values(ds if is_url(path) else open_store(path)) if "resid" in ds else []
+    except CorruptChunk as exc:  # a damaged chunk outside the sample
+        problems.append(str(exc))
+    return _capped(problems)
+
+
+def _capped(problems: list[str]) -> list[str]:
     if len(problems) > MAX_LISTED:
         problems = [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more"]
     return problems

@@ -9,6 +9,7 @@ sees a half-written region.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -59,13 +60,32 @@ def check_replaceable(path: Path) -> None:
         raise StoreFormatError(path=path, detail="it is a directory but not a Zarr store, so it was not removed")
 
 
+def check_resdiff_store(path: Path) -> None:
+    """Refuse to replace anything but a resdiff store (``--overwrite`` must never delete a user's file or folder)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreFormatError(path=path, detail="it is a file, not a resdiff store, so it was not removed; "
+                                                 "choose another --store")
+    check_replaceable(path)
+    try:
+        attrs = json.loads((path / "zarr.json").read_bytes()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        attrs = {}
+    if not isinstance(attrs, dict) or not (FORMAT_ATTR in attrs or CREATING_ATTR in attrs):
+        raise StoreFormatError(path=path, detail="it is a Zarr store that resdiff did not write, so it was not "
+                                                 "removed; choose another --store")
+
+
 def remove_store(path: StorePath, storage_options: dict | None = None) -> None:
+    """Remove a resdiff store (refusing anything else, see :func:`check_resdiff_store`)."""
     path = normalize(path)
     if is_url(path):
         remove(path, storage_options)
         return
-    check_replaceable(path)
-    shutil.rmtree(path, ignore_errors=False) if path.is_dir() else path.unlink(missing_ok=True)
+    check_resdiff_store(path)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 @dataclass(frozen=True)
@@ -148,14 +168,15 @@ class StoreWriter:
         """Write the template (metadata, coordinates, no data chunks) and consolidate it; the data arrays
         are compressed with ``codec`` (one of :data:`store.units.CODECS`).
 
-        It is written under a temporary name and renamed, so a crash never leaves a
-        half-made store at ``path`` (a leftover ``*.creating`` directory is replaced).
+        It is written under a temporary name of its own (two runs never share one) and renamed, so a
+        crash never leaves a half-made store at ``path`` (the next run under the store's lock removes a
+        leftover ``*.creating`` directory, see ``store.lock``).
         At an fsspec URL it is written in place, marked unfinished until the end.
         """
         path = normalize(path)
         if is_url(path):
             return cls._create_in_place(path, template, storage_options, codec)
-        with atomic_output(path, suffix=".creating") as staging:
+        with atomic_output(path, suffix=".creating", unique=True) as staging:
             template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template, codec),
                               consolidated=False)
             consolidate(staging)

@@ -29,7 +29,8 @@ import xarray as xr
 from store.atomic import atomic_output
 from store.errors import StoreConflict, UsageError
 from store.schema import FORMAT_ATTR, FORMAT_VERSION, string_array
-from store.writer import StoreWriter, check_replaceable
+from store.lock import store_lock
+from store.writer import StoreWriter, check_resdiff_store
 
 READ_BYTES = 1 << 22
 
@@ -257,8 +258,9 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
         raise UsageError(f"{source} is not a legacy results file: a record lacks {exc}") from None
     if not shape.prompts:
         raise UsageError(f"{source} holds no records; nothing to import")
-    check_replaceable(path)
-    with atomic_output(path) as partial:
+    with store_lock(path), atomic_output(path, unique=True) as partial:
+        if path.exists() and overwrite:
+            check_resdiff_store(path)
         writer = StoreWriter.create(partial, _template(shape, source))
         prompt_at = {key: i for i, key in enumerate(shape.prompts)}
         for record in iter_json_array(source):

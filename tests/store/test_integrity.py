@@ -1,0 +1,102 @@
+"""Checksummed chunks: flipped, truncated and deleted chunks are found by every reader and by verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from cli import main
+from store.chunking import Chunking
+from store.errors import CorruptChunk
+from store.integrity import corrupt_chunks, missing_chunks
+from store.reader import open_store
+from store.testing import chunk_files, damage_chunk, fill_lens_statistics, write_tiny_store
+from store.verify import verify_store
+
+LENGTHS = (9, 7, 5, 3, 2, 1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = write_tiny_store(tmp_path / "s.zarr", n_prompts=len(LENGTHS), lengths=LENGTHS, store_dtype="float16",
+                            chunking=Chunking(prompt=2, layer=4, token=4))
+    return fill_lens_statistics(path)
+
+
+def test_every_array_carries_a_crc32c_checksum(store):
+    for meta in store.glob("*/zarr.json"):
+        codecs = [c["name"] for c in json.loads(meta.read_text())["codecs"]]
+        assert codecs[-1] == "crc32c", (meta.parent.name, codecs)
+
+
+def test_zarr_and_xarray_read_the_direct_writes_identically(store):
+    ours, theirs = open_store(store), xr.open_zarr(store)
+    for name in ("resid", "entropy", "topk_id", "token_id"):
+        assert np.array_equal(ours[name].values, theirs[name].values, equal_nan=True), name
+
+
+@pytest.mark.parametrize(("name", "how"), [("resid", "flip"), ("resid", "truncate"), ("entropy", "flip"),
+                                           ("kl", "truncate"), ("topk_id", "flip")])
+def test_a_damaged_chunk_is_named_by_the_reader(store, name, how):
+    key = damage_chunk(store, name, how)
+    with pytest.raises(CorruptChunk) as caught:
+        open_store(store)[name].values
+    assert f"chunk {key} of {name!r}" in str(caught.value) and "verify --deep" in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert any(key in p for p in corrupt_chunks(store, deep=True))
+    problems = verify_store(store)
+    assert any(name in p and key in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["resid", "kl", "entropy", "token_id", "final"])
+def test_a_deleted_chunk_of_a_complete_region_is_missing_not_padding(store, name):
+    key = damage_chunk(store, name, "delete")
+    problems = missing_chunks(store)
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: 1 chunk(s)") and key in problems[0], problems
+    assert any(name in p for p in verify_store(store))
+
+
+def test_deep_verify_decodes_what_the_sample_may_miss(store, capsys, monkeypatch):
+    from store import integrity
+
+    monkeypatch.setattr(integrity, "SAMPLE", 1)
+    files = chunk_files(store, "topk_id")
+    key = damage_chunk(store, "topk_id", "flip", index=len(files) - 1)  # ids: not read by the value checks
+    sampled = integrity.corrupt_chunks(store, deep=False)
+    assert main(["verify", "--deep", str(store)]) == 1
+    assert f"topk_id: chunk {key} is corrupt" in capsys.readouterr().out
+    assert len([p for p in sampled if "topk_id" in p]) <= 1  # one file of that array decoded at most
+
+
+def test_commands_print_one_line_for_a_corrupt_chunk(store, capsys):
+    key = damage_chunk(store, "resid", "flip")
+    assert main(["factorial", str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"chunk {key} of 'resid' is corrupt" in err, err
+
+
+def test_zarrs_own_read_errors_become_one_line(store, capsys):
+    damage_chunk(store, "token_str", "flip")  # strings: read by zarr, which checks the checksum itself
+    with pytest.raises(ValueError, match="checksum"):
+        xr.open_zarr(store).token_str.values
+    assert main(["export-json", str(store), "--out", str(store.parent / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "failed to decode" in err and "verify --deep" in err, err
+
+
+def test_a_store_of_format_2_without_checksums_stays_readable(tmp_path):
+    from store.schema import compressors
+
+    path = write_tiny_store(tmp_path / "old.zarr", lengths=(5, 3, 4))
+    # rewrite it as format 2 wrote it: the same arrays without the crc32c codec
+    old = xr.open_zarr(path).load()
+    old.attrs["resdiff_format_version"] = 2
+    legacy = tmp_path / "v2.zarr"
+    enc = {name: {"compressors": compressors("lz4")[:-1]} for name in old.variables}
+    old.to_zarr(legacy, encoding=enc, consolidated=True)
+    ds = open_store(legacy)
+    assert np.array_equal(ds.resid.values, old.resid.values, equal_nan=True)
+    assert verify_store(legacy, deep=True) == []
