@@ -17,10 +17,9 @@ import xarray as xr
 import zarr
 
 from store.chunking import chunk_slices, real_blocks, token_extent
-from store.errors import ResdiffError
-from store.location import is_url, normalize, xarray_kwargs, zarr_store
-from store.errors import CorruptChunk
+from store.errors import CorruptChunk, ResdiffError
 from store.integrity import corrupt_chunks, missing_chunks
+from store.location import is_url, normalize, xarray_kwargs, zarr_store
 from store.reader import check_store, open_store
 from store.schema import DIMS
 from store.writer import completeness

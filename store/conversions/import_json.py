@@ -28,8 +28,8 @@ import xarray as xr
 
 from store.atomic import atomic_output
 from store.errors import StoreConflict, UsageError
-from store.schema import FORMAT_ATTR, FORMAT_VERSION, string_array
 from store.lock import store_lock
+from store.schema import FORMAT_ATTR, FORMAT_VERSION, string_array
 from store.writer import StoreWriter, check_resdiff_store
 
 READ_BYTES = 1 << 22

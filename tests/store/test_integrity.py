@@ -43,7 +43,7 @@ def test_zarr_and_xarray_read_the_direct_writes_identically(store):
 def test_a_damaged_chunk_is_named_by_the_reader(store, name, how):
     key = damage_chunk(store, name, how)
     with pytest.raises(CorruptChunk) as caught:
-        open_store(store)[name].values
+        open_store(store)[name].load()
     assert f"chunk {key} of {name!r}" in str(caught.value) and "verify --deep" in str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert any(key in p for p in corrupt_chunks(store, deep=True))
@@ -81,7 +81,7 @@ def test_commands_print_one_line_for_a_corrupt_chunk(store, capsys):
 def test_zarrs_own_read_errors_become_one_line(store, capsys):
     damage_chunk(store, "token_str", "flip")  # strings: read by zarr, which checks the checksum itself
     with pytest.raises(ValueError, match="checksum"):
-        xr.open_zarr(store).token_str.values
+        xr.open_zarr(store).token_str.load()
     assert main(["export-json", str(store), "--out", str(store.parent / "x.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "failed to decode" in err and "verify --deep" in err, err
