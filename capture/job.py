@@ -37,7 +37,7 @@ from store.chunking import write_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from store.location import StorePath, exists, is_url
 from store.lock import store_lock
-from store.reader import check_store, is_unfinished
+from store.reader import check_store, has_consolidated_metadata, is_unfinished
 from store.schema import FORMAT_ATTR, FORMAT_VERSION
 from store.units import parse_size
 from store.writer import StoreWriter, remove_store
@@ -227,6 +227,9 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
     status = writer.completeness()
     done_pp, lens_done = writer.done_pp(), writer.lens_done()
     if status.complete:
+        if not has_consolidated_metadata(prep.path):  # killed while finishing, by a resdiff before format 3
+            writer.finalize({})
+            log(f"{prep.path} was complete but lacked its consolidated metadata; repaired")
         log(f"{prep.path} is already complete; nothing to do (pass --overwrite to capture again)")
         return prep.path
     total = int(sum(g.stop - g.start for i in range(len(prep.passes)) for g in groups if not done_pp[i, g].all()))

@@ -12,11 +12,13 @@ import xarray as xr
 from store.chunking import real_blocks
 from store.errors import StoreFormatError, StoreNotFound
 from store.location import CREATING_ATTR, StorePath, is_url, normalize, read_root_metadata, xarray_kwargs
-from store.schema import DIMS, FORMAT_ATTR, FORMAT_VERSION, READABLE_VERSIONS
+from store.schema import DIMS, FORMAT_ATTR
 from store.units import format_bytes
+from store.validate import check_attrs, check_dataset, check_lengths_match_ids, check_version
 
 
-def _read_attrs(path: StorePath, storage_options: dict | None = None) -> dict:
+def _read_root(path: StorePath, storage_options: dict | None = None) -> dict:
+    """The store's root ``zarr.json``, parsed."""
     if not is_url(path) and not Path(path).exists():
         raise StoreNotFound(path=path)
     try:
@@ -30,10 +32,23 @@ def _read_attrs(path: StorePath, storage_options: dict | None = None) -> dict:
         raise StoreFormatError(path=path, detail="it has no zarr.json (not a Zarr v3 store)"
         )
     try:
-        return json.loads(raw).get("attributes", {})
+        root = json.loads(raw)
     except ValueError as exc:
         detail = f"zarr.json is unreadable ({exc})"
         raise StoreFormatError(path=path, detail=detail) from None
+    if not isinstance(root, dict) or not isinstance(root.get("attributes", {}), dict):
+        raise StoreFormatError(path=path, detail="its zarr.json is not a Zarr group's metadata (attributes missing "
+                                                 "or not a mapping)")
+    return root
+
+
+def _read_attrs(path: StorePath, storage_options: dict | None = None) -> dict:
+    return _read_root(path, storage_options).get("attributes", {})
+
+
+def has_consolidated_metadata(path: StorePath, storage_options: dict | None = None) -> bool:
+    """Whether the store's root metadata carries the consolidated metadata of its arrays."""
+    return _read_root(normalize(path), storage_options).get("consolidated_metadata") is not None
 
 
 def is_unfinished(path: StorePath) -> bool:
@@ -51,14 +66,8 @@ def check_store(path: StorePath, storage_options: dict | None = None) -> dict:
     if attrs.get(CREATING_ATTR):
         raise StoreFormatError(path=path, detail="its template was never finished (the capture that made it stopped "
             "early); rerun the capture command to replace it")
-    version = attrs.get(FORMAT_ATTR)
-    if version is None:
-        raise StoreFormatError(path=path, detail=f"it has no {FORMAT_ATTR} attribute (not written by resdiff)"
-        )
-    if version not in READABLE_VERSIONS:
-        raise StoreFormatError(path=path,
-            detail=f"format version {version} is newer than this resdiff reads ({FORMAT_VERSION}); upgrade resdiff",
-        )
+    check_version(path, attrs.get(FORMAT_ATTR))
+    check_attrs(path, attrs)
     return attrs
 
 
@@ -82,9 +91,13 @@ def open_store(path: StorePath, storage_options: dict | None = None, dask: bool 
     """
     path = normalize(path)
     check_store(path, storage_options)
-    where = xarray_kwargs(path, storage_options)
+    # A store whose consolidated metadata is missing (its capture killed while it finished, before format 3)
+    # opens from each array's own metadata, silently; rerunning its capture repairs it.
+    where = {**xarray_kwargs(path, storage_options), "consolidated": has_consolidated_metadata(path, storage_options)}
     if not dask:
-        return xr.open_zarr(str(path), chunks=None, **where)
+        ds = xr.open_zarr(str(path), chunks=None, **where)
+        validate_opened(path, ds, storage_options)
+        return ds
     ds = xr.open_zarr(str(path), **where)
     # One-dimensional labels (pass models, prompt texts, pair sides...) are tiny and are read
     # to pick data, so load them now, straight from Zarr (no Dask computation); per-token
@@ -99,7 +112,17 @@ def open_store(path: StorePath, storage_options: dict | None = None, dask: bool 
         ds = ds.assign({name: ds[name].copy(data=ArrayRegions(path, name).read(tuple(slice(0, n) for n in
                                                                                      ds[name].shape)))
                         for name in _FLAGS if name in ds.data_vars})
+    validate_opened(path, ds, storage_options)
     return skip_padding_chunks(ds, None if is_url(path) else path)
+
+
+def validate_opened(path: StorePath, ds: xr.Dataset, storage_options: dict | None = None) -> None:
+    """Check the small labels of an opened store against the schema, lengths against the stored token ids
+    included (``store.validate``); :class:`StoreFormatError` names the first bad field."""
+    check_dataset(path, ds)
+    if "token_id" in ds.coords and "n_tokens" in ds.coords:
+        ids = ArrayRegions(path, "token_id", storage_options).read(tuple(slice(0, n) for n in ds.token_id.shape))
+        check_lengths_match_ids(path, ds, ids)
 
 
 _FLAGS = ("done", "lens_done")  # per-region completion flags, small

@@ -20,7 +20,7 @@ from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import CorruptChunk, ResdiffError
 from store.integrity import corrupt_chunks, missing_chunks
 from store.location import is_url, normalize, xarray_kwargs, zarr_store
-from store.reader import check_store, open_store
+from store.reader import check_store, has_consolidated_metadata, open_store, validate_opened
 from store.schema import DIMS
 from store.writer import completeness
 
@@ -132,8 +132,15 @@ def verify_store(path: str | Path, deep: bool = False) -> list[str]:
         attrs = check_store(path)
     except ResdiffError as exc:
         return [str(exc)]
-    ds = xr.open_zarr(str(path), **xarray_kwargs(path))
+    ds = xr.open_zarr(str(path), **xarray_kwargs(path), consolidated=has_consolidated_metadata(path))
+    try:
+        validate_opened(path, ds)
+    except ResdiffError as exc:
+        return [str(exc)]
     problems = _structure(ds, attrs)
+    if not has_consolidated_metadata(path):
+        problems.append("the store has no consolidated metadata (its capture was killed while it finished); rerun "
+                        "the same capture command to repair it")
     if problems:
         return problems  # values cannot be checked against a broken layout
     problems = _coverage(path, ds)

@@ -25,7 +25,17 @@ from store.atomic import atomic_output
 from store.chunk_io import ChunkFiles
 from store.chunking import chunk_slices, token_extent
 from store.errors import StoreFormatError
-from store.location import CREATING_ATTR, StorePath, is_url, normalize, remove, xarray_kwargs, zarr_store
+from store.location import (
+    CREATING_ATTR,
+    StorePath,
+    filesystem,
+    is_url,
+    normalize,
+    read_root_metadata,
+    remove,
+    xarray_kwargs,
+    zarr_store,
+)
 from store.schema import FORMAT_ATTR, encoding
 from store.units import DEFAULT_CODEC
 
@@ -273,9 +283,26 @@ class StoreWriter:
         self.group["lens_norm_bias"][source] = np.asarray(norm_bias_d, dtype=np.float32)
 
     def finalize(self, attrs: dict) -> None:
-        """Record closing attributes (completion time, ...) and re-consolidate."""
-        self.group.attrs.update(attrs)
+        """Record closing attributes (completion time, ...) together with fresh consolidated metadata.
+
+        zarr rewrites the root ``zarr.json`` without its consolidated metadata when attributes change, so
+        a run killed between the two steps left ``completed_at`` and no consolidated metadata. Here the
+        metadata is consolidated first and the attributes are then added to that same file, replaced in
+        one step (a rename; one object put at a URL): a reader sees the old file or the whole new one.
+        """
         consolidate(self.path, self.storage_options)
+        raw = read_root_metadata(self.path, self.storage_options)
+        root = json.loads(raw)
+        root["attributes"] = {**root.get("attributes", {}), **attrs}
+        text = json.dumps(root, indent=2).encode()
+        if is_url(self.path):
+            fs, where = filesystem(str(self.path), self.storage_options)
+            fs.pipe_file(f"{where}/zarr.json", text)
+        else:
+            with atomic_output(Path(self.path) / "zarr.json", unique=True) as tmp:
+                tmp.write_bytes(text)
+        self.group = zarr.open_group(store=zarr_store(self.path, self.storage_options), mode="r+",
+                                     use_consolidated=False)
 
     def format_version(self) -> int | None:
         return self.attrs.get(FORMAT_ATTR)

@@ -15,6 +15,7 @@ from store.integrity import corrupt_chunks, missing_chunks
 from store.reader import open_store
 from store.testing import chunk_files, damage_chunk, fill_lens_statistics, write_tiny_store
 from store.verify import verify_store
+from store.writer import consolidate
 
 LENGTHS = (9, 7, 5, 3, 2, 1)
 
@@ -96,7 +97,8 @@ def test_a_store_of_format_2_without_checksums_stays_readable(tmp_path):
     old.attrs["resdiff_format_version"] = 2
     legacy = tmp_path / "v2.zarr"
     enc = {name: {"compressors": compressors("lz4")[:-1]} for name in old.variables}
-    old.to_zarr(legacy, encoding=enc, consolidated=True)
+    old.to_zarr(legacy, encoding=enc, consolidated=False)
+    consolidate(legacy)
     ds = open_store(legacy)
     assert np.array_equal(ds.resid.values, old.resid.values, equal_nan=True)
     assert verify_store(legacy, deep=True) == []
