@@ -133,6 +133,10 @@ def verify_store(path: str | Path, deep: bool = False) -> list[str]:
     except ResdiffError as exc:
         return [str(exc)]
     ds = xr.open_zarr(str(path), **xarray_kwargs(path), consolidated=has_consolidated_metadata(path))
+    if not is_url(path):  # damaged chunks first: a deleted token_id chunk would otherwise read as short lengths
+        damaged = missing_chunks(path) + corrupt_chunks(path, deep)
+        if damaged:  # the values of damaged chunks would be misread: report the damage alone
+            return _capped(damaged)
     try:
         validate_opened(path, ds)
     except ResdiffError as exc:
@@ -145,9 +149,6 @@ def verify_store(path: str | Path, deep: bool = False) -> list[str]:
         return problems  # values cannot be checked against a broken layout
     problems = _coverage(path, ds)
     if not is_url(path):
-        damaged = missing_chunks(path) + corrupt_chunks(path, deep)
-        if damaged:  # the values of damaged chunks would be misread: report the damage alone
-            return _capped(problems + damaged)
         problems += _padding_chunks_written(path, ds)
     try:  # direct reads of a local store verify each chunk's checksum as they go
         problems += _values(ds if is_url(path) else open_store(path)) if "resid" in ds else []
