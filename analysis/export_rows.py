@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from store.atomic import atomic_output
+from store.csv_safe import safe_row
 from store.errors import UsageError
 
 SUFFIXES = (".csv", ".json", ".parquet")
@@ -46,7 +47,7 @@ def export_rows(rows: list[dict], path: str | Path) -> Path:
             with open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns)
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(safe_row(row) for row in rows)  # no cell a spreadsheet would run
         else:
             import pandas as pd
 

@@ -36,6 +36,7 @@ from capture.settings import CONTENT_KEYS, CaptureSettings
 from store.chunking import write_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from store.location import StorePath, exists, is_url
+from store.integrity import leftover_partials
 from store.lock import store_lock
 from store.reader import check_store, has_consolidated_metadata, is_unfinished
 from store.schema import FORMAT_ATTR, FORMAT_VERSION
@@ -61,6 +62,9 @@ def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dic
         stored = attrs.get("content_fingerprint", {})
         if stored != fingerprint:
             raise StoreConflict(path=path, diff=_diff(stored, fingerprint) or "unknown")
+        if not is_url(path):  # a refused write (ENOSPC) or a kill left temporary chunk files: ours to remove now
+            for leftover in leftover_partials(Path(path)):
+                leftover.unlink(missing_ok=True)
         return StoreWriter(path)
     if not is_url(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from capture.job import run_capture
 from capture.model_pairs import get_model_pair
 from capture.settings import CaptureSettings
 from store.atomic import atomic_output
+from store.csv_safe import safe_row
 from store.errors import ResdiffError, UsageError
 from store.location import sanitize_label
 from store.writer import StoreWriter
@@ -43,7 +44,7 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(safe_row(row) for row in rows)
 
 
 def run_sweep(pairs: list[str], base_settings: CaptureSettings, store_dir: str | Path,

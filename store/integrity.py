@@ -31,7 +31,8 @@ _BY_LENS_DONE = ("entropy", "lse", "topk_id", "topk_logit", "tracked_logit", "kl
 _ALWAYS = ("token_id", "token_position", "n_tokens", "prompt_length")
 
 
-def _chunk_files(directory: Path) -> list[Path]:
+def chunk_files_in(directory: Path) -> list[Path]:
+    """The chunk files of the array at ``directory`` (hidden ``.partial`` leftovers are not chunks)."""
     root = directory / "c"
     return sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")) if root.is_dir() else []
 
@@ -55,7 +56,7 @@ def corrupt_chunks(root: Path, deep: bool, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     problems = []
     for name, array in sorted(group.arrays()):
-        files = _chunk_files(root / name)
+        files = chunk_files_in(root / name)
         if not deep and len(files) > SAMPLE:
             files = [files[i] for i in sorted(rng.choice(len(files), SAMPLE, replace=False))]
         direct = ChunkFiles.for_array(array)

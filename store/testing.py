@@ -137,9 +137,9 @@ def assert_stores_equal(a: str | Path | xr.Dataset, b: str | Path | xr.Dataset, 
 
 def chunk_files(path: str | Path, name: str) -> list[Path]:
     """The chunk files of the array ``name`` of a local store, in key order."""
-    from store.integrity import _chunk_files
+    from store.integrity import chunk_files_in
 
-    return _chunk_files(Path(path) / name)
+    return chunk_files_in(Path(path) / name)
 
 
 def damage_chunk(path: str | Path, name: str, how: str, index: int = 0, n_bytes: int = 8) -> str:

@@ -18,7 +18,7 @@ import zarr
 
 from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import CorruptChunk, ResdiffError
-from store.integrity import corrupt_chunks, missing_chunks
+from store.integrity import chunk_files_in, corrupt_chunks, missing_chunks
 from store.location import is_url, normalize, xarray_kwargs, zarr_store
 from store.reader import check_store, has_consolidated_metadata, open_store, validate_opened
 from store.schema import DIMS
@@ -109,7 +109,7 @@ def _padding_chunks_written(path: Path, ds: xr.Dataset) -> list[str]:
         p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
         real = real_blocks(n_tokens, var.chunks[p_axis][0], var.chunks[t_axis][0], var.sizes["token"])
         root = path / name / "c"
-        found = [f.relative_to(root).parts for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+        found = [f.relative_to(root).parts for f in chunk_files_in(path / name)]
         bad = [key for key in found if len(key) == var.ndim and not real[int(key[p_axis]), int(key[t_axis])]]
         if bad:
             problems.append(f"{name}: {len(bad)} chunk(s) holding only padding were written (e.g. {'/'.join(bad[0])})")

@@ -26,6 +26,7 @@ import xarray as xr
 from store.atomic import atomic_output
 from store.completeness import lens_note, require_residuals_done
 from store.conversions.legacy_records import format1_records, prompt_text
+from store.csv_safe import safe_row
 from store.errors import NotExportable, UsageError
 from store.location import STORAGE_OPTIONS, sanitize_label
 from store.reader import open_store
@@ -222,6 +223,7 @@ def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens:
     with open(manifest, "a", newline="") as fh:
         if new:
             fh.write(MANIFEST_HEADER + "\n")
-        csv.writer(fh).writerow([now.strftime("%Y-%m-%dT%H:%M:%S"), label, ds.sizes["prompt"], "|".join(variants),
-                                 "true", str(json_path.resolve()), str(meta_path.resolve())])
+        csv.writer(fh).writerow(safe_row([now.strftime("%Y-%m-%dT%H:%M:%S"), label, ds.sizes["prompt"],
+                                          "|".join(variants), "true", str(json_path.resolve()),
+                                          str(meta_path.resolve())]))
     return json_path

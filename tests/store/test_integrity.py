@@ -102,3 +102,28 @@ def test_a_store_of_format_2_without_checksums_stays_readable(tmp_path):
     ds = open_store(legacy)
     assert np.array_equal(ds.resid.values, old.resid.values, equal_nan=True)
     assert verify_store(legacy, deep=True) == []
+
+
+def test_orphan_partial_files_are_ignored_by_verify_and_removed_by_the_next_capture(tmp_path, tiny_pair):
+    store = tmp_path / "s.zarr"
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store), "--quiet", "--prompt", "Hi there."]
+    assert main(args) == 0
+    # what a write refused by a full disk leaves: a temporary beside the chunk it was to replace
+    orphans = [chunk_files(store, name)[0].with_name(f".0.{'ab' * 16}.partial") for name in ("entropy", "resid")]
+    for orphan in orphans:
+        orphan.write_bytes(b"half a chunk")
+    assert verify_store(store, deep=True) == []
+    assert main(args) == 0 and not any(o.exists() for o in orphans)  # complete: nothing to do but clean up
+
+
+def test_csv_exports_guard_cells_a_spreadsheet_would_run(tmp_path):
+    import csv
+
+    from analysis.export_rows import export_rows
+
+    out = export_rows([{"token": '=HYPERLINK("http://evil.example","x")', "value": -1.5},
+                       {"token": "+1", "value": 2.0}, {"token": "-ing", "value": 0.0}, {"token": "ok", "value": 1}],
+                      tmp_path / "rows.csv")
+    cells = list(csv.DictReader(out.open()))
+    assert [c["token"] for c in cells] == ["'=HYPERLINK(\"http://evil.example\",\"x\")", "'+1", "'-ing", "ok"]
+    assert [c["value"] for c in cells] == ["-1.5", "2.0", "0.0", "1"]  # numbers stay numbers

@@ -20,7 +20,8 @@ def store(tmp_path):
 
 
 def _read(path, name):
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}).result().read().result()
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}
+    return ts.open(spec).result().read().result()
 
 
 @pytest.mark.parametrize("name", ["resid", "final", "entropy", "kl", "topk_id", "rise_shift", "token_id", "n_tokens",

@@ -14,8 +14,8 @@ from store.testing import fill_lens_statistics, write_tiny_store
 from store.verify import verify_store
 from store.writer import consolidate
 
-COMMANDS = [["info"], ["verify"], ["report"], ["factorial"], ["diff-lens"], ["decompose"], ["loader-stats", "--layer", "1"],
-            ["export-json"], ["export-netcdf", "OUT.nc"], ["plot"]]
+COMMANDS = [["info"], ["verify"], ["report"], ["factorial"], ["diff-lens"], ["decompose"],
+            ["loader-stats", "--layer", "1"], ["export-json"], ["export-netcdf", "OUT.nc"], ["plot"]]
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_wrong_typed_attributes_are_refused(store, attrs, message, capsys):
 
 def test_labels_outside_the_schema_are_refused(store):
     _edit(store, "model", 0, "xyz")
-    with pytest.raises(StoreFormatError, match="model labels .* are not all 'base' or 'sft'"):
+    with pytest.raises(StoreFormatError, match=r"model labels .* are not all 'base' or 'sft'"):
         open_store(store)
 
 
