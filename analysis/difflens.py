@@ -31,6 +31,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from store.errors import LensNotSaved, MissingData, UsageError
+from store.location import find_model_dir
 from store.schema import lens_layers, norm_formula
 
 WINDOWS = ("first", "all")
@@ -134,7 +135,10 @@ def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
         return {s: _saved_lens(ds, s) for s in sources}, "the store's saved lens"
     models = ds.attrs.get("models", {})
     try:
-        return {s: _checkpoint_lens(models[s]["ref"]) for s in sources}, "the models' safetensors checkpoints"
+        dirs = {s: find_model_dir(models[s], ds.encoding.get("source")) for s in sources}
+        if not all(dirs.values()):
+            raise LensNotSaved()
+        return {s: _checkpoint_lens(str(dirs[s])) for s in sources}, "the models' safetensors checkpoints"
     except (KeyError, OSError, LensNotSaved):
         raise LensNotSaved() from None
 
@@ -172,8 +176,8 @@ def _tokenizer(path: str):
 
 def _tokenizer_json(ds: xr.Dataset) -> Path | None:
     base = ds.attrs.get("models", {}).get("base", {})
-    ref = base.get("tokenizer") or base.get("ref")
-    path = Path(ref) / "tokenizer.json" if ref else None
+    found = find_model_dir(base, ds.encoding.get("source"), "tokenizer" if base.get("tokenizer") else "ref")
+    path = found / "tokenizer.json" if found else None
     return path if path is not None and path.exists() else None
 
 

@@ -35,8 +35,8 @@ from capture.runner import CapturedGroup, Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings
 from store.chunking import write_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
-from store.location import StorePath, exists, is_url
 from store.integrity import leftover_partials
+from store.location import StorePath, exists, is_url
 from store.lock import store_lock
 from store.reader import check_store, has_consolidated_metadata, is_unfinished
 from store.schema import FORMAT_ATTR, FORMAT_VERSION

@@ -48,13 +48,16 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{k: m.__version__ for k, m in mods.items()}}
 
 
-def _model_record(ref: str, shape, tokenizer_ref: str) -> dict:
+def _model_record(ref: str, shape, tokenizer_ref: str, store) -> dict:
     from transformers import AutoConfig
 
+    from store.location import model_location
+
     revision = getattr(AutoConfig.from_pretrained(ref), "_commit_hash", None)
-    return {"ref": ref, "revision": revision or ("local" if Path(ref).is_dir() else None),
+    tokenizer = {f"tokenizer{k.removeprefix('ref')}": v for k, v in model_location(tokenizer_ref, store).items()}
+    return {**model_location(ref, store), "revision": revision or ("local" if Path(ref).is_dir() else None),
             "arch": shape.arch, "n_layers": shape.n_layers, "hidden": shape.hidden, "vocab": shape.vocab,
-            "tokenizer": tokenizer_ref}
+            **tokenizer}
 
 
 
@@ -187,7 +190,8 @@ def make_template(prep: Prepared):
     attrs = {
         "content_fingerprint": prep.fingerprint,
         "capture_settings": settings.record(),
-        "models": {k: _model_record(prep.refs[k], prep.shapes[k], resolved.tokenizer_ref) for k in prep.refs},
+        "models": {k: _model_record(prep.refs[k], prep.shapes[k], resolved.tokenizer_ref, prep.path)
+                   for k in prep.refs},
         "pair_label": resolved.label, "model_dtype": resolved.dtype, "store_dtype": settings.store_dtype,
         "device": resolved.device, "pass_plan": [p.to_dict() for p in prep.passes],
         "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),

@@ -14,6 +14,7 @@ configuration and the provider's environment variables.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -144,3 +145,32 @@ def remove(path: StorePath, storage_options: dict | None = None) -> None:
     fs, root = filesystem(str(path), storage_options)
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+def model_location(ref: str, store: StorePath) -> dict:
+    """How a store records a model or tokenizer: a local directory as an absolute path (``ref``) and relative
+    to a local store (``ref_from_store``, for a store and models moved together); a hub id as it is.
+
+    >>> model_location("org/model-id", "runs/a.zarr")
+    {'ref': 'org/model-id'}
+    """
+    path = Path(ref)
+    if not path.is_dir():
+        return {"ref": ref}
+    record = {"ref": str(path.resolve())}
+    if not is_url(store):
+        record["ref_from_store"] = os.path.relpath(path.resolve(), Path(store).resolve().parent)
+    return record
+
+
+def find_model_dir(record: dict, store: StorePath | None, key: str = "ref") -> Path | None:
+    """The local directory a model record names (``key``: ``ref`` or ``tokenizer``): its path as recorded
+    (absolute since format 3; a relative one is tried from the working directory, as format 2 meant it),
+    else relative to the store; None when neither exists."""
+    candidates = [record.get(key)]
+    if record.get(f"{key}_from_store") and store is not None and not is_url(store):
+        candidates.append(str(Path(store).resolve().parent / record[f"{key}_from_store"]))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None

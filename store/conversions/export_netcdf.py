@@ -17,7 +17,7 @@ import xarray as xr
 
 from store.atomic import atomic_output
 from store.completeness import LENS_VARIABLES, left_out, usable
-from store.errors import MissingData, UsageError
+from store.errors import MissingData, NotExportable, UsageError
 from store.reader import open_store
 
 
@@ -37,7 +37,7 @@ def parse_selection(items: list[str] | None, ds: xr.Dataset) -> dict:
     return selection
 
 
-def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+def _netcdf_ready(ds: xr.Dataset, path: str | Path) -> xr.Dataset:
     out = ds.copy()
     for name, var in list(out.variables.items()):
         if var.dtype.kind == "f" and var.dtype != np.float64:
@@ -46,6 +46,11 @@ def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
             out[name] = var.astype("int8")
         elif var.dtype.kind in "OTU":  # labels: small, and netCDF needs them in memory to type them
             out[name] = var.load().astype(object)
+            with_nul = [i for i, text in enumerate(out[name].values.ravel()) if "\x00" in str(text)]
+            if with_nul:  # netCDF-C strings end at the first NUL: the text would be cut without a word
+                raise NotExportable(path=path, detail=f"{len(with_nul)} {name} value(s) hold a NUL character, which "
+                                    "netCDF strings cannot keep (they would be cut there); select prompts without "
+                                    "them with --sel, or read the text from the store itself")
         out[name].encoding = {}
     out.attrs = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in ds.attrs.items()}
     return out
@@ -78,5 +83,5 @@ def export_netcdf(store: str | Path, out: str | Path, selection: list[str] | Non
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as partial:
-        _netcdf_ready(ds).to_netcdf(partial, engine="netcdf4", format="NETCDF4")
+        _netcdf_ready(ds, store).to_netcdf(partial, engine="netcdf4", format="NETCDF4")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,34 @@ def test_csv_exports_guard_cells_a_spreadsheet_would_run(tmp_path):
     cells = list(csv.DictReader(out.open()))
     assert [c["token"] for c in cells] == ["'=HYPERLINK(\"http://evil.example\",\"x\")", "'+1", "'-ing", "ok"]
     assert [c["value"] for c in cells] == ["-1.5", "2.0", "0.0", "1"]  # numbers stay numbers
+
+
+def test_netcdf_export_refuses_text_it_would_cut_at_a_nul(tmp_path, capsys):
+    import zarr
+
+    path = write_tiny_store(tmp_path / "s.zarr", lengths=(5, 3, 4))
+    zarr.open_group(str(path), mode="r+", use_consolidated=False)["token_str"][0, 1] = "a\x00b"
+    out = tmp_path / "x.nc"
+    assert main(["export-netcdf", str(path), str(out)]) == 2
+    assert "hold a NUL character" in capsys.readouterr().err and not out.exists()
+    assert main(["export-netcdf", str(path), str(out), "--sel", "prompt=1"]) == 0
+
+
+def test_model_paths_are_recorded_absolute_and_relative_to_the_store(tmp_path, tiny_pair, monkeypatch):
+    import shutil
+
+    from store.location import find_model_dir
+
+    monkeypatch.chdir(tiny_pair[2].parent)  # a relative cache dir: the models' paths are relative too
+    store = tmp_path / "runs" / "s.zarr"
+    assert main(["capture", "--cache-dir", tiny_pair[2].name, "--store", str(store), "--quiet", "--no-lens",
+                 "--prompt", "Hi there."]) == 0
+    record = open_store(store).attrs["models"]["base"]
+    assert Path(record["ref"]).is_absolute() and Path(record["tokenizer"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # token text no longer depends on the working directory
+    assert find_model_dir(record, store) == Path(record["ref"])
+    moved = tmp_path / "moved"  # the store and its models moved together
+    shutil.copytree(tmp_path / "runs", moved / "runs")
+    shutil.copytree(Path(record["ref"]), moved / "runs" / record["ref_from_store"])
+    assert find_model_dir({**record, "ref": "/nowhere"}, moved / "runs" / "s.zarr") == (
+        moved / "runs" / record["ref_from_store"])
