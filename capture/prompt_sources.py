@@ -31,6 +31,8 @@ def _check_conversation(messages: list, path: Path, row: int, field: str) -> lis
                                problem=f"every message must be a dict with string role and content, got {turn!r}"[:200])
         if not turn["content"].strip():
             raise BadPromptRow(path=path, row=row, field=field, problem=f"a {turn['role']} message is empty")
+    for turn in messages:
+        _check_unicode(turn["content"], path, row, field)
     return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
 
 
@@ -58,12 +60,27 @@ def _prompt_of(record, path: Path, row: int, field: str | None) -> Prompt:
         value = value.tolist()
     if isinstance(value, list):
         return _check_conversation(value, path, row, name)
+    if name == CHAT_FIELD:
+        raise BadPromptRow(path=path, row=row, field=name, problem=(
+            f"a conversation must be a list of {{\"role\", \"content\"}} turns, got {type(value).__name__}"))
     if not isinstance(value, str):
         raise BadPromptRow(path=path, row=row, field=name,
                            problem=f"expected text or a list of messages, got {type(value).__name__}")
     if not value.strip():
         raise BadPromptRow(path=path, row=row, field=name, problem="the text is empty")
+    _check_unicode(value, path, row, name)
     return value
+
+
+def _check_unicode(text: str, path: Path, row: int, field: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as JSON's ``\\ud800``): tokenizers cannot
+    encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadPromptRow(path=path, row=row, field=field, problem=(
+            f"the text holds an unpaired surrogate ({text[exc.start]!r} at character {exc.start}), which is not "
+            "valid Unicode")) from None
 
 
 def _json_rows(path: Path) -> Iterator[object]:
@@ -91,11 +108,22 @@ def _json_rows(path: Path) -> Iterator[object]:
 def _table_rows(path: Path) -> Iterable[dict]:
     if path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as fh:
-            yield from csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)  # strict: an unterminated quote is an error, not a long row
+            try:
+                yield from reader
+            except csv.Error as exc:
+                raise BadPromptRow(path=path, row=max(1, reader.line_num - 1), field="-",
+                                   problem=f"not valid CSV ({exc})") from None
         return
+    import pyarrow
     import pyarrow.parquet as pq
 
-    yield from pq.read_table(path).to_pylist()
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise UsageError(f"cannot read prompts file {str(path)!r} as Parquet: {str(exc).splitlines()[0]}; check "
+                         "that it is a whole Parquet file") from None
+    yield from table.to_pylist()
 
 
 def _dataset_rows(path: Path) -> Iterable[dict]:

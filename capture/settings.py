@@ -133,8 +133,18 @@ class ResolvedModels:
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: resdiff captures on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= \
+            torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "use cuda:0 to cuda:N-1")
     return device
 
 

@@ -158,3 +158,24 @@ def test_prompt_longer_than_the_models_context(make_model, store, capsys):
     capsys.readouterr()
     assert main([*args, "--truncate", "--no-lens"]) == 0  # cut with a warning, when asked
     assert int(open_store(store).n_tokens.max()) == 128
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("sur.jsonl", b'{"text": "ok \\ud800 lone"}\n', "unpaired surrogate ('\\ud800' at character 3)"),
+    ("chat.jsonl", b'{"messages": [{"role": "user", "content": "a \\udfff"}]}\n', "unpaired surrogate"),
+    ("m.jsonl", b'{"messages": "hi"}\n', "a conversation must be a list of"),
+    ("bad.parquet", b"not a parquet file", "as Parquet: "),
+    ("q.csv", b'text\n"unterminated, row\nsecond\n', "not valid CSV"),
+])
+def test_bad_prompt_files_are_refused_in_one_line(make_model, store, tmp_path, name, content, message, capsys):
+    path = tmp_path / name
+    path.write_bytes(content)
+    _fails(_capture(make_model, store, None, None, "--prompts-file", str(path)), message, capsys)
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(("device", "message"), [("tpu:7", "is not a device torch knows"),
+                                                 ("meta", "resdiff captures on cpu or cuda")])
+def test_unknown_devices_are_refused_before_any_store(make_model, store, device, message, capsys):
+    _fails(_capture(make_model, store, None, None, "--device", device), message, capsys)
+    assert not store.exists()
