@@ -318,62 +318,71 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    import html
     from pathlib import Path
 
-    import numpy as np
     import xarray as xr
 
     from analysis import plots
     from analysis.decompose import decompose_store
+    from analysis.outliers import massive_positions
     from analysis.report import check_prompt
+    from store.atomic import staged_directory
     from store.location import local_sibling
 
     ds = _open_for_analysis(args.store)
     check_prompt(ds, args.prompt)
-    out = Path(args.out) if args.out else local_sibling(args.store, "-plots")
-    out.mkdir(parents=True, exist_ok=True)
-    with _compute_context(args, ds):
-        images = [plots.layer_curves(ds, out, args.lens)]
-        from analysis.outliers import massive_positions
-
-        found = massive_positions(ds).compute()  # once, for the heatmaps, the spectra and the page
-        massive = None if args.include_massive else found.massive.sel(prompt=args.prompt).values
-        images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens, massive))
-        if args.pass_metric:
-            images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens, massive))
-        path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet,
-                                  include_massive=args.include_massive, massive=found.massive.values)
-    result = xr.open_zarr(str(path)).load()
-    images += plots.spectra_plots(result, out)
-    images.append(plots.cp_plot(result, out))
-    for image in images:
-        print(f"Wrote {image}")
-    if args.html:
-        rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
-            [str(q), f"{float(ratio):.2f}" if np.isfinite(ratio := float(result.participation_ratio.sel(pair=q).mean()))
-             else "– (no difference)", int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
-            for q in result.pair.values]
-        from analysis.answer import chat_templating, opening
-        from analysis.metrics import pair_metrics
-        from analysis.summary import report_summary
-        from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
-
+    final = Path(args.out) if args.out else local_sibling(args.store, "-plots")
+    with staged_directory(final) as out:  # a run that fails adds nothing to the folder
         with _compute_context(args, ds):
-            # the opening's metrics are geometric: built without graphs over the statistics variables
-            sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, args.prompt, found,
-                                      args.include_massive)
-            keep = None if args.include_massive else ~found.massive
-            summary = report_summary(ds, keep, int(found.massive.sum()), not args.include_massive)
-        sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
-        if left_out(ds):
-            sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
-        settings = {"store": str(args.store), "chat template": chat_templating(ds),
-                    **{k: v for k, v in ds.attrs.items() if k not in (LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR)}}
-        page = plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
-                                 sections, first)
-        print(f"Wrote {page}")
+            images = [plots.layer_curves(ds, out, args.lens)]
+            found = massive_positions(ds).compute()  # once, for the heatmaps, the spectra and the page
+            massive = None if args.include_massive else found.massive.sel(prompt=args.prompt).values
+            images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens, massive))
+            if args.pass_metric:
+                images.append(plots.heatmaps(ds, out, args.pass_metric, args.prompt, args.lens, massive))
+            path, _ = decompose_store(args.store, top_k=args.top_k, progress=not args.quiet,
+                                      include_massive=args.include_massive, massive=found.massive.values)
+        result = xr.open_zarr(str(path)).load()
+        images += plots.spectra_plots(result, out)
+        images.append(plots.cp_plot(result, out))
+        written = [*images, _plot_page(args, ds, out, images, result, found)] if args.html else images
+    for image in written:
+        print(f"Wrote {final / Path(image).relative_to(out)}")
     return 0
+
+
+def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found):
+    """report.html of ``plot --html``: the opening (what changed first), the summary, the figures."""
+    import html
+
+    import numpy as np
+
+    from analysis import plots
+    from analysis.answer import chat_templating, opening
+    from analysis.metrics import pair_metrics
+    from analysis.summary import report_summary
+    from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
+
+    def ratio(q) -> str:
+        value = float(result.participation_ratio.sel(pair=q).mean())
+        return f"{value:.2f}" if np.isfinite(value) else "– (no difference)"
+
+    rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
+        [str(q), ratio(q), int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
+        for q in result.pair.values]
+    with _compute_context(args, ds):
+        # the opening's metrics are geometric: built without graphs over the statistics variables
+        sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, args.prompt, found,
+                                  args.include_massive)
+        keep = None if args.include_massive else ~found.massive
+        summary = report_summary(ds, keep, int(found.massive.sum()), not args.include_massive)
+    sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
+    if left_out(ds):
+        sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
+    settings = {"store": str(args.store), "chat template": chat_templating(ds),
+                **{k: v for k, v in ds.attrs.items() if k not in (LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR)}}
+    return plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', args.store)}", rows, settings,
+                             sections, first)
 
 
 def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> None:

@@ -56,3 +56,31 @@ def atomic_output(path: str | Path, *, suffix: str = ".partial", unique: bool = 
     except BaseException:
         remove_path(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out``; when the block succeeds, move every file written there
+    into ``out`` (replacing files of the same name, keeping the others), and when it fails remove it: a failed
+    run adds nothing to ``out`` and changes nothing in it.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "plots"
+    >>> with staged_directory(out) as stage:
+    ...     _ = (stage / "a.png").write_bytes(b"png")
+    >>> sorted(p.name for p in out.iterdir()), stage.exists()
+    (['a.png'], False)
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    stage.mkdir()
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for file in sorted(f for f in stage.rglob("*") if f.is_file()):
+            target = out / file.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        remove_path(stage)

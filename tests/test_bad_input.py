@@ -179,3 +179,21 @@ def test_bad_prompt_files_are_refused_in_one_line(make_model, store, tmp_path, n
 def test_unknown_devices_are_refused_before_any_store(make_model, store, device, message, capsys):
     _fails(_capture(make_model, store, None, None, "--device", device), message, capsys)
     assert not store.exists()
+
+
+def test_a_failed_plot_adds_nothing_to_its_folder(tmp_path, monkeypatch, capsys):
+    from analysis import plots
+    from store.testing import write_tiny_store
+
+    path = write_tiny_store(tmp_path / "s.zarr", lengths=(5, 3, 4))
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(plots, "cp_plot", broken)
+    assert main(["plot", str(path), "--out", str(out), "--quiet"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
