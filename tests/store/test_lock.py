@@ -109,3 +109,18 @@ def test_two_captures_at_once_one_runs_one_is_refused(tmp_path, tiny_pair):
     assert all("being written by" in err for code, err in results if code == 2)
     assert verify_store(store) == []
     assert not list(tmp_path.glob("*.creating")) and not list(tmp_path.glob(".*.creating"))
+
+
+def test_object_stores_are_guarded_by_a_marker_while_written():
+    import fsspec
+
+    url = "memory://locks/s.zarr"
+    fs = fsspec.filesystem("memory")
+    with store_lock(url):
+        assert "pid" in fs.cat_file("/locks/s.zarr.lock").decode()
+    assert not fs.exists("/locks/s.zarr.lock")  # removed when the writer finishes
+    fs.pipe_file("/locks/s.zarr.lock", b'{"pid": 1, "host": "elsewhere", "since": "then", "command": "capture"}')
+    with pytest.raises(StoreLocked, match="process 1 on elsewhere .* if none is running .* delete the marker"):
+        with store_lock(url):
+            pass
+    fs.rm("/locks/s.zarr.lock")
