@@ -120,7 +120,7 @@ def test_object_stores_are_guarded_by_a_marker_while_written():
         assert "pid" in fs.cat_file("/locks/s.zarr.lock").decode()
     assert not fs.exists("/locks/s.zarr.lock")  # removed when the writer finishes
     fs.pipe_file("/locks/s.zarr.lock", b'{"pid": 1, "host": "elsewhere", "since": "then", "command": "capture"}')
-    with pytest.raises(StoreLocked, match="process 1 on elsewhere .* if none is running .* delete the marker"):
+    with pytest.raises(StoreLocked, match=r"process 1 on elsewhere .* if none is running .* delete the marker"):
         with store_lock(url):
             pass
     fs.rm("/locks/s.zarr.lock")
