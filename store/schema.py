@@ -163,16 +163,18 @@ def compressors(codec: str) -> list:
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC) -> dict[str, dict]:
+def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = None) -> dict[str, dict]:
     """Per-variable Zarr encoding: ``codec`` for the data arrays, zstd for the small ones, a checksum for every
     array (coordinates included); ids of chunks never written (padding only) read as -1, like the padding
-    inside written chunks."""
+    inside written chunks. ``chunks`` gives Zarr chunks where they differ from the variables' Dask chunks."""
     out = {}
     for name, var in ds.variables.items():
         if var.ndim >= 3:
             out[name] = {"compressors": compressors(codec), **({"fill_value": -1} if var.dtype.kind == "i" else {})}
         else:
             out[name] = {"compressors": compressors("zstd")}
+        if chunks and name in chunks:
+            out[name]["chunks"] = chunks[name]
     return out
 
 
