@@ -82,3 +82,32 @@ def test_describe_store(tmp_path):
     assert "pass_=4, prompt=3, layer=3, token=5, dim=8" in text
     assert "complete   12/12" in text
 
+
+
+def test_the_template_is_written_from_one_task_per_array_with_xarrays_own_metadata(tmp_path):
+    """Many small chunks must not mean a task per chunk (20 GB at 5,000 short prompts), and the shortcut
+    must write exactly what xarray writes from the chunked template."""
+    import json
+
+    from store.chunking import Chunking
+    from store.schema import encoding
+    from store.testing import tiny_template
+    from store.writer import StoreWriter, _one_task_per_array, consolidate
+
+    template = tiny_template(n_prompts=7, lengths=(13, 11, 6, 5, 3, 2, 1), n_layers1=4, hidden=6,
+                             store_dtype="float16", chunking=Chunking(prompt=2, layer=4, token=4))
+    light, chunks = _one_task_per_array(template)
+    assert all(light[name].data.npartitions == 1 for name in chunks)
+    assert chunks["resid"] == template.resid.data.chunksize and template.resid.data.npartitions > 1
+    StoreWriter.create(tmp_path / "new.zarr", template)
+    template.to_zarr(str(tmp_path / "old.zarr"), mode="w-", compute=False, encoding=encoding(template),
+                     consolidated=False)
+    consolidate(tmp_path / "old.zarr")
+    old = {p.relative_to(tmp_path / "old.zarr"): p for p in (tmp_path / "old.zarr").rglob("*") if p.is_file()}
+    new = {p.relative_to(tmp_path / "new.zarr"): p for p in (tmp_path / "new.zarr").rglob("*") if p.is_file()}
+    assert sorted(old) == sorted(new)
+    for rel, path in old.items():
+        if path.name == "zarr.json":
+            assert json.loads(path.read_text()) == json.loads(new[rel].read_text()), rel
+        else:
+            assert path.read_bytes() == new[rel].read_bytes(), rel
