@@ -132,7 +132,8 @@ def verify_store(path: str | Path, deep: bool = False) -> list[str]:
         attrs = check_store(path)
     except ResdiffError as exc:
         return [str(exc)]
-    ds = xr.open_zarr(str(path), **xarray_kwargs(path), consolidated=has_consolidated_metadata(path))
+    consolidated = has_consolidated_metadata(path)
+    ds = xr.open_zarr(str(path), **xarray_kwargs(path), consolidated=consolidated)
     if not is_url(path):  # damaged chunks first: a deleted token_id chunk would otherwise read as short lengths
         damaged = missing_chunks(path) + corrupt_chunks(path, deep)
         if damaged:  # the values of damaged chunks would be misread: report the damage alone
@@ -142,7 +143,7 @@ def verify_store(path: str | Path, deep: bool = False) -> list[str]:
     except ResdiffError as exc:
         return [str(exc)]
     problems = _structure(ds, attrs)
-    if not has_consolidated_metadata(path):
+    if not consolidated:
         problems.append("the store has no consolidated metadata (its capture was killed while it finished); rerun "
                         "the same capture command to repair it")
     if problems:
