@@ -90,11 +90,15 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     best = {k: min(v) for k, v in runs.items()}
     lengths = ds.n_tokens.values
-    on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    files = [f for f in store.rglob("*") if f.is_file()]
+    on_disk = sum(f.stat().st_size for f in files)
+    data_files = [f for f in files if f.name != "zarr.json"]
     report = {
         "machine": machine(), "pair": "tiny", "codec": settings.codec, "prompts": len(prompts), "tokens": real,
         "median_tokens": float(np.median(lengths)), "longest_tokens": int(lengths.max()),
-        "real_bytes": real_token_bytes(ds), "on_disk_bytes": on_disk, "chunks": list(ds.resid.data.chunksize),
+        "real_bytes": real_token_bytes(ds), "on_disk_bytes": on_disk,
+        "files": len(files), "data_files": len(data_files),
+        "mib_per_data_file": round(sum(f.stat().st_size for f in data_files) / 2**20 / max(1, len(data_files)), 2), "chunks": list(ds.resid.data.chunksize),
         "seconds": {k: round(v, 2) for k, v in best.items()},
         "all_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "resid_over_floor": round(best["resid"] / (best["forward"] + best["write"]), 3),

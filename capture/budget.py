@@ -131,13 +131,28 @@ def group_buffers(model: ModelFootprint, group: int, n_tokens: int, out_itemsize
     return 3 * one
 
 
+def statistics_bytes_per_position(n_pass: int, n_pair: int, top_k: int, n_tracked: int) -> int:
+    """Bytes of lens statistics per (prompt, layer, token) position, both lenses: entropy, lse, top-k ids and
+    logits, tracked logits per pass; KL, rise and fall ids and shifts per pair (4-byte values)."""
+    return 2 * (n_pass * (2 + 2 * top_k + n_tracked) + n_pair * (1 + 4 * top_k)) * 4
+
+
+LENS_READ_BYTES = 64 * 2**20  # float32 residuals the statistics stage reads at once, of all passes
+
+
+def lens_read_prompts(group: int, n_pass: int, n_layers1: int, n_tokens: int, hidden: int) -> int:
+    """Prompts of a write group whose residuals the statistics stage reads (as float32) at once."""
+    return max(1, min(group, LENS_READ_BYTES // max(1, n_pass * n_layers1 * n_tokens * hidden * 4)))
+
+
 def statistics_working_set(model: ModelFootprint, n_pass: int, n_pair: int, group: int, n_tokens: int,
                            store_itemsize: int, top_k: int, n_tracked: int, block_rows: int,
                            vocab_chunk: int, kept_layers: int | None = None) -> dict[str, int]:
     """The statistics stage's memory besides the lenses, for one prompt group of ``n_tokens`` positions."""
     positions = group * (kept_layers or model.n_layers + 1) * n_tokens
-    residuals = n_pass * positions * model.hidden * (store_itemsize + 4 + 4)  # read, as float32, real rows
-    per_position = 2 * (n_pass * (2 + 2 * top_k + n_tracked) + n_pair * (1 + 4 * top_k)) * 4
+    read = min(group, lens_read_prompts(group, n_pass, kept_layers or model.n_layers + 1, n_tokens, model.hidden))
+    residuals = n_pass * read * (kept_layers or model.n_layers + 1) * n_tokens * model.hidden * (store_itemsize + 4 + 4)
+    per_position = statistics_bytes_per_position(n_pass, n_pair, top_k, n_tracked)
     logits = 3 * n_pass * min(block_rows, positions) * min(vocab_chunk, model.vocab) * 4  # products, exp, scratch
     return {"residuals": residuals, "statistics": positions * per_position, "logits": logits}
 

@@ -33,7 +33,7 @@ from capture.prepare import Prepared, make_template, pad_id_of, prepare
 from capture.residency import residency_schedule
 from capture.runner import CapturedGroup, Throughput, run_passes
 from capture.settings import CONTENT_KEYS, CaptureSettings
-from store.chunking import write_groups
+from store.chunking import store_groups
 from store.errors import ResdiffError, StoreConflict, StoreWriteError, UsageError
 from store.integrity import leftover_partials
 from store.location import StorePath, exists, is_url
@@ -225,8 +225,8 @@ def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress
     from tqdm.auto import tqdm
 
     writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep))
-    stored_chunk = writer.attrs.get("chunking", {}).get("prompt", prep.chunking.prompt)
-    groups = write_groups(prep.tokenized.lengths, stored_chunk, settings.batch_size_for(prep.resolved.device),
+    stored = writer.attrs.get("chunking", {"prompt": prep.chunking.prompt})
+    groups = store_groups(prep.tokenized.lengths, stored, settings.batch_size_for(prep.resolved.device),
                           settings.batch_tokens)
     status = writer.completeness()
     done_pp, lens_done = writer.done_pp(), writer.lens_done()

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from capture.budget import lens_read_prompts
 from capture.lens import Lens, lens_statistics
 from capture.transfer import DeviceToHost, arrivals, to_device
+from store.chunking import chunk_slices
 from store.reader import ArrayRegions
 from store.schema import LENS_NAMES
 from store.writer import StoreWriter, fault_point
@@ -133,13 +135,25 @@ def write_lens_statistics(
     for group in groups:
         if done[group].all():
             continue
-        # Only the stored part of the group (its longest prompt's token chunks) is read and computed on.
+        # Only the stored part of the group (its longest prompt's token chunks) is read and computed on, a few
+        # prompts at a time (a group is a shard row: it can be far larger than what fits as float32 at once).
         extent = writer.group_extent(group)
-        resid = np.asarray(stored.read((slice(None), group, slice(None), slice(0, extent), slice(None))),
-                           dtype=np.float32)
-        mask = _real_mask_glt(n_tokens_p[group], lens_l, extent)
-        arrays = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device), block_rows,
-                                   vocab_chunk, on_rows)
+        shape = stored.array.shape
+        step = lens_read_prompts(group.stop - group.start, shape[0], shape[2], extent, shape[4])
+        arrays: dict[str, np.ndarray] = {}
+        for part in chunk_slices(group.stop, step, group.start):
+            resid = np.asarray(stored.read((slice(None), part, slice(None), slice(0, extent), slice(None))),
+                               dtype=np.float32)
+            mask = _real_mask_glt(n_tokens_p[part], lens_l, extent)
+            values = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device),
+                                       block_rows, vocab_chunk, on_rows)
+            del resid
+            for name, block in values.items():
+                if name not in arrays:
+                    fill = -1 if block.dtype.kind == "i" else np.nan
+                    arrays[name] = np.full((*block.shape[:2], group.stop - group.start, *block.shape[3:]), fill,
+                                           dtype=block.dtype)
+                arrays[name][:, :, part.start - group.start:part.stop - group.start] = block
         for index, (name, values) in enumerate(arrays.items()):
             writer.write_staircase(name, (slice(None), slice(None)), group, values)
             if index == 0:

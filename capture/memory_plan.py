@@ -32,7 +32,7 @@ from capture.runner import compute_batches
 from capture.settings import CaptureSettings
 from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units
-from store.chunking import chunk_slices, token_extent, write_groups
+from store.chunking import chunk_slices, store_groups, token_extent
 from store.errors import MemoryBudgetExceeded
 from store.units import format_bytes
 
@@ -131,7 +131,8 @@ def _groups_and_batches(prep: Prepared) -> tuple[list[slice], list[tuple[int, in
     job forms them (``write_groups``, ``compute_batches``)."""
     settings, lengths, device = prep.settings, prep.tokenized.lengths, prep.resolved.device
     size = settings.batch_size_for(device)
-    groups = write_groups(lengths, prep.chunking.prompt, size, settings.batch_tokens)
+    chunking = {"prompt": prep.chunking.prompt, "shard": prep.chunking.shard}
+    groups = store_groups(lengths, chunking, size, settings.batch_tokens)
     batches = [(b.stop - b.start, lengths[b.start]) for g in groups
                for b in compute_batches(lengths, g, size, settings.batch_tokens, settings.padding_for(device))]
     return groups, batches

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from capture.budget import statistics_bytes_per_position
 from capture.models import check_compatible, check_safe_weights, load_tokenizer, read_shape
 from capture.passes import Pass, PassPair, parse_pass_pairs, parse_passes
 from capture.prompts import (
@@ -30,9 +31,9 @@ from capture.selection import Positions, parse_layers
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
 from capture.variants import expand_prompts
 from store import units
-from store.chunking import Chunking, choose_chunking
+from store.chunking import Chunking, choose_chunking, shard_prompts
 from store.errors import UsageError
-from store.location import StorePath, normalize
+from store.location import StorePath, is_url, normalize
 from store.schema import LAYER_SEMANTICS, add_lens_variables, add_saved_lens_variables, build_template, content_digest
 
 
@@ -148,6 +149,11 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         "layers": layers, "positions": positions.describe(), "lens_layers": lens_layers,
     }
     path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
+    if not is_url(path):  # object stores hold many objects well and a shard there is rewritten per write
+        per_position = max(3 * (len(layers) + 1) * hidden * itemsize,  # write buffers of one pass (budget)
+                           statistics_bytes_per_position(len(passes), len(pass_pairs), fingerprint["top_k"],
+                                                         len(tracked[0])) * len(lens_layers) * settings.lens)
+        chunking = replace(chunking, shard=shard_prompts(window.lengths, chunking, per_position))
     in_store_order = lambda items: [items[i] for i in tokenized.labels]  # noqa: E731
     return Prepared(settings, passes, pass_pairs, refs, in_store_order(prompt_index), in_store_order(variants),
                     in_store_order(full_lengths), shapes, resolved, tokenizer, tokenized, window, tracked, path,
@@ -196,7 +202,8 @@ def make_template(prep: Prepared):
         "device": resolved.device, "pass_plan": [p.to_dict() for p in prep.passes],
         "layer_semantics": LAYER_SEMANTICS, "library_versions": _versions(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer, "token": chunking.token},
+        "chunking": {"prompt": chunking.prompt, "layer": chunking.layer, "token": chunking.token,
+                     **({"shard": chunking.shard} if chunking.shard else {})},
         "embedding_variants": list(settings.embedding_variants),
     }
     tokens, window = prep.tokenized, prep.window
@@ -217,7 +224,7 @@ def make_template(prep: Prepared):
         ds = add_lens_variables(
             ds, pairs=[tuple(x) for x in prep.fingerprint["pass_pairs"]], top_k=prep.fingerprint["top_k"],
             tracked_ids=prep.tracked[0], tracked_strs=prep.tracked[1], chunk_prompt=chunking.prompt,
-            chunk_token=chunking.token, lens_layers=prep.fingerprint["lens_layers"],
+            chunk_token=chunking.token, lens_layers=prep.fingerprint["lens_layers"], flag_chunk=chunking.shard,
         )
     return ds
 

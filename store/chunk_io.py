@@ -131,24 +131,31 @@ class ChunkFiles:
             return bool(np.isnan(block).all())
         return bool((block == self.fill).all())
 
-    def _put(self, coords: tuple[int, ...], block: np.ndarray) -> None:
-        path = self.directory / self.encode_key(coords)
+    def encode(self, block: np.ndarray) -> bytes | None:
+        """A chunk's stored bytes (compressed, then its checksum where the codecs say so); None when it holds
+        only the fill value (such a chunk is not stored)."""
         if self._is_fill(block):
-            path.unlink(missing_ok=True)
-            return
+            return None
         if block.shape != self.chunks:  # an edge chunk is stored at full size, filled past the array's end
             full = np.full(self.chunks, self.fill, dtype=self.dtype)
             full[tuple(slice(0, s) for s in block.shape)] = block
             block = full
         data = np.ascontiguousarray(block, dtype=self.dtype)
         # An array, not bytes, goes to the compressor: Blosc takes its element size from it, as zarr's does.
-        data = data if self.compressor is None else self.compressor.encode(data)
+        data = data.tobytes() if self.compressor is None else bytes(self.compressor.encode(data))
+        # the Zarr v3 crc32c codec: the checksum of the encoded bytes, appended
+        return data + _crc32c(data) if self.checksum else data
+
+    def _put(self, coords: tuple[int, ...], block: np.ndarray) -> None:
+        path = self.directory / self.encode_key(coords)
+        data = self.encode(block)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         with open(partial, "wb") as f:
             f.write(data)
-            if self.checksum:  # the Zarr v3 crc32c codec: the checksum of the encoded bytes, appended
-                f.write(_crc32c(data))
         os.replace(partial, path)
 
     def decode(self, data: bytes, key: str) -> np.ndarray:

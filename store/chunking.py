@@ -26,17 +26,20 @@ from dataclasses import dataclass
 import numpy as np
 
 TARGET_CHUNK_BYTES = 16 * 2**20
+SHARD_TARGET_BYTES = 256 * 2**20  # in memory, for the largest write group (format 4: a group is a shard row)
 MAX_WASTE = 1.1  # stored bytes (chunks with real tokens) / real-token bytes
 MIN_TOKEN_CHUNK = 8
 
 
 @dataclass(frozen=True)
 class Chunking:
-    """Chunk sizes along prompt, layer and token (``None``: all tokens in a chunk); pass_ is 1, dim whole."""
+    """Chunk sizes along prompt, layer and token (``None``: all tokens in a chunk); pass_ is 1, dim whole.
+    ``shard``: prompts per shard (format 4; a multiple of ``prompt``), None for unsharded stores."""
 
     prompt: int
     layer: int
     token: int | None = None
+    shard: int | None = None
 
 
 def _square_tile(n_prompts: int, n_layers1: int, budget: int) -> tuple[int, int]:
@@ -61,9 +64,9 @@ def choose_chunking(
     """The chunking of a store of prompts with these token ``lengths`` (see the module docstring).
 
     >>> choose_chunking([128] * 1000, 29, 1536, 2)  # one length: whole prompts, square tiles
-    Chunking(prompt=7, layer=6, token=128)
+    Chunking(prompt=7, layer=6, token=128, shard=None)
     >>> choose_chunking([600, 300, 120, 80] + [40] * 96, 31, 576, 2)
-    Chunking(prompt=2, layer=31, token=8)
+    Chunking(prompt=2, layer=31, token=8, shard=None)
     """
     lengths_desc = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
     n_prompts, longest, real = len(lengths_desc), int(lengths_desc[0]), int(lengths_desc.sum())
@@ -83,6 +86,33 @@ def choose_chunking(
         if best is None or key < best[0]:
             best = (key, Chunking(prompt=prompt, layer=layer, token=token))
     return best[1]
+
+
+def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, bytes_per_position: int,
+                  target_bytes: int = SHARD_TARGET_BYTES) -> int:
+    """Prompts per shard: whole prompt chunks, as many as keep the largest write group within ``target_bytes``
+    in memory (its prompts x its longest prompt's stored token extent x ``bytes_per_position``; prompts are
+    longest first, so the first group is the largest). Every array of a store is sharded along ``prompt``
+    alike, and a write group is one shard row, so each shard is written once, whole.
+
+    >>> shard_prompts([100] * 50 + [10] * 50, Chunking(prompt=4, layer=3, token=8), 2**16, 2**24)
+    4
+    >>> shard_prompts([10] * 99, Chunking(prompt=4, layer=3, token=8), 2**10, 2**24)  # all: 25 chunks
+    100
+    """
+    longest = int(np.max(lengths_desc))
+    extent = -(-longest // chunking.token) * chunking.token if chunking.token else longest
+    per_chunk = chunking.prompt * extent * max(1, bytes_per_position)
+    prompts = max(1, target_bytes // per_chunk) * chunking.prompt
+    return int(min(prompts, -(-len(lengths_desc) // chunking.prompt) * chunking.prompt))  # whole chunks
+
+
+def store_groups(lengths_desc: list[int], chunking: dict, batch_size: int, batch_tokens: int) -> list[slice]:
+    """The write groups of a store whose attributes record ``chunking``: shard rows (format 4), else
+    :func:`write_groups` (stores of earlier formats, resumed)."""
+    if chunking.get("shard"):
+        return chunk_slices(len(lengths_desc), int(chunking["shard"]))
+    return write_groups(lengths_desc, int(chunking["prompt"]), batch_size, batch_tokens)
 
 
 def write_groups(lengths_desc: list[int], chunk_prompt: int, batch_size: int, batch_tokens: int) -> list[slice]:

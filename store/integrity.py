@@ -7,8 +7,9 @@ such as the rise and fall ids of two identical passes, are only checked where a 
 A chunk decodes when its crc32c checksum (format 3) matches and its codecs turn it back into
 a whole chunk. ``deep`` decodes every chunk file; otherwise each array is sampled.
 
-Chunk keys are named as on disk (``resid/c/0/3/0/1/0``). Hidden files in an array's folder
-(``.c.*.partial``, left by a write that the file system refused) are not chunks: they are
+Chunk keys are named as on disk (``resid/c/0/3/0/1/0``); in a sharded array (format 4) a file is a
+shard and a missing chunk is named by its inner chunk coordinates (``inner chunk 0/3/0/1/0``). Hidden
+files in an array's folder (``.c.*.partial``, left by a write that the file system refused) are not chunks: they are
 listed as leftovers the next capture removes, never counted as problems.
 """
 
@@ -22,6 +23,7 @@ import zarr
 from store.chunk_io import ChunkFiles
 from store.chunking import real_blocks
 from store.errors import CorruptChunk
+from store.shard_io import ShardFiles, direct_files
 
 SAMPLE = 32  # chunk files decoded per array without --deep (all of them for arrays with fewer)
 
@@ -37,21 +39,25 @@ def chunk_files_in(directory: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")) if root.is_dir() else []
 
 
-def _decode(array: zarr.Array, direct: ChunkFiles | None, path: Path, key: str) -> None:
+def _decode(array: zarr.Array, direct: ChunkFiles | ShardFiles | None, path: Path, key: str) -> None:
+    coords = tuple(int(c) for c in key.split("/")[1:])
+    if isinstance(direct, ShardFiles):
+        direct.decode_shard(coords)
+        return
     if direct is not None:
         direct.decode(path.read_bytes(), key)
         return
-    coords = tuple(int(c) for c in key.split("/")[1:])
+    size = array.shards or array.chunks  # the grid of the files: shards where the array is sharded
     try:
-        array.get_block_selection(coords)
+        array[tuple(slice(c * s, (c + 1) * s) for c, s in zip(coords, size, strict=True))]
     except Exception as exc:  # zarr's checksum ValueError, a codec's error: the bytes are damaged
         raise CorruptChunk(path=path.parents[len(coords) + 1], key=key, array=array.basename,
                            reason=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
 
 
 def corrupt_chunks(root: Path, deep: bool, seed: int = 0) -> list[str]:
-    """One line per chunk file that fails its checksum or does not decode (all files with ``deep``, else
-    :data:`SAMPLE` per array)."""
+    """One line per chunk (or shard) file that fails a checksum or does not decode (all files with ``deep``,
+    else :data:`SAMPLE` per array); a shard is decoded whole, its index and every inner chunk."""
     group = zarr.open_group(str(root), mode="r", use_consolidated=False)
     rng = np.random.default_rng(seed)
     problems = []
@@ -59,7 +65,7 @@ def corrupt_chunks(root: Path, deep: bool, seed: int = 0) -> list[str]:
         files = chunk_files_in(root / name)
         if not deep and len(files) > SAMPLE:
             files = [files[i] for i in sorted(rng.choice(len(files), SAMPLE, replace=False))]
-        direct = ChunkFiles.for_array(array)
+        direct = direct_files(array)
         for file in files:
             key = file.relative_to(root / name).as_posix()
             try:
@@ -67,6 +73,25 @@ def corrupt_chunks(root: Path, deep: bool, seed: int = 0) -> list[str]:
             except CorruptChunk as exc:
                 problems.append(f"{name}: chunk {key} is corrupt ({exc.fields.get('reason', exc)})")
     return problems
+
+
+def stored_chunks(root: Path, name: str, array: zarr.Array) -> list[tuple[int, ...]]:
+    """The chunk coordinates stored for array ``name``: its chunk files, or in a sharded array the inner
+    chunks its shards' indexes list (a shard whose index is damaged counts as holding nothing here;
+    :func:`corrupt_chunks` names it)."""
+    direct = direct_files(array)
+    keys = [tuple(int(c) for c in f.relative_to(root / name).parts[1:]) for f in chunk_files_in(root / name)]
+    if array.shards is None:
+        return keys
+    if not isinstance(direct, ShardFiles):
+        return []
+    stored = []
+    for shard in keys:
+        try:
+            stored.extend(direct.stored_chunks(shard))
+        except CorruptChunk:
+            continue
+    return stored
 
 
 def _complete_rows(name: str, dims: tuple[str, ...], flags: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -93,6 +118,7 @@ def missing_chunks(root: Path) -> list[str]:
         if complete is None:
             continue
         p_axis = dims.index("prompt")
+        present = set(stored_chunks(root, name, array)).__contains__
         chunks, grid = array.chunks, tuple(-(-s // c) for s, c in zip(array.shape, array.chunks, strict=True))
         if "token" in dims:
             t_axis = dims.index("token")
@@ -105,9 +131,9 @@ def missing_chunks(root: Path) -> list[str]:
             lead = tuple(min(c, n - 1) for c, n in zip(coords[:p_axis], complete.shape[:-1], strict=True))
             if not complete[(*lead, rows)].all():
                 continue
-            key = array.metadata.encode_chunk_key(coords)
-            if not (root / name / key).is_file():
-                missing.append(key)
+            if not present(coords):
+                missing.append(array.metadata.encode_chunk_key(coords) if array.shards is None
+                               else "inner chunk " + "/".join(map(str, coords)))
         if missing:
             problems.append(f"{name}: {len(missing)} chunk(s) of complete regions are missing (e.g. {missing[0]}); "
                             "they would read as padding")

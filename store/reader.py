@@ -165,12 +165,12 @@ class ArrayRegions:
         if self._array is None:
             import zarr
 
-            from store.chunk_io import ChunkFiles
             from store.location import zarr_store
+            from store.shard_io import direct_files
 
             group = zarr.open_group(store=zarr_store(self.path, self.storage_options, read_only=True), mode="r")
             self._array = group[self.name]
-            self._direct = ChunkFiles.for_array(self._array)
+            self._direct = direct_files(self._array)
         return self._array
 
     def read(self, index: tuple) -> np.ndarray:
@@ -252,12 +252,13 @@ def _skip_in(var: xr.DataArray, n_tokens_p: np.ndarray, regions: ArrayRegions | 
 
 
 def _direct_reader(group, name: str, path: Path) -> ArrayRegions | None:
-    """Chunk-file reads of the variable ``name`` when its codecs allow them (``store.chunk_io``) and xarray
-    decodes nothing (numbers and booleans: their fill value is what zarr reads too)."""
-    from store.chunk_io import ChunkFiles
+    """Chunk-file or shard reads of the variable ``name`` when its codecs allow them (``store.chunk_io``,
+    ``store.shard_io``) and xarray decodes nothing (numbers and booleans: their fill value is what zarr reads
+    too)."""
+    from store.shard_io import direct_files
 
     array = group[name]
-    if array.dtype.kind not in "fiub" or ChunkFiles.for_array(array) is None:
+    if array.dtype.kind not in "fiub" or direct_files(array) is None:
         return None
     return ArrayRegions(path, name)
 

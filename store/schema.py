@@ -18,9 +18,9 @@ import zarr
 from store.chunking import TARGET_CHUNK_BYTES, Chunking
 from store.units import CODECS, DEFAULT_CODEC
 
-FORMAT_VERSION = 3
-# format 1: prompts in source order, whole tokens per chunk; format 2: no chunk checksums
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# format 1: prompts in source order, whole tokens per chunk; format 2: no chunk checksums; format 3: unsharded
+READABLE_VERSIONS = (1, 2, 3, 4)
 FORMAT_ATTR = "resdiff_format_version"
 DIMS = ("pass_", "prompt", "layer", "token", "dim")
 LAYER_SEMANTICS = (
@@ -114,7 +114,7 @@ def build_template(
                     chunks=(1, cp, cl, ct, hidden))
     final = da.full((n_pass, n_prompts, n_tokens, hidden), np.nan, dtype=store_dtype,
                     chunks=(1, cp, ct, hidden))
-    done = da.zeros((n_pass, n_prompts), dtype=bool, chunks=(1, cp))
+    done = da.zeros((n_pass, n_prompts), dtype=bool, chunks=(1, chunking.shard or cp))
     coords = {
         "pass_": ("pass_", string_array([p["name"] for p in passes])),
         "model": ("pass_", string_array([p["llm"] for p in passes])),
@@ -163,10 +163,37 @@ def compressors(codec: str) -> list:
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = None) -> dict[str, dict]:
+# Written one pass at a time (the residual stage holds one model), so a shard of theirs holds one pass.
+PER_PASS = ("resid", "final")
+
+
+def shard_shapes(ds: xr.Dataset, chunks: dict[str, tuple[int, ...]], shard_prompts: int) -> dict[str, tuple]:
+    """Zarr shard shapes (format 4) of the per-position arrays (those with ``prompt`` and ``token``): a shard
+    holds ``shard_prompts`` prompts (one write group) and every inner chunk of theirs along the other axes
+    (one pass of :data:`PER_PASS` arrays), so that a group's write makes whole shards, each written once."""
+    out = {}
+    for name, var in ds.data_vars.items():
+        if name not in chunks or "prompt" not in var.dims or "token" not in var.dims or 0 in var.shape:
+            continue  # (an empty array, the pairs of a one-pass capture, has nothing to shard)
+        shape = []
+        for dim, size, chunk in zip(var.dims, var.shape, chunks[name], strict=True):
+            if dim == "prompt":
+                shape.append(shard_prompts)
+            elif dim == "pass_" and name in PER_PASS:
+                shape.append(chunk)
+            else:
+                shape.append(-(-size // chunk) * chunk)
+        out[name] = tuple(shape)
+    return out
+
+
+def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = None,
+             shards: dict | None = None) -> dict[str, dict]:
     """Per-variable Zarr encoding: ``codec`` for the data arrays, zstd for the small ones, a checksum for every
     array (coordinates included); ids of chunks never written (padding only) read as -1, like the padding
-    inside written chunks. ``chunks`` gives Zarr chunks where they differ from the variables' Dask chunks."""
+    inside written chunks. ``chunks`` gives Zarr chunks where they differ from the variables' Dask chunks,
+    ``shards`` Zarr shard shapes (:func:`shard_shapes`); the checksum then covers each inner chunk and each
+    shard's index."""
     out = {}
     for name, var in ds.variables.items():
         if var.ndim >= 3:
@@ -175,6 +202,8 @@ def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = N
             out[name] = {"compressors": compressors("zstd")}
         if chunks and name in chunks:
             out[name]["chunks"] = chunks[name]
+        if shards and name in shards:
+            out[name]["shards"] = shards[name]
     return out
 
 
@@ -214,13 +243,14 @@ _STAT_ATTRS = {
 def add_lens_variables(
     ds: xr.Dataset, *, pairs: list[tuple[str, str, str]], top_k: int, tracked_ids: list[int],
     tracked_strs: list[str], chunk_prompt: int, chunk_token: int | None = None,
-    lens_layers: list[int] | None = None,
+    lens_layers: list[int] | None = None, flag_chunk: int | None = None,
 ) -> xr.Dataset:
     """Add the (lazily empty) logit-lens statistics to a template.
 
     ``pairs`` are (name, left pass, right pass). Integer ids of unwritten regions read
     as 0: trust them only where ``lens_done`` is set. ``lens_layers`` (true layer numbers,
     default all) are the layers whose statistics are computed: the ``lens_layer`` coordinate.
+    ``flag_chunk``: prompts per chunk of ``lens_done`` (a write group: the shard rows of format 4).
     """
     n_pass, n_prompts = ds.sizes["pass_"], ds.sizes["prompt"]
     n_layers1, n_tokens = ds.sizes["layer"], ds.sizes["token"]
@@ -247,7 +277,7 @@ def add_lens_variables(
     for name, (lead, tail, dtype) in layout.items():
         dims, array = empty(lead, n_pass if lead == "pass_" else n_pair, tail, dtype)
         data[name] = (dims, array, _STAT_ATTRS[name])
-    data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=chunk_prompt),
+    data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=flag_chunk or chunk_prompt),
                          {"long_name": "lens statistics of this prompt fully written"})
     stored = [int(la) for la in ds.layer.values]
     chosen = set(stored if lens_layers is None else lens_layers)

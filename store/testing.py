@@ -43,7 +43,8 @@ def tiny_template(
 ) -> xr.Dataset:
     """A small template with the default four passes and made-up tokens.
 
-    ``chunking`` overrides the default tiles (``chunk_prompt`` prompts x all layers).
+    ``chunking`` overrides the default tiles (``chunk_prompt`` prompts x all layers); with a ``shard`` it makes
+    a sharded (format 4) store's template.
     """
     lengths = lengths or tuple(5 - (i % 3) for i in range(n_prompts))
     ids = [list(range(10, 10 + n)) for n in lengths]
@@ -51,7 +52,9 @@ def tiny_template(
         passes=list(STANDARD_PASSES), texts=[f"prompt {i}" for i in range(n_prompts)],
         token_ids=ids, token_pieces=[[f"t{i}" for i in row] for row in ids], n_layers1=n_layers1,
         hidden=hidden, store_dtype=store_dtype, chunking=chunking or Chunking(prompt=chunk_prompt, layer=n_layers1),
-        attrs={"pair_label": "synthetic"},
+        attrs={"pair_label": "synthetic", **({"chunking": {"prompt": chunking.prompt, "layer": chunking.layer,
+                                                          "token": chunking.token, "shard": chunking.shard}}
+                                            if chunking and chunking.shard else {})},
     )
 
 
@@ -65,7 +68,7 @@ def write_tiny_store(path: str | Path, seed: int = 0, **template_kwargs) -> Path
     writer = StoreWriter.create(path, template)
     rng = np.random.default_rng(seed)
     n_tok = template.sizes["token"]
-    chunk = template["resid"].data.chunksize[1]
+    chunk = template.attrs.get("chunking", {}).get("shard") or template["resid"].data.chunksize[1]  # write groups
     for p in range(template.sizes["pass_"]):
         for start in range(0, template.sizes["prompt"], chunk):
             rows = slice(start, min(start + chunk, template.sizes["prompt"]))

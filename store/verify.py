@@ -18,7 +18,7 @@ import zarr
 
 from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import CorruptChunk, ResdiffError
-from store.integrity import chunk_files_in, corrupt_chunks, missing_chunks
+from store.integrity import corrupt_chunks, missing_chunks, stored_chunks
 from store.location import is_url, normalize, xarray_kwargs, zarr_store
 from store.reader import check_store, has_consolidated_metadata, open_store, validate_opened
 from store.schema import DIMS
@@ -100,19 +100,22 @@ def _values(ds: xr.Dataset) -> list[str]:
 
 
 def _padding_chunks_written(path: Path, ds: xr.Dataset) -> list[str]:
-    """Chunk files of a local store that hold only padding: a sound capture never writes them."""
+    """Chunks of a local store that hold only padding: a sound capture never writes them."""
+    import zarr
+
     problems = []
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     n_tokens = ds.n_tokens.values.astype(int)
     for name, var in ds.data_vars.items():
         if "prompt" not in var.dims or "token" not in var.dims or var.chunks is None:
             continue
         p_axis, t_axis = var.dims.index("prompt"), var.dims.index("token")
         real = real_blocks(n_tokens, var.chunks[p_axis][0], var.chunks[t_axis][0], var.sizes["token"])
-        root = path / name / "c"
-        found = [f.relative_to(root).parts for f in chunk_files_in(path / name)]
-        bad = [key for key in found if len(key) == var.ndim and not real[int(key[p_axis]), int(key[t_axis])]]
+        found = stored_chunks(path, name, group[name])
+        bad = [key for key in found if len(key) == var.ndim and not real[key[p_axis], key[t_axis]]]
         if bad:
-            problems.append(f"{name}: {len(bad)} chunk(s) holding only padding were written (e.g. {'/'.join(bad[0])})")
+            problems.append(f"{name}: {len(bad)} chunk(s) holding only padding were written "
+                            f"(e.g. {'/'.join(map(str, bad[0]))})")
     return problems
 
 

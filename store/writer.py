@@ -36,7 +36,8 @@ from store.location import (
     xarray_kwargs,
     zarr_store,
 )
-from store.schema import FORMAT_ATTR, encoding
+from store.schema import FORMAT_ATTR, encoding, shard_shapes
+from store.shard_io import ShardFiles, direct_files
 from store.units import DEFAULT_CODEC
 
 
@@ -191,7 +192,7 @@ class StoreWriter:
         self.storage_options = storage_options
         self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
         self._n_tokens_p: np.ndarray | None = None
-        self._chunk_writers: dict[str, ChunkFiles | None] = {}
+        self._chunk_writers: dict[str, ChunkFiles | ShardFiles | None] = {}
 
     @classmethod
     def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None,
@@ -207,10 +208,12 @@ class StoreWriter:
         path = normalize(path)
         if is_url(path):
             return cls._create_in_place(path, template, storage_options, codec)
+        shard = template.attrs.get("chunking", {}).get("shard")
         template, chunks = _one_task_per_array(template)
+        shards = shard_shapes(template, chunks, shard) if shard else None
         with atomic_output(path, suffix=".creating", unique=True) as staging:
-            template.to_zarr(str(staging), mode="w-", compute=False, encoding=encoding(template, codec, chunks),
-                              consolidated=False)
+            template.to_zarr(str(staging), mode="w-", compute=False,
+                             encoding=encoding(template, codec, chunks, shards), consolidated=False)
             consolidate(staging)
         return cls(path)
 
@@ -273,23 +276,31 @@ class StoreWriter:
         array = self.group[name]
         dims = array.metadata.dimension_names
         prompt_axis, token_axis = dims.index("prompt"), dims.index("token")
+        regions = []
         for rows, extent in self.chunk_extents(prompts, name):
             where = [*lead, *(slice(None),) * (len(dims) - len(lead))]
             where[prompt_axis], where[token_axis] = rows, slice(0, extent)
             local = slice(rows.start - prompts.start, rows.stop - prompts.start)
             pick = [local if axis == prompt_axis else index for axis, index in enumerate(where)
                     if not isinstance(index, (int, np.integer))]
-            self._write_aligned(name, array, tuple(where), values[tuple(pick)])
+            regions.append((tuple(where), values[tuple(pick)]))
+        direct = self._direct(name, array)
+        whole = [*lead, *(slice(None),) * (len(dims) - len(lead))]
+        whole[prompt_axis] = prompts
+        if isinstance(direct, ShardFiles) and direct.covers(tuple(whole)):
+            direct.write_shards(regions)  # the group's shards, each built whole and written once
+            return
+        for where, part in regions:
+            if direct is not None and not isinstance(direct, ShardFiles) and direct.aligned(where):
+                direct.write(where, part)
+            else:  # zarr: another layout, or a region that is not whole shards (zarr reads and rewrites them)
+                array[where] = part.astype(array.dtype, copy=False)
 
-    def _write_aligned(self, name: str, array: zarr.Array, where: tuple, values: np.ndarray) -> None:
-        """Write a chunk-aligned region: chunk files directly where :mod:`store.chunk_io` can, else zarr."""
+    def _direct(self, name: str, array: zarr.Array) -> ChunkFiles | ShardFiles | None:
+        """The direct chunk or shard writer of ``name`` (:mod:`store.chunk_io`, :mod:`store.shard_io`)."""
         if name not in self._chunk_writers:
-            self._chunk_writers[name] = ChunkFiles.for_array(array)
-        direct = self._chunk_writers[name]
-        if direct is not None and direct.aligned(where):
-            direct.write(where, values)
-        else:
-            array[where] = values.astype(array.dtype, copy=False)
+            self._chunk_writers[name] = direct_files(array)
+        return self._chunk_writers[name]
 
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
         """Write one pass x prompt-group region, then flag it done."""

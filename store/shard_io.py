@@ -1,0 +1,250 @@
+"""Reading and writing whole shards of a local store directly: the capture's hot path for format 4.
+
+A sharded array (Zarr v3 ``sharding_indexed``) stores many inner chunks in one file per
+shard: the chunks' encoded bytes one after another, then an index of ``(offset, nbytes)``
+per inner chunk in C order (``2**64 - 1`` twice for an absent chunk), as little-endian
+uint64 followed by its crc32c. A capture writes a shard only whole (a write group is a
+shard row along ``prompt``), so a shard is built in memory and written in one atomic
+rename, never read and rewritten. Inner chunks are encoded as :class:`~store.chunk_io.ChunkFiles`
+encodes chunk files (the same codecs, the fill value's chunks left out), so zarr and
+tensorstore read these shards as their own (tested).
+
+Reading any region reads each touched shard's index once (kept while the file is
+unchanged) and then only the inner chunks it needs, decoded on the chunk threads.
+A damaged index or inner chunk raises :class:`~store.errors.CorruptChunk` naming the
+shard and the inner chunk.
+
+Axes of the bookkeeping arrays: ``index_n2`` is (inner chunk in C order, offset/nbytes).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import defaultdict
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store.chunk_io import ChunkFiles, _codecs, _crc32c, _threads
+from store.errors import CorruptChunk
+
+EMPTY = np.uint64(2**64 - 1)
+
+
+def _index_codecs_ok(codec) -> bool:
+    """Whether the shard index is what this module reads: little-endian bytes then crc32c, at the end."""
+    index = list(codec.index_codecs)
+    return (len(index) == 2 and isinstance(index[0], zarr.codecs.BytesCodec)
+            and (index[0].endian is None or index[0].endian.value == "little")
+            and isinstance(index[1], zarr.codecs.Crc32cCodec) and codec.index_location.value == "end")
+
+
+class ShardFiles:
+    """Direct whole-shard writes and region reads for one sharded array of a local store.
+
+    Build with :meth:`for_array`, which returns None where zarr must write (and read) instead.
+    """
+
+    def __init__(self, directory: Path, array: zarr.Array, inner: ChunkFiles) -> None:
+        self.directory, self.inner, self.name = directory, inner, inner.name
+        self.shape, self.chunks, self.shards = array.shape, array.chunks, array.shards
+        self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
+        self.n_inner = int(np.prod(self.per_shard, dtype=np.int64))
+        self.index_size = 16 * self.n_inner + 4
+        self.encode_key = array.metadata.encode_chunk_key  # keys of the shard grid
+        self._indexes: dict[tuple, tuple[tuple, np.ndarray | None]] = {}
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> ShardFiles | None:
+        store, meta = array.store_path.store, array.metadata
+        if not isinstance(store, zarr.storage.LocalStore) or meta.zarr_format != 3 or array.shards is None:
+            return None
+        if not isinstance(meta.chunk_key_encoding, zarr.core.chunk_key_encodings.DefaultChunkKeyEncoding):
+            return None
+        sharding = meta.codecs[0]
+        if len(meta.codecs) != 1 or not isinstance(sharding, zarr.codecs.ShardingCodec) \
+                or not _index_codecs_ok(sharding):
+            return None
+        codecs = _codecs(sharding.codecs)
+        if codecs is None or np.dtype(array.dtype).kind not in "fiub":
+            return None
+        directory = Path(store.root) / array.store_path.path
+        return cls(directory, array, ChunkFiles(directory, array, *codecs))
+
+    # -- layout --------------------------------------------------------------------------------------
+
+    def shard_of(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+        """The shard holding inner chunk ``coords`` and the chunk's place in that shard's index."""
+        shard = tuple(c // n for c, n in zip(coords, self.per_shard, strict=True))
+        local = tuple(c % n for c, n in zip(coords, self.per_shard, strict=True))
+        return shard, int(np.ravel_multi_index(local, self.per_shard))
+
+    def covers(self, where: tuple) -> bool:
+        """Whether ``where`` (ints and slices, one per axis) spans whole shards along every axis, counting a
+        shard cut by the array's end as whole: what :meth:`write_shards` requires of its regions' union."""
+        for index, size, shard in zip(where, self.shape, self.shards, strict=True):
+            if isinstance(index, slice):
+                start, stop, step = index.indices(size)
+                if step != 1 or start % shard or (stop % shard and stop != size):
+                    return False
+            elif shard != 1:
+                return False
+        return True
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
+        """The ``index_n2`` of a shard (None: no file, every chunk is the fill value); CorruptChunk when its
+        checksum fails or an entry points outside the file. Kept while the file is unchanged."""
+        key = self.encode_key(shard)
+        path = self.directory / key
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._indexes.get(shard)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        with open(path, "rb") as f:
+            if stat.st_size < self.index_size:
+                raise self._corrupt(key, "the file is shorter than its shard index")
+            f.seek(stat.st_size - self.index_size)
+            raw = f.read(self.index_size)
+        if _crc32c(memoryview(raw)[:-4]) != raw[-4:]:
+            raise self._corrupt(key, "its shard index checksum does not match its bytes")
+        index_n2 = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+        stored = index_n2[:, 0] != EMPTY
+        ends = index_n2[stored, 0] + index_n2[stored, 1]
+        if stored.any() and int(ends.max()) > stat.st_size - self.index_size:
+            raise self._corrupt(key, "its shard index points past the file's end")
+        self._indexes[shard] = (stamp, index_n2)
+        return index_n2
+
+    def _corrupt(self, key: str, reason: str) -> CorruptChunk:
+        return CorruptChunk(path=self.directory.parent, key=key, array=self.name, reason=reason)
+
+    def stored_chunks(self, shard: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The inner chunk coordinates a shard's file holds."""
+        index_n2 = self.shard_index(shard)
+        if index_n2 is None:
+            return []
+        base = tuple(s * n for s, n in zip(shard, self.per_shard, strict=True))
+        local_cn = np.stack(np.unravel_index(np.flatnonzero(index_n2[:, 0] != EMPTY), self.per_shard), axis=1)
+        return [tuple(int(v) for v in row) for row in local_cn + np.asarray(base, dtype=np.int64)]
+
+    def decode_shard(self, shard: tuple[int, ...]) -> int:
+        """Decode every inner chunk of a shard (its checksums included); the number of chunks decoded."""
+        key = self.encode_key(shard)
+        index_n2 = self.shard_index(shard)
+        if index_n2 is None:
+            return 0
+        data = (self.directory / key).read_bytes()
+        stored = np.flatnonzero(index_n2[:, 0] != EMPTY)
+        for flat in stored:
+            offset, nbytes = (int(v) for v in index_n2[flat])
+            self.inner.decode(data[offset:offset + nbytes], f"{key} (inner chunk {flat})")
+        return len(stored)
+
+    def _get(self, fd: int, key: str, entry: tuple[int, int] | None, out: np.ndarray, inside: tuple,
+             flat: int) -> None:
+        if entry is None:
+            out.fill(self.inner.fill)
+            return
+        offset, nbytes = entry
+        data = os.pread(fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise self._corrupt(key, f"inner chunk {flat} is cut short")
+        out[...] = self.inner.decode(data, f"{key} (inner chunk {flat})")[inside]
+
+    def readable(self, where: tuple) -> bool:
+        return self.inner.readable(where)
+
+    def read(self, where: tuple) -> np.ndarray:
+        """The region ``where`` (slices of step 1, one per axis), read inner chunk by inner chunk."""
+        axes = self.inner._pieces(where)
+        out = np.empty(tuple(pieces[-1][1].stop if pieces else 0 for pieces in axes), self.inner.dtype)
+        fds: dict[tuple, int] = {}
+        indexes: dict[tuple, np.ndarray | None] = {}  # each touched shard's index, looked up once per read
+        jobs = []
+        try:
+            for combo in product(*axes):
+                shard, flat = self.shard_of(tuple(c for c, _, _ in combo))
+                if shard not in indexes:
+                    indexes[shard] = self.shard_index(shard)
+                index_n2 = indexes[shard]
+                entry = None
+                if index_n2 is not None and index_n2[flat, 0] != EMPTY:
+                    entry = (int(index_n2[flat, 0]), int(index_n2[flat, 1]))
+                    if shard not in fds:
+                        fds[shard] = os.open(self.directory / self.encode_key(shard), os.O_RDONLY)
+                jobs.append(_threads().submit(self._get, fds.get(shard, -1), self.encode_key(shard), entry,
+                                              out[tuple(o for _, o, _ in combo)], tuple(i for _, _, i in combo),
+                                              flat))
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:
+                job.cancel()
+            for job in jobs:
+                if not job.cancelled():
+                    job.exception()  # wait: no thread may read an fd closed below
+            for fd in fds.values():
+                os.close(fd)
+        return out
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def write_shards(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
+        """Write whole shards from ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned):
+        every shard they touch is replaced by one holding exactly their inner chunks (those equal to the fill
+        value left out; a shard with none is removed). The caller makes their union cover each touched shard
+        (:meth:`covers`): an inner chunk no region gives is absent afterwards."""
+        encoded: dict[tuple, dict[int, object]] = defaultdict(dict)
+        jobs = []
+        for where, values in regions:
+            int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
+            for combo in product(*self.inner._pieces(where)):
+                coords = tuple(c for c, _, _ in combo)
+                block = np.expand_dims(values[tuple(s for _, s, _ in combo if s is not None)], int_axes)
+                jobs.append((self.shard_of(coords), _threads().submit(self.inner.encode, block)))
+        touched = []
+        for (shard, flat), job in jobs:
+            if shard not in encoded:
+                touched.append(shard)
+            encoded[shard][flat] = job.result()
+        writes = [_threads().submit(self._put_shard, shard, encoded[shard]) for shard in touched]
+        for job in writes:
+            job.result()
+
+    def _put_shard(self, shard: tuple[int, ...], chunks: dict[int, object]) -> None:
+        path = self.directory / self.encode_key(shard)
+        stored = {flat: data for flat, data in chunks.items() if data is not None}
+        if not stored:
+            path.unlink(missing_ok=True)
+            return
+        index_n2 = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
+        offset = 0
+        for flat in sorted(stored):
+            index_n2[flat] = (offset, len(stored[flat]))
+            offset += len(stored[flat])
+        index = index_n2.tobytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        with open(partial, "wb") as f:
+            for flat in sorted(stored):
+                f.write(stored[flat])
+            f.write(index)
+            f.write(_crc32c(index))
+        os.replace(partial, path)
+        self._indexes.pop(shard, None)
+
+
+def direct_files(array: zarr.Array) -> ChunkFiles | ShardFiles | None:
+    """The direct reader and writer of ``array``: chunk files, whole shards, or None (zarr's own path)."""
+    if array.shards is not None:
+        return ShardFiles.for_array(array)
+    return ChunkFiles.for_array(array)
