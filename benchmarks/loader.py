@@ -13,7 +13,7 @@ not counted:
 Target loader / raw throughput >= 0.7, from a local path and from an fsspec URL
 (``memory://``, the same store copied into fsspec's in-memory file system).
 
-    python benchmarks/loader.py --prompts 400 --repeat 3
+    python benchmarks/loader.py --prompts 400 --repeat 3 [--layout chunks]
 """
 
 from __future__ import annotations
@@ -33,14 +33,19 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import emit_report, machine  # noqa: E402
 
 
-def build(path: Path, n_prompts: int) -> Path:
-    from store.chunking import choose_chunking
+def build(path: Path, n_prompts: int, layout: str = "shards") -> Path:
+    """The synthetic store: chunk files (format 3's layout) or shards as a capture makes them (format 4)."""
+    from dataclasses import replace
+
+    from store.chunking import choose_chunking, shard_prompts
     from store.testing import write_tiny_store
 
     if (path / "zarr.json").exists():
         return path
     lengths = tuple(sorted(np.random.default_rng(0).integers(20, 401, n_prompts).tolist(), reverse=True))
     chunking = choose_chunking(list(lengths), 13, 768, 2)
+    if layout == "shards":  # as capture --no-lens sizes them: its write buffers of one pass, 3 x 14 x 768 x 2
+        chunking = replace(chunking, shard=shard_prompts(lengths, chunking, 3 * 14 * 768 * 2))
     return write_tiny_store(path, n_prompts=n_prompts, n_layers1=13, hidden=768, lengths=lengths,
                             store_dtype="float16", chunking=chunking)
 
@@ -82,13 +87,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--store-dir", default=None, help="keep the synthetic store here between runs")
+    parser.add_argument("--layout", choices=("shards", "chunks"), default="shards",
+                        help="the store's layout: shards (format 4, what capture writes) or chunk files (format 3)")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args()
     from analysis import activation_loader
 
     work = Path(args.store_dir or tempfile.mkdtemp(prefix="resdiff-loader-"))
-    path = build(work / f"loader-{args.prompts}.zarr", args.prompts)
-    report: dict = {"machine": machine(), "prompts": args.prompts}
+    path = build(work / f"loader-{args.prompts}-{args.layout}.zarr", args.prompts, args.layout)
+    report: dict = {"machine": machine(), "prompts": args.prompts, "layout": args.layout,
+                    "files": sum(1 for f in path.rglob("*") if f.is_file())}
     for where, store in (("local", path), ("memory://", to_memory(path))):
         loader = activation_loader(store, layer=6, passes=("BB", "SS"), batch_size=4096, shuffle_buffer="256MiB")
         runs = {"raw": [], "loader": []}
