@@ -1,9 +1,10 @@
 """Capture on a dask.distributed cluster: chunk-aligned tasks, models resident on the workers.
 
 The coordinator (the process running ``capture``) writes the template and, for each
-LLM in schedule order, submits one task per write group still to do. A task runs that
-LLM's passes over its group and writes the regions, with their done flags, straight
-into the shared store; groups are whole store chunks, so no two tasks touch a chunk.
+LLM in schedule order, submits one task per shard row (format 4; per write group in an
+unsharded store) still to do. A task runs that LLM's passes over its row, group by group,
+and writes the row's shards whole, with their done flags, straight into the shared store;
+no two tasks touch a shard or a flag chunk.
 Each worker keeps the model it last loaded (and the other model's input embedding) in
 a worker plugin (:class:`ResidentModel`), so it loads each model once per phase however
 many tasks it runs; unregistering the plugin at the end frees it.
@@ -29,6 +30,7 @@ from capture.prepare import Prepared, pad_id_of
 from capture.prompts import TokenizedPrompts
 from capture.residency import residency_schedule
 from capture.runner import StoredWindow, run_passes
+from store.chunking import shard_rows, store_groups
 from store.location import STORAGE_OPTIONS
 from store.writer import StoreWriter
 
@@ -113,9 +115,13 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
                   resident.embedding_for(ref, task, device) for source, ref in task.embedding_refs.items()}
     writer = StoreWriter(task.store, task.storage_options)
     done_pp = writer.done_pp()
+    lengths = [len(ids) for ids in task.ids[task.group]]
+    groups = [slice(g.start + task.group.start, g.stop + task.group.start)  # in order: the row's last one writes it
+              for g in store_groups(lengths, {**writer.attrs["chunking"], "shard": None}, task.batch_size,
+                                    task.batch_tokens)]
     tokens = 0
     for captured in run_passes(
-        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), [task.group], task.window,
+        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), groups, task.window,
         batch_size=task.batch_size, batch_tokens=task.batch_tokens, max_padding=task.max_padding,
         token_extent=writer.group_extent,
         out_dtype=DTYPES[task.store_dtype],
@@ -127,7 +133,8 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
 
 
 def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[slice], bar, log=print) -> None:
-    """Capture every region not yet done on the cluster named by ``prep.settings``."""
+    """Capture every region not yet done on the cluster named by ``prep.settings``: one task per shard row (a
+    task writes its row's shards whole; format 4) or per write group (``groups``) of an unsharded store."""
     from store.cluster import connect
 
     settings, resolved, passes = prep.settings, prep.resolved, prep.passes
@@ -141,6 +148,8 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
         n_workers = len(client.scheduler_info()["workers"])
         log(f"capturing on dask.distributed at {client.scheduler.address} ({n_workers} workers)")
         done_pp = writer.done_pp()
+        if writer.attrs["chunking"].get("shard"):
+            groups = shard_rows(len(prep.tokenized.ids), writer.attrs["chunking"])
         loads, tasks_run = 0, []
         for step in residency_schedule(passes):
             llm, pass_indices = step.llm, step.passes

@@ -154,9 +154,11 @@ def write_lens_statistics(
                     arrays[name] = np.full((*block.shape[:2], group.stop - group.start, *block.shape[3:]), fill,
                                            dtype=block.dtype)
                 arrays[name][:, :, part.start - group.start:part.stop - group.start] = block
+        complete: list[slice] = []
         for index, (name, values) in enumerate(arrays.items()):
-            writer.write_staircase(name, (slice(None), slice(None)), group, values)
+            complete = writer.write_staircase(name, (slice(None), slice(None)), group, values)
             if index == 0:
                 fault_point("lens")  # testing hook: a crash between a group's arrays and its lens_done flag
-        root["lens_done"][group] = True
+        for rows in complete:  # the group, or the shard rows it completes (format 4)
+            root["lens_done"][rows] = True
         on_group(group)

@@ -23,6 +23,7 @@ from capture.budget import (
     process_baseline,
     resident_embedding,
     resident_weights,
+    statistics_bytes_per_position,
     statistics_working_set,
 )
 from capture.lens_stage import statistics_blocks
@@ -124,6 +125,7 @@ class _Shapes:
     batches: list[tuple[int, int]]
     group: tuple[int, int]
     kept_layers: int
+    row: tuple[int, int] = (0, 0)  # the largest shard row (prompts, token extent); (0, 0) unsharded
 
 
 def _groups_and_batches(prep: Prepared) -> tuple[list[slice], list[tuple[int, int]]]:
@@ -146,7 +148,11 @@ def _shapes(prep: Prepared) -> _Shapes:
     extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
                                       for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))
                for g in groups]
-    return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers))
+    row = (0, 0)
+    if prep.chunking.shard:  # prompts are longest first: the first row is the largest
+        first = slice(0, min(prep.chunking.shard, len(lengths)))
+        row = (first.stop, token_extent(stored, first, prep.chunking.token, n_tokens))
+    return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers), row)
 
 
 def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, shapes: _Shapes) -> list[PlanStep]:
@@ -181,6 +187,9 @@ def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool
                                                             shapes.kept_layers) for rows, tokens in shapes.batches)
         if on_cpu:
             step.parts["write buffers"] = group_buffers(fp, *shapes.group, out_itemsize, shapes.kept_layers)
+            # resid and final shards of one pass's row, assembled until its last group (at most their raw bytes)
+            step.parts["shards being assembled"] = group_buffers(fp, *shapes.row, out_itemsize,
+                                                                 shapes.kept_layers) // 3
             step.parts["runtime slack"] = CPU_RUNTIME_SLACK
         steps.append(step)
     return steps
@@ -194,6 +203,10 @@ def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, shapes: _
         fp, len(prep.passes), len(prep.pass_pairs), *shapes.group, store_itemsize, prep.fingerprint["top_k"],
         len(prep.tracked[0]), *statistics_blocks(prep.resolved.device), kept_layers=shapes.kept_layers)
     if on_cpu:
+        rows, extent = shapes.row
+        work["shards being assembled"] = rows * extent * len(prep.fingerprint["lens_layers"]) * \
+            statistics_bytes_per_position(len(prep.passes), len(prep.pass_pairs), prep.fingerprint["top_k"],
+                                          len(prep.tracked[0]))
         work["runtime slack"] = CPU_RUNTIME_SLACK
     else:  # residuals and results stay in host memory; the device holds one block
         work = {"logits": work["logits"]}

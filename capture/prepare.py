@@ -150,7 +150,7 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     }
     path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
     if not is_url(path):  # object stores hold many objects well and a shard there is rewritten per write
-        per_position = max(3 * (len(layers) + 1) * hidden * itemsize,  # write buffers of one pass (budget)
+        per_position = max((len(layers) + 1) * hidden * itemsize,  # resid and final of one pass
                            statistics_bytes_per_position(len(passes), len(pass_pairs), fingerprint["top_k"],
                                                          len(tracked[0])) * len(lens_layers) * settings.lens)
         chunking = replace(chunking, shard=shard_prompts(window.lengths, chunking, per_position))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TARGET_CHUNK_BYTES = 16 * 2**20
-SHARD_TARGET_BYTES = 256 * 2**20  # in memory, for the largest write group (format 4: a group is a shard row)
+SHARD_TARGET_BYTES = 256 * 2**20  # one array's shard row before compression (format 4), assembled in memory
 MAX_WASTE = 1.1  # stored bytes (chunks with real tokens) / real-token bytes
 MIN_TOKEN_CHUNK = 8
 
@@ -90,10 +90,10 @@ def choose_chunking(
 
 def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, bytes_per_position: int,
                   target_bytes: int = SHARD_TARGET_BYTES) -> int:
-    """Prompts per shard: whole prompt chunks, as many as keep the largest write group within ``target_bytes``
-    in memory (its prompts x its longest prompt's stored token extent x ``bytes_per_position``; prompts are
-    longest first, so the first group is the largest). Every array of a store is sharded along ``prompt``
-    alike, and a write group is one shard row, so each shard is written once, whole.
+    """Prompts per shard: whole prompt chunks, as many as keep the largest shard row of one array within
+    ``target_bytes`` before compression (its prompts x its longest prompt's stored token extent x
+    ``bytes_per_position``; prompts are longest first, so the first row is the largest). Every array of a store
+    is sharded along ``prompt`` alike; a shard row is written once, whole, when its last write group is.
 
     >>> shard_prompts([100] * 50 + [10] * 50, Chunking(prompt=4, layer=3, token=8), 2**16, 2**24)
     4
@@ -107,12 +107,22 @@ def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, byte
     return int(min(prompts, -(-len(lengths_desc) // chunking.prompt) * chunking.prompt))  # whole chunks
 
 
+def shard_rows(n_prompts: int, chunking: dict) -> list[slice]:
+    """The prompt ranges of a store's shard rows (format 4); one row per prompt chunk in an unsharded store."""
+    return chunk_slices(n_prompts, int(chunking.get("shard") or chunking["prompt"]))
+
+
 def store_groups(lengths_desc: list[int], chunking: dict, batch_size: int, batch_tokens: int) -> list[slice]:
-    """The write groups of a store whose attributes record ``chunking``: shard rows (format 4), else
-    :func:`write_groups` (stores of earlier formats, resumed)."""
-    if chunking.get("shard"):
-        return chunk_slices(len(lengths_desc), int(chunking["shard"]))
-    return write_groups(lengths_desc, int(chunking["prompt"]), batch_size, batch_tokens)
+    """The write groups of a store whose attributes record ``chunking``: :func:`write_groups` within each shard
+    row (format 4: no group crosses a row's end, so a row is complete when its last group is written), else over
+    the whole store (stores of earlier formats, resumed)."""
+    if not chunking.get("shard"):
+        return write_groups(lengths_desc, int(chunking["prompt"]), batch_size, batch_tokens)
+    groups = []
+    for row in shard_rows(len(lengths_desc), chunking):
+        inside = write_groups(lengths_desc[row], int(chunking["prompt"]), batch_size, batch_tokens)
+        groups += [slice(g.start + row.start, g.stop + row.start) for g in inside]
+    return groups
 
 
 def write_groups(lengths_desc: list[int], chunk_prompt: int, batch_size: int, batch_tokens: int) -> list[slice]:

@@ -3,9 +3,11 @@
 A sharded array (Zarr v3 ``sharding_indexed``) stores many inner chunks in one file per
 shard: the chunks' encoded bytes one after another, then an index of ``(offset, nbytes)``
 per inner chunk in C order (``2**64 - 1`` twice for an absent chunk), as little-endian
-uint64 followed by its crc32c. A capture writes a shard only whole (a write group is a
-shard row along ``prompt``), so a shard is built in memory and written in one atomic
-rename, never read and rewritten. Inner chunks are encoded as :class:`~store.chunk_io.ChunkFiles`
+uint64 followed by its crc32c. A capture writes a shard only whole: the write groups of a
+shard row (along ``prompt``) add their encoded inner chunks to it in memory (:meth:`ShardFiles.add`),
+and the row's last group writes it (:meth:`ShardFiles.flush`) in one atomic rename; a shard is
+never read and rewritten. A run killed before a row's end loses only that row (its ``done``
+flags are set after the flush, so it is computed again). Inner chunks are encoded as :class:`~store.chunk_io.ChunkFiles`
 encodes chunk files (the same codecs, the fill value's chunks left out), so zarr and
 tensorstore read these shards as their own (tested).
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import defaultdict
 from itertools import product
 from pathlib import Path
 
@@ -55,7 +56,10 @@ class ShardFiles:
         self.n_inner = int(np.prod(self.per_shard, dtype=np.int64))
         self.index_size = 16 * self.n_inner + 4
         self.encode_key = array.metadata.encode_chunk_key  # keys of the shard grid
+        self.prompt_axis = tuple(array.metadata.dimension_names or ()).index("prompt") \
+            if "prompt" in (array.metadata.dimension_names or ()) else 0
         self._indexes: dict[tuple, tuple[tuple, np.ndarray | None]] = {}
+        self._pending: dict[tuple, dict[int, bytes]] = {}  # shards being assembled: inner chunk -> its bytes
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> ShardFiles | None:
@@ -198,12 +202,10 @@ class ShardFiles:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def write_shards(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
-        """Write whole shards from ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned):
-        every shard they touch is replaced by one holding exactly their inner chunks (those equal to the fill
-        value left out; a shard with none is removed). The caller makes their union cover each touched shard
-        (:meth:`covers`): an inner chunk no region gives is absent afterwards."""
-        encoded: dict[tuple, dict[int, object]] = defaultdict(dict)
+    def add(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
+        """Encode the inner chunks of ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned)
+        into the shards being assembled, on the chunk threads; nothing is written until :meth:`flush`. An inner
+        chunk equal to the fill value is left out (and replaces one added before)."""
         jobs = []
         for where, values in regions:
             int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
@@ -211,14 +213,37 @@ class ShardFiles:
                 coords = tuple(c for c, _, _ in combo)
                 block = np.expand_dims(values[tuple(s for _, s, _ in combo if s is not None)], int_axes)
                 jobs.append((self.shard_of(coords), _threads().submit(self.inner.encode, block)))
-        touched = []
         for (shard, flat), job in jobs:
-            if shard not in encoded:
-                touched.append(shard)
-            encoded[shard][flat] = job.result()
-        writes = [_threads().submit(self._put_shard, shard, encoded[shard]) for shard in touched]
+            data = job.result()
+            chunks = self._pending.setdefault(shard, {})
+            if data is None:
+                chunks.pop(flat, None)
+            else:
+                chunks[flat] = data
+
+    def flush(self, prompt_row: int | None = None) -> None:
+        """Write the shards assembled so far (those of shard row ``prompt_row`` along ``prompt``, or all): each
+        replaces its file whole, holding exactly the inner chunks added (a shard with none is removed)."""
+        shards = [s for s in self._pending if prompt_row is None or s[self.prompt_axis] == prompt_row]
+        writes = [_threads().submit(self._put_shard, shard, self._pending.pop(shard)) for shard in shards]
         for job in writes:
             job.result()
+
+    def discard(self) -> None:
+        """Forget the shards being assembled (a failed write group: its row is computed again)."""
+        self._pending.clear()
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(len(data) for chunks in self._pending.values() for data in chunks.values())
+
+    def write_shards(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
+        """Write whole shards from ``regions`` at once (:meth:`add`, then :meth:`flush` of those they touch);
+        the caller makes their union cover each touched shard (:meth:`covers`)."""
+        before = set(self._pending)
+        self.add(regions)
+        for shard in [s for s in self._pending if s not in before]:
+            self._put_shard(shard, self._pending.pop(shard))
 
     def _put_shard(self, shard: tuple[int, ...], chunks: dict[int, object]) -> None:
         path = self.directory / self.encode_key(shard)

@@ -266,12 +266,14 @@ class StoreWriter:
         """Token positions a buffer for ``prompts`` must cover (the largest of its chunks' extents)."""
         return max(extent for _, extent in self.chunk_extents(prompts))
 
-    def write_staircase(self, name: str, lead: tuple, prompts: slice, values: np.ndarray) -> None:
+    def write_staircase(self, name: str, lead: tuple, prompts: slice, values: np.ndarray) -> list[slice]:
         """Write ``values`` into ``name`` at ``lead`` (indices of the axes before ``prompt``) and ``prompts``,
         chunk by chunk, only the token positions :meth:`chunk_extents` stores.
 
         ``values`` has the variable's axes except those ``lead`` indexes with an integer;
         its prompt axis covers ``prompts`` and its token axis at least the stored extent.
+        Returns the prompt ranges now complete on disk: ``prompts``, or in a sharded array (format 4) the shard
+        rows this write group completes (their earlier groups wait, encoded, in memory until then).
         """
         array = self.group[name]
         dims = array.metadata.dimension_names
@@ -285,16 +287,28 @@ class StoreWriter:
                     if not isinstance(index, (int, np.integer))]
             regions.append((tuple(where), values[tuple(pick)]))
         direct = self._direct(name, array)
-        whole = [*lead, *(slice(None),) * (len(dims) - len(lead))]
-        whole[prompt_axis] = prompts
-        if isinstance(direct, ShardFiles) and direct.covers(tuple(whole)):
-            direct.write_shards(regions)  # the group's shards, each built whole and written once
-            return
+        if isinstance(direct, ShardFiles):
+            direct.add(regions)
+            complete = self._rows_completed(array, prompts)
+            for index, _ in complete:  # a row's last write group: its shards are written, each whole, once
+                direct.flush(index)
+            return [rows for _, rows in complete]
         for where, part in regions:
-            if direct is not None and not isinstance(direct, ShardFiles) and direct.aligned(where):
+            if direct is not None and direct.aligned(where):
                 direct.write(where, part)
-            else:  # zarr: another layout, or a region that is not whole shards (zarr reads and rewrites them)
+            else:  # zarr: another layout or codec (a sharded one reads and rewrites its shards)
                 array[where] = part.astype(array.dtype, copy=False)
+        return [prompts]
+
+    @staticmethod
+    def _rows_completed(array: zarr.Array, prompts: slice) -> list[tuple[int, slice]]:
+        """The shard rows (index, prompt range) that end within ``prompts``: complete once it is written, as
+        write groups are written in order and never cross a row's end (``store.chunking.store_groups``)."""
+        axis = array.metadata.dimension_names.index("prompt")
+        size, n = array.shards[axis], array.shape[axis]
+        rows = [(r, slice(r * size, min((r + 1) * size, n)))
+                for r in range(prompts.start // size, -(-prompts.stop // size))]
+        return [(r, span) for r, span in rows if span.stop <= prompts.stop]
 
     def _direct(self, name: str, array: zarr.Array) -> ChunkFiles | ShardFiles | None:
         """The direct chunk or shard writer of ``name`` (:mod:`store.chunk_io`, :mod:`store.shard_io`)."""
@@ -303,11 +317,12 @@ class StoreWriter:
         return self._chunk_writers[name]
 
     def write_region(self, pass_index: int, prompts: slice, resid_gltd: np.ndarray, final_gtd: np.ndarray) -> None:
-        """Write one pass x prompt-group region, then flag it done."""
+        """Write one pass x write-group region, then flag done what is complete on disk (the group, or in a
+        sharded store the shard rows it completes)."""
         self.write_staircase("resid", (pass_index,), prompts, resid_gltd)
         fault_point("region")  # a crash here leaves data without its done flag: rewritten on resume
-        self.write_staircase("final", (pass_index,), prompts, final_gtd)
-        self.group["done"][pass_index, prompts] = True
+        for rows in self.write_staircase("final", (pass_index,), prompts, final_gtd):
+            self.group["done"][pass_index, rows] = True
 
     def write_saved_lens(self, source: int, weight_vd, bias_v, norm_weight_d, norm_bias_d) -> None:
         """Write one unembedding's parameters (``--save-lens``)."""

@@ -105,23 +105,33 @@ def test_a_deleted_shard_is_missing_not_padding(tmp_path):
     assert any(line.startswith("resid:") and "missing" in line for line in problems), problems
 
 
-def test_writes_that_are_not_whole_shards_go_through_zarr(tmp_path):
-    """A region smaller than its shard (not what a capture writes) is still written right: zarr reads the
-    shard and rewrites it, keeping the chunks written before."""
+def test_a_shard_row_is_written_once_when_its_last_write_group_is(tmp_path):
+    """Write groups smaller than a shard row wait, encoded, in memory; the row's last group writes its shards and
+    only then are the row's done flags set (a run killed before loses the row, never half of one)."""
     from store.testing import tiny_template
 
     template = tiny_template(chunking=Chunking(prompt=2, layer=3, token=4, shard=4), **KW)
-    writer = StoreWriter.create(tmp_path / "s.zarr", template)
+    path = tmp_path / "s.zarr"
+    writer = StoreWriter.create(path, template)
     rng = np.random.default_rng(0)
     want = np.full((4, 3, 9, 8), np.nan, dtype=np.float32)
     for rows in (slice(0, 2), slice(2, 4)):
+        assert chunk_files(path, "resid") == [] and not writer.done_pp()[0, :4].any()
         resid = rng.standard_normal((2, 3, 9, 8), dtype=np.float32)
         for i, n in enumerate(LENGTHS[rows]):
             resid[i, :, n:] = np.nan
         want[rows] = resid
         writer.write_region(0, rows, resid, resid[:, 0])
-    got = xr.open_zarr(tmp_path / "s.zarr").resid.isel(pass_=0, prompt=slice(0, 4)).values
-    assert np.array_equal(got, want, equal_nan=True)
+    assert len(chunk_files(path, "resid")) == 1 and writer.done_pp()[0, :4].all()
+    assert not writer.done_pp()[0, 4:].any()
+    assert np.array_equal(xr.open_zarr(path).resid.isel(pass_=0, prompt=slice(0, 4)).values, want, equal_nan=True)
+    assert np.array_equal(open_store(path).resid.isel(pass_=0, prompt=slice(0, 4)).values, want, equal_nan=True)
+
+
+def test_write_groups_never_cross_a_shard_row():
+    lengths = [40, 30, 30, 20, 20, 10, 10, 10, 5, 5, 5]
+    groups = store_groups(lengths, {"prompt": 1, "shard": 4}, batch_size=3, batch_tokens=10**6)
+    assert [(g.start, g.stop) for g in groups] == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11)]
 
 
 def test_shard_size_keeps_the_largest_group_in_budget():
