@@ -89,10 +89,11 @@ def choose_chunking(
 
 
 def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, bytes_per_position: int,
-                  target_bytes: int = SHARD_TARGET_BYTES) -> int:
+                  target_bytes: int | None = None) -> int:
     """Prompts per shard: whole prompt chunks, as many as keep the largest shard row of one array within
     ``target_bytes`` before compression (its prompts x its longest prompt's stored token extent x
-    ``bytes_per_position``; prompts are longest first, so the first row is the largest). Every array of a store
+    ``bytes_per_position``; prompts are longest first, so the first row is the largest; ``target_bytes`` defaults
+    to :data:`SHARD_TARGET_BYTES`). Every array of a store
     is sharded along ``prompt`` alike; a shard row is written once, whole, when its last write group is.
 
     >>> shard_prompts([100] * 50 + [10] * 50, Chunking(prompt=4, layer=3, token=8), 2**16, 2**24)
@@ -103,7 +104,7 @@ def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, byte
     longest = int(np.max(lengths_desc))
     extent = -(-longest // chunking.token) * chunking.token if chunking.token else longest
     per_chunk = chunking.prompt * extent * max(1, bytes_per_position)
-    prompts = max(1, target_bytes // per_chunk) * chunking.prompt
+    prompts = max(1, (target_bytes or SHARD_TARGET_BYTES) // per_chunk) * chunking.prompt
     return int(min(prompts, -(-len(lengths_desc) // chunking.prompt) * chunking.prompt))  # whole chunks
 
 

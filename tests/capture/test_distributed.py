@@ -17,6 +17,14 @@ pytestmark = pytest.mark.slow
 IGNORED = ("created_at", "completed_at", "capture_settings")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_chunk_per_shard_row():
+    """Shard rows of one prompt chunk (2 prompts), so that the cluster has several rows (tasks) to share out."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("store.chunking.SHARD_TARGET_BYTES", 1)
+        yield
+
+
 def _settings(tiny_pair, store, **extra) -> CaptureSettings:
     base, sft, _ = tiny_pair
     return CaptureSettings(base=base, sft=sft, prompts=PROMPTS * 3, store=str(store), device="cpu", batch_size=2,
@@ -35,7 +43,7 @@ def test_local_cluster_capture_equals_single_process(tiny_pair, reference, tmp_p
     messages = []
     run_capture(_settings(tiny_pair, store, local_cluster=2), log=messages.append, progress=False)
     assert any("(2 workers)" in m for m in messages), messages
-    # 6 write groups x 2 LLMs = 12 tasks; each worker loads each model at most once.
+    # 6 shard rows x 2 LLMs = 12 tasks; each worker loads each model at most once.
     assert "cluster capture done: 12 tasks" in messages[-1]
     assert int(messages[-1].split(", ")[1].split()[0]) <= 4, messages[-1]
     assert_stores_equal(store, reference, ignore_attrs=IGNORED)
