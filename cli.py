@@ -507,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--chunk-prompts", type=int, metavar="N",
                      help="prompts per store chunk (default: chunks of about 16 MB); smaller chunks let readers "
                      "and resumes work in finer steps")
+    out.add_argument("--shard-size", metavar="SIZE",
+                     help="a local store's shards: prompts are grouped in rows of about SIZE per array before "
+                     "compression (default 256MiB), each row one file per array and pass, assembled in memory "
+                     "until written; bigger rows mean fewer files and more memory")
     out.add_argument("--store-dtype", choices=["float16", "float32"],
                      help="dtype of stored residuals (default float16)")
     out.add_argument("--codec", choices=list(CODECS),

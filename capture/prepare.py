@@ -153,7 +153,8 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         per_position = max((len(layers) + 1) * hidden * itemsize,  # resid and final of one pass
                            statistics_bytes_per_position(len(passes), len(pass_pairs), fingerprint["top_k"],
                                                          len(tracked[0])) * len(lens_layers) * settings.lens)
-        chunking = replace(chunking, shard=shard_prompts(window.lengths, chunking, per_position))
+        target = units.parse_size(settings.shard_size, "--shard-size") if settings.shard_size else None
+        chunking = replace(chunking, shard=shard_prompts(window.lengths, chunking, per_position, target))
     in_store_order = lambda items: [items[i] for i in tokenized.labels]  # noqa: E731
     return Prepared(settings, passes, pass_pairs, refs, in_store_order(prompt_index), in_store_order(variants),
                     in_store_order(full_lengths), shapes, resolved, tokenizer, tokenized, window, tracked, path,

@@ -12,7 +12,7 @@ from capture.prompts import chat_template_mode
 from store.errors import UsageError
 from store.location import sanitize_label
 from store.schema import content_digest
-from store.units import CODECS, DEFAULT_CODEC, MODEL_DTYPES, STORE_DTYPES
+from store.units import CODECS, DEFAULT_CODEC, MODEL_DTYPES, STORE_DTYPES, parse_size
 
 BATCH_PADDING = {"cpu": 0.05, "gpu": 0.15}  # default --batch-padding by device (see CaptureSettings.padding_for)
 # Default --batch-size by device: on a CPU a forward of 8 prompts was the fastest per token of 8, 16, 32 and 64
@@ -67,6 +67,7 @@ class CaptureSettings:
     store_dtype: str = "float16"
     codec: str = DEFAULT_CODEC  # compression of the data arrays (store.units.CODECS); not part of the content
     chunk_prompts: int | None = None  # prompts per store chunk (default: chunks of about 16 MB)
+    shard_size: str | None = None  # bytes of one array's shard row before compression (default 256MiB)
     overwrite: bool = False
     max_memory: str | None = None  # refuse before loading when the predicted peak is over it
     trust_remote_code: bool = False
@@ -175,6 +176,8 @@ def resolve_models(settings: CaptureSettings) -> ResolvedModels:
         raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if settings.chunk_prompts is not None and settings.chunk_prompts < 1:
         raise UsageError(f"--chunk-prompts must be at least 1, got {settings.chunk_prompts}")
+    if settings.shard_size is not None:
+        parse_size(settings.shard_size, "--shard-size")
     if settings.codec not in CODECS:
         raise UsageError(f"--codec must be one of {', '.join(CODECS)}, got {settings.codec!r}")
     if settings.store_dtype not in STORE_DTYPES:

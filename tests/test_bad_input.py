@@ -58,6 +58,7 @@ def test_tokenizer_larger_than_the_models_vocab(make_model, store, capsys):
     (["--max-tokens", "1"], "more than the limit of 1 (--max-tokens)"),
     (["--prompt", ""], "is empty"),
     (["--chunk-prompts", "0"], "--chunk-prompts must be at least 1"),
+    (["--shard-size", "lots"], "--shard-size 'lots' is not a size"),
     (["--max-memory", "lots"], "--max-memory 'lots' is not a size"),
     (["--max-memory", "1MB"], "capture would need about"),
     (["--track", "no-such-piece-at-all"], "is not a piece of the tokenizer"),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _killed_capture(tiny_pair, store: Path, fault: str) -> None:
     args = [sys.executable, str(ROOT / "cli.py"), "capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store),
-            "--chunk-prompts", "1", "--batch-size", "1", "--top-k", "5", "--save-lens", "--quiet"]
+            "--chunk-prompts", "1", "--shard-size", "1", "--batch-size", "1", "--top-k", "5", "--save-lens", "--quiet"]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
     env = {**os.environ, FAULT_ENV: fault}

@@ -17,18 +17,11 @@ pytestmark = pytest.mark.slow
 IGNORED = ("created_at", "completed_at", "capture_settings")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_chunk_per_shard_row():
-    """Shard rows of one prompt chunk (2 prompts), so that the cluster has several rows (tasks) to share out."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("store.chunking.SHARD_TARGET_BYTES", 1)
-        yield
-
-
 def _settings(tiny_pair, store, **extra) -> CaptureSettings:
     base, sft, _ = tiny_pair
     return CaptureSettings(base=base, sft=sft, prompts=PROMPTS * 3, store=str(store), device="cpu", batch_size=2,
-                           chunk_prompts=2, store_dtype="float32", top_k=3, **extra)
+                           chunk_prompts=2, store_dtype="float32", top_k=3,
+                           shard_size="1", **extra)  # shard rows of one chunk: several rows (tasks) to share out
 
 
 @pytest.fixture(scope="module")
