@@ -160,5 +160,5 @@ def write_lens_statistics(
             if index == 0:
                 fault_point("lens")  # testing hook: a crash between a group's arrays and its lens_done flag
         for rows in complete:  # the group, or the shard rows it completes (format 4)
-            root["lens_done"][rows] = True
+            writer.array("lens_done")[rows] = True
         on_group(group)

@@ -54,6 +54,7 @@ class ShardFiles:
         self.shape, self.chunks, self.shards = array.shape, array.chunks, array.shards
         self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
         self.n_inner = int(np.prod(self.per_shard, dtype=np.int64))
+        self._strides = [int(np.prod(self.per_shard[axis + 1:], dtype=np.int64)) for axis in range(len(self.shape))]
         self.index_size = 16 * self.n_inner + 4
         self.encode_key = array.metadata.encode_chunk_key  # keys of the shard grid
         self.prompt_axis = tuple(array.metadata.dimension_names or ()).index("prompt") \
@@ -83,8 +84,8 @@ class ShardFiles:
     def shard_of(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
         """The shard holding inner chunk ``coords`` and the chunk's place in that shard's index."""
         shard = tuple(c // n for c, n in zip(coords, self.per_shard, strict=True))
-        local = tuple(c % n for c, n in zip(coords, self.per_shard, strict=True))
-        return shard, int(np.ravel_multi_index(local, self.per_shard))
+        flat = sum(c % n * stride for c, n, stride in zip(coords, self.per_shard, self._strides, strict=True))
+        return shard, flat
 
     def covers(self, where: tuple) -> bool:
         """Whether ``where`` (ints and slices, one per axis) spans whole shards along every axis, counting a
@@ -206,20 +207,26 @@ class ShardFiles:
         """Encode the inner chunks of ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned)
         into the shards being assembled, on the chunk threads; nothing is written until :meth:`flush`. An inner
         chunk equal to the fill value is left out (and replaces one added before)."""
-        jobs = []
-        for where, values in regions:
-            int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
-            for combo in product(*self.inner._pieces(where)):
-                coords = tuple(c for c, _, _ in combo)
-                block = np.expand_dims(values[tuple(s for _, s, _ in combo if s is not None)], int_axes)
-                jobs.append((self.shard_of(coords), _threads().submit(self.inner.encode, block)))
-        for (shard, flat), job in jobs:
-            data = job.result()
-            chunks = self._pending.setdefault(shard, {})
-            if data is None:
-                chunks.pop(flat, None)
-            else:
-                chunks[flat] = data
+        jobs = [_threads().submit(self._encode_region, where, values) for where, values in regions]
+        for job in jobs:
+            for shard, flat, data in job.result():
+                chunks = self._pending.setdefault(shard, {})
+                if data is None:
+                    chunks.pop(flat, None)
+                else:
+                    chunks[flat] = data
+
+    def _encode_region(self, where: tuple, values: np.ndarray) -> list[tuple[tuple, int, bytes | None]]:
+        """(shard, place in its index, stored bytes or None) of each inner chunk of one region: one task per
+        region, not per chunk (a chunk of a short prompt is a few KB: a task each cost more than its encoding)."""
+        int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
+        out = []
+        for combo in product(*self.inner._pieces(where)):
+            block = values[tuple(s for _, s, _ in combo if s is not None)]
+            if int_axes:
+                block = np.expand_dims(block, int_axes)
+            out.append((*self.shard_of(tuple(c for c, _, _ in combo)), self.inner.encode(block)))
+        return out
 
     def flush(self, prompt_row: int | None = None) -> None:
         """Write the shards assembled so far (those of shard row ``prompt_row`` along ``prompt``, or all): each

@@ -193,6 +193,7 @@ class StoreWriter:
         self.group = zarr.open_group(store=zarr_store(self.path, storage_options), mode="r+", use_consolidated=False)
         self._n_tokens_p: np.ndarray | None = None
         self._chunk_writers: dict[str, ChunkFiles | ShardFiles | None] = {}
+        self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
     def create(cls, path: StorePath, template: xr.Dataset, storage_options: dict | None = None,
@@ -255,7 +256,7 @@ class StoreWriter:
         hold only padding and are never written."""
         if self._n_tokens_p is None:
             self._n_tokens_p = np.asarray(self.group["n_tokens"][...])
-        array = self.group[name]
+        array = self.array(name)
         dims = array.metadata.dimension_names
         chunk_prompt, chunk_token = (array.chunks[dims.index(d)] for d in ("prompt", "token"))
         n_tokens = array.shape[dims.index("token")]
@@ -275,7 +276,7 @@ class StoreWriter:
         Returns the prompt ranges now complete on disk: ``prompts``, or in a sharded array (format 4) the shard
         rows this write group completes (their earlier groups wait, encoded, in memory until then).
         """
-        array = self.group[name]
+        array = self.array(name)
         dims = array.metadata.dimension_names
         prompt_axis, token_axis = dims.index("prompt"), dims.index("token")
         regions = []
@@ -310,6 +311,13 @@ class StoreWriter:
                 for r in range(prompts.start // size, -(-prompts.stop // size))]
         return [(r, span) for r, span in rows if span.stop <= prompts.stop]
 
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array ``name``, opened once: opening reads and parses its metadata file, which per write group
+        of a store of many short prompts cost more than the writes."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def _direct(self, name: str, array: zarr.Array) -> ChunkFiles | ShardFiles | None:
         """The direct chunk or shard writer of ``name`` (:mod:`store.chunk_io`, :mod:`store.shard_io`)."""
         if name not in self._chunk_writers:
@@ -322,7 +330,7 @@ class StoreWriter:
         self.write_staircase("resid", (pass_index,), prompts, resid_gltd)
         fault_point("region")  # a crash here leaves data without its done flag: rewritten on resume
         for rows in self.write_staircase("final", (pass_index,), prompts, final_gtd):
-            self.group["done"][pass_index, rows] = True
+            self.array("done")[pass_index, rows] = True
 
     def write_saved_lens(self, source: int, weight_vd, bias_v, norm_weight_d, norm_bias_d) -> None:
         """Write one unembedding's parameters (``--save-lens``)."""
@@ -352,6 +360,7 @@ class StoreWriter:
                 tmp.write_bytes(text)
         self.group = zarr.open_group(store=zarr_store(self.path, self.storage_options), mode="r+",
                                      use_consolidated=False)
+        self._arrays.clear()
 
     def format_version(self) -> int | None:
         return self.attrs.get(FORMAT_ATTR)
