@@ -20,7 +20,7 @@ from store.chunking import chunk_slices, real_blocks, token_extent
 from store.errors import CorruptChunk, ResdiffError
 from store.integrity import corrupt_chunks, missing_chunks, stored_chunks
 from store.location import is_url, normalize, xarray_kwargs, zarr_store
-from store.reader import check_store, has_consolidated_metadata, open_store, validate_opened
+from store.reader import check_store, direct_regions, has_consolidated_metadata, open_store, validate_opened
 from store.schema import DIMS
 from store.writer import completeness
 
@@ -62,13 +62,20 @@ def _coverage(path, ds: xr.Dataset) -> list[str]:
     return completeness(group).missing([str(p) for p in ds.pass_.values], MAX_LISTED)
 
 
+VALUE_BLOCK_BYTES = 64 * 2**20  # of one float variable, read at once by the value checks
+
+
 def _values(ds: xr.Dataset) -> list[str]:
     problems: list[str] = []
     n_tokens = ds.n_tokens.values.astype(int)
     real_pt = np.arange(ds.sizes["token"])[None, :] < n_tokens[:, None]  # (prompt, token)
     done = np.asarray(ds["done"].values, dtype=bool) if "done" in ds else None
-    block = int(ds.resid.data.chunksize[1]) if "resid" in ds else ds.sizes["prompt"]
+    chunk = int(ds.resid.data.chunksize[1]) if "resid" in ds else ds.sizes["prompt"]
     chunk_token = int(ds.resid.data.chunksize[3]) if "resid" in ds else None
+    # blocks of whole prompt chunks, as many as fit VALUE_BLOCK_BYTES of resid (a store of short prompts has
+    # tens of thousands of chunks: a read and a Python loop per chunk took many minutes)
+    per_prompt = ds.resid.nbytes // max(1, ds.sizes["prompt"]) if "resid" in ds else 1
+    block = chunk * max(1, VALUE_BLOCK_BYTES // max(1, per_prompt * chunk))
     labels = ds.prompt.values
     for rows in chunk_slices(ds.sizes["prompt"], block):
         extent = token_extent(n_tokens, rows, chunk_token, ds.sizes["token"])  # chunks past it are never written
@@ -76,26 +83,39 @@ def _values(ds: xr.Dataset) -> list[str]:
         for name, var in ds.data_vars.items():
             if var.dtype.kind != "f" or "prompt" not in var.dims:
                 continue
-            values = var.isel(prompt=rows, **({"token": slice(0, extent)} if "token" in var.dims else {})).values
+            regions = direct_regions(var)  # a local store's chunks or shards, read without a Dask graph
+            if regions is not None:
+                values = regions.read(tuple(rows if d == "prompt" else slice(0, extent) if d == "token"
+                                            else slice(None) for d in var.dims))
+            else:
+                values = var.isel(prompt=rows, **({"token": slice(0, extent)} if "token" in var.dims else {})).values
             if np.isinf(values).any():
                 where = dict(zip(var.dims, np.argwhere(np.isinf(values))[0].tolist(), strict=False))
                 where["prompt"] += rows.start
                 problems.append(f"{name} has infinite values, e.g. at {where}")
-            if name not in ("resid", "final"):
-                continue
-            for p in range(ds.sizes["pass_"]):
-                for i, prompt in enumerate(range(rows.start, rows.stop)):
-                    if done is not None and not done[p, prompt]:
-                        continue
-                    x = values[p, i]  # (layer,) token, dim
-                    nan_ntd = np.isnan(x).reshape(-1, x.shape[-2], x.shape[-1])
-                    any_nan_t, all_nan_t = nan_ntd.any(axis=(0, 2)), nan_ntd.all(axis=(0, 2))
-                    label = f"{name} pass {ds.pass_.values[p]} prompt {labels[prompt]}"
-                    if (any_nan_t & real[i]).any():
-                        token = int(np.argmax(any_nan_t & real[i]))
-                        problems.append(f"{label}: NaN at real token {token} (a region marked done has gaps)")
-                    if (~all_nan_t & ~real[i]).any():
-                        problems.append(f"{label}: values on padding positions (should be NaN)")
+            if name in ("resid", "final"):
+                problems += _nan_layout(name, values, real, done, rows, ds.pass_.values, labels)
+    return problems
+
+
+def _nan_layout(name: str, values: np.ndarray, real: np.ndarray, done: np.ndarray | None, rows: slice,
+                passes, labels) -> list[str]:
+    """NaN exactly on padding: a NaN at a real position of a done region, or a value at a padding position."""
+    problems = []
+    for p in range(values.shape[0]):
+        nan = np.isnan(values[p])  # (prompt, [layer,] token, dim)
+        axes = tuple(a for a in range(1, nan.ndim) if a != nan.ndim - 2)
+        any_nan_gt, all_nan_gt = nan.any(axis=axes), nan.all(axis=axes)
+        checked = np.ones(len(real), dtype=bool) if done is None else done[p, rows]
+        gaps = (any_nan_gt & real).any(axis=1) & checked
+        leaks = (~all_nan_gt & ~real).any(axis=1) & checked
+        for i in np.flatnonzero(gaps):
+            token = int(np.argmax(any_nan_gt[i] & real[i]))
+            problems.append(f"{name} pass {passes[p]} prompt {labels[rows.start + i]}: NaN at real token {token} "
+                            "(a region marked done has gaps)")
+        for i in np.flatnonzero(leaks):
+            problems.append(f"{name} pass {passes[p]} prompt {labels[rows.start + i]}: values on padding positions "
+                            "(should be NaN)")
     return problems
 
 
