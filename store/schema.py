@@ -187,6 +187,18 @@ def shard_shapes(ds: xr.Dataset, chunks: dict[str, tuple[int, ...]], shard_promp
     return out
 
 
+LABEL_CHUNK_CELLS = 2**24  # values per chunk of a per-prompt label array (token ids, strings, positions)
+
+
+def _label_chunks(var: xr.Variable) -> tuple[int, ...]:
+    """Chunks of a per-prompt label array written whole with the template: whole rows of prompts, as many as
+    :data:`LABEL_CHUNK_CELLS` allows (zarr's default cut 20,000 short prompts' token ids into dozens of files)."""
+    axis = var.dims.index("prompt")
+    row = int(np.prod([n for d, n in zip(var.dims, var.shape, strict=True) if d != "prompt"], dtype=np.int64))
+    prompts = max(1, min(var.shape[axis], LABEL_CHUNK_CELLS // max(1, row)))
+    return tuple(prompts if d == "prompt" else max(1, n) for d, n in zip(var.dims, var.shape, strict=True))
+
+
 def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = None,
              shards: dict | None = None) -> dict[str, dict]:
     """Per-variable Zarr encoding: ``codec`` for the data arrays, zstd for the small ones, a checksum for every
@@ -202,6 +214,8 @@ def encoding(ds: xr.Dataset, codec: str = DEFAULT_CODEC, chunks: dict | None = N
             out[name] = {"compressors": compressors("zstd")}
         if chunks and name in chunks:
             out[name]["chunks"] = chunks[name]
+        elif var.chunks is None and "prompt" in var.dims and var.ndim:  # per-prompt labels: few, large chunks
+            out[name]["chunks"] = _label_chunks(var)
         if shards and name in shards:
             out[name]["shards"] = shards[name]
     return out
