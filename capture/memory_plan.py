@@ -33,7 +33,7 @@ from capture.runner import compute_batches
 from capture.settings import CaptureSettings
 from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units
-from store.chunking import chunk_slices, store_groups, token_extent
+from store.chunking import chunk_slices, row_stored_cells, store_groups, token_extent
 from store.errors import MemoryBudgetExceeded
 from store.units import format_bytes
 
@@ -125,7 +125,7 @@ class _Shapes:
     batches: list[tuple[int, int]]
     group: tuple[int, int]
     kept_layers: int
-    row: tuple[int, int] = (0, 0)  # the largest shard row (prompts, token extent); (0, 0) unsharded
+    row: tuple[int, int] = (0, 0)  # the largest shard row as (1, its stored cells); (0, 0) unsharded
 
 
 def _groups_and_batches(prep: Prepared) -> tuple[list[slice], list[tuple[int, int]]]:
@@ -149,9 +149,8 @@ def _shapes(prep: Prepared) -> _Shapes:
                                       for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))
                for g in groups]
     row = (0, 0)
-    if prep.chunking.shard:  # prompts are longest first: the first row is the largest
-        first = slice(0, min(prep.chunking.shard, len(lengths)))
-        row = (first.stop, token_extent(stored, first, prep.chunking.token, n_tokens))
+    if prep.chunking.shard:  # the first row is the largest: the cells of its chunks with real tokens
+        row = (1, row_stored_cells(stored, prep.chunking))
     return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers), row)
 
 

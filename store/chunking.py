@@ -91,21 +91,35 @@ def choose_chunking(
 def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, bytes_per_position: int,
                   target_bytes: int | None = None) -> int:
     """Prompts per shard: whole prompt chunks, as many as keep the largest shard row of one array within
-    ``target_bytes`` before compression (its prompts x its longest prompt's stored token extent x
-    ``bytes_per_position``; prompts are longest first, so the first row is the largest; ``target_bytes`` defaults
-    to :data:`SHARD_TARGET_BYTES`). Every array of a store
-    is sharded along ``prompt`` alike; a shard row is written once, whole, when its last write group is.
+    ``target_bytes`` (default :data:`SHARD_TARGET_BYTES`) before compression: the (prompt, token) cells of its
+    chunks that hold real tokens (padding-only chunks are never stored) x ``bytes_per_position``. Prompts are
+    longest first, so the first row is the largest. Every array of a store is sharded along ``prompt`` alike; a
+    shard row is written once, whole, when its last write group is.
 
     >>> shard_prompts([100] * 50 + [10] * 50, Chunking(prompt=4, layer=3, token=8), 2**16, 2**24)
     4
     >>> shard_prompts([10] * 99, Chunking(prompt=4, layer=3, token=8), 2**10, 2**24)  # all: 25 chunks
     100
     """
-    longest = int(np.max(lengths_desc))
-    extent = -(-longest // chunking.token) * chunking.token if chunking.token else longest
-    per_chunk = chunking.prompt * extent * max(1, bytes_per_position)
-    prompts = max(1, (target_bytes or SHARD_TARGET_BYTES) // per_chunk) * chunking.prompt
-    return int(min(prompts, -(-len(lengths_desc) // chunking.prompt) * chunking.prompt))  # whole chunks
+    lengths_desc = np.sort(np.asarray(lengths_desc, dtype=np.int64))[::-1]
+    target, cp = target_bytes or SHARD_TARGET_BYTES, chunking.prompt
+    token = chunking.token or int(lengths_desc[0])
+
+    def row_bytes(n_chunks: int) -> int:
+        return stored_cells(lengths_desc[:n_chunks * cp], cp, token) * max(1, bytes_per_position)
+
+    low, high = 1, -(-len(lengths_desc) // cp)  # in prompt chunks: the largest row within target (at least one)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if row_bytes(middle) <= target else (low, middle - 1)
+    return int(low * cp)
+
+
+def row_stored_cells(lengths_desc: list[int] | np.ndarray, chunking: Chunking) -> int:
+    """(prompt, token) cells of the chunks with real tokens in the first (largest) shard row."""
+    lengths_desc = np.sort(np.asarray(lengths_desc, dtype=np.int64))[::-1]
+    token = chunking.token or int(lengths_desc[0])
+    return stored_cells(lengths_desc[:chunking.shard or len(lengths_desc)], chunking.prompt, token)
 
 
 def shard_rows(n_prompts: int, chunking: dict) -> list[slice]:

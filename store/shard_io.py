@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.chunk_io import ChunkFiles, _codecs, _crc32c, _threads
+from store.chunk_io import WRITE_THREADS, ChunkFiles, _codecs, _crc32c, _threads
 from store.errors import CorruptChunk
 
 EMPTY = np.uint64(2**64 - 1)
@@ -207,7 +207,9 @@ class ShardFiles:
         """Encode the inner chunks of ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned)
         into the shards being assembled, on the chunk threads; nothing is written until :meth:`flush`. An inner
         chunk equal to the fill value is left out (and replaces one added before)."""
-        jobs = [_threads().submit(self._encode_region, where, values) for where, values in regions]
+        blocks = [(combo, where, values) for where, values in regions for combo in product(*self.inner._pieces(where))]
+        step = max(1, -(-len(blocks) // (4 * WRITE_THREADS)))  # a few tasks per thread: encodes run in parallel
+        jobs = [_threads().submit(self._encode_blocks, blocks[i:i + step]) for i in range(0, len(blocks), step)]
         for job in jobs:
             for shard, flat, data in job.result():
                 chunks = self._pending.setdefault(shard, {})
@@ -216,13 +218,13 @@ class ShardFiles:
                 else:
                     chunks[flat] = data
 
-    def _encode_region(self, where: tuple, values: np.ndarray) -> list[tuple[tuple, int, bytes | None]]:
-        """(shard, place in its index, stored bytes or None) of each inner chunk of one region: one task per
-        region, not per chunk (a chunk of a short prompt is a few KB: a task each cost more than its encoding)."""
-        int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
+    def _encode_blocks(self, blocks: list[tuple]) -> list[tuple[tuple, int, bytes | None]]:
+        """(shard, place in its index, stored bytes or None) of inner chunks given as (pieces, region, values):
+        a task encodes many (a chunk of a short prompt is a few KB: a task each cost more than its encoding)."""
         out = []
-        for combo in product(*self.inner._pieces(where)):
+        for combo, where, values in blocks:
             block = values[tuple(s for _, s, _ in combo if s is not None)]
+            int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
             if int_axes:
                 block = np.expand_dims(block, int_axes)
             out.append((*self.shard_of(tuple(c for c, _, _ in combo)), self.inner.encode(block)))

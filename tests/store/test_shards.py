@@ -134,11 +134,17 @@ def test_write_groups_never_cross_a_shard_row():
     assert [(g.start, g.stop) for g in groups] == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11)]
 
 
-def test_shard_size_keeps_the_largest_group_in_budget():
+def test_shard_rows_are_sized_by_their_stored_bytes():
+    """The first row (the longest prompts) is the largest; its chunks with real tokens fit the target, one more
+    prompt chunk would not (padding-only chunks are never stored, so they do not count)."""
+    from store.chunking import stored_cells
+
     lengths = [64] * 10 + [8] * 990
     chunking = Chunking(prompt=5, layer=3, token=8)
     prompts = shard_prompts(lengths, chunking, bytes_per_position=1000, target_bytes=2_000_000)
-    assert prompts % 5 == 0 and prompts * 64 * 1000 <= 2_000_000 < (prompts + 5) * 64 * 1000
+    assert prompts == 180  # 640 cells of the ten long prompts + 170 x 8
+    assert stored_cells(np.array(lengths[:prompts]), 5, 8) * 1000 <= 2_000_000
+    assert stored_cells(np.array(lengths[:prompts + 5]), 5, 8) * 1000 > 2_000_000
 
 
 def test_an_unsharded_store_of_format_3_stays_readable(tmp_path, stores):
