@@ -1,10 +1,11 @@
 """Writing a store incrementally: a template first, then whole-chunk regions, each
 followed by its ``done`` flag.
 
-Regions are written with zarr directly (not through xarray) because they are plain
-array slices of a layout the template already fixed; the ``done`` flag of a region is
-set only after all its data has been written, so a reader that trusts ``done`` never
-sees a half-written region.
+Regions are written directly (chunk files, ``store.chunk_io``; whole shards, ``store.shard_io``)
+or with zarr, not through xarray, because they are plain array slices of a layout the template
+already fixed. The ``done`` flag of a region is set only after all its data has been written
+(in a sharded store, format 4, after its whole shard row is), so a reader that trusts ``done``
+never sees a half-written region.
 """
 
 from __future__ import annotations
