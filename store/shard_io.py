@@ -87,18 +87,6 @@ class ShardFiles:
         flat = sum(c % n * stride for c, n, stride in zip(coords, self.per_shard, self._strides, strict=True))
         return shard, flat
 
-    def covers(self, where: tuple) -> bool:
-        """Whether ``where`` (ints and slices, one per axis) spans whole shards along every axis, counting a
-        shard cut by the array's end as whole: what :meth:`write_shards` requires of its regions' union."""
-        for index, size, shard in zip(where, self.shape, self.shards, strict=True):
-            if isinstance(index, slice):
-                start, stop, step = index.indices(size)
-                if step != 1 or start % shard or (stop % shard and stop != size):
-                    return False
-            elif shard != 1:
-                return False
-        return True
-
     # -- reading -------------------------------------------------------------------------------------
 
     def shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
@@ -237,22 +225,6 @@ class ShardFiles:
         writes = [_threads().submit(self._put_shard, shard, self._pending.pop(shard)) for shard in shards]
         for job in writes:
             job.result()
-
-    def discard(self) -> None:
-        """Forget the shards being assembled (a failed write group: its row is computed again)."""
-        self._pending.clear()
-
-    @property
-    def pending_bytes(self) -> int:
-        return sum(len(data) for chunks in self._pending.values() for data in chunks.values())
-
-    def write_shards(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
-        """Write whole shards from ``regions`` at once (:meth:`add`, then :meth:`flush` of those they touch);
-        the caller makes their union cover each touched shard (:meth:`covers`)."""
-        before = set(self._pending)
-        self.add(regions)
-        for shard in [s for s in self._pending if s not in before]:
-            self._put_shard(shard, self._pending.pop(shard))
 
     def _put_shard(self, shard: tuple[int, ...], chunks: dict[int, object]) -> None:
         path = self.directory / self.encode_key(shard)
