@@ -148,6 +148,9 @@ def write_lens_statistics(
             values = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device),
                                        block_rows, vocab_chunk, on_rows)
             del resid
+            if part == group:  # the usual case, a write group read at once: its results are the group's
+                arrays = values
+                break
             for name, block in values.items():
                 if name not in arrays:
                     fill = -1 if block.dtype.kind == "i" else np.nan
