@@ -509,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "and resumes work in finer steps")
     out.add_argument("--shard-size", metavar="SIZE",
                      help="a local store's shards: prompts are grouped in rows of about SIZE per array before "
-                     "compression (default 256MiB), each row one file per array and pass, assembled in memory "
-                     "until written; bigger rows mean fewer files and more memory")
+                     "compression (default 256MiB), each row one file per array and pass, written as its groups "
+                     "are computed and completed at the row's end; bigger rows mean fewer files and more work "
+                     "lost when a run is killed inside a row")
     out.add_argument("--store-dtype", choices=["float16", "float32"],
                      help="dtype of stored residuals (default float16)")
     out.add_argument("--codec", choices=list(CODECS),

@@ -113,22 +113,22 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
     device = next(model.parameters()).device
     embeddings = {source: model.get_input_embeddings() if ref == task.llm_ref else
                   resident.embedding_for(ref, task, device) for source, ref in task.embedding_refs.items()}
-    writer = StoreWriter(task.store, task.storage_options)
-    done_pp = writer.done_pp()
-    lengths = [len(ids) for ids in task.ids[task.group]]
-    groups = [slice(g.start + task.group.start, g.stop + task.group.start)  # in order: the row's last one writes it
-              for g in store_groups(lengths, {**writer.attrs["chunking"], "shard": None}, task.batch_size,
-                                    task.batch_tokens)]
-    tokens = 0
-    for captured in run_passes(
-        model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), groups, task.window,
-        batch_size=task.batch_size, batch_tokens=task.batch_tokens, max_padding=task.max_padding,
-        token_extent=writer.group_extent,
-        out_dtype=DTYPES[task.store_dtype],
-        pad_id=task.pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
-    ):
-        writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
-        tokens += captured.n_real_tokens
+    with StoreWriter(task.store, task.storage_options) as writer:
+        done_pp = writer.done_pp()
+        lengths = [len(ids) for ids in task.ids[task.group]]
+        groups = [slice(g.start + task.group.start, g.stop + task.group.start)  # in order: the row's last one writes it
+                  for g in store_groups(lengths, {**writer.attrs["chunking"], "shard": None}, task.batch_size,
+                                        task.batch_tokens)]
+        tokens = 0
+        for captured in run_passes(
+            model, list(task.passes), embeddings, TokenizedPrompts(texts=[], ids=task.ids), groups, task.window,
+            batch_size=task.batch_size, batch_tokens=task.batch_tokens, max_padding=task.max_padding,
+            token_extent=writer.group_extent,
+            out_dtype=DTYPES[task.store_dtype],
+            pad_id=task.pad_id, skip=lambda i, g: bool(done_pp[i, g].all()),
+        ):
+            writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
+            tokens += captured.n_real_tokens
     return tokens, loaded
 
 

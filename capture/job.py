@@ -222,9 +222,15 @@ def _run_capture(settings: CaptureSettings, log, progress: bool) -> StorePath:
 
 
 def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress: bool) -> StorePath:
+    with _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep)) as writer:
+        return _fill_store(writer, prep, settings, log, progress)
+
+
+def _fill_store(writer: StoreWriter, prep: Prepared, settings: CaptureSettings, log, progress: bool) -> StorePath:
+    """Capture what ``writer``'s store still lacks: the residual stage, the saved lens, the statistics, then
+    ``completed_at``."""
     from tqdm.auto import tqdm
 
-    writer = _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep))
     stored = writer.attrs.get("chunking", {"prompt": prep.chunking.prompt})
     groups = store_groups(prep.tokenized.lengths, stored, settings.batch_size_for(prep.resolved.device),
                           settings.batch_tokens)

@@ -23,7 +23,6 @@ from capture.budget import (
     process_baseline,
     resident_embedding,
     resident_weights,
-    statistics_bytes_per_position,
     statistics_working_set,
 )
 from capture.lens_stage import statistics_blocks
@@ -33,7 +32,7 @@ from capture.runner import compute_batches
 from capture.settings import CaptureSettings
 from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units
-from store.chunking import chunk_slices, row_stored_cells, store_groups, token_extent
+from store.chunking import chunk_slices, store_groups, token_extent
 from store.errors import MemoryBudgetExceeded
 from store.units import format_bytes
 
@@ -125,7 +124,6 @@ class _Shapes:
     batches: list[tuple[int, int]]
     group: tuple[int, int]
     kept_layers: int
-    row: tuple[int, int] = (0, 0)  # the largest shard row as (1, its stored cells); (0, 0) unsharded
 
 
 def _groups_and_batches(prep: Prepared) -> tuple[list[slice], list[tuple[int, int]]]:
@@ -148,10 +146,7 @@ def _shapes(prep: Prepared) -> _Shapes:
     extents = [(g.stop - g.start, max(token_extent(stored, rows, prep.chunking.token, n_tokens)
                                       for rows in chunk_slices(len(lengths), prep.chunking.prompt, g.start, g.stop)))
                for g in groups]
-    row = (0, 0)
-    if prep.chunking.shard:  # the first row is the largest: the cells of its chunks with real tokens
-        row = (1, row_stored_cells(stored, prep.chunking))
-    return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers), row)
+    return _Shapes(sorted(set(batches)), max(extents, key=lambda e: e[0] * e[1]), len(prep.window.layers))
 
 
 def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool, shapes: _Shapes) -> list[PlanStep]:
@@ -186,9 +181,6 @@ def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool
                                                             shapes.kept_layers) for rows, tokens in shapes.batches)
         if on_cpu:
             step.parts["write buffers"] = group_buffers(fp, *shapes.group, out_itemsize, shapes.kept_layers)
-            # resid and final shards of one pass's row, assembled until its last group (at most their raw bytes)
-            step.parts["shards being assembled"] = group_buffers(fp, *shapes.row, out_itemsize,
-                                                                 shapes.kept_layers) // 3
             step.parts["runtime slack"] = CPU_RUNTIME_SLACK
         steps.append(step)
     return steps
@@ -202,10 +194,6 @@ def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, shapes: _
         fp, len(prep.passes), len(prep.pass_pairs), *shapes.group, store_itemsize, prep.fingerprint["top_k"],
         len(prep.tracked[0]), *statistics_blocks(prep.resolved.device), kept_layers=shapes.kept_layers)
     if on_cpu:
-        rows, extent = shapes.row
-        work["shards being assembled"] = rows * extent * len(prep.fingerprint["lens_layers"]) * \
-            statistics_bytes_per_position(len(prep.passes), len(prep.pass_pairs), prep.fingerprint["top_k"],
-                                          len(prep.tracked[0]))
         work["runtime slack"] = CPU_RUNTIME_SLACK
     else:  # residuals and results stay in host memory; the device holds one block
         work = {"logits": work["logits"]}

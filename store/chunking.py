@@ -115,13 +115,6 @@ def shard_prompts(lengths_desc: list[int] | np.ndarray, chunking: Chunking, byte
     return int(low * cp)
 
 
-def row_stored_cells(lengths_desc: list[int] | np.ndarray, chunking: Chunking) -> int:
-    """(prompt, token) cells of the chunks with real tokens in the first (largest) shard row."""
-    lengths_desc = np.sort(np.asarray(lengths_desc, dtype=np.int64))[::-1]
-    token = chunking.token or int(lengths_desc[0])
-    return stored_cells(lengths_desc[:chunking.shard or len(lengths_desc)], chunking.prompt, token)
-
-
 def shard_rows(n_prompts: int, chunking: dict) -> list[slice]:
     """The prompt ranges of a store's shard rows (format 4); one row per prompt chunk in an unsharded store."""
     return chunk_slices(n_prompts, int(chunking.get("shard") or chunking["prompt"]))

@@ -3,11 +3,13 @@
 A sharded array (Zarr v3 ``sharding_indexed``) stores many inner chunks in one file per
 shard: the chunks' encoded bytes one after another, then an index of ``(offset, nbytes)``
 per inner chunk in C order (``2**64 - 1`` twice for an absent chunk), as little-endian
-uint64 followed by its crc32c. A capture writes a shard only whole: the write groups of a
-shard row (along ``prompt``) add their encoded inner chunks to it in memory (:meth:`ShardFiles.add`),
-and the row's last group writes it (:meth:`ShardFiles.flush`) in one atomic rename; a shard is
-never read and rewritten. A run killed before a row's end loses only that row (its ``done``
-flags are set after the flush, so it is computed again). Inner chunks are encoded as :class:`~store.chunk_io.ChunkFiles`
+uint64 followed by its crc32c. A capture writes a shard once, in order: the write groups of a
+shard row (along ``prompt``) append their encoded inner chunks to a hidden ``.partial`` file
+(:meth:`ShardFiles.add`), so the bytes go to the disk while later groups are computed, and
+the row's last group adds the index and renames the file into place (:meth:`ShardFiles.flush`);
+a shard is never read and rewritten. A run killed before a row's end loses only that row (its
+``done`` flags are set after the rename, so it is computed again; the next run removes the
+leftover ``.partial``). Inner chunks are encoded as :class:`~store.chunk_io.ChunkFiles`
 encodes chunk files (the same codecs, the fill value's chunks left out), so zarr and
 tensorstore read these shards as their own (tested).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
@@ -193,18 +196,22 @@ class ShardFiles:
 
     def add(self, regions: list[tuple[tuple, np.ndarray]]) -> None:
         """Encode the inner chunks of ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned)
-        into the shards being assembled, on the chunk threads; nothing is written until :meth:`flush`. An inner
-        chunk equal to the fill value is left out (and replaces one added before)."""
+        on the chunk threads and append them to their shards' files being assembled (hidden ``.partial`` files
+        that :meth:`flush` completes with their index and renames). An inner chunk equal to the fill value is
+        left out (and replaces one added before)."""
         blocks = [(combo, where, values) for where, values in regions for combo in product(*self.inner._pieces(where))]
         step = max(1, -(-len(blocks) // (4 * WRITE_THREADS)))  # a few tasks per thread: encodes run in parallel
         jobs = [_threads().submit(self._encode_blocks, blocks[i:i + step]) for i in range(0, len(blocks), step)]
-        for job in jobs:
-            for shard, flat, data in job.result():
-                chunks = self._pending.setdefault(shard, {})
-                if data is None:
-                    chunks.pop(flat, None)
-                else:
-                    chunks[flat] = data
+        try:
+            for job in jobs:
+                for shard, flat, data in job.result():
+                    self._append(shard, flat, data)
+        finally:
+            for job in jobs:  # on a failure, no encode may still run when the caller moves on
+                job.cancel()
+            for job in jobs:
+                if not job.cancelled():
+                    job.exception()
 
     def _encode_blocks(self, blocks: list[tuple]) -> list[tuple[tuple, int, bytes | None]]:
         """(shard, place in its index, stored bytes or None) of inner chunks given as (pieces, region, values):
@@ -218,35 +225,74 @@ class ShardFiles:
             out.append((*self.shard_of(tuple(c for c, _, _ in combo)), self.inner.encode(block)))
         return out
 
-    def flush(self, prompt_row: int | None = None) -> None:
-        """Write the shards assembled so far (those of shard row ``prompt_row`` along ``prompt``, or all): each
-        replaces its file whole, holding exactly the inner chunks added (a shard with none is removed)."""
-        shards = [s for s in self._pending if prompt_row is None or s[self.prompt_axis] == prompt_row]
-        writes = [_threads().submit(self._put_shard, shard, self._pending.pop(shard)) for shard in shards]
-        for job in writes:
-            job.result()
-
-    def _put_shard(self, shard: tuple[int, ...], chunks: dict[int, object]) -> None:
-        path = self.directory / self.encode_key(shard)
-        stored = {flat: data for flat, data in chunks.items() if data is not None}
-        if not stored:
-            path.unlink(missing_ok=True)
+    def _append(self, shard: tuple[int, ...], flat: int, data: bytes | None) -> None:
+        """Write one encoded inner chunk at the end of its shard's file being assembled (the page cache takes
+        it now, so a row's bytes reach the disk while its later groups are computed, not all at its end)."""
+        assembling = self._pending.get(shard)
+        if assembling is None:
+            path = self.directory / self.encode_key(shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+            assembling = self._pending[shard] = _Assembling(partial, os.open(partial, _CREATE, 0o644))
+        if data is None:
+            assembling.index.pop(flat, None)
             return
-        index_n2 = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
-        offset = 0
-        for flat in sorted(stored):
-            index_n2[flat] = (offset, len(stored[flat]))
-            offset += len(stored[flat])
-        index = index_n2.tobytes()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        with open(partial, "wb") as f:
-            for flat in sorted(stored):
-                f.write(stored[flat])
-            f.write(index)
-            f.write(_crc32c(index))
-        os.replace(partial, path)
+        offset = assembling.size
+        _write_all(assembling.fd, data, offset)
+        assembling.index[flat] = (offset, len(data))
+        assembling.size = offset + len(data)
+
+    def flush(self, prompt_row: int | None = None) -> None:
+        """Complete the shards assembled so far (those of shard row ``prompt_row`` along ``prompt``, or all): each
+        gets its index and replaces its file whole, holding exactly the inner chunks added (none: removed)."""
+        shards = [s for s in self._pending if prompt_row is None or s[self.prompt_axis] == prompt_row]
+        for shard in shards:
+            self._put_shard(shard, self._pending.pop(shard))
+
+    def discard(self) -> None:
+        """Drop the shards being assembled (their ``.partial`` files), as a failed or abandoned write must."""
+        for assembling in self._pending.values():
+            os.close(assembling.fd)
+            assembling.partial.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def _put_shard(self, shard: tuple[int, ...], assembling: _Assembling) -> None:
+        path = self.directory / self.encode_key(shard)
+        try:
+            if not assembling.index:
+                path.unlink(missing_ok=True)
+                return
+            index_n2 = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
+            for flat, entry in assembling.index.items():
+                index_n2[flat] = entry
+            index = index_n2.tobytes()
+            _write_all(assembling.fd, index + _crc32c(index), assembling.size)
+            os.replace(assembling.partial, path)
+        finally:
+            os.close(assembling.fd)
+            assembling.partial.unlink(missing_ok=True)
         self._indexes.pop(shard, None)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (one ``pwrite`` may take fewer bytes than given)."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass
+class _Assembling:
+    """A shard being written: its hidden file, an open descriptor, the bytes written and where each inner chunk
+    (by its place in the index) lies."""
+
+    partial: Path
+    fd: int
+    size: int = 0
+    index: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def direct_files(array: zarr.Array) -> ChunkFiles | ShardFiles | None:

@@ -363,5 +363,18 @@ class StoreWriter:
                                      use_consolidated=False)
         self._arrays.clear()
 
+    def close(self) -> None:
+        """Drop the shards still being assembled (a run that stops before a row's end: that row is not done and
+        is captured again; its hidden ``.partial`` files go now rather than at the next run's start)."""
+        for direct in self._chunk_writers.values():
+            if isinstance(direct, ShardFiles):
+                direct.discard()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def format_version(self) -> int | None:
         return self.attrs.get(FORMAT_ATTR)

@@ -112,6 +112,32 @@ def test_batched_statistics_equal_one_prompt_at_a_time(make_model, tmp_path):
                                           alone[name].isel(prompt=0).values, err_msg=name)
 
 
+def test_a_write_group_read_in_parts_gives_the_same_statistics(make_model, tmp_path, monkeypatch):
+    """A write group too big to read as float32 at once (a shard row of long prompts) is read a few prompts at a
+    time and its statistics assembled: they equal those of the group read whole."""
+    import capture.lens_stage
+
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+
+    def run(name):
+        settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS, store=str(tmp_path / name),
+                                   store_dtype="float32", device="cpu", batch_size=4, top_k=3)
+        return open_store(run_capture(settings, log=lambda *a: None, progress=False))
+
+    reads = []
+    real = capture.lens_stage.lens_read_prompts
+    monkeypatch.setattr(capture.lens_stage, "lens_read_prompts", lambda *a: reads.append(real(*a)) or reads[-1])
+    whole = run("whole")
+    assert reads and all(r > 1 for r in reads)  # groups of several prompts, each read at once
+    monkeypatch.setattr(capture.lens_stage, "lens_read_prompts", lambda *a: 1)  # one prompt per read
+    parts = run("parts")
+    for name in ("entropy", "lse", "kl", "topk_logit", "rise_shift"):
+        np.testing.assert_allclose(parts[name].values, whole[name].values, rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in ("topk_id", "rise_id", "fall_id"):
+        np.testing.assert_array_equal(parts[name].values, whole[name].values, err_msg=name)
+    assert bool(parts.lens_done.all())
+
+
 def test_pairs_option_and_kl_of_same_pass(make_model, tmp_path):
     base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
     settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], store=str(tmp_path / "s"),

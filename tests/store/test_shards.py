@@ -105,9 +105,14 @@ def test_a_deleted_shard_is_missing_not_padding(tmp_path):
     assert any(line.startswith("resid:") and "missing" in line for line in problems), problems
 
 
+def _partials(path):
+    return sorted(path.rglob(".*.partial"))
+
+
 def test_a_shard_row_is_written_once_when_its_last_write_group_is(tmp_path):
-    """Write groups smaller than a shard row wait, encoded, in memory; the row's last group writes its shards and
-    only then are the row's done flags set (a run killed before loses the row, never half of one)."""
+    """Write groups smaller than a shard row append their chunks to hidden ``.partial`` files (on disk, not in
+    memory); the row's last group completes and renames them and only then are the row's done flags set (a run
+    killed before loses the row, never half of one)."""
     from store.testing import tiny_template
 
     template = tiny_template(chunking=Chunking(prompt=2, layer=3, token=4, shard=4), **KW)
@@ -115,17 +120,32 @@ def test_a_shard_row_is_written_once_when_its_last_write_group_is(tmp_path):
     writer = StoreWriter.create(path, template)
     rng = np.random.default_rng(0)
     want = np.full((4, 3, 9, 8), np.nan, dtype=np.float32)
-    for rows in (slice(0, 2), slice(2, 4)):
+    for step, rows in enumerate((slice(0, 2), slice(2, 4))):
         assert chunk_files(path, "resid") == [] and not writer.done_pp()[0, :4].any()
+        if step:  # the first group's chunks are already on disk, in the row's resid and final shards
+            partials = _partials(path)
+            assert [p.relative_to(path).parts[0] for p in partials] == ["final", "resid"], partials
+            assert all(p.stat().st_size > 0 for p in partials)
         resid = rng.standard_normal((2, 3, 9, 8), dtype=np.float32)
         for i, n in enumerate(LENGTHS[rows]):
             resid[i, :, n:] = np.nan
         want[rows] = resid
         writer.write_region(0, rows, resid, resid[:, 0])
     assert len(chunk_files(path, "resid")) == 1 and writer.done_pp()[0, :4].all()
-    assert not writer.done_pp()[0, 4:].any()
+    assert not writer.done_pp()[0, 4:].any() and _partials(path) == []
     assert np.array_equal(xr.open_zarr(path).resid.isel(pass_=0, prompt=slice(0, 4)).values, want, equal_nan=True)
     assert np.array_equal(open_store(path).resid.isel(pass_=0, prompt=slice(0, 4)).values, want, equal_nan=True)
+
+
+def test_closing_a_writer_inside_a_row_drops_its_partial_shards(tmp_path):
+    from store.testing import tiny_template
+
+    path = tmp_path / "s.zarr"
+    with StoreWriter.create(path, tiny_template(chunking=Chunking(prompt=2, layer=3, token=4, shard=4), **KW)) as w:
+        resid = np.random.default_rng(0).standard_normal((2, 3, 9, 8), dtype=np.float32)
+        w.write_region(0, slice(0, 2), resid, resid[:, 0])
+        assert len(_partials(path)) == 2
+    assert _partials(path) == [] and chunk_files(path, "resid") == [] and not w.done_pp().any()
 
 
 def test_write_groups_never_cross_a_shard_row():
