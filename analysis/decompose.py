@@ -219,6 +219,40 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     )
 
 
+def decompose(ds: xr.Dataset, top_k: int = 8, cp_rank: int | None = None,
+              tucker_ranks: tuple[int, int, int] | None = None, pairs: list[str] | None = None,
+              include_massive: bool = False, massive: np.ndarray | None = None, progress=None) -> xr.Dataset:
+    """The decompositions of each pass pair's differences per layer (what ``cli.py decompose`` stores): the
+    :func:`spectra` (singular values, effective ranks, top directions, principal angles, mean differences) and
+    CP and Tucker decompositions of the (pair, layer, dim) mean differences. Computes, one layer tile at a time.
+
+    Massive-activation positions (:mod:`analysis.outliers`) are left out unless ``include_massive`` (one sink
+    position would otherwise be the whole spectrum); ``massive`` (prompt x token booleans, store order) gives
+    them when already found. ``progress`` is called with the number of layers done after each tile.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import decompose, open_store
+    >>> result = decompose(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_k=2, cp_rank=1)
+    >>> result.participation_ratio.dims, result.sizes["pair"], result.sizes["k"]
+    (('pair', 'layer'), 6, 2)
+    """
+    exclude = None
+    if not include_massive:
+        if massive is None:
+            from analysis.outliers import massive_positions
+
+            massive = massive_positions(ds).massive.values
+        exclude = np.asarray(massive) if np.asarray(massive).any() else None
+    result = spectra(ds, top_k=top_k, pairs=pairs, progress=progress, exclude_pt=exclude)
+    from analysis.tensor import tensor_decompositions
+
+    tensors = tensor_decompositions(result.mean_diff, cp_rank, tucker_ranks)
+    return result.merge(tensors).assign_attrs(**tensors.attrs)
+
+
 def default_output(store: str | Path, key: str) -> Path:
     """``NAME.decomp-KEY.zarr`` beside the store (under ``outputs/`` for a store at a URL)."""
     from store.location import local_sibling
@@ -268,21 +302,11 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
         from tqdm import tqdm
 
         bar = tqdm(total=ds.sizes["layer"], desc="decompose", unit="layer")
-    exclude = None
-    if not include_massive:
-        if massive is None:
-            from analysis.outliers import massive_positions
-
-            massive = massive_positions(ds).massive.values
-        exclude = np.asarray(massive) if np.asarray(massive).any() else None
-    result = spectra(ds, top_k=top_k, pairs=pairs, progress=bar.update if bar else None, exclude_pt=exclude)
+    result = decompose(ds, top_k, cp_rank, tucker_ranks, pairs, include_massive, massive,
+                       progress=bar.update if bar else None)
     if bar:
         bar.close()
-    from analysis.tensor import tensor_decompositions
-
-    tensors = tensor_decompositions(result.mean_diff, cp_rank, tucker_ranks)
-    result = result.merge(tensors).assign_attrs(**tensors.attrs, settings_key=key, settings=json.dumps(settings),
-                                                source_store=str(store))
+    result = result.assign_attrs(settings_key=key, settings=json.dumps(settings), source_store=str(store))
     check_replaceable(path)
     with atomic_output(path) as tmp:
         result.to_zarr(str(tmp), mode="w-", consolidated=False)

@@ -292,6 +292,15 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
     ``massive`` (prompt, token) gives the massive-activation positions when the caller has already found them;
     ``pairs`` and ``layers`` (labels) restrict the result (and the layers read).
 
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import save_identity_lens, write_tiny_store
+    >>> from analysis import diff_lens, open_store
+    >>> ds = open_store(save_identity_lens(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
+    >>> result = diff_lens(ds, k=2, top=3, pairs=["BB-SS"])
+    >>> result.promoted_id.dims, result.sizes["rank"], result.attrs["lens_source"]
+    (('pair', 'layer', 'window', 'side', 'rank'), 3, "the store's saved lens")
     """
     if "resid" not in ds:
         raise MissingData(what="residuals", fix="the difference lens reads the stored residuals")
@@ -355,7 +364,18 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
 
 def shift_rate(ds: xr.Dataset) -> xr.DataArray:
     """Per pair: the share of real positions where the right pass's top-1 norm-lens token at the last layer (with
-    statistics) is not among the left pass's top-3 (URIAL's token distribution shift). Lazy."""
+    statistics) is not among the left pass's top-3 (URIAL's token distribution shift). Lazy.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import fill_lens_statistics, write_tiny_store
+    >>> from analysis import open_store, shift_rate
+    >>> ds = open_store(fill_lens_statistics(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")))
+    >>> rate = shift_rate(ds)  # random top-k ids: nearly every position shifts
+    >>> rate.dims, bool(((rate >= 0) & (rate <= 1)).all())
+    (('pair',), True)
+    """
     if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
         raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
     from analysis import lens_sums

@@ -211,6 +211,16 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
 
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
     and token, e.g. not a massive-activation position) leaves positions out.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import factorial_shares, open_store
+    >>> shares = factorial_shares(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))).compute()
+    >>> total = shares.embedding_share + shares.body_share + shares.cross_share
+    >>> shares.body_share.dims, bool(np.allclose(total, 1))
+    (('layer',), True)
     """
     return _shares(factorial_sums(ds, over, where, by).to_dataset("term"))
 

@@ -179,6 +179,15 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
     store's statistics have a chunk per few prompts and tokens) for every (pair, prompt, layer, token), lazily.
 
     ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store, pair_metrics
+    >>> m = pair_metrics(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), names=["norm_diff"])
+    >>> m.norm_diff.dims, m.sizes["pair"]
+    (('pair', 'prompt', 'layer', 'token'), 6)
     """
     if not store_pass_pairs(ds)[0]:
         raise MissingData(what="pairs of passes", fix="capture with at least two passes")

@@ -69,6 +69,16 @@ def hotspots(metric: xr.DataArray, top_n: int = 5) -> xr.Dataset:
     (-1 and NaN where fewer real positions exist). Token strings: ``ds.token_str``
     at (prompt, token). Found in two steps, each prompt's ``top_n`` and then the best of
     those, so no step holds more than a block of prompts.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import hotspots, open_store, pair_metrics
+    >>> ds = open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr"))
+    >>> spots = hotspots(pair_metrics(ds, names=["norm_diff"]).norm_diff, top_n=3).compute()
+    >>> spots.value.dims, bool((spots.value.diff("rank") <= 0).all())
+    (('pair', 'rank'), True)
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")

@@ -14,6 +14,10 @@ Target loader / raw throughput >= 0.7, from a local path and from an fsspec URL
 (``memory://``, the same store copied into fsspec's in-memory file system).
 
     python benchmarks/loader.py --prompts 400 --repeat 3 [--layout chunks]
+
+With ``--layout both`` it compares the two layouts instead: the same prompts written as shards
+(format 4) and as chunk files (format 3), one local epoch of each in turn, ``--repeat`` times
+(alternating, and in flipped order each time, so that drift and order reach both alike), best of each.
 """
 
 from __future__ import annotations
@@ -82,18 +86,41 @@ def epoch(loader) -> tuple[float, int]:
     return time.perf_counter() - start, rows
 
 
+def compare_layouts(work: Path, n_prompts: int, repeat: int) -> dict:
+    """One local epoch of the loader on shards, then on chunk files, ``repeat`` times; the best of each."""
+    from analysis import activation_loader
+
+    loaders = {layout: activation_loader(build(work / f"loader-{n_prompts}-{layout}.zarr", n_prompts, layout),
+                                         layer=6, passes=("BB", "SS"), batch_size=4096, shuffle_buffer="256MiB")
+               for layout in ("shards", "chunks")}
+    runs: dict[str, list[float]] = {layout: [] for layout in loaders}
+    for attempt in range(repeat):  # the order flips each time: whichever runs second in a pair ran faster
+        for layout in (("shards", "chunks") if attempt % 2 else ("chunks", "shards")):
+            runs[layout].append(epoch(loaders[layout])[0])
+    best = {layout: min(times) for layout, times in runs.items()}
+    return {"machine": machine(), "prompts": n_prompts, "epoch_s": {k: round(v, 3) for k, v in best.items()},
+            "shards_over_chunks_time": round(best["shards"] / best["chunks"], 3),
+            "all_runs": {k: [round(t, 3) for t in v] for k, v in runs.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--store-dir", default=None, help="keep the synthetic store here between runs")
-    parser.add_argument("--layout", choices=("shards", "chunks"), default="shards",
-                        help="the store's layout: shards (format 4, what capture writes) or chunk files (format 3)")
+    parser.add_argument("--layout", choices=("shards", "chunks", "both"), default="shards",
+                        help="the store's layout: shards (format 4, what capture writes) or chunk files (format 3); "
+                        "both: compare their local epochs, alternating")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args()
     from analysis import activation_loader
 
     work = Path(args.store_dir or tempfile.mkdtemp(prefix="resdiff-loader-"))
+    if args.layout == "both":
+        emit_report(compare_layouts(work, args.prompts, args.repeat), args.out)
+        if not args.store_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     path = build(work / f"loader-{args.prompts}-{args.layout}.zarr", args.prompts, args.layout)
     report: dict = {"machine": machine(), "prompts": args.prompts, "layout": args.layout,
                     "files": sum(1 for f in path.rglob("*") if f.is_file())}

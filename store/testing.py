@@ -118,6 +118,27 @@ def fill_lens_statistics(path: str | Path, vocab: int = 50257, seed: int = 0) ->
     return Path(path)
 
 
+def save_identity_lens(path: str | Path, scale: float = 3.0) -> Path:
+    """Save a lens into a store written by :func:`write_tiny_store`, as ``capture --save-lens`` would: for both
+    models an unembedding whose row ``i`` is ``scale * e_i`` (a vocabulary of ``dim`` tokens, token ``i`` read
+    off dimension ``i``), no bias, an RMSNorm of unit weight. For the difference lens in tests and examples."""
+    from store.schema import add_saved_lens_variables
+    from store.writer import consolidate
+
+    hidden = open_store(path).sizes["dim"]
+    lens = add_saved_lens_variables(open_store(path), sources=["base", "sft"], vocab=hidden, hidden=hidden)
+    lens[["lens_weight", "lens_bias", "lens_norm_weight", "lens_norm_bias"]].to_zarr(str(path), mode="a",
+                                                                                     consolidated=False)
+    writer = StoreWriter(path)
+    weight = np.eye(hidden, dtype=np.float32) * scale
+    for source in (0, 1):
+        writer.write_saved_lens(source, weight, np.zeros(hidden), np.ones(hidden), np.zeros(hidden))
+    record = {"norm_kind": "rmsnorm", "norm_eps": 1e-6, "logit_multiplier": 1.0, "logit_softcap": None}
+    writer.finalize({"saved_lens": {"base": record, "sft": record}})
+    consolidate(path)
+    return Path(path)
+
+
 def assert_stores_equal(a: str | Path | xr.Dataset, b: str | Path | xr.Dataset, *, atol: float = 0.0,
                         ignore_attrs: tuple[str, ...] = ("created_at", "completed_at", "capture_settings")) -> None:
     """Assert two stores hold the same coords and data (NaN == NaN), within ``atol``."""

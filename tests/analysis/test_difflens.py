@@ -10,25 +10,16 @@ import zarr
 from analysis import open_store
 from analysis.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
 from analysis.metrics import store_pass_pairs
-from store.schema import add_saved_lens_variables
-from store.testing import write_tiny_store
-from store.writer import StoreWriter, consolidate
+from store.testing import save_identity_lens, write_tiny_store
+from store.writer import consolidate
 
 HIDDEN = 8
 
 
 def _store_with_a_planted_difference(tmp_path, promoted: int, suppressed: int):
     path = write_tiny_store(tmp_path / "s.zarr", hidden=HIDDEN, n_prompts=3)
-    ds = open_store(path)
-    lens = add_saved_lens_variables(ds, sources=["base", "sft"], vocab=HIDDEN, hidden=HIDDEN)
-    lens[["lens_weight", "lens_bias", "lens_norm_weight", "lens_norm_bias"]].to_zarr(str(path), mode="a",
-                                                                                     consolidated=False)
-    writer = StoreWriter(path)
-    weight = np.eye(HIDDEN, dtype=np.float32) * 3  # token i's unembedding row is 3 e_i
-    for source in (0, 1):
-        writer.write_saved_lens(source, weight, np.zeros(HIDDEN), np.ones(HIDDEN), np.zeros(HIDDEN))
-    record = {"norm_kind": "rmsnorm", "norm_eps": 1e-6, "logit_multiplier": 1.0, "logit_softcap": None}
-    writer.finalize({"saved_lens": {"base": record, "sft": record}})
+    save_identity_lens(path)  # token i's unembedding row is 3 e_i
+    weight = np.eye(HIDDEN, dtype=np.float32) * 3
     group = zarr.open_group(str(path), mode="r+")
     direction = weight[promoted] - weight[suppressed]
     bb = group["resid"][0]
