@@ -731,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     from store.location import parse_storage_options, set_storage_options
 
     try:
-        set_storage_options(parse_storage_options(args.storage_options))
-        return args.func(args)
+        with set_storage_options(parse_storage_options(args.storage_options)):  # undone on return
+            return args.func(args)
     except ResdiffError as exc:
         if args.debug:
             traceback.print_exc()

@@ -31,7 +31,7 @@ from capture.prompts import TokenizedPrompts
 from capture.residency import residency_schedule
 from capture.runner import StoredWindow, run_passes
 from store.chunking import shard_rows, store_groups
-from store.location import STORAGE_OPTIONS
+from store.location import current_storage_options
 from store.writer import StoreWriter
 
 PLUGIN_NAME = "resdiff-resident-model"
@@ -166,7 +166,7 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                     store_dtype=settings.store_dtype, pad_id=pad_id_of(prep.tokenizer), dtype=resolved.dtype,
                     device=resolved.device, trust_remote_code=settings.trust_remote_code,
                     allow_pickle=settings.allow_pickle, load_kwargs=settings.load_kwargs(),
-                    storage_options=dict(STORAGE_OPTIONS),
+                    storage_options=current_storage_options(),
                 )
                 for group in groups if not all(done_pp[i, group].all() for i in pass_indices)
             ]

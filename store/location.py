@@ -6,7 +6,7 @@ with a ``resdiff_creating`` attribute and no format version, which is set last, 
 half-made template is recognised and replaced rather than read.
 
 Options for the file system (credentials, ``endpoint_url``...) come from
-:func:`set_storage_options` (``--storage-option KEY=VALUE`` on the command line), from
+:class:`set_storage_options` (``--storage-option KEY=VALUE`` on the command line; scoped), from
 the ``storage_options`` argument where a function takes one, or from fsspec's own
 configuration and the provider's environment variables.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from store.errors import UsageError
 
-STORAGE_OPTIONS: dict = {}
+_STORAGE_OPTIONS: dict = {}  # set by set_storage_options (scoped), read by current_storage_options()
 CREATING_ATTR = "resdiff_creating"
 
 StorePath = str | Path
@@ -31,10 +31,38 @@ def sanitize_label(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
-def set_storage_options(options: dict) -> None:
-    """Options used for every fsspec URL opened in this process (the CLI's ``--storage-option``)."""
-    STORAGE_OPTIONS.clear()
-    STORAGE_OPTIONS.update(options)
+class set_storage_options:  # lower case: called like a function, used as a context manager (xarray.set_options)
+    """Options for every fsspec URL this process opens while they are in effect (the CLI's ``--storage-option``).
+
+    As a context manager they are undone on exit, as ``xarray.set_options`` does; called plainly (a notebook's
+    setting) they stay until set again. Threads see them (Dask's among them); worker processes do not, so the
+    code that starts them hands them :func:`current_storage_options`.
+
+    Examples
+    --------
+    >>> with set_storage_options({"anon": True}):
+    ...     current_storage_options()
+    {'anon': True}
+    >>> current_storage_options()
+    {}
+    """
+
+    def __init__(self, options: dict) -> None:
+        self._before = dict(_STORAGE_OPTIONS)
+        _STORAGE_OPTIONS.clear()
+        _STORAGE_OPTIONS.update(options)
+
+    def __enter__(self) -> set_storage_options:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _STORAGE_OPTIONS.clear()
+        _STORAGE_OPTIONS.update(self._before)
+
+
+def current_storage_options() -> dict:
+    """A copy of the options :class:`set_storage_options` put in effect."""
+    return dict(_STORAGE_OPTIONS)
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict:
@@ -93,7 +121,7 @@ def local_sibling(path: StorePath, suffix: str) -> Path:
 
 
 def _options(storage_options: dict | None) -> dict:
-    return {**STORAGE_OPTIONS, **(storage_options or {})}
+    return {**_STORAGE_OPTIONS, **(storage_options or {})}
 
 
 def filesystem(url: str, storage_options: dict | None = None):

@@ -179,3 +179,25 @@ def test_every_help_renders_its_percent_signs(capsys):
         text = capsys.readouterr().out
         assert "%%" not in text and "usage:" in text, name
     assert commands["info"].description  # a description beside its one-line help
+
+
+def test_storage_options_last_only_for_their_command(tmp_path, capsys):
+    """``--storage-option`` is in effect while its command runs (a scoped context), not for the rest of the
+    process: a notebook or test that calls ``main`` twice must not inherit the first call's credentials."""
+    from store.location import current_storage_options
+
+    seen = []
+    import store.reader
+
+    real = store.reader.open_store
+
+    def spy(*args, **kwargs):
+        seen.append(current_storage_options())
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.reader, "open_store", spy)
+        assert main(["--storage-option", "anon=true", "info", str(tmp_path / "missing.zarr")]) == 2
+    assert seen == [{"anon": True}]  # in effect during the command
+    assert current_storage_options() == {}  # and undone after it
+    assert "no resdiff store" in capsys.readouterr().err

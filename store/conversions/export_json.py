@@ -28,7 +28,7 @@ from store.completeness import lens_note, require_residuals_done
 from store.conversions.legacy_records import format1_records, prompt_text
 from store.csv_safe import safe_row
 from store.errors import NotExportable, UsageError
-from store.location import STORAGE_OPTIONS, sanitize_label
+from store.location import current_storage_options, sanitize_label
 from store.reader import open_store
 from store.schema import lens_layers
 
@@ -197,7 +197,7 @@ def export_json(store: str | Path, out_dir: str | Path = "outputs/export", lens:
         raise UsageError(f"--lens must be raw or norm, got {lens!r}")
     ds = open_store(store)
     _check_exportable(ds, store)
-    options = dict(STORAGE_OPTIONS)  # the workers are fresh processes: hand them this process's options
+    options = current_storage_options()  # the workers are fresh processes: hand them this process's options
     write = partial(_write_json, ds, store, options or None, lens)
     models = ds.attrs.get("models", {})
     base_ref, sft_ref = models.get("base", {}).get("ref", "base"), models.get("sft", {}).get("ref", "sft")

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from cli import main
-from store.location import STORAGE_OPTIONS, set_storage_options
+from store.location import current_storage_options, set_storage_options
 from store.reader import open_store
 from store.testing import assert_stores_equal
 
@@ -116,7 +116,7 @@ def test_memory_urls_and_bad_options(tiny_pair, tmp_path, capsys):
     assert "--storage-option takes KEY=VALUE" in capsys.readouterr().err
     assert main(["info", "memory://resdiff/missing.zarr"]) == 2
     assert "no resdiff store at memory://resdiff/missing.zarr" in capsys.readouterr().err
-    assert STORAGE_OPTIONS == {}
+    assert current_storage_options() == {}
 
 
 def test_analysis_and_exports_read_url_stores(tmp_path, monkeypatch, capsys):
