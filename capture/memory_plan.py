@@ -25,6 +25,7 @@ from capture.budget import (
     resident_weights,
     statistics_working_set,
 )
+from capture.errors import MemoryBudgetExceeded
 from capture.lens_stage import statistics_blocks
 from capture.prepare import Prepared, make_template, prepare
 from capture.residency import residency_schedule
@@ -33,7 +34,6 @@ from capture.settings import CaptureSettings
 from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units
 from store.chunking import chunk_slices, store_groups, token_extent
-from store.errors import MemoryBudgetExceeded
 from store.units import format_bytes
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from store.errors import ModelPairNotFound
+from capture.errors import ModelPairNotFound
 
 TINY = "tiny"
 

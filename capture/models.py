@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from store.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError, ModelMissing, PickleRefused
+from capture.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError, ModelMissing, PickleRefused
 from store.units import MODEL_DTYPES
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}  # names of store.units, as torch dtypes

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from store.errors import DuplicatePass, UnknownPass, UsageError
+from capture.errors import DuplicatePass, UnknownPass
+from store.errors import UsageError
 from store.schema import STANDARD_PASSES, every_pass_pair
 
 SOURCES = ("base", "sft")

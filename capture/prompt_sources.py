@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from store.errors import BadPromptRow, EmptyPrompt, NoPrompts, UsageError
+from capture.errors import BadPromptRow, EmptyPrompt, NoPrompts
+from store.errors import UsageError
 
 Prompt = str | list  # a text, or a conversation: list of {"role", "content"} dicts
 TEXT_FIELDS = ("text", "prompt")  # tried in this order when no --field is given

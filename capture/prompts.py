@@ -13,8 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capture.errors import EmptyPrompt, PromptTooLong
 from capture.prompt_sources import Prompt, read_prompts_file
-from store.errors import EmptyPrompt, PromptTooLong, UsageError
+from store.errors import UsageError
 from store.schema import PLAIN_ROLE, TEMPLATE_ROLE
 
 DEV_PROMPTS_FILE = Path(__file__).parent / "data" / "dev_prompts.txt"

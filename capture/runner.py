@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from capture.errors import NonFiniteActivation
 from capture.hooks import ResidualRecorder
 from capture.models import decoder, decoder_layers
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
 from capture.transfer import DeviceToHost, HostCopy, arrivals, to_device
-from store.errors import NonFiniteActivation
 
 
 @dataclass

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from capture.errors import ModelPairNotFound
 from capture.model_pairs import MODEL_PAIRS, get_model_pair
-from store.errors import ModelPairNotFound, ResdiffError
+from store.errors import ResdiffError
 
 REQUIRED = ["gpt2", "qwen0.5b", "qwen1.5b", "qwen3b", "qwen7b", "qwen-math-1.5b", "qwen-math-7b",
             "llama3.1-8b", "minitron-8b", "tiny"]

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
+from capture.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError
 from capture.job import run_capture
 from capture.models import check_compatible, load_model, read_shape
 from capture.settings import CaptureSettings
-from store.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError
 from store.reader import open_store
 
 

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from capture.errors import BadPromptRow
 from capture.prompt_sources import read_prompts_file
 from cli import main
-from store.errors import BadPromptRow, UsageError
+from store.errors import UsageError
 from store.reader import open_store
 
 TEXTS = ["The moon is bright tonight.", "Yes", "Write a poem about rivers."]

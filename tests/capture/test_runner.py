@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from capture import runner
+from capture.errors import NonFiniteActivation
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
 from capture.runner import StoredWindow, compute_batches, forward_residuals, run_passes
 from capture.transfer import DeviceToHost
-from store.errors import NonFiniteActivation, UsageError
+from store.errors import UsageError
 from tests.helpers import load
 
 # Store order: longest first; labels are source positions.
