@@ -40,7 +40,7 @@ import xarray as xr
 from store.errors import UsageError
 from store.location import StorePath
 from store.reader import ArrayRegions
-from store.units import format_bytes, parse_size
+from store.units import LOADER_DTYPES, format_bytes, parse_size
 
 NORM_SAMPLE_ROWS = 8192  # rows the normalisation factors are estimated from
 
@@ -326,8 +326,8 @@ def activation_loader(store: StorePath, layer, *, passes: Sequence[str] | None =
 
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    if dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in LOADER_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(LOADER_DTYPES)}, got {dtype!r}")
     if not 0 <= rank < world_size:
         raise UsageError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
     sel = select(store, layer, passes, pair, positions, include_massive, massive_factor, kinds, roles,

@@ -92,7 +92,7 @@ class ActivationLoader(torch.utils.data.IterableDataset):
             # The buffer is shared out among the workers, and never larger than this shard's rows.
             capacity = max(self.capacity // n_workers, self.batch_size)
             capacity = max(1, min(capacity, sum(self.selection.units[i].n for i in unit_ids)))
-        target = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        target = getattr(torch, self.dtype)  # a name of store.units.MODEL_DTYPES (the loader checks which)
         for rows, where in shuffled_batches(self._chunks(unit_ids), capacity, self.batch_size, rng, self.drop_last):
             out = torch.from_numpy(rows).to(target)
             yield (out, torch.from_numpy(where)) if self.with_positions else out

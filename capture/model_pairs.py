@@ -12,11 +12,9 @@ import difflib
 from dataclasses import dataclass
 
 from capture.errors import ModelPairNotFound
+from store import units
 
 TINY = "tiny"
-
-_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 @dataclass(frozen=True)
 class ModelPairSpec:
@@ -46,7 +44,7 @@ class ModelPairSpec:
 
     def memory_estimate_bytes(self, dtype: str | None = None) -> int:
         """Peak weights in memory: one resident model plus the other's input embeddings."""
-        per_param = _BYTES_PER_PARAM[dtype or self.dtype]
+        per_param = units.itemsize(dtype or self.dtype)
         other_embedding = self.vocab * self.hidden
         return int((self.n_params + other_embedding) * per_param)
 

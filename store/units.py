@@ -14,6 +14,7 @@ DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MODEL_DTYPES = tuple(DTYPE_ITEMSIZE)
 # Zarr has no bfloat16: residuals are stored as one of these.
 STORE_DTYPES = ("float16", "float32")
+LOADER_DTYPES = ("float32", "bfloat16")  # what the activation loader hands a trainer
 # Compression of a store's data arrays (``capture --codec``; built in store.schema.compressors). BENCHMARKS.md
 # "Codecs" has the measurements behind the default: activations are nearly incompressible, Zstd saves ~14% of
 # float16 residuals (half of it the NaN padding inside written chunks) at ~0.9 GB/s per core, LZ4 saves the
