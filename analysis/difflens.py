@@ -102,6 +102,26 @@ _EMBED_KEYS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.lan
 _NORM_KEYS = ("model.norm", "transformer.ln_f", "model.language_model.norm")
 
 
+def checkpoint_norm_kind(config: dict, has_bias: bool) -> str | None:
+    """The final norm's formula (a name of ``NORM_KINDS``) from a checkpoint's config and tensors, or None when
+    they do not say. A bias or a ``layer_norm_eps``/``layer_norm_epsilon`` means LayerNorm; ``rms_norm_eps`` means
+    RMSNorm, with Gemma's ``1 + weight`` in that family. (A capture finds the formula numerically instead, from
+    the module itself, and ``--save-lens`` records it; this reads checkpoints without torch.)
+
+    >>> checkpoint_norm_kind({"model_type": "mystery", "layer_norm_eps": 1e-5}, has_bias=False)
+    'layernorm'
+    >>> checkpoint_norm_kind({"model_type": "gemma2", "rms_norm_eps": 1e-6}, has_bias=False)
+    'rmsnorm_unit_offset'
+    >>> checkpoint_norm_kind({"model_type": "mystery"}, has_bias=False) is None
+    True
+    """
+    if has_bias or "layer_norm_eps" in config or "layer_norm_epsilon" in config:
+        return "layernorm"
+    if "rms_norm_eps" in config:
+        return "rmsnorm_unit_offset" if str(config.get("model_type", "")).startswith("gemma") else "rmsnorm"
+    return None
+
+
 def _checkpoint_lens(ref: str) -> NumpyLens:
     from safetensors import safe_open
 
@@ -118,8 +138,10 @@ def _checkpoint_lens(ref: str) -> NumpyLens:
     norm = next((k for k in _NORM_KEYS if f"{k}.weight" in tensors), None)
     if weight is None or norm is None:
         raise LensNotSaved()
-    kind = "layernorm" if config.get("model_type") == "gpt2" else (
-        "rmsnorm_unit_offset" if str(config.get("model_type", "")).startswith("gemma") else "rmsnorm")
+    kind = checkpoint_norm_kind(config, has_bias=f"{norm}.bias" in tensors)
+    if kind is None:
+        raise UsageError(f"cannot tell which final norm {ref} uses (its config names neither rms_norm_eps nor "
+                         "layer_norm_eps); capture with --save-lens, which records the lens as the model computes it")
     eps = config.get("layer_norm_epsilon") or config.get("rms_norm_eps") or config.get("layer_norm_eps") or 1e-6
     multiplier = float(config.get("logit_scale") or 1.0) / float(config.get("logits_scaling") or 1.0)
     norm_weight = tensors[f"{norm}.weight"].astype(np.float64)

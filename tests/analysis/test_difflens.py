@@ -223,3 +223,44 @@ def test_an_exactly_zero_difference_lists_no_tokens(tmp_path):
     zero = result.sel(pair="BB-SB")
     assert (zero.promoted_id.values == -1).all() and np.isnan(zero.promoted_logit.values).all()
     assert (result.sel(pair="BB-SS").promoted_id.isel(rank=0).values[1:] == 5).all()
+
+
+def _write_checkpoint(folder, config: dict, with_bias: bool):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    (folder / "config.json").write_text(__import__("json").dumps(config))
+    tensors = {"lm_head.weight": rng.standard_normal((11, HIDDEN)).astype(np.float32),
+               "model.norm.weight": rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)}
+    if with_bias:
+        tensors["model.norm.bias"] = rng.standard_normal(HIDDEN).astype(np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return tensors
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_layernorm_checkpoint_of_an_unknown_type_is_read_as_layernorm(tmp_path, with_bias):
+    """The checkpoint lens tells the norm from the config and tensors, not from a list of model types: a
+    LayerNorm model at ``model.norm`` of any ``model_type`` is normalised by its mean and variance (float64
+    reference per row), where a guess from the type read it as RMSNorm."""
+    config = {"model_type": "someone_elses_lm", "layer_norm_eps": 1e-5}
+    tensors = _write_checkpoint(tmp_path / "ckpt", config, with_bias)
+    lens = _checkpoint_lens(str(tmp_path / "ckpt"))
+    assert lens.norm_kind == "layernorm"
+    h = np.random.default_rng(1).standard_normal((3, HIDDEN)) * 2 + 0.7
+    bias = tensors.get("model.norm.bias", np.zeros(HIDDEN)).astype(np.float64)
+    want = []
+    for row in h:
+        centered = row - row.mean()
+        normed = centered / np.sqrt((centered ** 2).mean() + 1e-5) * tensors["model.norm.weight"] + bias
+        want.append(tensors["lm_head.weight"].astype(np.float64) @ normed)
+    np.testing.assert_allclose(lens.logits(h), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_whose_norm_cannot_be_told_is_refused(tmp_path):
+    from store.errors import UsageError
+
+    _write_checkpoint(tmp_path / "ckpt", {"model_type": "someone_elses_lm"}, with_bias=False)
+    with pytest.raises(UsageError, match="--save-lens"):
+        _checkpoint_lens(str(tmp_path / "ckpt"))
