@@ -34,6 +34,7 @@ import torch
 
 from capture.models import DTYPES, _text_config
 from store import units
+from store.schema import statistics_bytes_per_position
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -129,12 +130,6 @@ def group_buffers(model: ModelFootprint, group: int, n_tokens: int, out_itemsize
     """Host buffers: the group being computed, the one being written and the writer's encoded copy."""
     one = group * ((kept_layers or model.n_layers + 1) + 1) * n_tokens * model.hidden * out_itemsize
     return 3 * one
-
-
-def statistics_bytes_per_position(n_pass: int, n_pair: int, top_k: int, n_tracked: int) -> int:
-    """Bytes of lens statistics per (prompt, layer, token) position, both lenses: entropy, lse, top-k ids and
-    logits, tracked logits per pass; KL, rise and fall ids and shifts per pair (4-byte values)."""
-    return 2 * (n_pass * (2 + 2 * top_k + n_tracked) + n_pair * (1 + 4 * top_k)) * 4
 
 
 LENS_READ_BYTES = 64 * 2**20  # float32 residuals the statistics stage reads at once, of all passes

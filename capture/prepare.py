@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from capture.budget import statistics_bytes_per_position
 from capture.models import check_compatible, check_safe_weights, load_tokenizer, read_shape
 from capture.passes import Pass, PassPair, parse_pass_pairs, parse_passes
 from capture.prompts import (
@@ -34,7 +33,14 @@ from store import units
 from store.chunking import Chunking, choose_chunking, shard_prompts
 from store.errors import UsageError
 from store.location import StorePath, is_url, normalize
-from store.schema import LAYER_SEMANTICS, add_lens_variables, add_saved_lens_variables, build_template, content_digest
+from store.schema import (
+    LAYER_SEMANTICS,
+    add_lens_variables,
+    add_saved_lens_variables,
+    build_template,
+    content_digest,
+    statistics_bytes_per_position,
+)
 
 
 def _versions() -> dict[str, str]:

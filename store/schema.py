@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -238,20 +239,52 @@ def norm_formula(kind: str, h, weight, bias, eps: float, mean):
     return h / (mean(h * h) + eps) ** 0.5 * scale
 
 
-PASS_STATS = ("entropy", "lse", "topk_id", "topk_logit", "tracked_logit")
-PAIR_STATS = ("kl", "rise_id", "rise_shift", "fall_id", "fall_shift")
-_STAT_ATTRS = {
-    "entropy": {"long_name": "entropy of the lens distribution", "units": "nats"},
-    "lse": {"long_name": "log-sum-exp of the lens logits (log partition)", "units": "nats"},
-    "topk_id": {"long_name": "ids of the k largest lens logits, largest first"},
-    "topk_logit": {"long_name": "the k largest lens logits, largest first"},
-    "tracked_logit": {"long_name": "lens logit of each tracked token"},
-    "kl": {"long_name": "KL(right || left) of the lens distributions", "units": "nats"},
-    "rise_id": {"long_name": "ids of the k tokens whose logit rose most from left to right"},
-    "rise_shift": {"long_name": "logit shift right - left of rise_id (positive, largest first)"},
-    "fall_id": {"long_name": "ids of the k tokens whose logit fell most from left to right"},
-    "fall_shift": {"long_name": "logit shift right - left of fall_id (negative, most negative first)"},
-}
+@dataclass(frozen=True)
+class Statistic:
+    """One logit-lens statistic: the one table the template, the capture's memory plan and its kernels follow.
+
+    ``lead`` is ``pass_`` (one value per pass) or ``pair`` (per pass pair); ``tail`` an extra axis (``k``: the
+    top-k, ``tracked``: the tracked tokens) or None; every statistic is per (lens, prompt, layer, token).
+    """
+
+    name: str
+    lead: str
+    tail: str | None
+    dtype: str
+    long_name: str
+    units: str | None = None
+
+    def values_per_position(self, n_pass: int, n_pair: int, top_k: int, n_tracked: int) -> int:
+        """Values at one (prompt, layer, token) position, both lenses."""
+        tail = {None: 1, "k": top_k, "tracked": n_tracked}[self.tail]
+        return len(LENS_NAMES) * (n_pass if self.lead == "pass_" else n_pair) * tail
+
+
+STATISTICS = (
+    Statistic("entropy", "pass_", None, "float32", "entropy of the lens distribution", "nats"),
+    Statistic("lse", "pass_", None, "float32", "log-sum-exp of the lens logits (log partition)", "nats"),
+    Statistic("topk_id", "pass_", "k", "int32", "ids of the k largest lens logits, largest first"),
+    Statistic("topk_logit", "pass_", "k", "float32", "the k largest lens logits, largest first"),
+    Statistic("kl", "pair", None, "float32", "KL(right || left) of the lens distributions", "nats"),
+    Statistic("rise_id", "pair", "k", "int32", "ids of the k tokens whose logit rose most from left to right"),
+    Statistic("rise_shift", "pair", "k", "float32", "logit shift right - left of rise_id (positive, largest first)"),
+    Statistic("fall_id", "pair", "k", "int32", "ids of the k tokens whose logit fell most from left to right"),
+    Statistic("fall_shift", "pair", "k", "float32",
+              "logit shift right - left of fall_id (negative, most negative first)"),
+    Statistic("tracked_logit", "pass_", "tracked", "float32", "lens logit of each tracked token"),
+)  # (in the template's variable order)
+PASS_STATS = tuple(s.name for s in STATISTICS if s.lead == "pass_")
+PAIR_STATS = tuple(s.name for s in STATISTICS if s.lead == "pair")
+
+
+def statistics_bytes_per_position(n_pass: int, n_pair: int, top_k: int, n_tracked: int) -> int:
+    """Bytes of every :data:`STATISTICS` at one (prompt, layer, token) position, both lenses.
+
+    >>> statistics_bytes_per_position(4, 6, 20, 0) == 2 * (4 * (2 + 2 * 20) + 6 * (1 + 4 * 20)) * 4
+    True
+    """
+    return sum(s.values_per_position(n_pass, n_pair, top_k, n_tracked) * np.dtype(s.dtype).itemsize
+               for s in STATISTICS)
 
 
 def add_lens_variables(
@@ -279,18 +312,12 @@ def add_lens_variables(
         dims = (lead, "lens", *position) + ((tail,) if tail else ())
         return dims, da.full(shape, fill, dtype=dtype, chunks=chunks)
 
-    layout = {
-        "entropy": ("pass_", None, "float32"), "lse": ("pass_", None, "float32"),
-        "topk_id": ("pass_", "k", "int32"), "topk_logit": ("pass_", "k", "float32"),
-        "kl": ("pair", None, "float32"), "rise_id": ("pair", "k", "int32"), "rise_shift": ("pair", "k", "float32"),
-        "fall_id": ("pair", "k", "int32"), "fall_shift": ("pair", "k", "float32"),
-    }
-    if tracked_ids:
-        layout["tracked_logit"] = ("pass_", "tracked", "float32")
     data = {}
-    for name, (lead, tail, dtype) in layout.items():
-        dims, array = empty(lead, n_pass if lead == "pass_" else n_pair, tail, dtype)
-        data[name] = (dims, array, _STAT_ATTRS[name])
+    for stat in STATISTICS:
+        if stat.tail == "tracked" and not tracked_ids:
+            continue
+        dims, array = empty(stat.lead, n_pass if stat.lead == "pass_" else n_pair, stat.tail, stat.dtype)
+        data[stat.name] = (dims, array, {"long_name": stat.long_name} | ({"units": stat.units} if stat.units else {}))
     data["lens_done"] = (("prompt",), da.zeros(n_prompts, dtype=bool, chunks=flag_chunk or chunk_prompt),
                          {"long_name": "lens statistics of this prompt fully written"})
     stored = [int(la) for la in ds.layer.values]

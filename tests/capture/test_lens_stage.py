@@ -138,6 +138,30 @@ def test_a_write_group_read_in_parts_gives_the_same_statistics(make_model, tmp_p
     assert bool(parts.lens_done.all())
 
 
+def test_every_statistic_of_the_table_is_computed_and_stored(make_model, tmp_path):
+    """``store.schema.STATISTICS`` is the one list: the template declares each, the kernels compute each (real
+    values at every real position) and the memory plan prices each (its bytes per position are the stored
+    arrays' itemsizes)."""
+    from store.schema import STATISTICS, statistics_bytes_per_position
+
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], store=str(tmp_path / "s"),
+                               device="cpu", top_k=3, track=["5", "7"])
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False))
+    stored = {name for name in ds.data_vars if "lens" in ds[name].dims}
+    assert stored == {s.name for s in STATISTICS}
+    real = (ds.token < ds.n_tokens).transpose("prompt", "token").values
+    per_position = 0
+    for stat in STATISTICS:
+        values = ds[stat.name].transpose(stat.lead, "lens", "prompt", "layer", "token", ...).values
+        at_real = np.moveaxis(values, (2, 4), (0, 1))[real]
+        filled = np.isnan(at_real) if values.dtype.kind == "f" else at_real < 0
+        assert not filled.any(), f"{stat.name} has unwritten real positions"
+        per_position += int(np.prod([ds.sizes[d] for d in ds[stat.name].dims
+                                     if d not in ("prompt", "layer", "token")])) * values.dtype.itemsize
+    assert per_position == statistics_bytes_per_position(ds.sizes["pass_"], ds.sizes["pair"], 3, 2)
+
+
 def test_pairs_option_and_kl_of_same_pass(make_model, tmp_path):
     base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
     settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], store=str(tmp_path / "s"),
