@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--lens", action="store_true", help="capture the lens statistics too (default --no-lens)")
     parser.add_argument("--prompts-file", help="these prompts (one per line) instead of docstrings' first lines")
     parser.add_argument("--out", help="also write the JSON report here")
+    parser.add_argument("--keep", action="store_true", help="keep the store (by default its folder is removed: "
+                        "with --lens it is many GB)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="resdiff-scale-"))
     prompts = work / "prompts.txt"
@@ -109,6 +112,10 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.keep:
+        print(f"kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
