@@ -69,6 +69,13 @@ def string_array(values) -> np.ndarray:
     return np.array(list(values), dtype=object)
 
 
+def _as_is(dims, strings: np.ndarray) -> xr.Variable:
+    """A variable of Python strings taken as they are: given a plain object array, xarray sends every element
+    through a pandas Series (an Arrow string array under pandas 3) and back, a new object per element; for
+    20,000 prompts' token strings that was ~250 MiB of transient memory the capture's plan does not hold."""
+    return xr.Variable(dims, strings, fastpath=True)
+
+
 def build_template(
     *,
     passes: list[dict[str, str]],
@@ -139,6 +146,7 @@ def build_template(
         for row, kinds in enumerate(roles):
             roles_pt[row, : len(kinds)] = kinds
         coords["role"] = (("prompt", "token"), roles_pt)
+    coords = {name: _as_is(*value) if value[1].dtype == object else value for name, value in coords.items()}
     if templated is not None:
         coords["chat_templated"] = ("prompt", np.asarray(templated, dtype=bool))
     return xr.Dataset(
