@@ -337,6 +337,7 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
         have = have_pairs if what == "pair" else have_layers
         raise UsageError(f"unknown {what} {bad[0]!r}; the store has {', '.join(map(str, have))}")
     lenses, source = load_lenses(ds)
+    top = min(top, *(len(lens.weight_vd) for lens in lenses.values()))  # a vocabulary has only so many tokens
     where, factor = None, None
     if not include_massive:
         if massive is None:  # found while the means are read

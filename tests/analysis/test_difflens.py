@@ -264,3 +264,12 @@ def test_a_checkpoint_whose_norm_cannot_be_told_is_refused(tmp_path):
     _write_checkpoint(tmp_path / "ckpt", {"model_type": "someone_elses_lm"}, with_bias=False)
     with pytest.raises(UsageError, match="--save-lens"):
         _checkpoint_lens(str(tmp_path / "ckpt"))
+
+
+def test_top_beyond_the_vocabulary_lists_every_token(tmp_path):
+    """``--top`` larger than the vocabulary ranks the whole vocabulary (it failed with a shape error)."""
+    ds = _store_with_a_planted_difference(tmp_path, promoted=5, suppressed=2)
+    result = diff_lens(ds, k=2, top=50, include_massive=True)
+    assert result.sizes["rank"] == HIDDEN
+    cell = result.sel(pair="BB-SS")
+    assert (cell.promoted_id.isel(rank=0).values == 5).all() and (cell.suppressed_id.isel(rank=0).values == 2).all()
