@@ -63,7 +63,7 @@ class ShardFiles:
         self.prompt_axis = tuple(array.metadata.dimension_names or ()).index("prompt") \
             if "prompt" in (array.metadata.dimension_names or ()) else 0
         self._indexes: dict[tuple, tuple[tuple, np.ndarray | None]] = {}
-        self._pending: dict[tuple, dict[int, bytes]] = {}  # shards being assembled: inner chunk -> its bytes
+        self._pending: dict[tuple, _Assembling] = {}  # shards being written: their partial files and indexes
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> ShardFiles | None:
