@@ -183,11 +183,7 @@ class ShardFiles:
             for job in jobs:
                 job.result()
         finally:
-            for job in jobs:
-                job.cancel()
-            for job in jobs:
-                if not job.cancelled():
-                    job.exception()  # wait: no thread may read an fd closed below
+            _settle(jobs)  # no thread may read an fd closed below
             for fd in fds.values():
                 os.close(fd)
         return out
@@ -207,11 +203,7 @@ class ShardFiles:
                 for shard, flat, data in job.result():
                     self._append(shard, flat, data)
         finally:
-            for job in jobs:  # on a failure, no encode may still run when the caller moves on
-                job.cancel()
-            for job in jobs:
-                if not job.cancelled():
-                    job.exception()
+            _settle(jobs)  # on a failure, no encode may still run when the caller moves on
 
     def _encode_blocks(self, blocks: list[tuple]) -> list[tuple[tuple, int, bytes | None]]:
         """(shard, place in its index, stored bytes or None) of inner chunks given as (pieces, region, values):
@@ -272,6 +264,15 @@ class ShardFiles:
             os.close(assembling.fd)
             assembling.partial.unlink(missing_ok=True)
         self._indexes.pop(shard, None)
+
+
+def _settle(jobs: list) -> None:
+    """Cancel the jobs not started and wait for the rest (their errors are the caller's to have raised)."""
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        if not job.cancelled():
+            job.exception()
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
