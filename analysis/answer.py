@@ -48,8 +48,10 @@ def _pair(ds: xr.Dataset, pairs: list[str]) -> str:
 
 
 def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5) -> str:
-    values = metrics.rel_norm_diff if keep is None else metrics.rel_norm_diff.where(keep)
-    by_layer = values.mean(["prompt", "token"], skipna=True).compute()
+    from analysis.reductions import position_mean
+
+    # over real positions, a block of prompts' real tokens at a time (never the padded layout)
+    by_layer = position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep).compute()
     rows = []
     for pair in by_layer.pair.values:
         series = by_layer.sel(pair=pair).values
@@ -124,28 +126,49 @@ def _not_available(title: str, ds: xr.Dataset) -> str:
 def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
     if "kl" not in ds:
         return _not_available("Largest KL, norm lens", ds)
+    from analysis import lens_sums
     from analysis.reductions import hotspots
     from analysis.shared_prefix import shared_positions, user_start
 
     pair = _pair(ds, [str(p) for p in ds.pair.values])
     kl = ds.kl.sel(lens="norm", pair=pair, drop=True)
     repeat, count = shared_positions(ds)  # template text shared by many prompts: one row, with its count
-    kl = kl.where(xr.DataArray(~repeat, dims=("prompt", "token")))
-    spots = hotspots(kl if keep is None else kl.where(keep), top).compute()
+    once = xr.DataArray(~repeat, dims=("prompt", "token"))
+    kept = once if keep is None else once & keep
+    if lens_sums.applies(ds):  # read region by region: the variable has a chunk per few prompts and tokens
+        found = lens_sums.largest(ds, pair, "kl", "norm", top, np.asarray(kept.values, bool))
+    else:
+        spots = hotspots(kl, top, kept).compute()  # masks applied per prompt block
+        found = np.stack([spots.value.values, spots.prompt.values, spots.layer.values, spots.token.values], axis=1)
+        found = found[found[:, 1] >= 0]
     ids, n_tokens, starts = np.asarray(ds.token_id.values), np.asarray(ds.n_tokens.values), user_start(ds)
     rows = []
-    for r in range(spots.sizes["rank"]):
-        row, layer, token = int(spots.prompt[r]), int(spots.layer[r]), int(spots.token[r])  # indices
-        if row < 0:
-            continue
+    for value, row, layer, token in found:
+        row, layer, token = int(row), int(layer), int(token)  # indices
         begin = max(0, token - 4) if token < starts[row] else max(int(starts[row]), token - 4)  # from the user's text
         context = token_texts(ds, ids[row, begin:min(int(n_tokens[row]), token + 2)])
         shared = int(count[row, token])
         label = str(int(ds.prompt.values[row])) + (f" (+{shared - 1} same prefix)" if shared > 1 else "")
-        rows.append([label, int(ds.layer.values[layer]), token, "".join(context).replace("\n", "⏎"),
-                     float(spots.value[r])])
+        rows.append([label, int(ds.layer.values[layer]), token, "".join(context).replace("\n", "⏎"), float(value)])
     return (f"<h2>Largest KL({html.escape(pair)}), norm lens</h2>"
             + _table(["prompt", "layer", "token", "context", "KL [nats]"], rows))
+
+
+def _prompt_row(var: xr.DataArray, row: int) -> xr.DataArray:
+    """``var`` at one store row (prompt), in memory: read straight from the store's files where it can (a
+    selection through Dask builds a graph over every chunk of a statistics variable first, which took most
+    of half a minute on a thousand ragged prompts)."""
+    from store.reader import direct_regions
+
+    source = direct_regions(var)
+    if source is None:
+        return var.isel(prompt=row).compute()
+    axis = var.dims.index("prompt")
+    where = tuple(slice(row, row + 1) if d == "prompt" else slice(0, n) for d, n in zip(var.dims, var.shape,
+                                                                                      strict=True))
+    dims = [d for d in var.dims if d != "prompt"]
+    coords = {d: var[d].values for d in dims if d in var.coords}
+    return xr.DataArray(np.take(source.read(where), 0, axis=axis), dims=dims, coords=coords)
 
 
 def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "SS") -> str:
@@ -160,11 +183,13 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
     pair = pair if pair in [str(p) for p in ds.pair.values] else str(ds.pair.values[0])
     row = [int(p) for p in ds.prompt.values].index(prompt)
     start = int(user_start(ds)[row])
-    one = ds.sel(prompt=prompt, layer=lens_layers(ds))  # rows: the layers with statistics
+    one = ds[["n_tokens", "token_id"]].sel(prompt=prompt)
     n = int(one.n_tokens)
     columns = slice(start, n)
-    top = one.topk_id.sel(lens="norm", pass_=pass_).isel(k=0, token=columns).values  # (layer, token)
-    kl = one.kl.sel(lens="norm", pair=pair).isel(token=columns).values
+    layers = np.flatnonzero(np.isin(ds.layer.values, lens_layers(ds)))  # rows: the layers with statistics
+    top = _prompt_row(ds.topk_id, row).sel(lens="norm", pass_=pass_).isel(k=0, token=columns,
+                                                                          layer=layers).values  # (layer, token)
+    kl = _prompt_row(ds.kl, row).sel(lens="norm", pair=pair).isel(token=columns, layer=layers).values
     scale = np.nanpercentile(kl, 99) if np.isfinite(kl).any() else 1.0
     texts = token_texts(ds, one.token_id.values[columns])
     header = ('<tr><th class="corner">layer</th>' + "".join(f"<th>{html.escape(visible(t))}</th>" for t in texts)
@@ -178,7 +203,7 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
             color = f"rgba(220, 60, 40, {heat:.2f})"
             cells.append(f'<td style="background:{color}" title="KL {kl[li, t]:.3g}">'
                          f"{html.escape(visible(words[t]))}</td>")
-        body.append(f"<tr><th>{int(one.layer.values[li])}</th>{''.join(cells)}</tr>")
+        body.append(f"<tr><th>{int(ds.layer.values[layers[li]])}</th>{''.join(cells)}</tr>")
     skipped = (f" The first {start} positions, the chat template's own text before the user's, are not shown."
                if start else "")
     return (f'<h2>Token view: prompt {prompt}, pass {pass_}</h2><p>Each cell is the top token of the {pass_} pass '

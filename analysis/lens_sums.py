@@ -123,3 +123,51 @@ def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.Data
     offsets = [k - kept[0] for k in kept]
     return xr.DataArray(means[:, offsets], dims=(lead, "layer"),
                         coords={lead: ds[lead].values, "layer": [stored[k] for k in kept]}, name=name)
+
+
+def _run_top(pieces: list, top: int) -> np.ndarray:
+    """(value, row, layer, token) of the ``top`` largest kept values of one run, as rows of a float array."""
+    from analysis.reductions import _top_by_magnitude
+
+    found = []
+    for region, rows_start, kept_rt, layer_start in pieces:
+        values_rlt = materialize(region)[0, 0]  # (rows, layers, tokens)
+        values_rlt = np.where(kept_rt[:, None, :], values_rlt, np.nan)
+        picked, flat = _top_by_magnitude(values_rlt.reshape(1, -1), top)
+        for value, index in zip(picked[0], flat[0], strict=True):
+            if index >= 0:
+                r, la, t = np.unravel_index(index, values_rlt.shape)
+                found.append((value, rows_start + r, layer_start + la, t))
+    return np.asarray(found, dtype=np.float64).reshape(-1, 4)
+
+
+def largest(ds: xr.Dataset, label: str, name: str = "kl", lens: str = "norm", top: int = 8,
+            keep_pt: np.ndarray | None = None) -> np.ndarray:
+    """The ``top`` positions with the largest |value| of a statistic (``name`` at ``label`` of its lead axis,
+    under ``lens``) over the real positions of the layers with statistics that ``keep_pt`` (store row x token;
+    None: all) keeps, read a run of prompt chunks at a time: rows of (value, store row, layer index, token),
+    largest first, ties to the earliest position (as :func:`analysis.reductions.hotspots` orders them)."""
+    import dask
+
+    path = _local_path(ds)
+    var = ds[name]
+    lead_i = [str(x) for x in var[var.dims[0]].values].index(label)
+    lens_i = [str(x) for x in ds.lens.values].index(lens)
+    stored = [int(la) for la in ds.layer.values]
+    kept = [stored.index(la) for la in lens_layers(ds)]
+    layers = slice(kept[0], kept[-1] + 1)
+    source = ArrayRegions(path, name)
+    n_tokens, done = np.asarray(ds.n_tokens.values), np.asarray(ds.lens_done.values, dtype=bool)
+    keep_pt = np.ones((len(n_tokens), ds.sizes["token"]), bool) if keep_pt is None else np.asarray(keep_pt, bool)
+    chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
+    tasks = []
+    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], 4, TARGET_CHUNK_BYTES):
+        pieces = [[read_later(source, (slice(lead_i, lead_i + 1), slice(lens_i, lens_i + 1), rows, layers,
+                                       slice(0, extent))), rows.start,
+                   _real_rt(n_tokens[rows], done[rows], extent) & keep_pt[rows, :extent], layers.start]
+                  for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
+        tasks.append(dask.delayed(_run_top)(pieces, top))
+    found = np.concatenate([np.zeros((0, 4)), *dask.compute(*tasks)])
+    flat = (found[:, 1] * len(stored) + found[:, 2]) * ds.sizes["token"] + found[:, 3]
+    order = np.lexsort((flat, -np.abs(found[:, 0])))
+    return found[order[:top]]

@@ -236,13 +236,29 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
     return xr.Dataset({name: build[name]() for name in wanted if name in build})
 
 
-def summarize_over(metric: xr.DataArray, axis: str = "layer") -> xr.Dataset:
-    """mean, std (population), min and max of a metric per ``axis`` value (``layer`` or ``token``),
-    over every other position axis; padding (NaN) never enters a statistic. Lazy."""
+def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarray | None = None,
+                   where: xr.DataArray | None = None) -> xr.Dataset:
+    """mean, std (population), min and max of a metric per ``axis`` value (``layer`` or ``token``), over every
+    other position axis, at the real positions (``n_tokens`` per prompt, by default the metric's own
+    coordinate) that ``where`` (prompt, token; None: all) keeps; padding (NaN) never enters a statistic. Sums in
+    float64, a task per block of prompts touching its real tokens only. Lazy.
+
+    Examples
+    --------
+    >>> x = xr.DataArray([[[1.0, 3.0, np.nan]], [[5.0, np.nan, np.nan]]], dims=("prompt", "layer", "token"))
+    >>> s = summarize_over(x, "layer", n_tokens=np.array([2, 1]))
+    >>> [float(s[k][0]) for k in ("mean", "min", "max")], round(float(s["std"][0]), 4)
+    ([3.0, 1.0, 5.0], 1.633)
+    """
     if axis not in ("layer", "token"):
         raise UsageError(f"axis must be layer or token, got {axis!r}")
     over = [d for d in ("prompt", "layer", "token") if d in metric.dims and d != axis]
-    values = metric.astype("float32")
+    if len(over) == 2:
+        from analysis.reductions import combine_moments, prompt_moments, real_lengths
+
+        moments = prompt_moments(metric, real_lengths(metric, n_tokens), where, over=over[1])
+        return combine_moments(moments, "prompt").astype(np.result_type(metric.dtype, np.float32))
+    values = metric.astype("float32") if where is None else metric.astype("float32").where(where)
     return xr.Dataset({
         "mean": values.mean(over, skipna=True), "std": values.std(over, skipna=True),
         "min": values.min(over, skipna=True), "max": values.max(over, skipna=True),

@@ -48,6 +48,7 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
 def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
     from analysis import lens_sums
+    from analysis.reductions import position_mean
     from store.completeness import without_lens
 
     streamed = "kl" in ds and lens_sums.applies(ds)
@@ -55,7 +56,8 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
     metrics = pair_metrics(without_lens(ds) if streamed else ds, lens)
     present = [(m, label) for m, label in CURVES if m in metrics or (m == "kl" and streamed)]
-    lazy = {m: metrics[m].mean(["prompt", "token"]) for m, _ in present if m in metrics}
+    n_tokens = np.asarray(ds.n_tokens.values)  # means over real positions: a block's padding is never touched
+    lazy = {m: position_mean(metrics[m], n_tokens) for m, _ in present if m in metrics}
     if streamed:
         lazy["kl"] = lens_sums.layer_means(ds, "kl", lens)
     with warnings.catch_warnings():  # layers without statistics (--lens-layers) have no mean: not drawn

@@ -83,13 +83,16 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
     return values.sel({lead: chosen})[metrics], chosen, lead, metrics
 
 
-def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None):
+def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None, keep=None):
     repeat_pt, count_pt = shared_positions(ds)
     once = xr.DataArray(~repeat_pt, dims=("prompt", "token"))  # a position shared by many prompts, listed once
     with_lens = lens_layers(ds)  # lens metrics exist at these layers only (all, unless --lens-layers chose)
     pick = {m: values[m].sel(layer=with_lens) if m in LENS_METRICS else values[m] for m in metrics}
-    lazy = {m: (summarize_over(pick[m], axis), hotspots(pick[m].where(once), top_n),
-                seven_number_summary(pick[m])) for m in metrics}
+    # Each table reads the real positions only (what ``keep`` keeps: the massive ones are left out by default).
+    n_tokens = np.asarray(ds.n_tokens.values)
+    spots_at = once if keep is None else once & keep
+    lazy = {m: (summarize_over(pick[m], axis, n_tokens, keep), hotspots(pick[m], top_n, spots_at),
+                seven_number_summary(pick[m], n_tokens, keep)) for m in metrics}
     lazy["extra"] = extra
     with warnings.catch_warnings():
         # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
@@ -275,9 +278,8 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         found = massive_positions(ds, massive_factor)
         if not include_massive:
             keep = ~found.massive
-            values = values.where(keep)
     extra = {"found": found, "summary": summary_inputs(ds, keep)}  # computed with the tables, sharing reads
-    lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra)
+    lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra, keep)
     found = extra["found"]
     n_massive = int(found.massive.sum()) if found is not None else 0
     opening = summary_sentences(ds, extra["summary"], n_massive, not include_massive)

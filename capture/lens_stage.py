@@ -21,7 +21,7 @@ from capture.lens import Lens, lens_statistics
 from capture.transfer import DeviceToHost, arrivals, to_device
 from store.chunking import chunk_slices
 from store.reader import ArrayRegions
-from store.schema import LENS_NAMES
+from store.schema import LENS_NAMES, STATISTICS, Statistic
 from store.writer import StoreWriter, fault_point
 
 # (rows, vocabulary chunk) per lens product. The CPU kernels want cache-sized chunks; on
@@ -40,14 +40,15 @@ def _real_mask_glt(n_tokens_g: np.ndarray, lens_l: np.ndarray, n_tokens: int) ->
     return real_gt[:, None, :] & np.asarray(lens_l, dtype=bool)[None, :, None]
 
 
-# (statistic, LensStats field, lead axis, trailing axis, fill for padding)
-_FIELDS = (
-    ("entropy", "entropy_pn", "pass", None, np.nan), ("lse", "lse_pn", "pass", None, np.nan),
-    ("topk_id", "topk_id_pnk", "pass", "k", -1), ("topk_logit", "topk_logit_pnk", "pass", "k", np.nan),
-    ("tracked_logit", "tracked_pnj", "pass", "j", np.nan), ("kl", "kl_qn", "pair", None, np.nan),
-    ("rise_id", "rise_id_qnk", "pair", "k", -1), ("rise_shift", "rise_shift_qnk", "pair", "k", np.nan),
-    ("fall_id", "fall_id_qnk", "pair", "k", -1), ("fall_shift", "fall_shift_qnk", "pair", "k", np.nan),
-)
+def _stats_field(stat: Statistic) -> str:
+    """The :class:`~capture.lens.LensStats` attribute that computes ``stat``: its stem, then its axes."""
+    stem = "tracked" if stat.name == "tracked_logit" else stat.name
+    return f"{stem}_{'p' if stat.lead == 'pass_' else 'q'}n{ {None: '', 'k': 'k', 'tracked': 'j'}[stat.tail]}"
+
+
+# (statistic, LensStats field, lead axis, trailing axis, fill for padding), one per store.schema.STATISTICS
+_FIELDS = tuple((s.name, _stats_field(s), s.lead, s.tail, -1 if np.dtype(s.dtype).kind == "i" else np.nan)
+                for s in STATISTICS)
 
 
 def _group_statistics(
@@ -60,9 +61,9 @@ def _group_statistics(
     n_pass = resid_pgltd.shape[0]
     real_n = mask_glt.reshape(-1)
     h_pnd = torch.from_numpy(resid_pgltd.reshape(n_pass, real_n.size, -1)[:, real_n])
-    leads = {"pass": n_pass, "pair": len(pairs)}
-    tails = {None: (), "k": (top_k,), "j": (len(tracked_ids),)}
-    fields = [f for f in _FIELDS if leads[f[2]] and (f[3] != "j" or tracked_ids)]
+    leads = {"pass_": n_pass, "pair": len(pairs)}
+    tails = {None: (), "k": (top_k,), "tracked": (len(tracked_ids),)}
+    fields = [f for f in _FIELDS if leads[f[2]] and (f[3] != "tracked" or tracked_ids)]
     out = {
         name: np.full((leads[lead], len(LENS_NAMES), real_n.size, *tails[tail]), fill,
                       np.int32 if fill == -1 else np.float32)

@@ -128,12 +128,19 @@ class ChunkFiles:
 
     def _is_fill(self, block: np.ndarray) -> bool:
         if self.dtype.kind == "f" and np.isnan(self.fill):
-            return bool(np.isnan(block).all())
+            # fmax skips NaN, so its reduction is NaN only when every value is: no chunk-sized mask
+            return bool(block.size == 0 or np.isnan(np.fmax.reduce(block, axis=None)))
         return bool((block == self.fill).all())
 
     def encode(self, block: np.ndarray) -> bytes | None:
         """A chunk's stored bytes (compressed, then its checksum where the codecs say so); None when it holds
         only the fill value (such a chunk is not stored)."""
+        parts = self.encode_parts(block)
+        return None if parts is None else b"".join(parts)
+
+    def encode_parts(self, block: np.ndarray) -> tuple[bytes, ...] | None:
+        """:meth:`encode`'s bytes as the pieces to write one after the other (the data, then its checksum),
+        without a copy of the chunk to join them."""
         if self._is_fill(block):
             return None
         if block.shape != self.chunks:  # an edge chunk is stored at full size, filled past the array's end
@@ -144,7 +151,7 @@ class ChunkFiles:
         # An array, not bytes, goes to the compressor: Blosc takes its element size from it, as zarr's does.
         data = data.tobytes() if self.compressor is None else bytes(self.compressor.encode(data))
         # the Zarr v3 crc32c codec: the checksum of the encoded bytes, appended
-        return data + _crc32c(data) if self.checksum else data
+        return (data, _crc32c(data)) if self.checksum else (data,)
 
     def _put(self, coords: tuple[int, ...], block: np.ndarray) -> None:
         path = self.directory / self.encode_key(coords)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -36,6 +37,9 @@ from store.chunk_io import WRITE_THREADS, ChunkFiles, _codecs, _crc32c, _threads
 from store.errors import CorruptChunk
 
 EMPTY = np.uint64(2**64 - 1)
+# Encode tasks of one region queued or holding their bytes at once: enough to keep every chunk thread busy
+# while the caller appends, few enough that a region's encoded bytes never sit in memory together.
+ENCODE_WINDOW = 2 * WRITE_THREADS
 
 
 def _index_codecs_ok(codec) -> bool:
@@ -194,30 +198,42 @@ class ShardFiles:
         """Encode the inner chunks of ``regions`` (``(where, values)`` as for ``ChunkFiles.write``, chunk-aligned)
         on the chunk threads and append them to their shards' files being assembled (hidden ``.partial`` files
         that :meth:`flush` completes with their index and renames). An inner chunk equal to the fill value is
-        left out (and replaces one added before)."""
+        left out (and replaces one added before).
+
+        At most :data:`ENCODE_WINDOW` tasks are queued or held at once and each task's bytes are dropped once
+        appended, so the encoded bytes alive are a few tasks' worth, not the region's."""
         blocks = [(combo, where, values) for where, values in regions for combo in product(*self.inner._pieces(where))]
         step = max(1, -(-len(blocks) // (4 * WRITE_THREADS)))  # a few tasks per thread: encodes run in parallel
-        jobs = [_threads().submit(self._encode_blocks, blocks[i:i + step]) for i in range(0, len(blocks), step)]
+        tasks = iter(range(0, len(blocks), step))
+        jobs: deque = deque()
         try:
-            for job in jobs:
-                for shard, flat, data in job.result():
-                    self._append(shard, flat, data)
+            for start in tasks:
+                jobs.append(_threads().submit(self._encode_blocks, blocks[start:start + step]))
+                if len(jobs) >= ENCODE_WINDOW:
+                    self._append_all(jobs.popleft().result())
+            while jobs:
+                self._append_all(jobs.popleft().result())
         finally:
-            _settle(jobs)  # on a failure, no encode may still run when the caller moves on
+            _settle(list(jobs))  # on a failure, no encode may still run when the caller moves on
 
-    def _encode_blocks(self, blocks: list[tuple]) -> list[tuple[tuple, int, bytes | None]]:
-        """(shard, place in its index, stored bytes or None) of inner chunks given as (pieces, region, values):
-        a task encodes many (a chunk of a short prompt is a few KB: a task each cost more than its encoding)."""
+    def _append_all(self, encoded: list[tuple[tuple, int, tuple[bytes, ...] | None]]) -> None:
+        for shard, flat, parts in encoded:
+            self._append(shard, flat, parts)
+
+    def _encode_blocks(self, blocks: list[tuple]) -> list[tuple[tuple, int, tuple[bytes, ...] | None]]:
+        """(shard, place in its index, stored bytes in pieces or None) of inner chunks given as (pieces, region,
+        values): a task encodes many (a chunk of a short prompt is a few KB: a task each cost more than its
+        encoding)."""
         out = []
         for combo, where, values in blocks:
             block = values[tuple(s for _, s, _ in combo if s is not None)]
             int_axes = tuple(axis for axis, index in enumerate(where) if not isinstance(index, slice))
             if int_axes:
                 block = np.expand_dims(block, int_axes)
-            out.append((*self.shard_of(tuple(c for c, _, _ in combo)), self.inner.encode(block)))
+            out.append((*self.shard_of(tuple(c for c, _, _ in combo)), self.inner.encode_parts(block)))
         return out
 
-    def _append(self, shard: tuple[int, ...], flat: int, data: bytes | None) -> None:
+    def _append(self, shard: tuple[int, ...], flat: int, parts: tuple[bytes, ...] | None) -> None:
         """Write one encoded inner chunk at the end of its shard's file being assembled (the page cache takes
         it now, so a row's bytes reach the disk while its later groups are computed, not all at its end)."""
         assembling = self._pending.get(shard)
@@ -226,13 +242,15 @@ class ShardFiles:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
             assembling = self._pending[shard] = _Assembling(partial, os.open(partial, _CREATE, 0o644))
-        if data is None:
+        if parts is None:
             assembling.index.pop(flat, None)
             return
-        offset = assembling.size
-        _write_all(assembling.fd, data, offset)
-        assembling.index[flat] = (offset, len(data))
-        assembling.size = offset + len(data)
+        offset = size = assembling.size
+        for part in parts:
+            _write_all(assembling.fd, part, size)
+            size += len(part)
+        assembling.index[flat] = (offset, size - offset)
+        assembling.size = size
 
     def flush(self, prompt_row: int | None = None) -> None:
         """Complete the shards assembled so far (those of shard row ``prompt_row`` along ``prompt``, or all): each

@@ -59,3 +59,44 @@ def test_the_token_view_renders_in_chromium(page, tmp_path):
     assert 'id="token-view"' in dom and "rgba(220, 60, 40," in dom
     rendered = re.search(r'data-images-rendered="(\d+)/(\d+)"', dom)
     assert rendered and rendered.group(1) == rendered.group(2)
+
+
+@pytest.mark.parametrize("name", ["kl", "topk_id", "token_id"])
+def test_one_prompt_read_straight_from_the_files_is_the_stored_row(page, name):
+    """The token view reads its prompt's row from the chunk files, not through the store's Dask graph: the
+    same values, labels and dims (both where a direct reader applies and where it does not)."""
+    import numpy as np
+
+    from analysis.answer import _prompt_row
+    from store.reader import direct_regions
+
+    ds = open_store(page[0])
+    if name == "kl":
+        assert direct_regions(ds[name]) is not None  # a ragged local store: the direct path is the one tested
+    for row in range(ds.sizes["prompt"]):
+        got, want = _prompt_row(ds[name], row), ds[name].isel(prompt=row).compute()
+        assert got.dims == want.dims
+        np.testing.assert_array_equal(got.values, want.values)
+        for dim in got.dims:
+            if dim in want.coords:
+                np.testing.assert_array_equal(got[dim].values, want[dim].values)
+
+
+def test_largest_kl_read_by_runs_against_a_plain_loop(page):
+    """The KL table's positions, read a run of prompt chunks at a time: the largest KL at real, kept positions
+    of the layers with statistics, largest first, ties to the earliest (prompt, layer, token)."""
+    import numpy as np
+
+    from analysis import lens_sums
+
+    ds = open_store(page[0])
+    assert lens_sums.applies(ds)
+    kl = ds.kl.sel(lens="norm", pair="BB-SS").values  # (prompt, layer, token)
+    keep = np.ones((ds.sizes["prompt"], ds.sizes["token"]), bool)
+    keep[0, 1] = False  # a position left out
+    cells = [(float(kl[p, la, t]), p, la, t) for p in range(ds.sizes["prompt"]) for la in range(ds.sizes["layer"])
+             for t in range(int(ds.n_tokens.values[p])) if keep[p, t]]
+    want = sorted(cells, key=lambda c: (-c[0], c[1], c[2], c[3]))[:5]
+    got = lens_sums.largest(ds, "BB-SS", "kl", "norm", 5, keep)
+    assert [tuple(int(v) for v in row[1:]) for row in got] == [c[1:] for c in want]
+    np.testing.assert_allclose(got[:, 0], [c[0] for c in want], rtol=1e-7)

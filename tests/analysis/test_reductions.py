@@ -122,3 +122,73 @@ def test_position_sums_and_means_against_a_plain_loop(chunked):
                 want_sum[q, la], want_mean[q, la] = sum(cells), sum(cells) / len(cells)
     np.testing.assert_allclose(position_sum(values, n_tokens, where).values, want_sum, rtol=1e-12)
     np.testing.assert_allclose(position_mean(values, n_tokens, where).values, want_mean, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_summaries_over_kept_real_positions_against_a_plain_loop(chunked):
+    """summarize_over (by layer and by token) and seven_number_summary at the real positions a mask keeps, with
+    a pair axis in front, values not NaN only; a layer or token where nothing counts is NaN. Chunked: blocks of
+    prompts of uneven length. Padding holds large finite values here, so a reduction that read it would show."""
+    import xarray as xr
+
+    from analysis import summarize_over
+
+    rng = np.random.default_rng(5)
+    n_tokens = np.array([6, 5, 3, 1, 2])
+    x = rng.standard_normal((2, 5, 3, 7)) * 3 + 10  # (pair, prompt, layer, token); token 6 is never real
+    for p, n in enumerate(n_tokens):
+        x[:, p, :, n:] = 1e6
+    x[:, 1, 0, 2] = np.nan  # a real position without a value
+    x[:, :, 2] = np.nan  # a layer without any
+    keep = rng.random((5, 7)) > 0.25
+    keep[3] = False  # a prompt with nothing kept
+    values = xr.DataArray(x, dims=("pair", "prompt", "layer", "token"))
+    if chunked:  # layer tiles kept where tokens are reduced, merged where layers are
+        values = values.chunk({"prompt": 2, "layer": 2, "token": 4})
+    where = xr.DataArray(keep, dims=("prompt", "token"))
+
+    def cells(q, p=None, layer=None, token=None):
+        return [x[q, pp, la, t] for pp in range(5) for la in range(3) for t in range(n_tokens[pp])
+                if (p is None or pp == p) and (layer is None or la == layer) and (token is None or t == token)
+                and keep[pp, t] and not np.isnan(x[q, pp, la, t])]
+
+    for axis, size in (("layer", 3), ("token", 7)):
+        got = summarize_over(values, axis, n_tokens, where).compute()
+        for q in range(2):
+            for i in range(size):
+                want = np.asarray(cells(q, **{axis: i}), dtype=np.float64)
+                if want.size == 0:
+                    assert all(np.isnan(got[k].values[q, i]) for k in ("mean", "std", "min", "max")), (axis, i)
+                    continue
+                np.testing.assert_allclose(got["mean"].values[q, i], want.mean(), rtol=1e-12)
+                np.testing.assert_allclose(got["std"].values[q, i], want.std(), rtol=1e-10, atol=1e-12)
+                assert (got["min"].values[q, i], got["max"].values[q, i]) == (want.min(), want.max())
+    seven = seven_number_summary(values, n_tokens, where).compute()
+    for q in range(2):
+        per_prompt = [statistics.fmean(c) for p in range(5) if (c := cells(q, p=p))]
+        assert len(per_prompt) == 4  # prompt 3 has no kept position and no mean
+        q1, median, q3 = statistics.quantiles(per_prompt, n=4, method="inclusive")
+        want = {"min": min(per_prompt), "q1": q1, "median": median, "q3": q3, "max": max(per_prompt),
+                "mean": statistics.fmean(per_prompt), "std": statistics.pstdev(per_prompt)}
+        for name, value in want.items():
+            assert float(seven[name].values[q]) == pytest.approx(value, rel=1e-12), name
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_hotspots_among_kept_positions_are_those_of_the_masked_metric(chunked):
+    import xarray as xr
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 5, 3, 6))
+    x[:, 3, :, 2:] = np.nan  # padding
+    keep = xr.DataArray(rng.random((5, 6)) > 0.4, dims=("prompt", "token"))
+    values = xr.DataArray(x, dims=("pair", "prompt", "layer", "token"))
+    if chunked:
+        values = values.chunk({"prompt": 2})
+    got = hotspots(values, 4, where=keep).compute()
+    want = hotspots(values.where(keep), 4).compute()
+    for name in ("value", "prompt", "layer", "token"):
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+    kept = [(abs(x[q, p, la, t]), q) for q in range(2) for p in range(5) for la in range(3) for t in range(6)
+            if keep.values[p, t] and not np.isnan(x[q, p, la, t])]
+    assert np.abs(got.value.values[0, 0]) == pytest.approx(max(v for v, q in kept if q == 0), rel=1e-7)

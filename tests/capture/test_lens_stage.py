@@ -162,6 +162,16 @@ def test_every_statistic_of_the_table_is_computed_and_stored(make_model, tmp_pat
     assert per_position == statistics_bytes_per_position(ds.sizes["pass_"], ds.sizes["pair"], 3, 2)
 
 
+def test_the_stage_computes_each_statistic_from_its_kernel_field():
+    """The stage's fields come from ``STATISTICS`` and name every field of the kernels' ``LensStats`` once."""
+    import dataclasses
+
+    from capture.lens import LensStats
+    from capture.lens_stage import _FIELDS
+
+    assert sorted(f[1] for f in _FIELDS) == sorted(f.name for f in dataclasses.fields(LensStats))
+
+
 def test_pairs_option_and_kl_of_same_pass(make_model, tmp_path):
     base_dir, sft_dir = make_model("llama", seed=0), make_model("llama", seed=1)
     settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:2], store=str(tmp_path / "s"),

@@ -177,3 +177,62 @@ def test_an_unsharded_store_of_format_3_stays_readable(tmp_path, stores):
     assert open_store(old).attrs["resdiff_format_version"] == 3
     assert np.array_equal(open_store(old).resid.values, open_store(stores[1]).resid.values, equal_nan=True)
     assert verify_store(old, deep=True) == []
+
+
+def test_a_region_holds_a_bounded_window_of_encoded_chunks(tmp_path, monkeypatch):
+    """Encode tasks are submitted a window at a time and each one's bytes dropped once appended: a region's
+    encoded chunks never sit in memory together (they did, held by the tasks, until the region was written)."""
+    from concurrent.futures import Future
+
+    from store import shard_io
+    from store.testing import tiny_template
+
+    path = tmp_path / "s.zarr"
+    lengths = (40,) * 4
+    template = tiny_template(chunking=Chunking(prompt=1, layer=1, token=1, shard=4), n_prompts=4, lengths=lengths,
+                             n_layers1=3, hidden=8)
+    live, peak = [0], [0]
+
+    class Recorder:  # runs each task at once; counts the tasks whose bytes are not yet appended
+        def submit(self, fn, *args):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            future = Future()
+            future.set_result(fn(*args))
+            return future
+
+    appended = shard_io.ShardFiles._append_all
+
+    def append_all(self, encoded):
+        live[0] -= 1
+        return appended(self, encoded)
+
+    monkeypatch.setattr(shard_io, "_threads", lambda: Recorder())
+    monkeypatch.setattr(shard_io.ShardFiles, "_append_all", append_all)
+    resid = np.random.default_rng(0).standard_normal((4, 3, 40, 8), dtype=np.float32)
+    with StoreWriter.create(path, template) as writer:
+        writer.write_region(0, slice(0, 4), resid, resid[:, 0])
+    assert live[0] == 0 and 1 < peak[0] <= shard_io.ENCODE_WINDOW  # 480 inner chunks in 32 tasks
+    assert np.array_equal(open_store(path).resid.isel(pass_=0).values, resid)
+
+
+@pytest.mark.parametrize("fill_at", ["none", "some", "all"])
+def test_a_chunk_of_only_nan_is_left_out_and_any_value_kept(tmp_path, fill_at):
+    from store.chunk_io import ChunkFiles
+    from store.testing import tiny_template
+
+    path = tmp_path / "s.zarr"
+    StoreWriter.create(path, tiny_template(chunking=Chunking(prompt=2, layer=3, token=4), **KW))
+    import zarr
+
+    files = ChunkFiles.for_array(zarr.open_array(path / "resid", mode="r"))
+    block = np.ones(files.chunks, dtype=files.dtype)
+    if fill_at == "some":
+        block.flat[:-1] = np.nan  # one real value in the last place
+    elif fill_at == "all":
+        block[...] = np.nan
+    parts = files.encode_parts(block)
+    assert (parts is None) == (fill_at == "all")
+    if parts is not None:
+        assert files.encode(block) == b"".join(parts) and len(parts) == 2  # data, then its crc32c
+        assert np.array_equal(files.decode(b"".join(parts), "k"), block, equal_nan=True)
