@@ -279,6 +279,11 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         if not include_massive:
             keep = ~found.massive
     extra = {"found": found, "summary": summary_inputs(ds, keep)}  # computed with the tables, sharing reads
+    with_rate = record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3
+    if with_rate:  # its read of the last layer's statistics runs beside the residuals', not after them
+        from analysis.difflens import shift_rate
+
+        extra["rate"] = shift_rate(ds).sel(pair=chosen)
     lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra, keep)
     found = extra["found"]
     n_massive = int(found.massive.sum()) if found is not None else 0
@@ -287,10 +292,8 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         lines = [*describe_massive(ds, found, include_massive), *lines]
     if opening:
         lines = ["Summary: " + " ".join(opening), "", *lines]
-    if record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3:
-        from analysis.difflens import shift_rate
-
-        rate = shift_rate(ds).sel(pair=chosen).compute()
+    if with_rate:
+        rate = extra["rate"]
         lines.append("\ntoken distribution shift rate (URIAL: share of real positions whose right-pass top-1 token, "
                      "norm lens, last layer, is not in the left pass's top-3):")
         lines.append(table(["pair", "shift rate"], [[str(q), float(rate.sel(pair=q))] for q in chosen]))
