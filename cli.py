@@ -318,8 +318,10 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    import warnings
     from pathlib import Path
 
+    import dask
     import xarray as xr
 
     from analysis import plots
@@ -334,8 +336,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     final = Path(args.out) if args.out else local_sibling(args.store, "-plots")
     with staged_directory(final) as out:  # a run that fails adds nothing to the folder
         with _compute_context(args, ds):
-            images = [plots.layer_curves(ds, out, args.lens)]
-            found = massive_positions(ds).compute()  # once, for the heatmaps, the spectra and the page
+            # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
+            # computation, the page's tables in another: two reads of the residuals, not one per section (all
+            # at once held 2 GB under a 1 GB limit)
+            lazy = {"found": massive_positions(ds), "curves": plots.layer_curve_inputs(ds, args.lens)}
+            with warnings.catch_warnings():  # a layer without values has no mean: NaN, not drawn
+                warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN)", RuntimeWarning)
+                (computed,) = dask.compute(lazy)
+                found = computed["found"]
+                if args.html:
+                    (computed["page"],) = dask.compute(_page_inputs(args, ds, found))
+            images = [plots.layer_curves(ds, out, args.lens, computed["curves"])]
             massive = None if args.include_massive else found.massive.sel(prompt=args.prompt).values
             images.append(plots.heatmaps(ds, out, args.metric, args.prompt, args.lens, massive))
             if args.pass_metric:
@@ -345,14 +356,27 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         result = xr.open_zarr(str(path)).load()
         images += plots.spectra_plots(result, out)
         images.append(plots.cp_plot(result, out))
-        written = [*images, _plot_page(args, ds, out, images, result, found)] if args.html else images
+        written = [*images, _plot_page(args, ds, out, images, result, found, computed["page"])] if args.html \
+            else images
     for image in written:
         print(f"Wrote {final / Path(image).relative_to(out)}")
     return 0
 
 
-def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found):
-    """report.html of ``plot --html``: the opening (what changed first), the summary, the figures."""
+def _page_inputs(args: argparse.Namespace, ds, found) -> dict:
+    """The lazy numbers of the HTML page's opening and summary (``found``: the massive positions, computed)."""
+    from analysis.answer import page_inputs
+    from analysis.metrics import pair_metrics
+    from store.completeness import without_lens
+
+    keep = None if args.include_massive else ~found.massive
+    # the opening's metrics are geometric: built without graphs over the statistics variables
+    return page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep)
+
+
+def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found, computed: dict):
+    """report.html of ``plot --html``: the opening (what changed first), the summary, the figures; ``computed``:
+    :func:`_page_inputs`, computed."""
     import html
 
     import numpy as np
@@ -360,7 +384,7 @@ def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found):
     from analysis import plots
     from analysis.answer import chat_templating, opening
     from analysis.metrics import pair_metrics
-    from analysis.summary import report_summary
+    from analysis.summary import summary_sentences
     from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
 
     def ratio(q) -> str:
@@ -373,9 +397,8 @@ def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found):
     with _compute_context(args, ds):
         # the opening's metrics are geometric: built without graphs over the statistics variables
         sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, args.prompt, found,
-                                  args.include_massive)
-        keep = None if args.include_massive else ~found.massive
-        summary = report_summary(ds, keep, int(found.massive.sum()), not args.include_massive)
+                                  args.include_massive, computed)
+    summary = summary_sentences(ds, computed["summary"], int(found.massive.sum()), not args.include_massive)
     sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
     if left_out(ds):
         sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')

@@ -47,11 +47,27 @@ def _pair(ds: xr.Dataset, pairs: list[str]) -> str:
     return "BB-SS" if "BB-SS" in pairs else pairs[0]
 
 
-def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5) -> str:
+def page_inputs(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None) -> dict:
+    """The lazy numbers of the opening's tables and of the page's summary: computed together (with the layer
+    curves, ``plots.layer_curve_inputs``), they share one read of the residuals instead of one each."""
+    from analysis.factorial import FACTORIAL_PASSES, factorial_shares
     from analysis.reductions import position_mean
+    from analysis.summary import summary_inputs
 
     # over real positions, a block of prompts' real tokens at a time (never the padded layout)
-    by_layer = position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep).compute()
+    out = {"largest": position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep),
+           "summary": summary_inputs(ds, keep)}
+    if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
+        out["factorial"] = factorial_shares(ds, where=keep)
+    return out
+
+
+def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5,
+                   by_layer: xr.DataArray | None = None) -> str:
+    """The layers of largest mean relative change per pair; ``by_layer``: :func:`page_inputs`' ``largest``,
+    computed (None: computed here)."""
+    if by_layer is None:
+        by_layer = page_inputs(ds, metrics, keep)["largest"].compute()
     rows = []
     for pair in by_layer.pair.values:
         series = by_layer.sel(pair=pair).values
@@ -65,7 +81,9 @@ def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | Non
             + _table(["pair", "layers (mean rel_norm_diff)"], rows[:top * 2]))
 
 
-def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path) -> tuple[str, Path | None]:
+def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path,
+                      shares: xr.Dataset | None = None) -> tuple[str, Path | None]:
+    """The factorial shares by layer, a table and a stacked plot; ``shares`` computed already, or None."""
     from analysis.factorial import FACTORIAL_PASSES, factorial_shares
 
     if not set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
@@ -74,7 +92,7 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path) -> t
 
     from analysis.plots import _save
 
-    shares = factorial_shares(ds, where=keep).compute()
+    shares = factorial_shares(ds, where=keep).compute() if shares is None else shares
     layers = shares.layer.values
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bottom = np.zeros(len(layers))
@@ -213,17 +231,19 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
 
 
 def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, found: xr.Dataset,
-            include_massive: bool = False) -> tuple[list[str], list[Path]]:
+            include_massive: bool = False, computed: dict | None = None) -> tuple[list[str], list[Path]]:
     """The sections that open the report, and the images they made; ``found`` is
-    ``analysis.outliers.massive_positions(ds)``, computed."""
+    ``analysis.outliers.massive_positions(ds)``, computed; ``computed``: :func:`page_inputs` computed with the
+    same massive positions left out (None: each section computes its own)."""
     from analysis.outliers import describe_massive
 
     keep = None if include_massive or not bool(found.massive.any()) else ~found.massive
+    computed = computed or {}
     sections = ["<h2>Massive activations</h2><p>" + "<br>".join(html.escape(line) for line in
                                                                   describe_massive(ds, found, include_massive))
                 + "</p>"]
-    sections.append(largest_change(ds, metrics, keep))
-    factorial_html, image = factorial_section(ds, keep, out)
+    sections.append(largest_change(ds, metrics, keep, by_layer=computed.get("largest")))
+    factorial_html, image = factorial_section(ds, keep, out, computed.get("factorial"))
     sections.append(factorial_html)
     sections.append(diff_lens_section(ds, None if include_massive else found.massive))
     sections.append(kl_section(ds, keep))

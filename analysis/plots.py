@@ -45,8 +45,9 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
-    """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel."""
+def layer_curve_inputs(ds: xr.Dataset, lens: str = "norm") -> dict:
+    """The lazy per-layer means :func:`layer_curves` draws (compute them with other numbers of the store to
+    share its reads)."""
     from analysis import lens_sums
     from analysis.reductions import position_mean
     from store.completeness import without_lens
@@ -55,14 +56,21 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm") -> Path:
     # geometric curves from the residuals; KL read region by region where it can (an expression over the
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
     metrics = pair_metrics(without_lens(ds) if streamed else ds, lens)
-    present = [(m, label) for m, label in CURVES if m in metrics or (m == "kl" and streamed)]
     n_tokens = np.asarray(ds.n_tokens.values)  # means over real positions: a block's padding is never touched
-    lazy = {m: position_mean(metrics[m], n_tokens) for m, _ in present if m in metrics}
+    lazy = {m: position_mean(metrics[m], n_tokens) for m, _ in CURVES if m in metrics}
     if streamed:
         lazy["kl"] = lens_sums.layer_means(ds, "kl", lens)
-    with warnings.catch_warnings():  # layers without statistics (--lens-layers) have no mean: not drawn
-        warnings.filterwarnings("ignore", "Mean of empty", RuntimeWarning)
-        (means,) = dask.compute(lazy)
+    return lazy
+
+
+def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm", means: dict | None = None) -> Path:
+    """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel; ``means``:
+    :func:`layer_curve_inputs` computed (None: computed here)."""
+    if means is None:
+        with warnings.catch_warnings():  # layers without statistics (--lens-layers) have no mean: not drawn
+            warnings.filterwarnings("ignore", "Mean of empty", RuntimeWarning)
+            (means,) = dask.compute(layer_curve_inputs(ds, lens))
+    present = [(m, label) for m, label in CURVES if m in means]
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
     for ax, (metric, label) in zip(axes[0], present, strict=True):
         for pair in means[metric].pair.values:
