@@ -112,7 +112,8 @@ def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.Data
     token = "layer-means-" + tokenize(path, name, lens, n_tokens, done, kept)
     n_layer = layers.stop - layers.start
     tasks = []
-    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4,
+    # a run's reads hold every pair (or pass) and every layer between the first and last with statistics
+    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4 * n_layer,
                            TARGET_CHUNK_BYTES):
         pieces = [[read_later(source, (slice(None), slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))),
                    _real_rt(n_tokens[rows], done[rows], extent)]
@@ -161,7 +162,8 @@ def largest(ds: xr.Dataset, label: str, name: str = "kl", lens: str = "norm", to
     keep_pt = np.ones((len(n_tokens), ds.sizes["token"]), bool) if keep_pt is None else np.asarray(keep_pt, bool)
     chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
     tasks = []
-    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], 4, TARGET_CHUNK_BYTES):
+    cell = 4 * (layers.stop - layers.start)  # a run's reads: one label, every layer between those with statistics
+    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES):
         pieces = [[read_later(source, (slice(lead_i, lead_i + 1), slice(lens_i, lens_i + 1), rows, layers,
                                        slice(0, extent))), rows.start,
                    _real_rt(n_tokens[rows], done[rows], extent) & keep_pt[rows, :extent], layers.start]

@@ -254,8 +254,9 @@ def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarr
         raise UsageError(f"axis must be layer or token, got {axis!r}")
     over = [d for d in ("prompt", "layer", "token") if d in metric.dims and d != axis]
     if len(over) == 2:
-        from analysis.reductions import combine_moments, prompt_moments, real_lengths
+        from analysis.reductions import combine_moments, prompt_moments, real_lengths, split_where
 
+        metric, where = split_where(metric, where)
         moments = prompt_moments(metric, real_lengths(metric, n_tokens), where, over=over[1])
         return combine_moments(moments, "prompt").astype(np.result_type(metric.dtype, np.float32))
     values = metric.astype("float32") if where is None else metric.astype("float32").where(where)

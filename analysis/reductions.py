@@ -91,6 +91,7 @@ def hotspots(metric: xr.DataArray, top_n: int = 5, where: xr.DataArray | None = 
     missing = [d for d in POSITION if d not in metric.dims]
     if missing:
         raise UsageError(f"hotspots need a metric over {', '.join(POSITION)}; it lacks {', '.join(missing)}")
+    metric, where = split_where(metric, where)
     shape = [metric.sizes[d] for d in POSITION]
     # Labels of positions (texts, token strings...) are not needed to rank, and carrying them costs seconds.
     labels = [name for name, coord in metric.coords.items() if set(coord.dims) & set(POSITION)]
@@ -135,6 +136,7 @@ def seven_number_summary(metric: xr.DataArray, n_tokens: np.ndarray | None = Non
     quartiles are the inclusive (linear) ones.
     """
     if all(d in metric.dims for d in POSITION):
+        metric, where = split_where(metric, where)
         moments = prompt_moments(metric, real_lengths(metric, n_tokens), where, full=False).sum("layer")
         count = moments.sel(moment="count", drop=True)
         per_prompt = moments.sel(moment="sum", drop=True) / count.where(count > 0)
@@ -148,6 +150,14 @@ def seven_number_summary(metric: xr.DataArray, n_tokens: np.ndarray | None = Non
         "median": quartiles.sel(quantile=0.5, drop=True), "q3": quartiles.sel(quantile=0.75, drop=True),
         "max": per_prompt.max("prompt"), "mean": per_prompt.mean("prompt"), "std": per_prompt.std("prompt"),
     })
+
+
+def split_where(metric: xr.DataArray, where: xr.DataArray | None) -> tuple[xr.DataArray, xr.DataArray | None]:
+    """(metric, mask) for the per-block reductions, which take a (prompt, token) mask: a mask over more axes
+    (e.g. per ``model_pair`` of :func:`analysis.open_stores`) is applied to the metric instead."""
+    if where is None or set(where.dims) == {"prompt", "token"}:
+        return metric, where
+    return metric.where(where), None
 
 
 def real_lengths(metric: xr.DataArray, n_tokens: np.ndarray | None = None) -> np.ndarray:

@@ -192,3 +192,21 @@ def test_hotspots_among_kept_positions_are_those_of_the_masked_metric(chunked):
     kept = [(abs(x[q, p, la, t]), q) for q in range(2) for p in range(5) for la in range(3) for t in range(6)
             if keep.values[p, t] and not np.isnan(x[q, p, la, t])]
     assert np.abs(got.value.values[0, 0]) == pytest.approx(max(v for v, q in kept if q == 0), rel=1e-7)
+
+
+def test_a_mask_over_more_axes_is_applied_to_the_metric():
+    """A mask with a ``model_pair`` axis (stores stacked by ``open_stores``) gives what masking the metric gives."""
+    import xarray as xr
+
+    from analysis import summarize_over
+
+    rng = np.random.default_rng(7)
+    values = xr.DataArray(rng.standard_normal((2, 3, 2, 4)), dims=("model_pair", "prompt", "layer", "token"))
+    where = xr.DataArray(rng.random((2, 3, 4)) > 0.3, dims=("model_pair", "prompt", "token"))
+    n_tokens = np.array([4, 3, 2])
+    masked = values.where(where)
+    for got, want in ((summarize_over(values, "layer", n_tokens, where), summarize_over(masked, "layer", n_tokens)),
+                      (seven_number_summary(values, n_tokens, where), seven_number_summary(masked, n_tokens)),
+                      (hotspots(values, 3, where), hotspots(masked, 3))):
+        for name in want.data_vars:
+            np.testing.assert_allclose(got[name].values, want[name].values, rtol=1e-12)
