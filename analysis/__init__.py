@@ -7,7 +7,7 @@ derives the geometric metrics per pass and per pair and summarises them;
 each change into embeddings, body and interaction; :func:`diff_lens` reads each pair's mean difference
 through the unembedding and :func:`shift_rate` counts top-token shifts; :func:`decompose` gives spectra,
 ranks and tensor decompositions of the differences; :func:`report_summary` is ``report``'s opening in
-sentences; :mod:`analysis.lens` computes lens
+sentences; :mod:`analysis.saved_lens` computes lens
 logits of any token from a store's saved lens; :func:`activation_loader` feeds shuffled, paired
 activation batches to dictionary-learning trainers (torch is imported only when one is built).
 The errors a notebook may want to catch (:class:`ResdiffError` and its subclasses from
@@ -17,11 +17,11 @@ The errors a notebook may want to catch (:class:`ResdiffError` and its subclasse
 from analysis.decompose import decompose
 from analysis.difflens import diff_lens, shift_rate
 from analysis.factorial import factorial, factorial_shares
-from analysis.lens import lens_logits
 from analysis.loader import activation_loader
 from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.positions import real_positions
 from analysis.reductions import correlation, hotspots, seven_number_summary
+from analysis.saved_lens import lens_logits
 from analysis.summary import report_summary
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.errors import LensNotSaved, MissingData, ResdiffError, StoreFormatError, StoreNotFound, UsageError

@@ -180,7 +180,7 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
 
         client, cluster = connect(scheduler, local_cluster, memory_limit)
         try:
-            from analysis.cluster import PinBlasPlugin  # imports distributed: only when a cluster is used
+            from analysis.worker_plugins import PinBlasPlugin  # imports distributed: only when a cluster is used
 
             client.register_plugin(PinBlasPlugin())
             n = len(client.scheduler_info()["workers"])

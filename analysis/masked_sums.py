@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from analysis.kernels import kept_sums
+from analysis.dim_sums import kept_sums
 from analysis.outliers import peak_ratios
 from analysis.ragged_sums import LAYOUT, RUN_BYTES
 from analysis.regions import materialize, prompt_runs, region, summed_over_runs, token_slab

@@ -2,7 +2,7 @@
 
 Axes: pass_ or pair, prompt, layer, token (the ``dim`` axis is reduced away). Every
 function returns Dask-backed xarray objects and computes nothing; float16 residuals
-are summed in float64 by the fused kernel of :mod:`analysis.kernels` (``cosine_prev``'s
+are summed in float64 by the fused kernel of :mod:`analysis.dim_sums` (``cosine_prev``'s
 dot product, which crosses layer tiles, in float32). Padding positions are NaN in ``resid`` and so NaN here,
 which every reduction skips.
 
@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import ragged_sums
-from analysis.kernels import previous_layer_dots, residual_sums
+from analysis.dim_sums import previous_layer_dots, residual_sums
 from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
 from store.schema import every_pass_pair

@@ -1,7 +1,7 @@
 """Per-position sums over ``dim`` of a ragged store, a task per run of prompt chunks.
 
 The geometric metrics of :mod:`analysis.metrics` are functions of sums over ``dim``
-(:mod:`analysis.kernels`). On a ragged store each task here reads the regions of real data
+(:mod:`analysis.dim_sums`). On a ragged store each task here reads the regions of real data
 of a run of prompt chunks for every pass (:mod:`analysis.regions`: straight from Zarr where
 it can), applies a kernel and lays the result out as padded rows of whole prompts
 (NaN on padding): a few dozen tasks where the padded chunks number thousands, and no
@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from analysis.kernels import previous_layer_dots, residual_sums
+from analysis.dim_sums import previous_layer_dots, residual_sums
 from analysis.positions import has_padding_chunks
 from analysis.regions import materialize, prompt_runs, region, region_graph, token_slab
 from store.chunking import TARGET_CHUNK_BYTES
@@ -32,7 +32,7 @@ def applies(ds: xr.Dataset) -> bool:
 
 
 def sums_over_runs(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray) -> xr.DataArray:
-    """:func:`analysis.kernels.residual_sums` of every real position: ``S + 2Q`` terms."""
+    """:func:`analysis.dim_sums.residual_sums` of every real position: ``S + 2Q`` terms."""
     kernel = partial(residual_sums, left_q=left_q, right_q=right_q)
     return _over_runs(ds, kernel, ds.sizes["pass_"] + 2 * len(left_q), ("sums", left_q, right_q))
 
