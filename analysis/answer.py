@@ -51,15 +51,19 @@ def page_inputs(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None) 
     """The lazy numbers of the opening's tables and of the page's summary: computed together (with the layer
     curves, ``plots.layer_curve_inputs``), they share one read of the residuals instead of one each."""
     from analysis.factorial import FACTORIAL_PASSES, factorial_shares
-    from analysis.reductions import position_mean
     from analysis.summary import summary_inputs
 
-    # over real positions, a block of prompts' real tokens at a time (never the padded layout)
-    out = {"largest": position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep),
-           "summary": summary_inputs(ds, keep)}
+    out = {"largest": _largest_lazy(ds, metrics, keep), "summary": summary_inputs(ds, keep)}
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
         out["factorial"] = factorial_shares(ds, where=keep)
     return out
+
+
+def _largest_lazy(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None) -> xr.DataArray:
+    from analysis.reductions import position_mean
+
+    # over real positions, a block of prompts' real tokens at a time (never the padded layout)
+    return position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep)
 
 
 def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5,
@@ -67,7 +71,7 @@ def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | Non
     """The layers of largest mean relative change per pair; ``by_layer``: :func:`page_inputs`' ``largest``,
     computed (None: computed here)."""
     if by_layer is None:
-        by_layer = page_inputs(ds, metrics, keep)["largest"].compute()
+        by_layer = _largest_lazy(ds, metrics, keep).compute()
     rows = []
     for pair in by_layer.pair.values:
         series = by_layer.sel(pair=pair).values

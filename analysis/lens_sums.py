@@ -96,29 +96,39 @@ def _run_layer_sums(pieces: list, n_pair: int, n_layer: int) -> np.ndarray:
     return out
 
 
-def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.DataArray:
-    """(pair or pass_, layer): the mean of a per-position statistic over real positions (prompts whose
-    statistics are done) at each layer with statistics, a task per run of prompt chunks. Lazy."""
-    path = _local_path(ds)
+def _statistic_runs(ds: xr.Dataset, name: str, lens: str, lead: slice) -> tuple[list[int], list[list[tuple]]]:
+    """The reads of statistic ``name`` under ``lens`` at ``lead`` (a slice of its first axis), over every layer
+    between the first and last with statistics (one read covers them; the layers between are dropped after),
+    grouped in runs of prompt chunks of about a store chunk's bytes: (the kept layers' indices, the runs), each
+    run a list of (region, store rows, real positions (rows, tokens) of prompts whose statistics are done)."""
     var = ds[name]
-    lead = var.dims[0]
     lens_i = [str(x) for x in ds.lens.values].index(lens)
     stored = [int(la) for la in ds.layer.values]
     kept = [stored.index(la) for la in lens_layers(ds)]
-    layers = slice(kept[0], kept[-1] + 1)  # one read covers them; the layers between are dropped after
-    source = ArrayRegions(path, name)
+    layers = slice(kept[0], kept[-1] + 1)
+    source = ArrayRegions(_local_path(ds), name)
     n_tokens, done = np.asarray(ds.n_tokens.values), np.asarray(ds.lens_done.values, dtype=bool)
     chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
-    token = "layer-means-" + tokenize(path, name, lens, n_tokens, done, kept)
-    n_layer = layers.stop - layers.start
-    tasks = []
-    # a run's reads hold every pair (or pass) and every layer between the first and last with statistics
-    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], var.sizes[lead] * 4 * n_layer,
-                           TARGET_CHUNK_BYTES):
-        pieces = [[read_later(source, (slice(None), slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))),
-                   _real_rt(n_tokens[rows], done[rows], extent)]
-                  for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
-        tasks.append((_run_layer_sums, pieces, var.sizes[lead], n_layer))
+    cell = len(range(*lead.indices(var.shape[0]))) * 4 * (layers.stop - layers.start)  # float32 per (row, token)
+    runs = [[(read_later(source, (lead, slice(lens_i, lens_i + 1), rows, layers, slice(0, extent))), rows,
+              _real_rt(n_tokens[rows], done[rows], extent))
+             for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
+            for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES)]
+    return kept, runs
+
+
+def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.DataArray:
+    """(pair or pass_, layer): the mean of a per-position statistic over real positions (prompts whose
+    statistics are done) at each layer with statistics, a task per run of prompt chunks. Lazy."""
+    var = ds[name]
+    lead = var.dims[0]
+    stored = [int(la) for la in ds.layer.values]
+    kept, runs = _statistic_runs(ds, name, lens, slice(None))
+    token = "layer-means-" + tokenize(_local_path(ds), name, lens, np.asarray(ds.n_tokens.values),
+                                      np.asarray(ds.lens_done.values, dtype=bool), kept)
+    n_layer = kept[-1] - kept[0] + 1
+    tasks = [(_run_layer_sums, [[region, real_rt] for region, _, real_rt in run], var.sizes[lead], n_layer)
+             for run in runs]
     sums = summed_over_runs(token, tasks, (var.sizes[lead] + 1, n_layer))
     means = sums[:-1] / sums[-1:]
     offsets = [k - kept[0] for k in kept]
@@ -150,26 +160,13 @@ def largest(ds: xr.Dataset, label: str, name: str = "kl", lens: str = "norm", to
     largest first, ties to the earliest position (as :func:`analysis.reductions.hotspots` orders them)."""
     import dask
 
-    path = _local_path(ds)
     var = ds[name]
     lead_i = [str(x) for x in var[var.dims[0]].values].index(label)
-    lens_i = [str(x) for x in ds.lens.values].index(lens)
-    stored = [int(la) for la in ds.layer.values]
-    kept = [stored.index(la) for la in lens_layers(ds)]
-    layers = slice(kept[0], kept[-1] + 1)
-    source = ArrayRegions(path, name)
-    n_tokens, done = np.asarray(ds.n_tokens.values), np.asarray(ds.lens_done.values, dtype=bool)
-    keep_pt = np.ones((len(n_tokens), ds.sizes["token"]), bool) if keep_pt is None else np.asarray(keep_pt, bool)
-    chunks = var.data.chunks  # (lead, lens, prompt, layer, token)
-    tasks = []
-    cell = 4 * (layers.stop - layers.start)  # a run's reads: one label, every layer between those with statistics
-    for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES):
-        pieces = [[read_later(source, (slice(lead_i, lead_i + 1), slice(lens_i, lens_i + 1), rows, layers,
-                                       slice(0, extent))), rows.start,
-                   _real_rt(n_tokens[rows], done[rows], extent) & keep_pt[rows, :extent], layers.start]
-                  for rows, extent in zip(run.chunk_rows, run.extents, strict=True)]
-        tasks.append(dask.delayed(_run_top)(pieces, top))
+    kept, runs = _statistic_runs(ds, name, lens, slice(lead_i, lead_i + 1))
+    keep_pt = np.ones((ds.sizes["prompt"], ds.sizes["token"]), bool) if keep_pt is None else np.asarray(keep_pt, bool)
+    tasks = [dask.delayed(_run_top)([[region, rows.start, real_rt & keep_pt[rows, :real_rt.shape[1]], kept[0]]
+                                     for region, rows, real_rt in run], top) for run in runs]
     found = np.concatenate([np.zeros((0, 4)), *dask.compute(*tasks)])
-    flat = (found[:, 1] * len(stored) + found[:, 2]) * ds.sizes["token"] + found[:, 3]
+    flat = (found[:, 1] * ds.sizes["layer"] + found[:, 2]) * ds.sizes["token"] + found[:, 3]
     order = np.lexsort((flat, -np.abs(found[:, 0])))
     return found[order[:top]]

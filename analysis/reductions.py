@@ -98,8 +98,7 @@ def hotspots(metric: xr.DataArray, top_n: int = 5, where: xr.DataArray | None = 
     values = metric.drop_vars(labels).astype("float32").transpose(..., *POSITION)
     lazy = values.chunks is not None
     per_prompt = min(top_n, shape[1] * shape[2])
-    keep = xr.DataArray(np.ones((shape[0], shape[2]), bool), dims=("prompt", "token")) if where is None \
-        else where.drop_vars(list(where.coords)).transpose("prompt", "token")
+    keep = _keep_pt(values, where)
     if lazy:
         keep = keep.chunk({"prompt": values.chunks[values.dims.index("prompt")], "token": -1})
     top_v, top_i = xr.apply_ufunc(
@@ -160,6 +159,13 @@ def split_where(metric: xr.DataArray, where: xr.DataArray | None) -> tuple[xr.Da
     return metric.where(where), None
 
 
+def _keep_pt(x: xr.DataArray, where: xr.DataArray | None) -> xr.DataArray:
+    """The (prompt, token) mask of the per-block reductions, without labels (positions match ``x``'s)."""
+    if where is None:
+        return xr.DataArray(np.ones((x.sizes["prompt"], x.sizes["token"]), bool), dims=("prompt", "token"))
+    return where.drop_vars(list(where.coords)).transpose("prompt", "token")
+
+
 def real_lengths(metric: xr.DataArray, n_tokens: np.ndarray | None = None) -> np.ndarray:
     """Each prompt's real tokens: ``n_tokens``, else the metric's ``n_tokens`` coordinate, else every token
     (NaN still marks padding then; only the work is not cut to the real tokens)."""
@@ -207,8 +213,7 @@ def prompt_moments(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | 
     that ``where`` (prompt, token; None: all) keeps and where ``x`` is not NaN. A task per block of prompts
     touches its real tokens only (on a ragged store a small share of the padded layout). Lazy when ``x`` is."""
     x = x.transpose(..., "prompt", "layer", "token")
-    keep = xr.DataArray(np.ones((x.sizes["prompt"], x.sizes["token"]), bool), dims=("prompt", "token")) \
-        if where is None else where.transpose("prompt", "token")
+    keep = _keep_pt(x, where)
     kwargs = {"over": over, "full": full}
     n_moments = len(MOMENTS) if full else 2
     if x.chunks is None:
