@@ -301,7 +301,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
                                        tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pass_pair,
                                        out=args.out, force=args.force, progress=not args.quiet,
                                        include_massive=args.include_massive)
-    res = xr.open_zarr(str(path))
+    res = xr.open_zarr(str(path)).load()  # small: a few numbers per pair and layer
     print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
     ratio = res.participation_ratio.values  # (pair, layer); NaN where the differences are all zero
     zero = [str(q) for q, row in zip(res.pair.values, ratio, strict=True) if not np.isfinite(row).any()]

@@ -122,17 +122,25 @@ def threads_for(limit: int, tile: int, cores: int | None = None, one_heap: bool 
     return roomy, False
 
 
-def parallelism() -> int:
-    """Tasks that run at once under the current scheduler: a cluster's threads or the local threads."""
+def cluster_client():
+    """The dask.distributed client that computations go to, or None (local threads)."""
     import sys
 
-    if "distributed" in sys.modules:
-        from distributed import get_client
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_client
 
-        try:
-            return max(1, sum(w["nthreads"] for w in get_client().scheduler_info()["workers"].values()))
-        except ValueError:  # no client in this context
-            pass
+    try:
+        return get_client()
+    except ValueError:  # no client in this context
+        return None
+
+
+def parallelism() -> int:
+    """Tasks that run at once under the current scheduler: a cluster's threads or the local threads."""
+    client = cluster_client()
+    if client is not None:
+        return max(1, sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()))
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 

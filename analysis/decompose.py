@@ -23,104 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dask
 import numpy as np
 import xarray as xr
 
+from analysis.compute import parallelism
+from analysis.gram_sums import GramSums, layer_tile, pair_grams
 from analysis.metrics import store_pass_pairs
-from analysis.positions import has_padding_chunks, real_positions, rows_per_chunk
 from store.errors import UsageError
-from store.reader import is_padding_block
 from store.schema import string_array
-
-
-def _gram_block(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    # (prompt, layer, token, dim) x 2 -> (1, layer, dim, dim + 2): Gram, sum of rows, count of real rows.
-    # One layer at a time keeps the float64 difference small; the Gram is a BLAS product.
-    n_layer, n_dim = left.shape[1], left.shape[3]
-    out = np.zeros((1, n_layer, n_dim, n_dim + 2))
-    if is_padding_block(left) and is_padding_block(right):
-        return out
-    for layer in range(n_layer):
-        diff_nd = (right[:, layer].astype(np.float64) - left[:, layer]).reshape(-1, n_dim)
-        real = ~np.isnan(diff_nd).any(axis=1)
-        diff_nd = diff_nd[real]
-        out[0, layer, :, :n_dim] = diff_nd.T @ diff_nd
-        out[0, layer, :, n_dim] = diff_nd.sum(axis=0)
-        out[0, layer, :, n_dim + 1] = real.sum()
-    return out
-
-
-def _layer_sums(ds: xr.Dataset, left: str, right: str, layers: slice, exclude_pt: np.ndarray | None = None
-                ) -> np.ndarray:
-    """Gram, row sums and counts per layer of ``layers``, accumulated block by block in place.
-
-    A few prompt blocks (one per worker thread) are computed at a time and added into one
-    float64 accumulator, so memory holds the accumulator plus those blocks, never a tree
-    of Gram-sized partial sums. ``exclude_pt`` (prompt x token, store order) leaves positions out.
-    """
-    sub = ds.isel(layer=layers)
-    if has_padding_chunks(sub):
-        # A ragged store: its real rows, regrouped into blocks about a store chunk's size (only the chunks
-        # that hold real positions are read), as (position, layer, token = 1, dim) for the same block function.
-        rows = real_positions(sub, rows=rows_per_chunk(sub.resid)).transpose("pass_", "position", "layer", "dim")
-        if exclude_pt is not None:
-            row_of = {label: i for i, label in enumerate(ds.prompt.values)}
-            out = exclude_pt[[row_of[p] for p in rows.prompt.values], rows.token.values]
-            rows = rows.isel(position=np.flatnonzero(~out))
-        a, b = (rows.sel(pass_=p).data[:, :, None, :].rechunk({1: -1, 3: -1}) for p in (left, right))
-    else:
-        resid = sub.resid
-        if exclude_pt is not None:  # excluded rows become NaN, which the block function leaves out
-            resid = resid.where(xr.DataArray(~exclude_pt, dims=("prompt", "token")))
-        # (prompt chunk, token chunk) blocks of all the tile's layers: a block's size is the store chunks'.
-        a, b = (resid.sel(pass_=p).data.rechunk({1: -1, 3: -1}) for p in (left, right))
-    n_layer, n_dim = a.shape[1], a.shape[3]
-    blocks = [dask.delayed(_gram_block)(a.blocks[i, 0, j, 0], b.blocks[i, 0, j, 0])
-              for i in range(a.numblocks[0]) for j in range(a.numblocks[2])]
-    total = np.zeros((n_layer, n_dim, n_dim + 2))
-    step = _blocks_at_once(total.nbytes, a.dtype.itemsize * int(np.prod(a.chunksize)))
-    for start in range(0, len(blocks), step):
-        for part in dask.compute(*blocks[start:start + step]):
-            total += part[0]
-    return total
-
-
-def _blocks_at_once(gram_bytes: int, chunk_bytes: int) -> int:
-    """Prompt blocks computed together: one per worker thread, fewer under a memory limit."""
-    from analysis.compute import memory_limit, parallelism, release_freed_memory_early
-
-    step, limit = parallelism(), memory_limit()
-    if limit is None:
-        return step
-    # Gram-sized buffers go straight back to the OS; chunk-sized ones are reused from the heap.
-    release_freed_memory_early(mmap_threshold=min(gram_bytes, 32 * 2**20))
-    # Both passes' chunks, the block's Gram and its copies on the way out of the task (measured: about 4 Grams).
-    per_block = 2 * chunk_bytes + 4 * gram_bytes
-    fits = (limit - gram_bytes) // per_block
-    if fits < 1:
-        raise UsageError(f"--memory-limit {limit / 1e6:.0f} MB is too small to decompose this store: one block "
-                         f"needs about {(gram_bytes + per_block) / 1e6:.0f} MB (layer tile x dim x dim Gram "
-                         "matrices in float64); raise the limit")
-    return max(1, min(step, fits))
-
-
-def _layer_tile(ds: xr.Dataset) -> int:
-    """Layers per computation: the store's layer chunk, fewer under a memory limit so that a block (its Gram
-    matrices and both passes' chunks, :func:`_blocks_at_once`) and the accumulator fit."""
-    from analysis.compute import memory_limit
-
-    chunk = ds.resid.data.chunksize if hasattr(ds.resid.data, "chunksize") else ds.resid.shape
-    tile = chunk[2]  # (pass_, prompt, layer, token, dim)
-    limit = memory_limit()
-    if limit is None:
-        return tile
-    gram = ds.sizes["dim"] * (ds.sizes["dim"] + 2) * 8  # per layer
-    block = int(np.prod(chunk[1:], dtype=np.int64)) // chunk[2] * ds.resid.dtype.itemsize  # per layer, one pass
-    # Half the limit by the model: measured, a one-block tile of 15 layers (model 500 MB) took 605 MB.
-    return max(1, min(tile, limit // (2 * (5 * gram + 2 * block))))
 
 
 def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +41,15 @@ def _spectrum(gram_dd: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(values)[::-1]
     singular = np.sqrt(np.clip(values[order], 0.0, None))
     return singular, vectors[:, order[:top_k]].T
+
+
+def _slot_spectra(sums: GramSums, top_k: int) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """The spectrum of each Gram of ``sums`` by (layer offset, slot): pairs sharing a Gram share it (slot -1,
+    no difference at all, has none). Computed on the worker threads (eigh releases the GIL)."""
+    first = {(offset, int(slot)): q for (q, offset), slot in np.ndenumerate(sums.slot_ql) if slot >= 0}
+    with ThreadPoolExecutor(parallelism()) as pool:
+        spectra = pool.map(lambda key: _spectrum(sums.gram(first[key], key[0]), top_k), first)
+        return dict(zip(first, spectra, strict=True))
 
 
 def _ranks(singular_k: np.ndarray) -> tuple[float, int, int]:
@@ -158,12 +80,14 @@ def settings_key(ds: xr.Dataset, settings: dict) -> str:
 
 
 def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, progress=None,
-            exclude_pt: np.ndarray | None = None) -> xr.Dataset:
+            exclude_pt: np.ndarray | None = None, massive_factor: float | None = None) -> xr.Dataset:
     """Spectra, effective ranks, top directions, principal angles and mean differences per pair and layer.
 
-    Computes one layer tile of the store at a time (use :func:`analysis.compute.compute_on`
-    to choose threads or a cluster). ``exclude_pt`` (prompt x token booleans, store order;
-    e.g. massive-activation positions) leaves positions out.
+    Computes every pair from one read of each pass (:mod:`analysis.gram_sums`), the store's
+    layers at once or, under a memory limit, a tile of them at a time (use
+    :func:`analysis.compute.compute_on` to choose threads or a cluster). ``exclude_pt``
+    (prompt x token booleans, store order) leaves positions out; ``massive_factor`` also
+    the massive-activation positions at that factor (:mod:`analysis.outliers`), found while reading.
     """
     if "resid" not in ds:
         raise UsageError("decompositions need residuals; this store is statistics-only (from import-json)")
@@ -179,19 +103,29 @@ def spectra(ds: xr.Dataset, top_k: int = 8, pairs: list[str] | None = None, prog
     direction = np.full((len(chosen), n_layer, top_k, n_dim), np.nan)
     mean_diff = np.full((len(chosen), n_layer, n_dim), np.nan)
     ranks = np.full((3, len(chosen), n_layer), np.nan)
-    tile = _layer_tile(ds)
+    passes = [str(p) for p in ds.pass_.values]
+    left_q = np.array([passes.index(lefts[names.index(p)]) for p in chosen], dtype=np.int64)
+    right_q = np.array([passes.index(rights[names.index(p)]) for p in chosen], dtype=np.int64)
+    tile = layer_tile(ds, len(chosen))
+    if massive_factor is not None and tile < n_layer:  # found from every layer: first, in a pass of their own
+        from analysis.outliers import massive_positions
+
+        massive = np.asarray(massive_positions(ds, massive_factor).massive.values)
+        exclude_pt = massive if exclude_pt is None else exclude_pt | massive
+        massive_factor = None
     for start in range(0, n_layer, tile):
         layers = slice(start, min(start + tile, n_layer))
-        # One pair per computation: its Gram matrices are the largest objects alive (reads repeat, FLOPs do not).
-        for q, pair in enumerate(chosen):
-            sums_lde = _layer_sums(ds, lefts[names.index(pair)], rights[names.index(pair)], layers, exclude_pt)
-            for offset, gram_de in enumerate(sums_lde):
-                layer = start + offset
-                count = gram_de[0, -1]
-                singular[q, layer], direction[q, layer] = _spectrum(gram_de[:, :n_dim], top_k)
+        sums = pair_grams(ds, left_q, right_q, layers, exclude_pt, massive_factor)
+        found = _slot_spectra(sums, top_k)
+        for offset in range(layers.stop - start):
+            layer = start + offset
+            for q in range(len(chosen)):
+                slot = int(sums.slot_ql[q, offset])
+                singular[q, layer], direction[q, layer] = found[offset, slot] if slot >= 0 else \
+                    (np.zeros(n_comp), np.full((top_k, n_dim), np.nan))
                 if not singular[q, layer].any():  # the pair's passes agree exactly here: no directions
                     direction[q, layer] = np.nan
-                mean_diff[q, layer] = gram_de[:, n_dim] / max(count, 1)
+                mean_diff[q, layer] = sums.sum_qld[q, offset] / max(sums.count_ql[q, offset], 1)
                 ranks[:, q, layer] = _ranks(singular[q, layer])
         if progress:
             progress(layers.stop - layers.start)
@@ -239,14 +173,11 @@ def decompose(ds: xr.Dataset, top_k: int = 8, cp_rank: int | None = None,
     >>> result.participation_ratio.dims, result.sizes["pair"], result.sizes["k"]
     (('pair', 'layer'), 6, 2)
     """
-    exclude = None
-    if not include_massive:
-        if massive is None:
-            from analysis.outliers import massive_positions
+    from analysis.outliers import MASSIVE_FACTOR
 
-            massive = massive_positions(ds).massive.values
-        exclude = np.asarray(massive) if np.asarray(massive).any() else None
-    result = spectra(ds, top_k=top_k, pairs=pairs, progress=progress, exclude_pt=exclude)
+    exclude = None if include_massive or massive is None else np.asarray(massive, dtype=bool)
+    factor = MASSIVE_FACTOR if not include_massive and massive is None else None
+    result = spectra(ds, top_k=top_k, pairs=pairs, progress=progress, exclude_pt=exclude, massive_factor=factor)
     from analysis.tensor import tensor_decompositions
 
     tensors = tensor_decompositions(result.mean_diff, cp_rank, tucker_ranks)

@@ -87,21 +87,72 @@ def test_rank_rule_reuse_and_conflicts(planted, tmp_path):
     assert not list(planted.parent.glob("*.partial"))
 
 
-def test_a_memory_limit_picks_smaller_layer_tiles_with_the_same_spectra(planted):
-    from analysis.compute import compute_on
-    from analysis.decompose import _layer_tile, spectra
+def test_layer_tiles_of_a_memory_limit_give_the_same_spectra(planted, monkeypatch):
+    import importlib
 
+    from analysis.compute import compute_on
+    from analysis.gram_sums import layer_tile
+
+    module = importlib.import_module("analysis.decompose")
     ds = open_store(planted)
-    whole = spectra(ds, top_k=2, pairs=["BS-SB"])
-    gram = 16 * 18 * 8  # per layer of this store's 16 dims
-    with compute_on(memory_limit=12 * gram, tile=1):
-        assert _layer_tile(ds) == 1 < ds.resid.data.chunksize[2]  # the store's tile is 2 layers
-        tiled = spectra(ds, top_k=2, pairs=["BS-SB"])
+    whole = module.spectra(ds, top_k=2, pairs=["BS-SB", "BB-SS"])
+    def tile(limit: int) -> int:
+        with compute_on(memory_limit=limit, tile=1):
+            try:
+                return layer_tile(ds, 2)
+            except UsageError as error:
+                assert "too small to decompose" in str(error)
+                return 0
+
+    refused, fits = 10**3, 10**10
+    assert tile(refused) == 0 and tile(fits) == ds.sizes["layer"]
+    while fits - refused > 64:  # the least limit that fits, to 64 bytes: one layer at a time
+        middle = (refused + fits) // 2
+        refused, fits = (refused, middle) if tile(middle) else (middle, fits)
+    assert tile(fits) == 1 < ds.sizes["layer"]
+    tiles = [tile(x) for x in np.linspace(fits, 2 * fits, 50).astype(int)]
+    assert tiles == sorted(tiles) and tiles[-1] == ds.sizes["layer"]  # tiles grow with the limit
+    monkeypatch.setattr(module, "layer_tile", lambda ds, n_pair: 1)
+    tiled = module.spectra(ds, top_k=2, pairs=["BS-SB", "BB-SS"])
     np.testing.assert_allclose(tiled.singular_value.values, whole.singular_value.values, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(tiled.mean_diff.values, whole.mean_diff.values, rtol=1e-12, atol=1e-15)
 
 
-def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path):
+def test_shared_grams_split_on_the_first_different_addition():
+    """Copy on write: pairs share a Gram while they receive the same additions, each against its own plain sum."""
+    from analysis.gram_sums import GramSums, _add_gram, _add_rows
+
+    rng = np.random.default_rng(3)
+    sums, plain = GramSums(4, 2, 3), np.zeros((4, 2, 3, 3))
+    for step in range(16):
+        layer = step % 2
+        groups = np.zeros(4, dtype=int) + 1 if step < 4 else rng.integers(0, 3, 4)  # first: all pairs alike
+        parts = []
+        for g in range(3):  # pairs of a group get the same addition; group 0 gets zero
+            members = list(np.flatnonzero(groups == g))
+            rows = rng.standard_normal((5, 3))
+            parts.append((members, None if g == 0 else _add_rows(rows) if step % 3 else _add_gram(rows.T @ rows)))
+            plain[members, layer] += 0 if g == 0 else rows.T @ rows
+        sums.add(layer, parts)
+    for q in range(4):
+        for layer in range(2):
+            np.testing.assert_allclose(sums.gram(q, layer), plain[q, layer], rtol=1e-12, atol=1e-12)
+    # equal additions keep one array; a different one splits it, and so does none
+    shared, one = GramSums(3, 1, 2), np.ones((2, 2))
+    shared.add(0, [([0, 1, 2], _add_gram(one))])
+    assert len(shared.grams) == 1 and (shared.slot_ql[:, 0] == 0).all()
+    shared.add(0, [([0, 1], _add_gram(one)), ([2], _add_gram(2 * one))])
+    assert shared.slot_ql[0, 0] == shared.slot_ql[1, 0] != shared.slot_ql[2, 0]
+    np.testing.assert_array_equal(shared.gram(0, 0), 2 * one)
+    np.testing.assert_array_equal(shared.gram(2, 0), 3 * one)
+    shared.add(0, [([1], _add_gram(one))])
+    np.testing.assert_array_equal(shared.gram(0, 0), 2 * one)
+    np.testing.assert_array_equal(shared.gram(1, 0), 3 * one)
+    np.testing.assert_array_equal(shared.gram(2, 0), 3 * one)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path, dtype):
     """SB = BB and SS = BS (frozen input embeddings): two pairs are exactly zero and four share one Gram; every
     pair's spectrum and mean difference equal a float64 reference computed pair by pair from the rows."""
     import zarr
@@ -111,10 +162,12 @@ def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path)
     from store.writer import consolidate
 
     path = write_tiny_store(tmp_path / "s.zarr", n_prompts=5, lengths=(7, 3, 6, 2, 5), hidden=6, n_layers1=3,
-                            store_dtype="float16", chunking=Chunking(prompt=2, layer=3, token=4))
+                            store_dtype=dtype, chunking=Chunking(prompt=2, layer=3, token=4))
     group = zarr.open_group(str(path), mode="r+")
-    group["resid"][2] = group["resid"][0]  # SB = BB
-    group["resid"][3] = group["resid"][1]  # SS = BS
+    resid = group["resid"][:]
+    resid[:, :, 1:, 0] *= 40  # a sink at the first token
+    resid[2], resid[3] = resid[0], resid[1]  # SB = BB, SS = BS
+    group["resid"][:] = resid
     consolidate(path)
     ds = open_store(path)
     result = spectra(ds, top_k=2)
@@ -132,3 +185,75 @@ def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path)
             np.testing.assert_allclose(result.mean_diff.sel(pair=pair).isel(layer=layer).values, d.mean(axis=0),
                                        rtol=1e-9, atol=1e-12)
     assert not result.singular_value.sel(pair="BB-SB").values.any()
+    from analysis.gram_sums import pair_grams
+
+    pairs = [str(p).split("-") for p in result.pair.values]
+    sums = pair_grams(ds, np.array([passes.index(a) for a, _ in pairs]), np.array([passes.index(b) for _, b in pairs]),
+                      slice(0, ds.sizes["layer"]))
+    assert len(sums.grams) == ds.sizes["layer"]  # one product per layer: four pairs share it, two are zero
+    from analysis.outliers import MASSIVE_FACTOR, massive_positions
+
+    found = massive_positions(ds).massive.values
+    assert found.any()
+    reading = spectra(ds, top_k=2, massive_factor=MASSIVE_FACTOR)  # each distinct pass's norms, once
+    np.testing.assert_array_equal(reading.singular_value.values, spectra(ds, top_k=2, exclude_pt=found).singular_value)
+
+
+@pytest.fixture(scope="module")
+def sunk(tmp_path_factory):
+    """A float16 store whose first token is a sink (40x the norm) from layer 1 on, in every pass."""
+    import zarr
+
+    from store.testing import write_tiny_store
+    from store.writer import consolidate
+
+    path = write_tiny_store(tmp_path_factory.mktemp("sunk") / "s.zarr", n_prompts=5, lengths=(9, 3, 7, 2, 8),
+                            hidden=6, n_layers1=3, store_dtype="float16", chunking=Chunking(prompt=2, layer=3, token=2))
+    group = zarr.open_group(str(path), mode="r+")
+    resid = group["resid"][:]
+    resid[:, :, 1:, 0, :] *= 40
+    group["resid"][:] = resid
+    consolidate(path)
+    return path
+
+
+@pytest.mark.parametrize("slab", ["chunk", "token chunk"])
+def test_massive_positions_found_while_reading_equal_those_found_first(sunk, slab, monkeypatch):
+    """Found from the same reads (one slab per prompt chunk, or several: norms first) or by massive_positions
+    first, the same positions are left out: the same spectra; and they were there to leave out."""
+    import importlib
+
+    from analysis.outliers import MASSIVE_FACTOR, massive_positions
+
+    module = importlib.import_module("analysis.decompose")
+    ds = open_store(sunk)
+    if slab == "token chunk":
+        monkeypatch.setattr("analysis.gram_sums.token_slab", lambda rows, cells, size, chunk_token, extent, direct:
+                            chunk_token)
+    found = massive_positions(ds).massive.values
+    longer = ds.n_tokens.values > 2  # of two tokens, the median is halfway to the sink
+    assert (found[:, 0] == longer).all() and found.sum() == longer.sum() > 0
+    first = module.spectra(ds, top_k=2, exclude_pt=found)
+    reading = module.spectra(ds, top_k=2, massive_factor=MASSIVE_FACTOR)
+    kept = module.spectra(ds, top_k=2)
+    np.testing.assert_array_equal(reading.singular_value.values, first.singular_value.values)
+    np.testing.assert_array_equal(reading.mean_diff.values, first.mean_diff.values)
+    assert not np.allclose(kept.singular_value.values, first.singular_value.values)
+    monkeypatch.setattr(module, "layer_tile", lambda ds, n_pair: 1)  # tiles: found first, in a pass of their own
+    tiled = module.spectra(ds, top_k=2, massive_factor=MASSIVE_FACTOR)
+    np.testing.assert_allclose(tiled.singular_value.values, first.singular_value.values, rtol=1e-12, atol=1e-12)
+
+
+def test_a_cluster_gives_the_local_threads_spectra(planted):
+    """On a dask.distributed cluster (loopback) each task returns its own Grams, merged by the client."""
+    import importlib
+
+    from analysis.compute import compute_on
+
+    module = importlib.import_module("analysis.decompose")
+    ds = open_store(planted)
+    local = module.spectra(ds, top_k=2)
+    with compute_on(local_cluster=2):
+        remote = module.spectra(ds, top_k=2)
+    np.testing.assert_allclose(remote.singular_value.values, local.singular_value.values, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(remote.mean_diff.values, local.mean_diff.values, rtol=1e-12, atol=1e-15)

@@ -27,7 +27,13 @@ def test_sums_match_float64(dtype):
     want = _reference(x)
     assert got.shape == (16, 3, 5, 7)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    squares, dots, diffs = got[:4], got[4:10], got[10:]
+    np.testing.assert_allclose(squares, want[:4], rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(diffs, want[10:], rtol=1e-12, equal_nan=True)
+    # the dot products are derived from the other sums: rounded as a sum, to eps x (|a|^2 + |b|^2)
+    scale = squares[LEFT] + squares[RIGHT]
+    assert (np.abs(dots - want[4:10]) <= 1e-14 * scale)[~np.isnan(scale)].all()
+    assert not np.allclose(dots, 0.5 * scale, equal_nan=True)  # not the norms alone
 
 
 def test_every_float16_value_widens_exactly():
