@@ -71,7 +71,9 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
     n_tokens = np.asarray(ds.n_tokens.values)
     done = np.asarray(ds.lens_done.values, dtype=bool)
     chunks = ds.topk_id.data.chunks  # (pass, lens, prompt, layer, token, k)
-    cell = len(passes) * 3 * 4
+    # what a (prompt, token) cell costs to read: its whole chunks, every lens, layer and k in them (a run per
+    # store chunk's worth of those, not of the three ids it keeps: one run, one thread, took 2.5 s)
+    cell = len(passes) * chunks[1][0] * chunks[3][0] * chunks[5][0] * ds.topk_id.dtype.itemsize
     name = "last-layer-counts-" + tokenize(path, pairs, kl_pairs, lens, n_tokens, done)
     tasks = []
     for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES):
