@@ -161,7 +161,7 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     ds = _open_for_analysis(args.store, reads_lens=False)
     by = args.by
     if by == "kind":  # special and chat-template tokens against the rest
-        from analysis.difflens import token_kinds
+        from analysis.tokens import token_kinds
 
         by = token_kinds(ds)
     with _compute_context(args, ds):  # graphs built here follow the memory limit
@@ -190,7 +190,8 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
 def _cmd_diff_lens(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from analysis.difflens import diff_lens, token_texts
+    from analysis.difflens import diff_lens
+    from analysis.tokens import token_texts
 
     ds = _open_for_analysis(args.store, reads_lens=False)
     with _compute_context(args, ds):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from analysis.difflens import token_texts, visible
+from analysis.tokens import token_texts, visible
 from store.schema import lens_layers
 
 

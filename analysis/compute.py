@@ -28,10 +28,10 @@ import dask
 import numpy as np
 import xarray as xr
 
+from analysis.scheduler import MEMORY_LIMIT_KEY
 from store.errors import UsageError
 from store.units import format_bytes, parse_size
 
-_BLAS_LIMIT = []  # controllers kept alive so that the limit holds for the life of the process
 _ONE_HEAP = False  # set by share_one_heap
 
 
@@ -122,36 +122,6 @@ def threads_for(limit: int, tile: int, cores: int | None = None, one_heap: bool 
     return roomy, False
 
 
-def cluster_client():
-    """The dask.distributed client that computations go to, or None (local threads)."""
-    import sys
-
-    if "distributed" not in sys.modules:
-        return None
-    from distributed import get_client
-
-    try:
-        return get_client()
-    except ValueError:  # no client in this context
-        return None
-
-
-def parallelism() -> int:
-    """Tasks that run at once under the current scheduler: a cluster's threads or the local threads."""
-    client = cluster_client()
-    if client is not None:
-        return max(1, sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()))
-    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
-
-
-def pin_blas_threads() -> None:
-    """Limit BLAS/OpenMP pools of this process to one thread, for as long as it lives."""
-    from threadpoolctl import ThreadpoolController
-
-    controller = ThreadpoolController()
-    _BLAS_LIMIT.append((controller, controller.limit(limits=1)))  # kept: the limit lasts while they live
-
-
 def release_freed_memory_early(mmap_threshold: int = 1 << 20) -> None:
     """Make glibc return freed buffers of ``mmap_threshold`` bytes or more to the OS at once
     (no-op elsewhere).
@@ -166,11 +136,6 @@ def release_freed_memory_early(mmap_threshold: int = 1 << 20) -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, int(mmap_threshold))
     libc.mallopt(m_trim_threshold, 1 << 20)
-
-
-def memory_limit() -> int | None:
-    """The ``--memory-limit`` of the enclosing :func:`compute_on`, if any (for steps that size themselves)."""
-    return dask.config.get("resdiff.memory_limit", None)
 
 
 @contextlib.contextmanager
@@ -206,6 +171,6 @@ def compute_on(scheduler: str | None = None, local_cluster: int | None = None, m
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1), dask.config.set({"scheduler": "threads", "num_workers": threads,
-                                                       "resdiff.memory_limit": memory_limit}):
+                                                       MEMORY_LIMIT_KEY: memory_limit}):
         limit = f", memory limit {format_bytes(memory_limit)}" if memory_limit else ""
         yield f"local threads ({threads}{limit})"

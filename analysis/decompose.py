@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from analysis.compute import parallelism
 from analysis.gram_sums import GramSums, layer_tile, pair_grams
 from analysis.metrics import store_pass_pairs
+from analysis.scheduler import parallelism
 from store.errors import UsageError
 from store.schema import string_array
 

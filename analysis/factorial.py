@@ -206,7 +206,7 @@ def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
                      where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
     """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
-    of labels such as ``analysis.difflens.token_kinds(ds)``): the shares of sum |D|^2, over real positions
+    of labels such as ``analysis.tokens.token_kinds(ds)``): the shares of sum |D|^2, over real positions
     (:func:`factorial_sums`).
 
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt

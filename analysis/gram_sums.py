@@ -311,7 +311,7 @@ def _massive(squares_splt: np.ndarray, factor: float) -> np.ndarray:
 def batch_bytes(n_pass: int) -> int:
     """Bytes of each pass a task reads before its products: a store chunk's worth, less under a tight
     ``--memory-limit`` (an eighth of it for each thread's batches; more rows per product only save time)."""
-    from analysis.compute import memory_limit, parallelism
+    from analysis.scheduler import memory_limit, parallelism
 
     limit = memory_limit()
     if limit is None:
@@ -353,7 +353,7 @@ def layer_tile(ds: xr.Dataset, n_pair: int) -> int:
     """Layers per read of the store: all of them, fewer under ``--memory-limit`` so that the accumulated
     Grams (one per pair and layer at most: pairs share only while their differences agree) and each
     thread's reads and products fit."""
-    from analysis.compute import cluster_client, memory_limit, parallelism
+    from analysis.scheduler import cluster_client, memory_limit, parallelism
 
     n_pass, _, n_layer, n_tokens, n_dim = ds.resid.shape
     limit = memory_limit()
@@ -382,7 +382,7 @@ def pair_grams(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray, layers: 
     """Every pair's Grams, row sums and counts at ``layers`` (a slice of the store's layers), one read of each
     pass. ``exclude_pt`` (prompt x token) leaves positions out; ``massive_factor`` also the massive positions,
     found from the same reads (it needs every layer: the caller finds them first for a part of the layers)."""
-    from analysis.compute import cluster_client, parallelism
+    from analysis.scheduler import cluster_client, parallelism
 
     resid = ds.resid.transpose(*LAYOUT)
     if not hasattr(resid.data, "dask"):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from analysis.loader import open_resid, read_unit
+from analysis.loader_units import open_resid, read_unit
 from store.units import format_bytes
 
 

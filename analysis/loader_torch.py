@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from analysis.loader import (
+from analysis.loader_units import (
     Selection,
     open_resid,
     read_unit,
@@ -28,7 +28,7 @@ READERS = 2
 
 
 class ActivationLoader(torch.utils.data.IterableDataset):
-    """Batches of one epoch of a :class:`~analysis.loader.Selection` (build with
+    """Batches of one epoch of a :class:`~analysis.loader_units.Selection` (build with
     :func:`analysis.loader.activation_loader`)."""
 
     def __init__(self, selection: Selection, *, batch_size: int, shuffle: bool, seed: int, capacity: int,

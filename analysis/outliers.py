@@ -116,7 +116,7 @@ def describe_massive(ds: xr.Dataset, found: xr.Dataset, included: bool = False, 
     massive = np.asarray(found.massive.values)
     if not massive.any():
         return [f"massive activations: none (no position over {found.attrs['factor']:g}x its layer's median norm)"]
-    from analysis.difflens import token_text_table, visible
+    from analysis.tokens import token_text_table, visible
 
     peak = np.asarray(found.peak_ratio.values)
     rows, tokens = np.nonzero(massive)

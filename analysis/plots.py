@@ -22,8 +22,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
-from analysis.difflens import token_text_table, visible
 from analysis.metrics import LENS_METRICS, pair_metrics, pass_metrics
+from analysis.tokens import token_text_table, visible
 from store.atomic import atomic_output
 
 CURVES = (("norm_diff", "||h_right - h_left||"), ("cosine_sim", "cos(h_left, h_right)"),

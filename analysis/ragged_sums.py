@@ -68,7 +68,7 @@ LIMIT_SHARE = 48
 
 def run_bytes() -> int:
     """What a task may hold: :data:`RUN_BYTES`, or less under ``--memory-limit`` (1/48 of it, at least 4 MiB)."""
-    from analysis.compute import memory_limit
+    from analysis.scheduler import memory_limit
 
     limit = memory_limit()
     return RUN_BYTES if limit is None else int(min(RUN_BYTES, max(4 << 20, limit // LIMIT_SHARE)))

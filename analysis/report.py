@@ -14,11 +14,11 @@ import dask
 import numpy as np
 import xarray as xr
 
-from analysis.difflens import token_text_table, visible
 from analysis.metrics import LENS_METRICS, PAIR_METRICS, PASS_METRICS, pair_metrics, pass_metrics, summarize_over
 from analysis.reductions import hotspots, seven_number_summary
 from analysis.shared_prefix import shared_positions
 from analysis.summary import summary_inputs, summary_sentences
+from analysis.tokens import token_text_table, visible
 from analysis.tracked import tracked_changes, tracked_trajectory
 from store.completeness import left_out
 from store.errors import MissingData, UsageError

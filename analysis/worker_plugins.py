@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from analysis.compute import pin_blas_threads
+from analysis.scheduler import pin_blas_threads
 
 
 class PinBlasPlugin(WorkerPlugin):

@@ -29,7 +29,8 @@ from capture.passes import Pass
 from capture.prepare import Prepared, pad_id_of
 from capture.prompts import TokenizedPrompts
 from capture.residency import residency_schedule
-from capture.runner import StoredWindow, run_passes
+from capture.runner import run_passes
+from capture.selection import StoredWindow
 from store.chunking import shard_rows, store_groups
 from store.location import current_storage_options
 from store.writer import StoreWriter

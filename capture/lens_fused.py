@@ -1,7 +1,7 @@
 """The lens statistics of a vocabulary chunk in a few fused passes (``torch.compile``), for CUDA.
 
 Axes legend: p = pass, q = pair, n = position, v = vocabulary entry of the chunk,
-s = segment of ``capture.lens.TOPK_SEGMENT`` entries, c = entry of a candidate segment, k = top-k rank.
+s = segment of ``capture.lens_chunks.TOPK_SEGMENT`` entries, c = entry of a candidate segment, k = top-k rank.
 
 After the lens products, the eager torch path (``ChunkState.add_chunk``) runs one
 kernel per operation and reads or writes the chunk's logits about 11 times per pass
@@ -12,7 +12,7 @@ whole chunk: one reads each pass's logits for the segment maxima, the new runnin
 maximum and both exponential sums; one reads each pair's two passes for the KL
 numerator and the segment extremes of the shift. Neither the exponentials nor the
 shifts are kept. Top-k values are then selected among the entries of the k best
-segments only (``capture.lens.best_in_segments``, as the eager path does), gathered from
+segments only (``capture.lens_chunks.best_in_segments``, as the eager path does), gathered from
 the logits.
 
 Sums are accumulated in float64, as on the other paths. A chunk whose width is not a
@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch._dynamo.exc
 
-from capture.lens import TOPK_SEGMENT, ChunkState, best_in_segments, segment_entries, segment_selectable
+from capture.lens_chunks import TOPK_SEGMENT, ChunkState, best_in_segments, segment_entries, segment_selectable
 from capture.transfer import to_device
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from capture.batching import compute_batches
 from capture.budget import (
     CPU_RUNTIME_SLACK,
     ModelFootprint,
@@ -29,7 +30,6 @@ from capture.errors import MemoryBudgetExceeded
 from capture.lens_stage import statistics_blocks
 from capture.prepare import Prepared, make_template, prepare
 from capture.residency import residency_schedule
-from capture.runner import compute_batches
 from capture.settings import CaptureSettings
 from capture.time_plan import Calibration, StageTimes, calibrate, estimate, format_seconds
 from store import units

@@ -25,8 +25,7 @@ from capture.prompts import (
     templated_prompts,
     tokenize_prompts,
 )
-from capture.runner import StoredWindow
-from capture.selection import Positions, parse_layers
+from capture.selection import Positions, StoredWindow, parse_layers
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
 from capture.variants import expand_prompts
 from store import units

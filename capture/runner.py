@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from capture.batching import compute_batches
 from capture.errors import NonFiniteActivation
 from capture.hooks import ResidualRecorder
 from capture.models import decoder, decoder_layers
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
+from capture.selection import StoredWindow
 from capture.transfer import DeviceToHost, HostCopy, arrivals, to_device
 
 
@@ -92,48 +94,6 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids_bt[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask_bt[row, : len(seq)] = 1
     return ids_bt, mask_bt
-
-
-def compute_batches(lengths: list[int], rows: slice, batch_size: int, batch_tokens: int,
-                    max_padding: float = float("inf")) -> list[slice]:
-    """Consecutive prompts of ``rows`` in batches of at most ``batch_size`` prompts and ``batch_tokens``
-    padded tokens (prompts times the batch's longest; a prompt longer than the budget runs alone), whose padded
-    tokens are at most ``1 + max_padding`` times their real tokens (a batch of one never pads).
-
-    Prompts are in store order, longest first, so a batch holds prompts of similar length.
-
-    >>> compute_batches([90, 50, 40, 40, 10], slice(0, 5), batch_size=8, batch_tokens=100)
-    [slice(0, 1, None), slice(1, 3, None), slice(3, 5, None)]
-    >>> compute_batches([90, 50, 40, 40, 10], slice(0, 5), batch_size=8, batch_tokens=1000, max_padding=0.05)
-    [slice(0, 1, None), slice(1, 2, None), slice(2, 4, None), slice(4, 5, None)]
-    """
-    batches, start = [], rows.start
-    while start < rows.stop:
-        stop, longest, real = start + 1, lengths[start], lengths[start]
-        while stop < rows.stop and stop - start < batch_size:
-            wide = max(longest, lengths[stop])
-            padded = (stop - start + 1) * wide
-            if padded > batch_tokens or padded > (1 + max_padding) * (real + lengths[stop]):
-                break
-            longest, real = wide, real + lengths[stop]
-            stop += 1
-        batches.append(slice(start, stop))
-        start = stop
-    return batches
-
-
-@dataclass(frozen=True)
-class StoredWindow:
-    """What of each prompt is stored: positions ``start[i]:stop[i]`` of the ids the forward sees, and the
-    recorded layers (true numbers)."""
-
-    start: list[int]
-    stop: list[int]
-    layers: list[int]
-
-    @property
-    def lengths(self) -> list[int]:
-        return [b - a for a, b in zip(self.start, self.stop, strict=True)]
 
 
 @dataclass

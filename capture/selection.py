@@ -82,3 +82,17 @@ class Positions:
 
     def describe(self) -> str:
         return "all" if self.kind == "all" else f"{self.kind}:{self.count}"
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """What of each prompt is stored: positions ``start[i]:stop[i]`` of the ids the forward sees, and the
+    recorded layers (true numbers)."""
+
+    start: list[int]
+    stop: list[int]
+    layers: list[int]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.start, self.stop, strict=True)]

@@ -50,3 +50,58 @@ def test_store_and_analysis_never_import_capture():
     found = subprocess.run(["git", "grep", "-n", "-E", r"^\s*(from|import) capture", "--", "store", "analysis"],
                            cwd=ROOT, capture_output=True, text=True)
     assert found.stdout == "", found.stdout
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every first-party module -> the first-party modules it imports, at its top or inside a function
+    (``from pkg import sub`` counts as importing the submodule, not the package)."""
+    import ast
+
+    modules = {name: ROOT.joinpath(*name.split(".")).with_suffix(".py") for name in
+               [*modules_of("store"), *modules_of("capture"), *modules_of("analysis"), *TORCH_BY_DESIGN]}
+    modules = {name: path if path.exists() else path.with_suffix("") / "__init__.py" for name, path in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module imports, directly or through others, a module that imports it back (deferred imports too)."""
+    graph = _import_graph()
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reach(m))
+    assert not cycles, f"modules in an import cycle: {', '.join(cycles)}"
+
+
+PLANNING = {"capture.prepare", "capture.memory_plan", "capture.time_plan", "capture.budget", "capture.batching",
+            "capture.selection", "capture.residency"}
+EXECUTION = {"capture.runner", "capture.job", "capture.distributed"}
+
+
+def test_planning_never_imports_execution():
+    """What a capture will do (plans, budgets, batches, the stored window) is decided without the code that runs it."""
+    graph = _import_graph()
+    assert PLANNING | EXECUTION <= set(graph)
+    for module in PLANNING:
+        seen, todo = set(), [module]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        assert not seen & EXECUTION, f"{module} imports {', '.join(sorted(seen & EXECUTION))}"

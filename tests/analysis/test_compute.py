@@ -64,7 +64,7 @@ def test_memory_limit_sets_local_threads(store_path):
 def test_blas_is_pinned_to_one_thread():
     code = ("import numpy, json; from threadpoolctl import threadpool_info as i; "
             "b = [p['num_threads'] for p in i()]; "
-            "from analysis.compute import pin_blas_threads as pin; pin(); "
+            "from analysis.scheduler import pin_blas_threads as pin; pin(); "
             "print(json.dumps([b, [p['num_threads'] for p in i()]]))")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,

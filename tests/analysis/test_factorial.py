@@ -128,7 +128,7 @@ def test_the_cli_turns_a_library_exception_into_one_line(tmp_path, capsys, monke
 
 
 def test_groups_by_role_and_kind_partition_the_total(tiny_pair, tmp_path):
-    from analysis.difflens import token_kinds
+    from analysis.tokens import token_kinds
     from cli import main
 
     store = tmp_path / "chat.zarr"

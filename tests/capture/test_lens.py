@@ -141,7 +141,7 @@ def test_norm_lens_at_last_layer_reproduces_model_logits(arch, make_model, token
 
 @pytest.mark.parametrize("largest", [True, False])
 def test_segment_topk_equals_topk(largest):
-    from capture.lens import TOPK_SEGMENT, _chunk_topk
+    from capture.lens_chunks import TOPK_SEGMENT, _chunk_topk
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(64, 40 * TOPK_SEGMENT, generator=gen)
@@ -174,7 +174,7 @@ def test_fused_statistics_match_plain_reference():
 
 @pytest.mark.slow
 def test_fused_path_choice_and_identical_passes():
-    from capture.lens import segment_selectable
+    from capture.lens_chunks import segment_selectable
 
     assert segment_selectable(4096, 7) and not segment_selectable(2048, 7)
     assert not segment_selectable(808, 7) and not segment_selectable(4100, 1)

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from capture import runner
+from capture.batching import compute_batches
 from capture.errors import NonFiniteActivation
 from capture.passes import Pass
 from capture.prompts import TokenizedPrompts
-from capture.runner import StoredWindow, compute_batches, forward_residuals, run_passes
+from capture.runner import forward_residuals, run_passes
+from capture.selection import StoredWindow
 from capture.transfer import DeviceToHost
 from store.errors import UsageError
 from tests.helpers import load
