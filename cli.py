@@ -247,6 +247,44 @@ def _cmd_loader_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OldSpelling(argparse.Action):
+    """An option's former name: does what the new one does and says once per run what it is called now."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action, why: str, **kwargs):
+        self.target, self.why, self.said = target, why, False
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self.said:
+            self.said = True
+            print(f"note: {option_string} is now {self.target.option_strings[0]} ({self.why}); "
+                  "the old spelling still works", file=sys.stderr)
+        self.target(parser, namespace, values, option_string)
+
+
+def _renamed(p, action: argparse.Action, old: str, why: str) -> argparse.Action:
+    """Keep ``old`` working as a hidden spelling of ``action`` (one name per concept across the commands)."""
+    p.add_argument(old, dest=action.dest, action=_OldSpelling, target=action, why=why, default=argparse.SUPPRESS,
+                   nargs=0 if action.nargs == 0 else action.nargs, type=action.type, choices=action.choices,
+                   metavar=action.metavar, help=argparse.SUPPRESS)
+    return action
+
+
+class _CommaList(argparse.Action):
+    """A repeatable option whose values (each maybe comma-separated) are kept as one comma-separated string."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
+def _pass_pair_arg(p, help_text: str, repeat: bool = True) -> None:
+    """``--pass-pair LEFT-RIGHT``, the one name of a pair of passes (``--pair`` names a model pair)."""
+    action = p.add_argument("--pass-pair", dest="pass_pair", action="append" if repeat else "store",
+                            metavar="LEFT-RIGHT", help=help_text)
+    _renamed(p, action, "--pair", "--pair names a model pair, in capture")
+
+
 def _massive_args(p: argparse.ArgumentParser, where: str, factor: bool = True) -> None:
     p.add_argument("--include-massive", action="store_true",
                    help=f"keep massive-activation positions (attention sinks) in {where}; by default they are "
@@ -475,10 +513,11 @@ def _capture_options(p: argparse.ArgumentParser, pass_pairs: bool = True) -> Non
     lens.add_argument("--top-k", type=int, help="top-k logits, rises and falls kept per position (default 20)")
     lens.add_argument("--track", action="append", metavar="TOKEN",
                       help="tracked token: tokenizer piece such as ĠYes, or an id (repeatable)")
-    if pass_pairs:  # sweep's --pairs names model pairs
-        lens.add_argument("--pairs", dest="pass_pairs",
-                          help="comma-separated pairs of passes LEFT-RIGHT (default: all, BB-BS ... SB-SS); "
-                          "statistics are right relative to left, KL(right || left)")
+    if pass_pairs:
+        _renamed(lens, lens.add_argument(
+            "--pass-pair", dest="pass_pairs", action=_CommaList, metavar="LEFT-RIGHT[,...]",
+            help="pairs of passes (repeatable or comma-separated; default: all, BB-BS ... SB-SS); statistics are "
+            "right relative to left, KL(right || left)"), "--pairs", "one name for a pair of passes")
     lens.add_argument("--save-lens", action="store_true", default=None,
                       help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
 
@@ -550,12 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep", help="capture several registered pairs, one store each, with a status manifest",
-        description="Capture each pair of --pairs into STORE_DIR/<pair>.zarr. A failed pair is recorded with its "
+        description="Capture each pair of --pair into STORE_DIR/<pair>.zarr. A failed pair is recorded with its "
         "reason and the sweep goes on; complete stores are skipped; STORE_DIR/sweep_manifest.csv lists the "
         "outcome of every pair. Exit code 1 if any pair failed. Rerun the same command to resume.",
     )
-    p.add_argument("--pairs", dest="model_pairs", required=True,
-                   help="comma-separated registered model pair names (see `cli.py pairs`)")
+    _renamed(p, p.add_argument("--pair", dest="model_pairs", action=_CommaList, default="", metavar="NAME[,...]",
+                               help="registered model pairs (repeatable or comma-separated; see `cli.py pairs`)"),
+             "--pairs", "as capture names a model pair")
     p.add_argument("--store-dir", default="outputs/sweep", help="where the stores go (default outputs/sweep)")
     p.add_argument("--cache-dir", help="where the tiny pair is built (default: outputs/models or $RESDIFF_CACHE)")
     p.add_argument("--overwrite", action="store_true", default=None, help="capture again even complete stores")
@@ -616,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens", choices=["raw", "norm"], default="norm",
                    help="lens of entropy, KL and logits: norm (default; final norm, then unembedding: the standard "
                    "logit lens) or raw (unembedding alone)")
-    p.add_argument("--pair", dest="pass_pair", action="append", help="only these pairs of passes (repeatable)")
+    _pass_pair_arg(p, "only these pairs of passes (repeatable)")
     p.add_argument("--pass", dest="pass_", action="append", help="only these passes with --record-type runs")
     p.add_argument("--token-id", type=int, action="append",
                    help="token id (repeatable): restricts tracked changes and previews its logit grid and top-k "
@@ -624,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-source", choices=["left", "right", "diff"], default="diff",
                    help="grid previewed with --token-id: the left or right pass's logit, or diff = right - left "
                    "(the legacy base|sft|diff with diff = base - sft is not copied)")
-    p.add_argument("--prompt", type=int, default=0, help="prompt index of the --token-id previews (default 0)")
+    _renamed(p, p.add_argument("--prompt-index", dest="prompt", type=int, default=0, metavar="N",
+                               help="prompt (its index) of the --token-id previews (default 0)"),
+             "--prompt", "--prompt is a prompt's text, in capture")
     p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet", help="write the hotspot and tracked-change rows")
     _massive_args(p, "summaries and hotspots")
     _scale_args(p)
@@ -639,14 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
         "differences. Written to a sibling store named by the settings; the same settings reuse it.",
     )
     p.add_argument("store", help="a store from `capture` (needs resid)")
-    p.add_argument("--pair", dest="pass_pair", action="append",
-                   help="only these pairs of passes (repeatable; default all)")
-    p.add_argument("--top-k", type=int, default=8, help="principal directions kept and compared (default 8)")
+    _pass_pair_arg(p, "only these pairs of passes (repeatable; default all)")
+    _renamed(p, p.add_argument("--components", dest="top_k", type=int, default=8, metavar="K",
+                               help="principal directions kept and compared (default 8)"),
+             "--top-k", "--top-k is the lens's top-k logits, in capture")
     p.add_argument("--cp-rank", type=int, help="CP rank (default: smallest <= 8 with relative error <= 5%%)")
     p.add_argument("--tucker-ranks", metavar="P,L,D", help="Tucker ranks (default: 99%% energy per mode)")
     p.add_argument("--out", help="output store (default: STORE's sibling NAME.decomp-<settings hash>.zarr; "
                    "for a store at a URL, under outputs/)")
-    p.add_argument("--force", action="store_true", help="recompute and replace an existing output")
+    _renamed(p, p.add_argument("--overwrite", dest="force", action="store_true",
+                               help="recompute and replace an existing output"), "--force", "as capture says it")
     _massive_args(p, "the spectra", factor=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_args(p)
@@ -664,9 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="norm_diff", help="pair metric of the heatmaps (default norm_diff)")
     p.add_argument("--pass-metric", default="norm", help="pass metric of the per-pass heatmaps (default norm; "
                    "empty to skip)")
-    p.add_argument("--prompt", type=int, default=0, help="prompt index of the heatmaps (default 0)")
+    _renamed(p, p.add_argument("--prompt-index", dest="prompt", type=int, default=0, metavar="N",
+                               help="prompt (its index) of the heatmaps (default 0)"),
+             "--prompt", "--prompt is a prompt's text, in capture")
     p.add_argument("--lens", choices=["raw", "norm"], default="norm", help="lens of KL (default norm, as everywhere)")
-    p.add_argument("--top-k", type=int, default=8, help="principal directions of the decomposition")
+    _renamed(p, p.add_argument("--components", dest="top_k", type=int, default=8, metavar="K",
+                               help="principal directions of the decomposition (default 8)"),
+             "--top-k", "--top-k is the lens's top-k logits, in capture")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _massive_args(p, "colour scales, spectra and the opening tables", factor=False)
     _scale_args(p)
@@ -693,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lens (--save-lens) or the models' safetensors checkpoints.",
     )
     p.add_argument("store", help="a store from `capture`")
-    p.add_argument("--pair", dest="pass_pair", action="append", help="only these pairs of passes (repeatable)")
+    _pass_pair_arg(p, "only these pairs of passes (repeatable)")
     p.add_argument("--layer", type=int, action="append", help="only these layers (repeatable; default all)")
     p.add_argument("--k", type=int, default=5, help="first real positions of each prompt averaged (default 5)")
     p.add_argument("--top", type=int, default=10, help="tokens listed each way (default 10)")
@@ -711,8 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, action="append", required=True,
                    help="layer to read (repeatable: a layer axis after the batch axis)")
     p.add_argument("--passes", help="comma-separated passes, the crosscoder layout (default BB,SS)")
-    p.add_argument("--pair", dest="pass_pair", metavar="LEFT-RIGHT",
-                   help="differences h_right - h_left instead of --passes, e.g. BB-SS")
+    _pass_pair_arg(p, "differences h_right - h_left instead of --passes, e.g. BB-SS", repeat=False)
     p.add_argument("--positions", default="all", help="all (default) or N: the first N real positions of each prompt")
     p.add_argument("--kind", action="append", choices=["special", "text"], help="only these token kinds")
     p.add_argument("--role", action="append", help="only tokens of these chat roles (stores with a chat template)")

@@ -227,7 +227,7 @@ def decompose_store(store: str | Path, top_k: int = 8, cp_rank: int | None = Non
         if existing.attrs.get("settings_key") == key:
             return path, True
         raise UsageError(f"{path} holds a decomposition with other settings or of another store; "
-                         "pass --force to replace it, or another --out")
+                         "pass --overwrite to replace it, or another --out")
     bar = None
     if progress:
         from tqdm import tqdm

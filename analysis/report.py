@@ -30,9 +30,9 @@ CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a cha
 
 
 def check_prompt(ds: xr.Dataset, prompt: int) -> None:
-    """A one-line error for a ``--prompt`` the store does not have (prompts are named 0..P-1 in source order)."""
+    """A one-line error for a ``--prompt-index`` the store does not have (prompts are named 0..P-1 in source order)."""
     if prompt not in set(int(p) for p in ds.prompt.values):
-        raise UsageError(f"--prompt {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
+        raise UsageError(f"--prompt-index {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
 
 
 _CONTROL = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a token "\n" must not break a row

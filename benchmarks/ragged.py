@@ -160,7 +160,7 @@ def main() -> None:
     unpadded_twin(twin, ds)
     for name, path in (("ragged", store), ("unpadded", twin)):
         runs[f"report {name}"] = [_cli("report", str(path), "--top-n", "3") for _ in range(args.repeat)]
-        runs[f"decompose {name}"] = [_cli("decompose", str(path), "--pair", "BB-SS", "--force", "--quiet",
+        runs[f"decompose {name}"] = [_cli("decompose", str(path), "--pass-pair", "BB-SS", "--overwrite", "--quiet",
                                           "--out", str(work / f"d-{name}.zarr")) for _ in range(args.repeat)]
     best = {k: min(v) for k, v in runs.items()}
     report = {

@@ -145,7 +145,7 @@ def main() -> None:
     limit = parse_bytes(args.limit)
     if args.decompose:
         result, peak = _run([sys.executable, str(ROOT / "cli.py"), "decompose", str(store), "--memory-limit",
-                             args.limit, "--quiet", "--force", "--out", str(work / "decomposition.zarr")])
+                             args.limit, "--quiet", "--overwrite", "--out", str(work / "decomposition.zarr")])
         runs["decompose"], peaks["decompose"] = [result["seconds"]], [peak]
     best = {k: min(v) for k, v in runs.items()}
     summary = {

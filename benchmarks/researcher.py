@@ -166,9 +166,9 @@ def main() -> None:
         "report": ["report", str(store), *limit],
         "factorial": ["factorial", str(store), *limit],
         "diff-lens": ["diff-lens", str(store), *limit],
-        "decompose": ["decompose", str(store), "--force", "--quiet", *limit],
+        "decompose": ["decompose", str(store), "--overwrite", "--quiet", *limit],
         "plot --html": ["plot", str(store), "--html", "--quiet", "--out", str(work / "plots"), *limit],
-        "loader-stats": ["loader-stats", str(store), "--layer", "20", "--pair", "BB-SS"],
+        "loader-stats": ["loader-stats", str(store), "--layer", "20", "--pass-pair", "BB-SS"],
         "export-netcdf": ["export-netcdf", str(store), str(work / "one.nc"), "--sel", "prompt=3"],
         "export-json": ["export-json", str(store), "--out", str(work / "json")],
     }

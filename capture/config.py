@@ -48,7 +48,7 @@ def _env_overrides(section: dict, environ) -> dict:
 
 
 def _pairs_spec(entries: list, config: Path) -> str:
-    """``pairwise_differences`` in its three spellings -> ``--pairs``."""
+    """``pairwise_differences`` in its three spellings -> ``--pass-pair``."""
     specs = []
     for entry in entries:
         if isinstance(entry, dict):

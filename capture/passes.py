@@ -86,7 +86,7 @@ class PassPair:
 
 
 def parse_pass_pairs(spec: str | list[str] | None, passes: tuple[Pass, ...]) -> tuple[PassPair, ...]:
-    """Parse ``--pairs``: ``LEFT-RIGHT`` (or ``LEFT:RIGHT``, ``NAME=LEFT-RIGHT``), comma-separated.
+    """Parse ``--pass-pair``: ``LEFT-RIGHT`` (or ``LEFT:RIGHT``, ``NAME=LEFT-RIGHT``), comma-separated.
 
     The default is every pair of passes in plan order: for BB, BS, SB, SS the six
     BB-BS, BB-SB, BB-SS, BS-SB, BS-SS, SB-SS.
@@ -110,6 +110,6 @@ def parse_pass_pairs(spec: str | list[str] | None, passes: tuple[Pass, ...]) -> 
         left, right = (index[part.strip().upper()] for part in parts)
         pair = PassPair(name.strip() or f"{passes[left].name}-{passes[right].name}", left, right)
         if any(p.name == pair.name for p in pairs):
-            raise UsageError(f"pair {pair.name!r} is listed twice in --pairs; give each pair once")
+            raise UsageError(f"pair {pair.name!r} is listed twice in --pass-pair; give each pair once")
         pairs.append(pair)
     return tuple(pairs)

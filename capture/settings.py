@@ -77,7 +77,7 @@ class CaptureSettings:
     lens: bool = True
     top_k: int = 20
     track: list[str] = field(default_factory=list)
-    pass_pairs: str | None = None  # --pairs: which pairs of passes the lens statistics compare
+    pass_pairs: str | None = None  # --pass-pair: which pairs of passes the lens statistics compare
     save_lens: bool = False
     variants: list[str] = field(default_factory=lambda: ["identity"])
     variant_options: dict = field(default_factory=dict)

@@ -52,9 +52,9 @@ def run_sweep(pairs: list[str], base_settings: CaptureSettings, store_dir: str |
     """Capture each pair into ``store_dir/<pair>.zarr``; return (manifest path, rows)."""
     names = [p.strip() for p in pairs if p.strip()]
     if not names:
-        raise UsageError("--pairs is empty; give comma-separated pair names, e.g. --pairs tiny,gpt2")
+        raise UsageError("--pair is empty; give registered pair names, e.g. --pair tiny,gpt2")
     if len(set(names)) != len(names):
-        raise UsageError(f"--pairs lists a pair twice: {names}; give each pair once")
+        raise UsageError(f"--pair lists a pair twice: {names}; give each pair once")
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     manifest = store_dir / MANIFEST

@@ -54,7 +54,7 @@ def test_tokenizer_larger_than_the_models_vocab(make_model, store, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--passes", "BB,BB"], "listed twice in --passes"),
     (["--passes", "BB,XY"], "unknown pass 'XY'"),
-    (["--pairs", "BB-QQ"], "does not name two passes of the plan"),
+    (["--pass-pair", "BB-QQ"], "does not name two passes of the plan"),
     (["--max-tokens", "1"], "more than the limit of 1 (--max-tokens)"),
     (["--prompt", ""], "is empty"),
     (["--chunk-prompts", "0"], "--chunk-prompts must be at least 1"),
@@ -103,7 +103,7 @@ def test_report_and_store_errors(make_model, store, tmp_path, capsys):
     _fails(["report", str(store), "--metric", "kl"], "this store has no data for metric 'kl'; lens statistics: none "
            "in this store (captured with --no-lens", capsys)
     _fails(["report", str(store), "--metric", "nope"], "unknown pairwise metric 'nope'", capsys)
-    _fails(["report", str(store), "--pair", "BB-XX"], "unknown pair 'BB-XX'", capsys)
+    _fails(["report", str(store), "--pass-pair", "BB-XX"], "unknown pair 'BB-XX'", capsys)
     _fails(["report", str(store), "--record-type", "runs", "--pass", "XX"], "unknown pass 'XX'", capsys)
     assert sorted(p.stat().st_mtime_ns for p in store.rglob("*")) == before  # untouched
     (tmp_path / "plain").mkdir()

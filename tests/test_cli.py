@@ -106,7 +106,7 @@ def test_lens_statistics_in_the_cli_store(tiny_store):
 def test_lens_options(tiny_pair, tmp_path, capsys):
     path = tmp_path / "l.zarr"
     common = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(path), "--quiet", "--prompt", "Why is it"]
-    assert main([*common, "--top-k", "3", "--track", "Ġthe", "--track", "7", "--pairs", "BB-SS"]) == 0
+    assert main([*common, "--top-k", "3", "--track", "Ġthe", "--track", "7", "--pass-pair", "BB-SS"]) == 0
     ds = open_store(path)
     assert ds.sizes["k"] == 3 and list(ds.pair.values) == ["BB-SS"]
     assert ds.tracked_str.values.tolist()[1] == "Ġthe" and ds.tracked_id.values[0] == 7
@@ -201,3 +201,46 @@ def test_storage_options_last_only_for_their_command(tmp_path, capsys):
     assert seen == [{"anon": True}]  # in effect during the command
     assert current_storage_options() == {}  # and undone after it
     assert "no resdiff store" in capsys.readouterr().err
+
+
+# (command, old spelling, new spelling, a value or None for a flag); parsed alone, with the command's
+# positional arguments
+RENAMED = [
+    (["report", "s.zarr"], "--pair", "--pass-pair", "BB-SS"),
+    (["report", "s.zarr"], "--prompt", "--prompt-index", "3"),
+    (["decompose", "s.zarr"], "--pair", "--pass-pair", "BB-SS"),
+    (["decompose", "s.zarr"], "--top-k", "--components", "4"),
+    (["decompose", "s.zarr"], "--force", "--overwrite", None),
+    (["plot", "s.zarr"], "--prompt", "--prompt-index", "3"),
+    (["plot", "s.zarr"], "--top-k", "--components", "4"),
+    (["diff-lens", "s.zarr"], "--pair", "--pass-pair", "BB-SS"),
+    (["loader-stats", "s.zarr", "--layer", "1"], "--pair", "--pass-pair", "BB-SS"),
+    (["capture"], "--pairs", "--pass-pair", "BB-SS,BS-SB"),
+    (["sweep"], "--pairs", "--pair", "tiny,gpt2"),
+]
+
+
+@pytest.mark.parametrize(("command", "old", "new", "value"), RENAMED, ids=[f"{c[0]} {o}" for c, o, _, _ in RENAMED])
+def test_old_spellings_still_work_and_say_once_what_they_are_now(command, old, new, value, capsys):
+    """One name per concept across the commands; a user's script with an old spelling still runs, told once."""
+    from cli import build_parser
+
+    given = [value] if value is not None else []
+    renamed = build_parser().parse_args([*command, old, *given, old, *given])
+    assert capsys.readouterr().err.count(f"note: {old} is now {new}") == 1
+    current = build_parser().parse_args([*command, new, *given, new, *given])
+    assert capsys.readouterr().err == ""
+    assert vars(renamed) == vars(current)
+    with pytest.raises(SystemExit):  # the help names the new spelling only
+        build_parser().parse_args([command[0], "--help"])
+    shown = capsys.readouterr().out
+    assert new in shown and f"{old} " not in shown.replace(new, "")
+
+
+def test_comma_lists_repeat():
+    from cli import build_parser
+
+    args = build_parser().parse_args(["capture", "--pass-pair", "BB-SS", "--pass-pair", "BS-SB,SB-SS"])
+    assert args.pass_pairs == "BB-SS,BS-SB,SB-SS"
+    args = build_parser().parse_args(["sweep", "--pair", "tiny", "--pair", "gpt2,qwen0.5b"])
+    assert args.model_pairs == "tiny,gpt2,qwen0.5b"

@@ -21,7 +21,7 @@ def page(tiny_pair, tmp_path_factory):
     store = work / "s.zarr"
     assert main(["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(store), "--quiet", "--save-lens",
                  "--prompt", "The moon is bright tonight.", "--prompt", "Why is the sky blue?"]) == 0
-    assert main(["plot", str(store), "--html", "--quiet", "--out", str(work / "plots"), "--prompt", "1"]) == 0
+    assert main(["plot", str(store), "--html", "--quiet", "--out", str(work / "plots"), "--prompt-index", "1"]) == 0
     return store, work / "plots" / "report.html"
 
 

@@ -165,7 +165,7 @@ def test_bfloat16_batches_and_token_kinds(store):
 def test_loader_stats_command(store, capsys):
     from cli import main
 
-    assert main(["loader-stats", str(store), "--layer", "2", "--pair", "BB-SS", "--batch-size", "8"]) == 0
+    assert main(["loader-stats", str(store), "--layer", "2", "--pass-pair", "BB-SS", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert f"{sum(LENGTHS) - 1} rows (differences BB-SS" in out and "1 massive-activation positions left out" in out
     assert "expected read throughput" in out

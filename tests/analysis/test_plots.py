@@ -19,7 +19,7 @@ PAGE_IMAGES = (*FIGURES, "factorial_shares")  # the page opens with the factoria
 def plotted(capture_store, tmp_path_factory):
     store = capture_store("qwen2", store_dtype="float16")
     out = tmp_path_factory.mktemp("plots")
-    assert main(["plot", str(store), "--out", str(out), "--html", "--prompt", "1", "--quiet"]) == 0
+    assert main(["plot", str(store), "--out", str(out), "--html", "--prompt-index", "1", "--quiet"]) == 0
     return out
 
 

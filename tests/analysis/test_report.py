@@ -20,7 +20,7 @@ def store_path(capture_store):
 
 def test_report_tables_and_exports(store_path, tmp_path, capsys):
     out = tmp_path / "rows.csv"
-    assert main(["report", str(store_path), "--metric", "cosine_sim", "--pair", "BB-SS", "--top-n", "3",
+    assert main(["report", str(store_path), "--metric", "cosine_sim", "--pass-pair", "BB-SS", "--top-n", "3",
                  "--lens", "norm", "--export", str(out)]) == 0
     text = capsys.readouterr().out
     summary = summarize_over(pair_metrics(open_store(store_path)).cosine_sim.sel(pair="BB-SS"), "layer").compute()
@@ -49,7 +49,7 @@ def test_report_runs_and_json_export(store_path, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--metric", "nrom"], "unknown pairwise metric 'nrom'"),
-    (["--pair", "XX-YY"], "unknown pair 'XX-YY'"),
+    (["--pass-pair", "XX-YY"], "unknown pair 'XX-YY'"),
     (["--record-type", "runs", "--pass", "QQ"], "unknown pass 'QQ'"),
     (["--export", "x.txt"], "--export needs a .csv, .json or .parquet path"),
 ])
@@ -79,8 +79,8 @@ def test_seven_number_summaries_and_parquet(store_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("source", ["left", "right", "diff"])
 def test_token_id_previews(store_path, source, capsys):
-    assert main(["report", str(store_path), "--token-id", "7", "--logit-source", source, "--pair", "BS-SS",
-                 "--prompt", "1", "--top-n", "3", "--lens", "norm"]) == 0
+    assert main(["report", str(store_path), "--token-id", "7", "--logit-source", source, "--pass-pair", "BS-SS",
+                 "--prompt-index", "1", "--top-n", "3", "--lens", "norm"]) == 0
     lines = capsys.readouterr().out.splitlines()
     ds = open_store(store_path)
     logit = ds.tracked_logit.sel(lens="norm", prompt=1, tracked=0).values.astype(np.float64)  # (pass, layer, token)

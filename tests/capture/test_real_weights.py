@@ -61,7 +61,7 @@ def test_commands_run_on_the_real_pair(store, tmp_path, capsys):
     assert main(["factorial", str(store)]) == 0
     out = capsys.readouterr().out
     assert "massive activations:" in out and "token 0" in out
-    assert main(["diff-lens", str(store), "--pair", "BB-SS", "--layer", "30", "--top", "5"]) == 0
+    assert main(["diff-lens", str(store), "--pass-pair", "BB-SS", "--layer", "30", "--top", "5"]) == 0
     assert "the models' safetensors checkpoints" in capsys.readouterr().out
-    assert main(["decompose", str(store), "--quiet", "--pair", "BB-SB", "--pair", "BB-SS",
+    assert main(["decompose", str(store), "--quiet", "--pass-pair", "BB-SB", "--pass-pair", "BB-SS",
                  "--out", str(tmp_path / "d.zarr")]) == 0

@@ -10,7 +10,7 @@ from store.verify import verify_store
 
 
 def test_sweep_records_each_pair_and_resumes(tiny_pair, tmp_path, capsys):
-    args = ["sweep", "--pairs", "tiny,no-such-pair,gpt2", "--store-dir", str(tmp_path), "--cache-dir",
+    args = ["sweep", "--pair", "tiny,no-such-pair,gpt2", "--store-dir", str(tmp_path), "--cache-dir",
             str(tiny_pair[2]), "--prompt", "hello there", "--quiet"]
     assert main(args) == 1  # some pairs failed, the others were captured
     rows = list(csv.DictReader((tmp_path / MANIFEST).open()))
@@ -26,7 +26,7 @@ def test_sweep_records_each_pair_and_resumes(tiny_pair, tmp_path, capsys):
 
 
 def test_sweep_on_a_cluster(tiny_pair, tmp_path, capsys):
-    args = ["sweep", "--pairs", "tiny,no-such-pair", "--store-dir", str(tmp_path), "--cache-dir", str(tiny_pair[2]),
+    args = ["sweep", "--pair", "tiny,no-such-pair", "--store-dir", str(tmp_path), "--cache-dir", str(tiny_pair[2]),
             "--prompt", "hello there", "--quiet", "--local-cluster", "2"]
     assert main(args) == 1
     rows = list(csv.DictReader((tmp_path / MANIFEST).open()))

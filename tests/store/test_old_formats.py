@@ -31,10 +31,10 @@ def test_every_command_reads_a_format_1_store(old, tmp_path, capsys):
     assert main(["info", str(old)]) == 0
     assert "format 1" in capsys.readouterr().out
     assert main(["verify", str(old)]) == 0
-    assert main(["report", str(old), "--top-n", "2", "--metric", "kl", "--token-id", "10", "--prompt", "1"]) == 0
+    assert main(["report", str(old), "--top-n", "2", "--metric", "kl", "--token-id", "10", "--prompt-index", "1"]) == 0
     assert "kl by layer" in capsys.readouterr().out
     assert main(["decompose", str(old), "--quiet", "--out", str(tmp_path / "d.zarr")]) == 0
-    assert main(["plot", str(old), "--quiet", "--out", str(tmp_path / "plots"), "--prompt", "1"]) == 0
+    assert main(["plot", str(old), "--quiet", "--out", str(tmp_path / "plots"), "--prompt-index", "1"]) == 0
     assert main(["export-netcdf", str(old), str(tmp_path / "ss.nc"), "--sel", "pass_=SS"]) == 0
     assert main(["export-json", str(old), "--out", str(tmp_path / "json")]) == 0
     (exported,) = (tmp_path / "json").rglob("multi_pass_*.json")
