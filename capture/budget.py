@@ -36,8 +36,6 @@ from capture.models import DTYPES, _text_config
 from store import units
 from store.schema import statistics_bytes_per_position
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
 
 @dataclass(frozen=True)
 class ModelFootprint:
@@ -71,7 +69,7 @@ def checkpoint_dtype(ref: str) -> str | None:
         for name, info in header.items():
             if name != "__metadata__":
                 size = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
-                best = max(best, (size, _SAFETENSORS_DTYPES.get(info["dtype"])), key=lambda x: x[0])
+                best = max(best, (size, units.DTYPE_ALIASES.get(info["dtype"])), key=lambda x: x[0])
     return best[1]
 
 

@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 from store.errors import UsageError
+from store.units import DTYPE_ALIASES
 
 SECTION = "residual_compare"
 IGNORED_KEYS = {
     "local_run": "GPU-rental checks of the old tool; resdiff runs wherever it is started",
 }
-DTYPE_NAMES = {"auto": "float32", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPE_NAMES = {name: dtype for name, dtype in DTYPE_ALIASES.items() if name == name.lower()}  # the config's
 ENV_KEYS = {
     "RESIDUAL_BASE_MODEL": "base_model", "RESIDUAL_SFT_MODEL": "sft_model", "RESIDUAL_TOKENIZER": "tokenizer",
     "RESIDUAL_DEVICE": "device", "RESIDUAL_DTYPE": "dtype", "RESIDUAL_PROMPT_FILE": "prompt_file",

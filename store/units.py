@@ -12,6 +12,9 @@ from store.errors import UsageError
 # Model dtypes a capture can load, and the bytes per element of each.
 DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MODEL_DTYPES = tuple(DTYPE_ITEMSIZE)
+# Other names of them: the legacy config's (``auto`` loaded float32) and safetensors headers'.
+DTYPE_ALIASES = {"auto": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+                 "F32": "float32", "F16": "float16", "BF16": "bfloat16", **{name: name for name in MODEL_DTYPES}}
 # Zarr has no bfloat16: residuals are stored as one of these.
 STORE_DTYPES = ("float16", "float32")
 LOADER_DTYPES = ("float32", "bfloat16")  # what the activation loader hands a trainer
