@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from store.errors import LensNotSaved, MissingData, UsageError
 from store.location import find_model_dir
-from store.schema import lens_layers, norm_formula
+from store.schema import LensHead, lens_layers, norm_formula
 
 WINDOWS = ("first", "all")
 
@@ -42,24 +42,20 @@ class NumpyLens:
 
     weight_vd: np.ndarray
     bias_v: np.ndarray
-    norm_kind: str
+    head: LensHead
     norm_weight: np.ndarray
     norm_bias: np.ndarray
-    eps: float
-    multiplier: float = 1.0
-    softcap: float | None = None
 
     def logits(self, h_nd: np.ndarray) -> np.ndarray:
         """(n, vocab) float64 logits of the rows of ``h_nd``."""
         return self._head(self._normed(h_nd) @ self.weight_vd.T.astype(np.float64) + self.bias_v)
 
     def _normed(self, h_nd: np.ndarray) -> np.ndarray:
-        return norm_formula(self.norm_kind, h_nd.astype(np.float64), self.norm_weight, self.norm_bias, self.eps,
-                            lambda x: x.mean(-1, keepdims=True))
+        return norm_formula(self.head.norm_kind, h_nd.astype(np.float64), self.norm_weight, self.norm_bias,
+                            self.head.norm_eps, lambda x: x.mean(-1, keepdims=True))
 
     def _head(self, z):
-        z = z * self.multiplier
-        return self.softcap * np.tanh(z / self.softcap) if self.softcap else z
+        return self.head.after_product(z, np.tanh)
 
     def extremes(self, h_nd: np.ndarray, top: int, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """The ``top`` largest and smallest float64 logits of each row: ``(ids, values)``, each (2, n, top),
@@ -88,12 +84,10 @@ class NumpyLens:
 
 
 def _saved_lens(ds: xr.Dataset, source: str) -> NumpyLens:
-    params = ds.attrs["saved_lens"][source]
     pick = {"source": source}
     return NumpyLens(weight_vd=ds.lens_weight.sel(pick).values, bias_v=ds.lens_bias.sel(pick).values,
-                     norm_kind=params["norm_kind"], norm_weight=ds.lens_norm_weight.sel(pick).values,
-                     norm_bias=ds.lens_norm_bias.sel(pick).values, eps=params["norm_eps"],
-                     multiplier=params["logit_multiplier"], softcap=params["logit_softcap"])
+                     head=LensHead.from_attrs(ds.attrs["saved_lens"][source], ds.encoding.get("source", "the store")),
+                     norm_weight=ds.lens_norm_weight.sel(pick).values, norm_bias=ds.lens_norm_bias.sel(pick).values)
 
 
 _HEAD_KEYS = ("lm_head.weight",)
@@ -121,7 +115,9 @@ def checkpoint_norm_kind(config: dict, has_bias: bool) -> str | None:
     return None
 
 
-def _checkpoint_lens(ref: str) -> NumpyLens:
+def _checkpoint_lens(ref: str, recorded: LensHead | None = None) -> NumpyLens:
+    """The unembedding of the checkpoint at ``ref``; its head as the capture ``recorded`` it (found numerically on
+    the loaded model), else as guessed from the checkpoint's config (stores from before ``lens_heads``)."""
     from safetensors import safe_open
 
     folder = Path(ref)
@@ -137,16 +133,20 @@ def _checkpoint_lens(ref: str) -> NumpyLens:
     norm = next((k for k in _NORM_KEYS if f"{k}.weight" in tensors), None)
     if weight is None or norm is None:
         raise LensNotSaved()
-    kind = checkpoint_norm_kind(config, has_bias=f"{norm}.bias" in tensors)
+    head = recorded or _guessed_head(ref, config, has_bias=f"{norm}.bias" in tensors)
+    norm_weight = tensors[f"{norm}.weight"].astype(np.float64)
+    return NumpyLens(weight_vd=weight.astype(np.float32), bias_v=np.zeros(len(weight)), head=head,
+                     norm_weight=norm_weight, norm_bias=tensors.get(f"{norm}.bias", np.zeros_like(norm_weight)))
+
+
+def _guessed_head(ref: str, config: dict, has_bias: bool) -> LensHead:
+    kind = checkpoint_norm_kind(config, has_bias)
     if kind is None:
         raise UsageError(f"cannot tell which final norm {ref} uses (its config names neither rms_norm_eps nor "
                          "layer_norm_eps); capture with --save-lens, which records the lens as the model computes it")
     eps = config.get("layer_norm_epsilon") or config.get("rms_norm_eps") or config.get("layer_norm_eps") or 1e-6
     multiplier = float(config.get("logit_scale") or 1.0) / float(config.get("logits_scaling") or 1.0)
-    norm_weight = tensors[f"{norm}.weight"].astype(np.float64)
-    return NumpyLens(weight_vd=weight.astype(np.float32), bias_v=np.zeros(len(weight)), norm_kind=kind,
-                     norm_weight=norm_weight, norm_bias=tensors.get(f"{norm}.bias", np.zeros_like(norm_weight)),
-                     eps=float(eps), multiplier=multiplier, softcap=config.get("final_logit_softcapping"))
+    return LensHead(kind, float(eps), multiplier, config.get("final_logit_softcapping"))
 
 
 def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
@@ -159,7 +159,10 @@ def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
         dirs = {s: find_model_dir(models[s], ds.encoding.get("source")) for s in sources}
         if not all(dirs.values()):
             raise LensNotSaved()
-        return {s: _checkpoint_lens(str(dirs[s])) for s in sources}, "the models' safetensors checkpoints"
+        heads = ds.attrs.get("lens_heads") or {}
+        where = ds.encoding.get("source", "the store")
+        return {s: _checkpoint_lens(str(dirs[s]), LensHead.from_attrs(heads[s], where) if s in heads else None)
+                for s in sources}, "the models' safetensors checkpoints"
     except (KeyError, OSError, LensNotSaved):
         raise LensNotSaved() from None
 

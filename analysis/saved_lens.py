@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from store.errors import LensNotSaved, UsageError
-from store.schema import LENS_NAMES, norm_formula
+from store.schema import LENS_NAMES, LensHead, norm_formula
 
 
 def _require_saved_lens(ds: xr.Dataset) -> dict:
@@ -49,19 +49,16 @@ def lens_logits(ds: xr.Dataset, token_ids: list[int], lens: str = "norm") -> xr.
     for name in ds.pass_.values:
         resid = ds.resid.sel(pass_=name).astype("float32")
         source = str(ds.unembedding.sel(pass_=name).values)
-        params = saved[source]
+        head = LensHead.from_attrs(saved[source], ds.encoding.get("source", "the store"))
         if lens == "norm":
             resid = norm_formula(
-                params["norm_kind"], resid, ds.lens_norm_weight.sel(source=source),
-                ds.lens_norm_bias.sel(source=source), params["norm_eps"], lambda x: x.mean("dim"),
+                head.norm_kind, resid, ds.lens_norm_weight.sel(source=source),
+                ds.lens_norm_bias.sel(source=source), head.norm_eps, lambda x: x.mean("dim"),
             )
         weight = ds.lens_weight.sel(source=source).isel(vocab=ids).rename(vocab="token_q")
         logits = xr.dot(resid, weight, dim="dim")
         logits = logits + ds.lens_bias.sel(source=source).isel(vocab=ids).rename(vocab="token_q")
-        logits = logits * params["logit_multiplier"]
-        if params["logit_softcap"]:
-            cap = params["logit_softcap"]
-            logits = np.tanh(logits / cap) * cap
+        logits = head.after_product(logits, np.tanh)
         per_pass.append(logits.drop_vars("source", errors="ignore"))
     out = xr.concat(per_pass, dim="pass_", coords="minimal", compat="override").assign_coords(token_q=ids)
     return out.rename("lens_logit").assign_attrs(lens=lens, long_name=f"{lens}-lens logit of token_q")

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from capture.errors import ModelLoadError
 from capture.lens_chunks import ChunkState, _Softmax
 from capture.transfer import to_device
-from store.schema import NORM_KINDS, norm_formula
+from store.schema import NORM_KINDS, LensHead, norm_formula
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -52,10 +53,7 @@ class Lens:
 
         head = model.get_output_embeddings()
         device = device or head.weight.device
-        config = getattr(model.config, "text_config", None) or model.config
-        multiplier = float(getattr(config, "logit_scale", None) or 1.0)
-        if getattr(config, "logits_scaling", None):
-            multiplier /= float(config.logits_scaling)
+        multiplier, softcap = _logit_extras(model)
         bias = getattr(head, "bias", None)
         norm = copy.deepcopy(final_norm(model)).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         weight_vd = head.weight.detach().to(device)
@@ -70,7 +68,7 @@ class Lens:
             norm=norm,
             bias_v=None if bias is None else bias.detach().to(device=device, dtype=torch.float32),
             multiplier=multiplier,
-            softcap=getattr(config, "final_logit_softcapping", None),
+            softcap=softcap,
         )
 
     @property
@@ -212,6 +210,27 @@ def _chunks_with_torch(h_by_pass, lens_by_pass, pairs, k, soft, vocab, vocab_chu
             lens.logits(h, start, stop, out=z_pnv[p])
         state.add_chunk(z_pnv, start)
     return state.results()
+
+
+def lens_head(model: nn.Module) -> LensHead | None:
+    """The head of a loaded model's unembedding as :class:`store.schema.LensHead` (its norm found numerically),
+    or None when no known norm formula reproduces the model's (the analysis then has no lens of its own)."""
+    from capture.models import final_norm
+
+    try:
+        norm = describe_norm(final_norm(model))
+    except (ValueError, AttributeError, TypeError, ModelLoadError):
+        return None
+    return LensHead(norm["kind"], norm["eps"], *_logit_extras(model))
+
+
+def _logit_extras(model: nn.Module) -> tuple[float, float | None]:
+    """(multiplier, softcap) the head applies after the product, from the model's config."""
+    config = getattr(model.config, "text_config", None) or model.config
+    multiplier = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):
+        multiplier /= float(config.logits_scaling)
+    return multiplier, getattr(config, "final_logit_softcapping", None)
 
 
 def describe_norm(norm: nn.Module) -> dict:

@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from store.chunking import TARGET_CHUNK_BYTES, Chunking
+from store.errors import StoreFormatError
 from store.units import CODECS, DEFAULT_CODEC
 
 FORMAT_VERSION = 4
@@ -245,6 +246,42 @@ def norm_formula(kind: str, h, weight, bias, eps: float, mean):
         return centered / (mean(centered * centered) + eps) ** 0.5 * weight + bias
     scale = weight + 1 if kind == "rmsnorm_unit_offset" else weight
     return h / (mean(h * h) + eps) ** 0.5 * scale
+
+
+@dataclass(frozen=True)
+class LensHead:
+    """What a model's unembedding does around its product, once for capture and analysis: the final norm
+    (:func:`norm_formula` of ``norm_kind`` with ``norm_eps``), then ``z * logit_multiplier`` and, with a
+    ``logit_softcap``, ``cap * tanh(z / cap)``. Recorded per unembedding source in a store's ``lens_heads``
+    attribute (and ``saved_lens``, with the same keys), as the capture found it numerically on the loaded model.
+
+    >>> head = LensHead.from_attrs({"norm_kind": "rmsnorm", "norm_eps": 1e-6, "logit_multiplier": 1.0,
+    ...                             "logit_softcap": 30.0})
+    >>> round(float(head.after_product(np.array([60.0]), np.tanh)[0]), 2), head.attrs()["norm_kind"]
+    (28.92, 'rmsnorm')
+    """
+
+    norm_kind: str
+    norm_eps: float
+    logit_multiplier: float = 1.0
+    logit_softcap: float | None = None
+
+    def attrs(self) -> dict:
+        return {"norm_kind": self.norm_kind, "norm_eps": self.norm_eps, "logit_multiplier": self.logit_multiplier,
+                "logit_softcap": self.logit_softcap}
+
+    @classmethod
+    def from_attrs(cls, record: dict, where: str = "the store") -> LensHead:
+        if record.get("norm_kind") not in NORM_KINDS:
+            raise StoreFormatError(path=where, detail=f"a recorded lens head has norm_kind "
+                                   f"{record.get('norm_kind')!r}, not one of {', '.join(NORM_KINDS)}")
+        return cls(record["norm_kind"], float(record["norm_eps"]), float(record.get("logit_multiplier") or 1.0),
+                   record.get("logit_softcap"))
+
+    def after_product(self, z, tanh):
+        """The head after ``normed h @ W^T + b``, over any array type (``tanh`` its tanh)."""
+        z = z * self.logit_multiplier
+        return self.logit_softcap * tanh(z / self.logit_softcap) if self.logit_softcap else z
 
 
 @dataclass(frozen=True)

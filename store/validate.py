@@ -20,7 +20,7 @@ from store.schema import FORMAT_ATTR, FORMAT_VERSION, READABLE_VERSIONS
 # Attributes the commands read, with the JSON type each must have where present.
 ATTR_TYPES: dict[str, type | tuple[type, ...]] = {
     "models": dict, "capture_settings": dict, "content_fingerprint": dict, "chunking": dict, "pass_plan": list,
-    "saved_lens": dict, "store_dtype": str, "model_dtype": str, "device": str, "created_at": str,
+    "saved_lens": dict, "lens_heads": dict, "store_dtype": str, "model_dtype": str, "device": str, "created_at": str,
     "completed_at": str, "imported_from": str, "pair_label": str, "statistics_only": bool,
 }
 _JSON_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false"}

@@ -196,12 +196,13 @@ def test_lens_extremes_equal_a_full_float64_ranking():
     """Candidates from a float32 product, ranked in float64: the same ids and values as sorting every float64
     logit of each row (random lens and rows; rows in several blocks)."""
     from analysis.difflens import NumpyLens
+    from store.schema import LensHead
 
     rng = np.random.default_rng(3)
     vocab, dim = 500, 16
     lens = NumpyLens(weight_vd=rng.standard_normal((vocab, dim)).astype(np.float32),
-                     bias_v=rng.standard_normal(vocab).astype(np.float32), norm_kind="rms",
-                     norm_weight=rng.random(dim) + 0.5, norm_bias=np.zeros(dim), eps=1e-6, multiplier=0.7, softcap=30.0)
+                     bias_v=rng.standard_normal(vocab).astype(np.float32), head=LensHead("rmsnorm", 1e-6, 0.7, 30.0),
+                     norm_weight=rng.random(dim) + 0.5, norm_bias=np.zeros(dim))
     h = rng.standard_normal((70, dim))
     ids, values = lens.extremes(h, top=7, rows=32)
     z = lens.logits(h)
@@ -247,7 +248,7 @@ def test_a_layernorm_checkpoint_of_an_unknown_type_is_read_as_layernorm(tmp_path
     config = {"model_type": "someone_elses_lm", "layer_norm_eps": 1e-5}
     tensors = _write_checkpoint(tmp_path / "ckpt", config, with_bias)
     lens = _checkpoint_lens(str(tmp_path / "ckpt"))
-    assert lens.norm_kind == "layernorm"
+    assert lens.head.norm_kind == "layernorm"
     h = np.random.default_rng(1).standard_normal((3, HIDDEN)) * 2 + 0.7
     bias = tensors.get("model.norm.bias", np.zeros(HIDDEN)).astype(np.float64)
     want = []
@@ -273,3 +274,44 @@ def test_top_beyond_the_vocabulary_lists_every_token(tmp_path):
     assert result.sizes["rank"] == HIDDEN
     cell = result.sel(pair="BB-SS")
     assert (cell.promoted_id.isel(rank=0).values == 5).all() and (cell.suppressed_id.isel(rank=0).values == 2).all()
+
+
+def test_every_capture_records_its_lens_heads_as_the_models_compute_them(tiny_store, tiny_pair):
+    """``lens_heads`` (every capture): each source's norm identified numerically on the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from capture.lens import lens_head
+
+    ds = open_store(tiny_store)
+    recorded = ds.attrs["lens_heads"]
+    assert set(recorded) == {"base", "sft"}
+    for name in ("base", "sft"):
+        model = AutoModelForCausalLM.from_pretrained(ds.attrs["models"][name]["ref"])
+        assert recorded[name] == lens_head(model).attrs()
+
+
+def test_the_recorded_head_is_used_over_a_guess_from_the_config(tmp_path, tiny_store):
+    """A checkpoint whose config would be read as RMSNorm, recorded by the capture as LayerNorm: the recorded
+    head decides (logits as a float64 LayerNorm reference); without a record, the guess."""
+    from store.schema import LensHead
+
+    config = {"model_type": "someone_elses_lm", "rms_norm_eps": 1e-6}
+    tensors = _write_checkpoint(tmp_path / "ckpt", config, with_bias=False)
+    assert _checkpoint_lens(str(tmp_path / "ckpt")).head.norm_kind == "rmsnorm"  # the guess
+    lens = _checkpoint_lens(str(tmp_path / "ckpt"), LensHead("layernorm", 1e-5))
+    h = np.random.default_rng(2).standard_normal((3, HIDDEN)) * 2 + 0.7
+    centered = h - h.mean(axis=1, keepdims=True)
+    normed = centered / np.sqrt((centered ** 2).mean(axis=1, keepdims=True) + 1e-5) * tensors["model.norm.weight"]
+    np.testing.assert_allclose(lens.logits(h), normed @ tensors["lm_head.weight"].astype(np.float64).T, rtol=1e-6,
+                               atol=1e-6)
+    # through the store: load_lenses reads lens_heads where the store has no saved lens
+    import json
+
+    ds = open_store(tiny_store)
+    without = ds.drop_vars([v for v in ds.data_vars if str(v).startswith("lens_")])
+    without.attrs = {k: v for k, v in ds.attrs.items() if k != "saved_lens"}
+    without.attrs["lens_heads"] = json.loads(json.dumps(ds.attrs["lens_heads"]))
+    without.attrs["lens_heads"]["base"]["norm_eps"] = 0.5  # planted: only the record says so
+    lenses, where = load_lenses(without)
+    assert where == "the models' safetensors checkpoints"
+    assert lenses["base"].head.norm_eps == 0.5 and lenses["sft"].head.norm_eps != 0.5
