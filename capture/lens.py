@@ -90,7 +90,8 @@ class Lens:
         return self._head_extras_(h_nd.float() @ self.weight_vd[ids_j].float().T, ids_j)
 
     def _head_extras_(self, z_nv: torch.Tensor, rows) -> torch.Tensor:
-        """Apply, in place, what the head applies after the product, for vocabulary ``rows``."""
+        """Apply, in place, what the head applies after the product, for vocabulary ``rows`` (the rule of
+        :meth:`store.schema.LensHead.after_product`, in place: a vocabulary chunk is the largest tensor here)."""
         if self.bias_v is not None:
             z_nv += self.bias_v[rows]
         if self.multiplier != 1.0:
