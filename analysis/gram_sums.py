@@ -177,6 +177,14 @@ class GramSums:
         self.grams: list[np.ndarray] = []
         self.sum_qld = np.zeros((n_pair, n_layer, n_dim))
         self.count_ql = np.zeros((n_pair, n_layer), dtype=np.int64)
+        # threads adding at different layers (each under its layer's lock) may make new slots at once
+        self._slots = threading.Lock()
+
+    def __getstate__(self) -> dict:  # a task's accumulator travels from a cluster worker: without its lock
+        return {k: v for k, v in self.__dict__.items() if k != "_slots"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _slots=threading.Lock())
 
     def gram(self, q: int, layer: int) -> np.ndarray:
         """The symmetric Gram of pair ``q`` at ``layer``."""
@@ -222,8 +230,9 @@ class GramSums:
         self.count_ql += other.count_ql
 
     def _new(self, gram: np.ndarray) -> int:
-        self.grams.append(gram)
-        return len(self.grams) - 1
+        with self._slots:
+            self.grams.append(gram)
+            return len(self.grams) - 1
 
 
 class _Shared:
@@ -284,7 +293,9 @@ def _batch(slabs: list[tuple[list[np.ndarray], np.ndarray, np.ndarray]], left_q,
                 signs = tuple(1.0 if class_s[left_q[q]] == class_s[left_q[first]] else -1.0 for q in members)
                 key = (tuple(members), signs)
                 entry = groups.setdefault(key, [0, np.zeros(n_dim)])
-                rows_nd = buffers.setdefault(key, np.empty((n_rows, n_dim)))
+                rows_nd = buffers.get(key)
+                if rows_nd is None:
+                    rows_nd = buffers[key] = np.empty((n_rows, n_dim))
                 entry[0] += _diff_rows(values[left_q[first]], values[right_q[first]], half, layer, kept_pt,
                                        rows_nd[entry[0]:], sum_d)
                 entry[1] += sum_d

@@ -151,6 +151,36 @@ def test_shared_grams_split_on_the_first_different_addition():
     np.testing.assert_array_equal(shared.gram(2, 0), 3 * one)
 
 
+def test_threads_making_slots_at_once_each_get_their_own():
+    """Two threads adding at different layers (each under its own layer's lock) create slots at the same time:
+    each Gram lands in its own pair and layer (a list whose appends are slow opens the window wide)."""
+    import threading
+    import time
+
+    from analysis.gram_sums import GramSums, _add_gram
+
+    class SlowList(list):
+        def append(self, item):
+            super().append(item)
+            time.sleep(0.05)
+
+    sums = GramSums(1, 2, 2)
+    sums.grams = SlowList()
+    start = threading.Barrier(2)
+
+    def add(layer: int) -> None:
+        start.wait()
+        sums.add(layer, [([0], _add_gram(np.full((2, 2), layer + 1.0)))])
+
+    threads = [threading.Thread(target=add, args=(layer,)) for layer in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(sums.gram(0, 0), np.full((2, 2), 1.0))
+    np.testing.assert_array_equal(sums.gram(0, 1), np.full((2, 2), 2.0))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path, dtype):
     """SB = BB and SS = BS (frozen input embeddings): two pairs are exactly zero and four share one Gram; every
