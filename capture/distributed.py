@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from distributed import as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from capture.lens import lens_head, record_lens_head
 from capture.models import DTYPES, load_input_embedding, load_model, release_memory
 from capture.passes import Pass
 from capture.prepare import Prepared, pad_id_of
@@ -33,6 +34,7 @@ from capture.runner import run_passes
 from capture.selection import StoredWindow
 from store.chunking import shard_rows, store_groups
 from store.location import current_storage_options
+from store.schema import LensHead
 from store.writer import StoreWriter
 
 PLUGIN_NAME = "resdiff-resident-model"
@@ -60,6 +62,7 @@ class GroupTask:
     allow_pickle: bool
     load_kwargs: dict
     storage_options: dict  # for a store at an fsspec URL: the coordinator's options
+    lens_head: bool = False  # also report the model's lens head (its unembedding is one the passes use)
 
 
 class ResidentModel(WorkerPlugin):
@@ -103,10 +106,11 @@ class ResidentModel(WorkerPlugin):
         return self.embeddings[ref]
 
 
-def capture_group(task: GroupTask) -> tuple[int, bool]:
+def capture_group(task: GroupTask) -> tuple[int, bool, LensHead | None]:
     """Run on a worker: capture and write the task's regions not yet done.
 
-    Returns the real tokens written and whether the worker had to load the model.
+    Returns the real tokens written, whether the worker had to load the model, and (``task.lens_head``) the
+    model's lens head for the coordinator to record.
     """
     resident = get_worker().plugins[PLUGIN_NAME]
     loaded = resident.key != (task.llm_ref, task.dtype, task.device)
@@ -130,7 +134,7 @@ def capture_group(task: GroupTask) -> tuple[int, bool]:
         ):
             writer.write_region(captured.pass_index, captured.prompts, captured.resid_gltd, captured.final_gtd)
             tokens += captured.n_real_tokens
-    return tokens, loaded
+    return tokens, loaded, lens_head(model) if task.lens_head else None
 
 
 def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[slice], bar, log=print) -> None:
@@ -168,6 +172,7 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
                     device=resolved.device, trust_remote_code=settings.trust_remote_code,
                     allow_pickle=settings.allow_pickle, load_kwargs=settings.load_kwargs(),
                     storage_options=current_storage_options(),
+                    lens_head=llm in prep.lens_sources and llm not in (writer.attrs.get("lens_heads") or {}),
                 )
                 for group in groups if not all(done_pp[i, group].all() for i in pass_indices)
             ]
@@ -177,8 +182,9 @@ def residual_stage_on_cluster(prep: Prepared, writer: StoreWriter, groups: list[
             size_of = {f.key: sum(int((~done_pp[i, t.group]).sum()) for i in pass_indices)
                        for f, t in zip(futures, tasks, strict=True)}
             for future in as_completed(futures):
-                _, loaded = future.result()  # re-raises a worker's error here
+                _, loaded, head = future.result()  # re-raises a worker's error here
                 loads += loaded
+                record_lens_head(writer, llm, head)
                 bar.update(size_of[future.key])
         log(f"cluster capture done: {sum(tasks_run)} tasks, {loads} model loads on {n_workers} workers")
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capture.lens import Lens, describe_norm, lens_head
+from capture.lens import Lens, describe_norm, lens_head, record_lens_head
 from capture.lens_stage import chosen_layers, pending_rows, write_lens_statistics
 from capture.memory_plan import build_plan
 from capture.models import DTYPES, input_embedding_copy, load_input_embedding, load_model, release_memory
@@ -134,8 +134,10 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
         for other in step.borrowed & {passes[i].embedding for i in todo}:
             embeddings[other] = load_input_embedding(refs[other], resolved.dtype, device, settings.trust_remote_code,
                                                      settings.allow_pickle)
-        if llm in prep.lens_sources:
-            _record_lens_head(writer, llm, model)
+        if llm in prep.lens_sources and llm not in (writer.attrs.get("lens_heads") or {}):
+            # every capture records each unembedding's head as the loaded model computes it (the analysis
+            # reads the checkpoints with it instead of guessing the norm from their config)
+            record_lens_head(writer, llm, lens_head(model))
         if llm in lens_needed:
             lenses[llm] = Lens.from_model(model, device)
         if step.keep_embedding:
@@ -206,16 +208,6 @@ def _save_lenses(writer: StoreWriter, lenses: dict[str, Lens]) -> dict:
         record[source] = LensHead(norm["kind"], norm["eps"], lens.multiplier, lens.softcap).attrs()
     return record
 
-
-def _record_lens_head(writer: StoreWriter, source: str, model) -> None:
-    """Record ``source``'s lens head (``lens_heads``, every capture) the first time its model is loaded, so that
-    the analysis reads the unembedding as the model computes it instead of guessing from its config."""
-    heads = dict(writer.attrs.get("lens_heads") or {})
-    if source in heads:
-        return
-    head = lens_head(model)
-    if head is not None:
-        writer.finalize({"lens_heads": {**heads, source: head.attrs()}})
 
 
 def _run_capture(settings: CaptureSettings, log, progress: bool) -> StorePath:

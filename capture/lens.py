@@ -225,6 +225,13 @@ def lens_head(model: nn.Module) -> LensHead | None:
     return LensHead(norm["kind"], norm["eps"], *_logit_extras(model))
 
 
+def record_lens_head(writer, source: str, head: LensHead | None) -> None:
+    """Add ``source``'s head to the store's ``lens_heads`` attribute, once (None: nothing to record)."""
+    heads = dict(writer.attrs.get("lens_heads") or {})
+    if head is not None and source not in heads:
+        writer.finalize({"lens_heads": {**heads, source: head.attrs()}})
+
+
 def _logit_extras(model: nn.Module) -> tuple[float, float | None]:
     """(multiplier, softcap) the head applies after the product, from the model's config."""
     config = getattr(model.config, "text_config", None) or model.config

@@ -41,6 +41,8 @@ def test_local_cluster_capture_equals_single_process(tiny_pair, reference, tmp_p
     assert int(messages[-1].split(", ")[1].split()[0]) <= 4, messages[-1]
     assert_stores_equal(store, reference, ignore_attrs=IGNORED)
     assert verify_store(store) == []
+    heads = zarr.open_group(str(store), mode="r").attrs["lens_heads"]  # reported by the workers
+    assert set(heads) == {"base", "sft"} and heads == zarr.open_group(str(reference), mode="r").attrs["lens_heads"]
 
 
 def test_cluster_capture_resumes_an_interrupted_store(tiny_pair, reference, tmp_path):
