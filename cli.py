@@ -329,27 +329,19 @@ def _tucker_ranks(text: str | None):
 
 
 def _cmd_decompose(args: argparse.Namespace) -> int:
-    import numpy as np
     import xarray as xr
 
-    from analysis.decompose import decompose_store
-    from analysis.report import table
+    from analysis.decompose import decompose_store, summary_lines
 
-    with _compute_context(args, _open_for_analysis(args.store, reads_lens=False)):
+    ds = _open_for_analysis(args.store, reads_lens=False)
+    with _compute_context(args, ds):
         path, reused = decompose_store(args.store, top_k=args.top_k, cp_rank=args.cp_rank,
                                        tucker_ranks=_tucker_ranks(args.tucker_ranks), pairs=args.pass_pair,
                                        out=args.out, force=args.force, progress=not args.quiet,
                                        include_massive=args.include_massive)
     res = xr.open_zarr(str(path)).load()  # small: a few numbers per pair and layer
     print(f"{'Reused' if reused else 'Wrote'} decomposition: {path}")
-    ratio = res.participation_ratio.values  # (pair, layer); NaN where the differences are all zero
-    zero = [str(q) for q, row in zip(res.pair.values, ratio, strict=True) if not np.isfinite(row).any()]
-    if zero:
-        print(f"pairs {', '.join(zero)}: no difference at any layer (exactly 0), so no spectrum")
-    rows = [[str(q), int(la), float(ratio[i, j]) if np.isfinite(ratio[i, j]) else "- (no difference)",
-             int(res.rank90.sel(pair=q, layer=la)), int(res.rank99.sel(pair=q, layer=la))]
-            for i, q in enumerate(res.pair.values) if str(q) not in zero for j, la in enumerate(res.layer.values)]
-    print(table(["pair", "layer", "participation", "rank90", "rank99"], rows))
+    print("\n".join(summary_lines(ds, res)))
     print(f"CP rank {res.sizes['cp_rank']}: relative error {res.attrs['cp_relative_error']:.3e}; "
           f"Tucker ranks {tuple(res.attrs['tucker_ranks'])}: relative error {res.attrs['tucker_relative_error']:.3e}")
     print(f"open with: xr.open_zarr({str(path)!r})")

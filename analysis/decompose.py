@@ -184,6 +184,40 @@ def decompose(ds: xr.Dataset, top_k: int = 8, cp_rank: int | None = None,
     return result.merge(tensors).assign_attrs(**tensors.attrs)
 
 
+def summary_lines(ds: xr.Dataset, result: xr.Dataset) -> list[str]:
+    """What ``decompose`` prints: pairs exactly zero at every layer said once with what it means, pairs with the
+    same spectrum at every layer (the same differences up to sign) collapsed into one table, then each distinct
+    pair's participation ratio and ranks per layer."""
+    from analysis.report import table, why_identical
+
+    ratio = result.participation_ratio.values  # (pair, layer); NaN where the differences are all zero
+    pairs = [str(q) for q in result.pair.values]
+    zero = [q for q, row in zip(pairs, ratio, strict=True) if not np.isfinite(row).any()]
+    lines = []
+    if zero:
+        lines.append(f"pairs {', '.join(zero)}: no difference at any layer (exactly 0: {why_identical(ds, zero)}), "
+                     "so no spectrum")
+    groups: list[list[str]] = []
+    for q in (q for q in pairs if q not in zero):
+        same = next((g for g in groups if all(np.array_equal(result[v].sel(pair=g[0]).values,
+                                                              result[v].sel(pair=q).values, equal_nan=True)
+                                               for v in ("singular_value", "direction"))), None)
+        if same is None:
+            groups.append([q])
+        else:
+            same.append(q)
+    for group in (g for g in groups if len(g) > 1):
+        lines.append(f"pairs {', '.join(group)}: the same spectrum and directions at every layer (the same "
+                     "differences up to sign), shown once")
+    rows = [[" = ".join(group), int(la), float(ratio[pairs.index(group[0]), j]), int(rank90), int(rank99)]
+            for group in groups
+            for j, (la, rank90, rank99) in enumerate(zip(result.layer.values, result.rank90.sel(pair=group[0]).values,
+                                                         result.rank99.sel(pair=group[0]).values, strict=True))]
+    rows = [[*row[:2], row[2] if np.isfinite(row[2]) else "- (no difference)", *row[3:]] for row in rows]
+    lines.append(table(["pair", "layer", "participation", "rank90", "rank99"], rows))
+    return lines
+
+
 def default_output(store: str | Path, key: str) -> Path:
     """``NAME.decomp-KEY.zarr`` beside the store (under ``outputs/`` for a store at a URL)."""
     from store.location import local_sibling

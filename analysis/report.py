@@ -167,13 +167,13 @@ def same_tables(ds: xr.Dataset, summary: xr.Dataset, spots: xr.Dataset, lead: st
     for members, key in groups:
         finite = key[np.isfinite(key)]
         if lead == "pair" and finite.size and not finite.any():
-            out.append((members, "zero: " + _why_identical(ds, members)))
+            out.append((members, "zero: " + why_identical(ds, members)))
         else:
             out.append((members, "identical tables" if len(members) > 1 else ""))
     return out
 
 
-def _why_identical(ds: xr.Dataset, pairs: list[str]) -> str:
+def why_identical(ds: xr.Dataset, pairs: list[str]) -> str:
     """What two passes giving the same residuals means, from the passes' recipes."""
     from analysis.metrics import store_pass_pairs
 

@@ -99,6 +99,12 @@ def test_exactly_zero_pairs_decompose_and_plot_without_a_traceback(make_model, t
     ds = _swap_pair(make_model, tmp_path, keep="embeddings")
     store = ds.attrs["capture_settings"]["store"]
     assert main(["decompose", store, "--quiet", "--out", str(tmp_path / "d.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert ("pairs BB-SB, BS-SS: no difference at any layer (exactly 0: their passes differ only in the input "
+            "embedding, so the input embeddings are identical)") in out
+    assert "pairs BB-BS, BB-SS, BS-SB, SB-SS: the same spectrum and directions at every layer" in out
+    rows = [line for line in out.splitlines() if line.lstrip().startswith("BB-BS = BB-SS = BS-SB = SB-SS ")]
+    assert len(rows) == ds.sizes["layer"]  # one table for the four, a row per layer
     result = xr.open_zarr(tmp_path / "d.zarr").load()
     for zero in ("BB-SB", "BS-SS"):
         assert (result.singular_value.sel(pair=zero).values == 0).all()
