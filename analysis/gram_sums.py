@@ -384,7 +384,7 @@ def layer_tile(ds: xr.Dataset, n_pair: int) -> int:
     if tile < 1:
         raise UsageError(f"--memory-limit {limit / 1e6:.0f} MB is too small to decompose this store: it needs "
                          f"about {(transient + per_layer) / 1e6:.0f} MB (a dim x dim float64 Gram per pair, "
-                         "and each thread's reads); raise the limit or choose fewer pairs with --pair")
+                         "and each thread's reads); raise the limit or choose fewer pairs with --pass-pair")
     return int(min(n_layer, tile))
 
 

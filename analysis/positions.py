@@ -16,7 +16,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from analysis.regions import materialize, prompt_runs, region, region_graph
-from store.chunking import TARGET_CHUNK_BYTES, real_blocks
+from store.chunking import real_blocks
 from store.errors import MissingData
 
 
@@ -50,14 +50,6 @@ def has_padding_chunks(ds: xr.Dataset, name: str = "resid") -> bool:
     chunks = dict(zip(var.dims, var.chunks, strict=True))
     return not real_blocks(np.asarray(ds.n_tokens.values), chunks["prompt"][0], chunks["token"][0],
                            var.sizes["token"]).all()
-
-
-def rows_per_chunk(var: xr.DataArray, target_bytes: int = TARGET_CHUNK_BYTES) -> int:
-    """Positions per chunk of a row view so that one chunk of one pass is about a store chunk's size."""
-    chunks = dict(zip(var.dims, var.chunks, strict=True))
-    per_position = var.dtype.itemsize * int(np.prod([chunks[d][0] for d in var.dims
-                                                     if d not in ("prompt", "token", "pass_", "pair")]))
-    return max(1, target_bytes // max(per_position, 1))
 
 
 def real_positions(ds: xr.Dataset, name: str = "resid", rows: int | None = None) -> xr.DataArray:
