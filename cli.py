@@ -7,6 +7,7 @@ for each command's options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -26,7 +27,7 @@ def _open_for_analysis(store: str, reads_lens: bool = True):
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from capture.model_pairs import MODEL_PAIRS
+    from capture.models.registry import MODEL_PAIRS
 
     print(f"{'pair':<16}{'base':<40}{'sft':<44}{'dtype':<10}{'est. memory':>12}")
     for spec in MODEL_PAIRS.values():
@@ -40,7 +41,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from capture.job import run_capture
+    from capture.pipeline.job import run_capture
     from capture.settings import CaptureSettings
     from store.reader import describe_store
 
@@ -59,11 +60,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             from_file = {k: v for k, v in from_file.items() if k not in ("base", "sft", "tokenizer")}
     settings = CaptureSettings(**{**from_file, **given})
     if args.plan:
-        from capture.memory_plan import plan_capture
+        from capture.plan.memory import plan_capture
 
         print(plan_capture(settings, log=lambda msg: print(msg, file=sys.stderr)).describe())
         return 0
-    path = run_capture(settings, progress=not args.quiet)
+    with _cluster(args.scheduler, args.local_cluster) as client:
+        path = run_capture(settings, progress=not args.quiet, client=client)
     print(describe_store(path))
     return 0
 
@@ -83,13 +85,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from capture.pipeline.sweep import run_sweep
     from capture.settings import CaptureSettings
-    from capture.sweep import run_sweep
 
     fields = CaptureSettings.__dataclass_fields__
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    manifest, rows = run_sweep(args.model_pairs.split(","), CaptureSettings(**given), args.store_dir,
-                               log=lambda msg: print(msg, file=sys.stderr), progress=not args.quiet)
+    with _cluster(args.scheduler, args.local_cluster) as client:
+        manifest, rows = run_sweep(args.model_pairs.split(","), CaptureSettings(**given), args.store_dir,
+                                   log=lambda msg: print(msg, file=sys.stderr), progress=not args.quiet,
+                                   client=client)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("success", "skipped", "failed")}
     print(f"Sweep: {counts['success']} captured, {counts['skipped']} skipped (complete), {counts['failed']} failed; "
           f"manifest: {manifest}")
@@ -129,8 +133,8 @@ def _cmd_import_json(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.export_rows import check_export_path, export_rows
-    from analysis.report import build_report
+    from analysis.report.export_rows import check_export_path, export_rows
+    from analysis.report.text import build_report
 
     if args.export:
         check_export_path(args.export)  # before any work
@@ -154,14 +158,14 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     import dask
     import numpy as np
 
-    from analysis.factorial import factorial_shares
-    from analysis.outliers import describe_massive, massive_positions
-    from analysis.report import table
+    from analysis.geometry.outliers import describe_massive, massive_positions
+    from analysis.readouts.factorial import factorial_shares
+    from analysis.report.text import table
 
     ds = _open_for_analysis(args.store, reads_lens=False)
     by = args.by
     if by == "kind":  # special and chat-template tokens against the rest
-        from analysis.tokens import token_kinds
+        from analysis.readouts.tokens import token_kinds
 
         by = token_kinds(ds)
     with _compute_context(args, ds):  # graphs built here follow the memory limit
@@ -190,8 +194,8 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
 def _cmd_diff_lens(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from analysis.difflens import diff_lens
-    from analysis.tokens import token_texts
+    from analysis.readouts.difflens import diff_lens
+    from analysis.readouts.tokens import token_texts
 
     ds = _open_for_analysis(args.store, reads_lens=False)
     with _compute_context(args, ds):
@@ -221,8 +225,8 @@ def _cmd_diff_lens(args: argparse.Namespace) -> int:
 
 
 def _cmd_loader_stats(args: argparse.Namespace) -> int:
-    from analysis.loader import activation_loader
-    from analysis.loader_stats import loader_stats
+    from analysis.loader.activations import activation_loader
+    from analysis.loader.stats import loader_stats
 
     _open_for_analysis(args.store, reads_lens=False)  # refuses unfinished residuals in one line
     passes = args.passes.split(",") if args.passes else None
@@ -307,11 +311,45 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
                        help="start N single-threaded worker processes on loopback and run there")
 
 
+@contextlib.contextmanager
+def _cluster(scheduler: str | None, local_cluster: int | None, memory_limit: int | None = None):
+    """The dask.distributed client of ``--scheduler`` or of ``--local-cluster N`` new worker processes on loopback
+    (one thread each, ``memory_limit`` split between them, each with the resource GPU=1), or None; closed on exit."""
+    from store.errors import UsageError
+
+    if not scheduler and local_cluster is None:
+        yield None
+        return
+    if scheduler and local_cluster is not None:
+        raise UsageError("give either --scheduler or --local-cluster, not both")
+    if local_cluster is not None and local_cluster < 1:
+        raise UsageError(f"--local-cluster needs at least 1 worker, got {local_cluster}")
+    from distributed import Client, LocalCluster
+
+    if local_cluster is not None:
+        with LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=None,
+                          memory_limit=memory_limit // local_cluster if memory_limit else "auto",
+                          resources={"GPU": 1}) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"could not reach the Dask scheduler at {scheduler} ({exc.__class__.__name__}); start "
+                         "one with `dask scheduler` and workers with `dask worker ADDRESS`, or use --local-cluster N"
+                         ) from None
+    with client:
+        yield client
+
+
+@contextlib.contextmanager
 def _compute_context(args: argparse.Namespace, ds):
-    from analysis.compute import compute_on, default_memory_limit, parse_memory, tile_bytes
+    from analysis.compute.context import compute_on, default_memory_limit, parse_memory, tile_bytes
 
     limit = parse_memory(args.memory_limit) if args.memory_limit else default_memory_limit()
-    return compute_on(args.scheduler, args.local_cluster, limit, tile_bytes(ds))
+    with _cluster(args.scheduler, args.local_cluster, limit) as client:
+        with compute_on(client, limit, tile_bytes(ds)) as where:
+            yield where
 
 
 def _tucker_ranks(text: str | None):
@@ -331,7 +369,7 @@ def _tucker_ranks(text: str | None):
 def _cmd_decompose(args: argparse.Namespace) -> int:
     import xarray as xr
 
-    from analysis.decompose import decompose_store, summary_lines
+    from analysis.geometry.decompose import decompose_store, summary_lines
 
     ds = _open_for_analysis(args.store, reads_lens=False)
     with _compute_context(args, ds):
@@ -355,10 +393,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     import dask
     import xarray as xr
 
-    from analysis import plots
-    from analysis.decompose import decompose_store
-    from analysis.outliers import massive_positions
-    from analysis.report import check_prompt
+    from analysis.geometry.decompose import decompose_store
+    from analysis.geometry.outliers import massive_positions
+    from analysis.report import plots
+    from analysis.report.text import check_prompt
     from store.atomic import staged_directory
     from store.location import local_sibling
 
@@ -396,8 +434,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _page_inputs(args: argparse.Namespace, ds, found) -> dict:
     """The lazy numbers of the HTML page's opening and summary (``found``: the massive positions, computed)."""
-    from analysis.answer import page_inputs
-    from analysis.metrics import pair_metrics
+    from analysis.geometry.metrics import pair_metrics
+    from analysis.report.answer import page_inputs
     from store.completeness import without_lens
 
     keep = None if args.include_massive else ~found.massive
@@ -412,10 +450,10 @@ def _plot_page(args: argparse.Namespace, ds, out, images: list, result, found, c
 
     import numpy as np
 
-    from analysis import plots
-    from analysis.answer import chat_templating, opening
-    from analysis.metrics import pair_metrics
-    from analysis.summary import summary_sentences
+    from analysis.geometry.metrics import pair_metrics
+    from analysis.report import plots
+    from analysis.report.answer import chat_templating, opening
+    from analysis.report.summary import summary_sentences
     from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
 
     def ratio(q) -> str:
@@ -787,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(args, "memory_limit") and not (getattr(args, "scheduler", None) or
                                               getattr(args, "local_cluster", None) is not None):
-        from analysis.compute import share_one_heap
+        from analysis.compute.context import share_one_heap
 
         share_one_heap()  # before any thread starts (see its docstring)
     from store.errors import ResdiffError, damaged_store_error

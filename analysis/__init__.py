@@ -1,29 +1,29 @@
 """Lazy analysis of resdiff stores (Dask-backed; nothing is computed until asked).
 
-:func:`open_store` opens a store lazily after checking it; :mod:`analysis.metrics`
+:func:`open_store` opens a store lazily after checking it; :mod:`analysis.geometry.metrics`
 derives the geometric metrics per pass and per pair and summarises them;
-:mod:`analysis.reductions` finds hotspots, correlations and seven-number summaries;
-:mod:`analysis.tracked` follows tracked tokens; :func:`factorial` and :func:`factorial_shares` split
+:mod:`analysis.compute.reductions` finds hotspots, correlations and seven-number summaries;
+:mod:`analysis.readouts.tracked` follows tracked tokens; :func:`factorial` and :func:`factorial_shares` split
 each change into embeddings, body and interaction; :func:`diff_lens` reads each pair's mean difference
 through the unembedding and :func:`shift_rate` counts top-token shifts; :func:`decompose` gives spectra,
 ranks and tensor decompositions of the differences; :func:`report_summary` is ``report``'s opening in
-sentences; :mod:`analysis.saved_lens` computes lens
+sentences; :mod:`analysis.readouts.saved_lens` computes lens
 logits of any token from a store's saved lens; :func:`activation_loader` feeds shuffled, paired
 activation batches to dictionary-learning trainers (torch is imported only when one is built).
 The errors a notebook may want to catch (:class:`ResdiffError` and its subclasses from
 :mod:`store.errors`) are re-exported here.
 """
 
-from analysis.decompose import decompose
-from analysis.difflens import diff_lens, shift_rate
-from analysis.factorial import factorial, factorial_shares
-from analysis.loader import activation_loader
-from analysis.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
-from analysis.positions import real_positions
-from analysis.reductions import correlation, hotspots, seven_number_summary
-from analysis.saved_lens import lens_logits
-from analysis.summary import report_summary
-from analysis.tracked import tracked_changes, tracked_trajectory
+from analysis.compute.positions import real_positions
+from analysis.compute.reductions import correlation, hotspots, seven_number_summary
+from analysis.geometry.decompose import decompose
+from analysis.geometry.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
+from analysis.loader.activations import activation_loader
+from analysis.readouts.difflens import diff_lens, shift_rate
+from analysis.readouts.factorial import factorial, factorial_shares
+from analysis.readouts.saved_lens import lens_logits
+from analysis.readouts.tracked import tracked_changes, tracked_trajectory
+from analysis.report.summary import report_summary
 from store.errors import LensNotSaved, MissingData, ResdiffError, StoreFormatError, StoreNotFound, UsageError
 from store.reader import open_store
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import emit_report, machine, prompt_set, timed  # noqa: E402
 from benchmarks.ragged import bare_forwards, ragged_set  # noqa: E402
-from capture.job import run_capture  # noqa: E402
+from capture.pipeline.job import run_capture  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
 
 SIZES = (8, 16, 32, 64)
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from capture.smollm import ensure_smollm_pair
+    from capture.models.smollm import ensure_smollm_pair
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-batching-"))
     base, sft = ensure_smollm_pair(args.models_dir)

@@ -40,13 +40,13 @@ from benchmarks.common import (
     real_token_bytes,
     timed,
 )
-from capture.job import run_capture
-from capture.lens import Lens
-from capture.lens_stage import statistics_blocks
-from capture.models import decoder, load_model, release_memory
-from capture.passes import DEFAULT_PASSES
-from capture.prompts import tokenize_prompts
-from capture.runner import pad_batch
+from capture.inputs.prompts import tokenize_prompts
+from capture.lens.logit_lens import Lens
+from capture.lens.stage import statistics_blocks
+from capture.models.loading import decoder, load_model, release_memory
+from capture.pipeline.job import run_capture
+from capture.pipeline.runner import pad_batch
+from capture.plan.passes import DEFAULT_PASSES
 from capture.settings import CaptureSettings
 from store.reader import open_store
 

@@ -36,8 +36,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from benchmarks.common import prompt_set
-    from capture.job import run_capture
-    from capture.memory_plan import plan_capture
+    from capture.pipeline.job import run_capture
+    from capture.plan.memory import plan_capture
     from capture.settings import CaptureSettings
 
     settings = CaptureSettings(base=args.base, sft=args.sft, prompts=prompt_set(args.prompts), device=args.device,
@@ -131,7 +131,7 @@ def main() -> None:
         return
 
     from benchmarks.common import build_pair, machine
-    from capture.budget import model_footprint
+    from capture.plan.budget import model_footprint
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-mem-"))
     models = Path(args.models_dir) if args.models_dir else work

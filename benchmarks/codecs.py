@@ -73,9 +73,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.ragged import ragged_set
-    from capture.job import run_capture
+    from capture.models.smollm import ensure_smollm_pair
+    from capture.pipeline.job import run_capture
     from capture.settings import CaptureSettings
-    from capture.smollm import ensure_smollm_pair
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-codecs-"))
     base, sft = ensure_smollm_pair(args.models_dir or work / "models")

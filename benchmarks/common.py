@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capture.prompts import DEV_PROMPTS_FILE
-from capture.tiny import CHAT_FILE, CORPUS_FILE
+from capture.inputs.prompts import DEV_PROMPTS_FILE
+from capture.models.tiny import CHAT_FILE, CORPUS_FILE
 
 SHAPES = {
     # name: (config class, kwargs)

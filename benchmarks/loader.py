@@ -66,7 +66,7 @@ def to_memory(path: Path) -> str:
 
 def raw_read(loader) -> tuple[float, int]:
     """The same blocks read with zarr alone, in store order (no selection, conversion or shuffling)."""
-    from analysis.loader_units import open_resid
+    from analysis.loader.reads import open_resid
 
     sel = loader.selection
     resid = open_resid(sel).array  # the zarr array itself, not the loader's direct chunk reads

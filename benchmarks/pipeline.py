@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import emit_report, machine, plain_write, real_token_bytes, timed  # noqa: E402
 from benchmarks.ragged import bare_forwards, docstrings  # noqa: E402
-from capture.job import run_capture  # noqa: E402
+from capture.pipeline.job import run_capture  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
 
 BATCH = 64  # prompts per batch of the floor's forwards and of the capture
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from capture.tiny import ensure_tiny_pair
+    from capture.models.tiny import ensure_tiny_pair
     from store.reader import open_store
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-pipeline-", dir=args.work_dir))

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, timed
-from capture.lens import Lens, lens_statistics
-from capture.lens_stage import statistics_blocks
+from capture.lens.logit_lens import Lens, lens_statistics
+from capture.lens.stage import statistics_blocks
 
 MODEL_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import emit_report, machine, real_token_bytes, timed  # noqa: E402
-from capture.job import run_capture  # noqa: E402
-from capture.models import decoder, load_input_embedding, load_model, release_memory  # noqa: E402
-from capture.passes import DEFAULT_PASSES  # noqa: E402
-from capture.runner import compute_batches, pad_batch  # noqa: E402
+from capture.models.loading import decoder, load_input_embedding, load_model, release_memory  # noqa: E402
+from capture.pipeline.job import run_capture  # noqa: E402
+from capture.pipeline.runner import compute_batches, pad_batch  # noqa: E402
+from capture.plan.passes import DEFAULT_PASSES  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
 from store.chunking import choose_chunking  # noqa: E402
 
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from capture.smollm import ensure_smollm_pair
+    from capture.models.smollm import ensure_smollm_pair
     from store.reader import open_store, stored_bytes
 
     work = Path(tempfile.mkdtemp(prefix="resdiff-ragged-"))

@@ -41,7 +41,7 @@ def _child(mode: str, store: str, limit: str) -> dict:
     import resource
 
     if mode in ("raw-dask", "metric"):  # as cli.py does under --memory-limit
-        from analysis.compute import share_one_heap
+        from analysis.compute.context import share_one_heap
 
         share_one_heap()
 
@@ -49,7 +49,7 @@ def _child(mode: str, store: str, limit: str) -> dict:
     import numpy as np
 
     from analysis import open_store, pair_metrics, summarize_over
-    from analysis.compute import compute_on, parse_memory, tile_bytes
+    from analysis.compute.context import compute_on, parse_memory, tile_bytes
 
     ds = open_store(store)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from capture.model_pairs import TINY, get_model_pair
-from capture.prompts import chat_template_mode
+from capture.inputs.prompts import chat_template_mode
+from capture.models.registry import TINY, get_model_pair
 from store.errors import UsageError
 from store.location import sanitize_label
 from store.schema import content_digest
@@ -57,8 +57,6 @@ class CaptureSettings:
     batch_size: int | None = None  # prompts per forward pass, at most (default by device: batch_size_for)
     batch_tokens: int = 8192  # padded tokens per forward pass, at most (a longer prompt runs alone)
     batch_padding: float | None = None  # padded / real tokens of a batch at most 1 + this (default by device)
-    scheduler: str | None = None  # tcp://HOST:PORT of a dask.distributed scheduler
-    local_cluster: int | None = None  # worker processes to start on loopback
     max_tokens: int | None = None
     truncate: bool = False
     add_bos: bool = False

@@ -58,7 +58,7 @@ def make_model(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[str, str, Path]:
     """The real embedded tiny pair, built once per test session: (base_dir, sft_dir, cache_dir)."""
-    from capture.tiny import ensure_tiny_pair
+    from capture.models.tiny import ensure_tiny_pair
 
     cache = tmp_path_factory.mktemp("tiny-cache")
     base, sft = ensure_tiny_pair(cache, log=lambda *a: None)
@@ -69,7 +69,7 @@ def tiny_pair(tmp_path_factory) -> tuple[str, str, Path]:
 def capture_store(make_model, tmp_path_factory):
     """Factory: ``capture_store(arch, **settings)`` -> path of a float32 store of a random ``arch`` pair
     (seeds 0 and 1, ``model_overrides`` on their configs) over ``PROMPTS``, captured with the real capture job."""
-    from capture.job import run_capture
+    from capture.pipeline.job import run_capture
     from capture.settings import CaptureSettings
 
     def capture(arch: str = "llama", model_overrides: dict | None = None, **overrides) -> Path:

@@ -183,7 +183,7 @@ def test_unknown_devices_are_refused_before_any_store(make_model, store, device,
 
 
 def test_a_failed_plot_adds_nothing_to_its_folder(tmp_path, monkeypatch, capsys):
-    from analysis import plots
+    from analysis.report import plots
     from store.testing import write_tiny_store
 
     path = write_tiny_store(tmp_path / "s.zarr", lengths=(5, 3, 4))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # Modules that load torch on purpose, when a user asks for what they do (the loader's torch side).
-TORCH_BY_DESIGN = {"analysis.loader_torch"}
+TORCH_BY_DESIGN = {"analysis.loader.torch_dataset"}
 
 
 def modules_of(package: str) -> list[str]:
@@ -24,8 +24,8 @@ def modules_of(package: str) -> list[str]:
 
 def test_the_module_lists_come_from_the_tree():
     assert {"store.writer", "store.shard_io", "store.conversions.export_json"} <= set(modules_of("store"))
-    assert {"analysis", "analysis.report", "analysis.loader"} <= set(modules_of("analysis"))
-    assert "analysis.loader_torch" not in modules_of("analysis")
+    assert {"analysis", "analysis.report.text", "analysis.loader.activations"} <= set(modules_of("analysis"))
+    assert "analysis.loader.torch_dataset" not in modules_of("analysis")
 
 
 @pytest.mark.parametrize("modules", [["analysis"], modules_of("analysis"), modules_of("store")],
@@ -89,19 +89,46 @@ def test_no_import_cycles():
     assert not cycles, f"modules in an import cycle: {', '.join(cycles)}"
 
 
-PLANNING = {"capture.prepare", "capture.memory_plan", "capture.time_plan", "capture.budget", "capture.batching",
-            "capture.selection", "capture.residency"}
-EXECUTION = {"capture.runner", "capture.job", "capture.distributed"}
+def _under(graph: dict[str, set[str]], package: str) -> set[str]:
+    return {m for m in graph if m.startswith(package + ".")}
 
 
 def test_planning_never_imports_execution():
     """What a capture will do (plans, budgets, batches, the stored window) is decided without the code that runs it."""
     graph = _import_graph()
-    assert PLANNING | EXECUTION <= set(graph)
-    for module in PLANNING:
+    planning = _under(graph, "capture.plan") | _under(graph, "capture.inputs")
+    execution = _under(graph, "capture.pipeline")
+    assert {"capture.plan.prepare", "capture.plan.memory", "capture.inputs.selection"} <= planning
+    assert {"capture.pipeline.runner", "capture.pipeline.job"} <= execution
+    for module in planning:
         seen, todo = set(), [module]
         while todo:
             for nxt in graph[todo.pop()] - seen:
                 seen.add(nxt)
                 todo.append(nxt)
-        assert not seen & EXECUTION, f"{module} imports {', '.join(sorted(seen & EXECUTION))}"
+        assert not seen & execution, f"{module} imports {', '.join(sorted(seen & execution))}"
+
+
+# Each layer's errors live with it, under one name; every other module name says one thing in the whole tree.
+SHARED_NAMES = {"__init__", "errors"}
+
+
+def test_no_module_name_repeated_across_packages():
+    """``lens.py`` in two packages meant two different things; a module's name is unique in the tree."""
+    seen: dict[str, str] = {}
+    for package in ("store", "capture", "analysis"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.stem in SHARED_NAMES or "__pycache__" in path.parts:
+                continue
+            where = str(path.relative_to(ROOT))
+            assert path.stem not in seen, f"{where} and {seen[path.stem]} share a name"
+            seen[path.stem] = where
+    assert len(seen) > 60
+
+
+def test_subsystems_are_folders():
+    """The flat prefixes of old (``lens_*``, ``loader_*``, ``model_*``) are subpackages; no stray modules."""
+    allowed_flat = {"capture": {"settings", "config", "errors"}, "analysis": set()}
+    for package, flat in allowed_flat.items():
+        modules = {p.stem for p in (ROOT / package).glob("*.py")} - {"__init__"}
+        assert modules == flat, f"{package}/ has flat modules {sorted(modules - flat)}; put them in a subsystem"

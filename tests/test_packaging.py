@@ -91,7 +91,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_repository(tmp_pa
 def test_the_environment_imports_resdiff_from_any_directory(tmp_path):
     """`make` installs resdiff into .venv (editable), so a notebook anywhere can `import analysis`."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", "import analysis, capture.job, store.reader, cli; "
+    proc = subprocess.run([sys.executable, "-c", "import analysis, capture.pipeline.job, store.reader, cli; "
                            "print(analysis.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"resdiff is not installed in this environment (run `make env`): {proc.stderr}"
     assert Path(proc.stdout.strip()).resolve().is_relative_to(ROOT)  # this checkout, editable

@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from analysis import activation_loader
-    from analysis.loader_stats import loader_stats
+    from analysis.loader.stats import loader_stats
 
     loader = activation_loader(args.store, layer=args.layer, pair=args.pair, batch_size=args.batch_size,
                                shuffle_buffer=args.shuffle_buffer, seed=args.seed, normalize=True)

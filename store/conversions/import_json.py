@@ -27,10 +27,11 @@ import numpy as np
 import xarray as xr
 
 from store.atomic import atomic_output
-from store.errors import StoreConflict, UsageError
+from store.errors import UsageError
 from store.lock import store_lock
 from store.schema import FORMAT_ATTR, FORMAT_VERSION, string_array
-from store.writer import StoreWriter, check_resdiff_store
+from store.target import WriteMode, claim
+from store.writer import StoreWriter
 
 READ_BYTES = 1 << 22
 
@@ -248,8 +249,8 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
     if not source.is_file():
         raise UsageError(f"{source} does not exist or is not a file; give the path of a legacy JSON file")
     path = Path(store) if store else source.with_suffix(".zarr")
-    if path.exists() and not overwrite:
-        raise StoreConflict(f"store {path} already exists; pass --overwrite to replace it, or --store PATH")
+    mode = WriteMode.OVERWRITE if overwrite else WriteMode.CREATE
+    claim(path, mode)  # refused before the file is read twice; claimed again under the lock below
     shape = _Shape()
     try:
         for record in iter_json_array(source):
@@ -259,8 +260,7 @@ def import_json(source: str | Path, store: str | Path | None = None, overwrite: 
     if not shape.prompts:
         raise UsageError(f"{source} holds no records; nothing to import")
     with store_lock(path), atomic_output(path, unique=True) as partial:
-        if path.exists() and overwrite:
-            check_resdiff_store(path)
+        claim(path, mode)  # "replace": the new store is renamed over the old one when complete
         writer = StoreWriter.create(partial, _template(shape, source))
         prompt_at = {key: i for i, key in enumerate(shape.prompts)}
         for record in iter_json_array(source):

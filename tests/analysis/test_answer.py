@@ -67,7 +67,7 @@ def test_one_prompt_read_straight_from_the_files_is_the_stored_row(page, name):
     same values, labels and dims (both where a direct reader applies and where it does not)."""
     import numpy as np
 
-    from analysis.answer import _prompt_row
+    from analysis.report.answer import _prompt_row
     from store.reader import direct_regions
 
     ds = open_store(page[0])
@@ -87,7 +87,7 @@ def test_largest_kl_read_by_runs_against_a_plain_loop(page):
     of the layers with statistics, largest first, ties to the earliest (prompt, layer, token)."""
     import numpy as np
 
-    from analysis import lens_sums
+    from analysis.compute import lens_sums
 
     ds = open_store(page[0])
     assert lens_sums.applies(ds)

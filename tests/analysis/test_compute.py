@@ -11,7 +11,7 @@ import dask
 import pytest
 from distributed import LocalCluster
 
-from analysis.compute import compute_on, parse_memory, threads_for, tile_bytes
+from analysis.compute.context import compute_on, parse_memory, threads_for, tile_bytes
 from cli import main
 from store.errors import UsageError
 from store.reader import open_store
@@ -43,8 +43,8 @@ def test_memory_sizes_and_threads():
 
 
 def test_one_heap_is_set_only_before_other_threads_start():
-    code = ("import threading, json; from analysis.compute import share_one_heap as one; first = one(); "
-            "import analysis.compute as c; c._ONE_HEAP = False; "
+    code = ("import threading, json; from analysis.compute.context import share_one_heap as one; first = one(); "
+            "import analysis.compute.context as c; c._ONE_HEAP = False; "
             "t = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True); t.start(); "
             "print(json.dumps([first, one()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -64,7 +64,7 @@ def test_memory_limit_sets_local_threads(store_path):
 def test_blas_is_pinned_to_one_thread():
     code = ("import numpy, json; from threadpoolctl import threadpool_info as i; "
             "b = [p['num_threads'] for p in i()]; "
-            "from analysis.scheduler import pin_blas_threads as pin; pin(); "
+            "from analysis.compute.scheduler import pin_blas_threads as pin; pin(); "
             "print(json.dumps([b, [p['num_threads'] for p in i()]]))")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
@@ -88,10 +88,10 @@ def test_report_on_an_existing_scheduler_with_pinned_workers(store_path, capsys)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         assert main(["report", str(store_path), *REPORT, "--scheduler", cluster.scheduler_address]) == 0
         assert capsys.readouterr().out == threaded
-        with compute_on(scheduler=cluster.scheduler_address):
-            from distributed import get_client
-            from threadpoolctl import threadpool_info
+        from distributed import Client, get_client
+        from threadpoolctl import threadpool_info
 
+        with Client(cluster) as client, compute_on(client):
             threads = get_client().run(lambda: [p["num_threads"] for p in threadpool_info()])
     assert len(threads) == 2 and all(n == 1 for per_worker in threads.values() for n in per_worker)
 
@@ -108,17 +108,17 @@ def test_analysis_commands_have_a_default_memory_limit(monkeypatch, capsys):
     import psutil
 
     import cli
-    from analysis.compute import default_memory_limit
+    from analysis.compute.context import default_memory_limit
 
     assert default_memory_limit() == int(psutil.virtual_memory().total * 0.25)
     seen = {}
 
-    def fake_compute_on(scheduler, local_cluster, memory_limit, tile):
+    def fake_compute_on(client, memory_limit, tile):
         seen["limit"] = memory_limit
         return contextlib.nullcontext("here")
 
-    monkeypatch.setattr("analysis.compute.compute_on", fake_compute_on)
-    monkeypatch.setattr("analysis.compute.tile_bytes", lambda ds: 1)
+    monkeypatch.setattr("analysis.compute.context.compute_on", fake_compute_on)
+    monkeypatch.setattr("analysis.compute.context.tile_bytes", lambda ds: 1)
     with cli._compute_context(cli.build_parser().parse_args(["report", "x.zarr"]), None):
         pass
     assert seen["limit"] == default_memory_limit()

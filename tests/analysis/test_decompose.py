@@ -7,9 +7,9 @@ import pytest
 import xarray as xr
 
 from analysis import open_store
-from analysis.decompose import decompose_store, principal_angles
+from analysis.geometry.decompose import decompose_store, principal_angles
 from store.chunking import Chunking
-from store.errors import UsageError
+from store.errors import StoreConflict, UsageError
 from store.testing import tiny_template
 from store.writer import StoreWriter
 
@@ -80,7 +80,7 @@ def test_rank_rule_reuse_and_conflicts(planted, tmp_path):
     assert decompose_store(planted, top_k=2) == (first, True)  # same settings: reused
     other, _ = decompose_store(planted, top_k=3)
     assert other != first
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(StoreConflict, match="other settings"):
         decompose_store(planted, top_k=4, out=first)
     with pytest.raises(UsageError, match="unknown pair 'XX-YY'"):
         decompose_store(planted, pairs=["XX-YY"])
@@ -90,10 +90,10 @@ def test_rank_rule_reuse_and_conflicts(planted, tmp_path):
 def test_layer_tiles_of_a_memory_limit_give_the_same_spectra(planted, monkeypatch):
     import importlib
 
-    from analysis.compute import compute_on
-    from analysis.gram_sums import layer_tile
+    from analysis.compute.context import compute_on
+    from analysis.compute.gram_sums import layer_tile
 
-    module = importlib.import_module("analysis.decompose")
+    module = importlib.import_module("analysis.geometry.decompose")
     ds = open_store(planted)
     whole = module.spectra(ds, top_k=2, pairs=["BS-SB", "BB-SS"])
     def tile(limit: int) -> int:
@@ -120,7 +120,7 @@ def test_layer_tiles_of_a_memory_limit_give_the_same_spectra(planted, monkeypatc
 
 def test_shared_grams_split_on_the_first_different_addition():
     """Copy on write: pairs share a Gram while they receive the same additions, each against its own plain sum."""
-    from analysis.gram_sums import GramSums, _add_gram, _add_rows
+    from analysis.compute.gram_sums import GramSums, _add_gram, _add_rows
 
     rng = np.random.default_rng(3)
     sums, plain = GramSums(4, 2, 3), np.zeros((4, 2, 3, 3))
@@ -157,7 +157,7 @@ def test_threads_making_slots_at_once_each_get_their_own():
     import threading
     import time
 
-    from analysis.gram_sums import GramSums, _add_gram
+    from analysis.compute.gram_sums import GramSums, _add_gram
 
     class SlowList(list):
         def append(self, item):
@@ -187,7 +187,7 @@ def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path,
     pair's spectrum and mean difference equal a float64 reference computed pair by pair from the rows."""
     import zarr
 
-    from analysis.decompose import spectra
+    from analysis.geometry.decompose import spectra
     from store.testing import write_tiny_store
     from store.writer import consolidate
 
@@ -215,13 +215,13 @@ def test_frozen_embeddings_pairs_from_one_read_equal_a_plain_reference(tmp_path,
             np.testing.assert_allclose(result.mean_diff.sel(pair=pair).isel(layer=layer).values, d.mean(axis=0),
                                        rtol=1e-9, atol=1e-12)
     assert not result.singular_value.sel(pair="BB-SB").values.any()
-    from analysis.gram_sums import pair_grams
+    from analysis.compute.gram_sums import pair_grams
 
     pairs = [str(p).split("-") for p in result.pair.values]
     sums = pair_grams(ds, np.array([passes.index(a) for a, _ in pairs]), np.array([passes.index(b) for _, b in pairs]),
                       slice(0, ds.sizes["layer"]))
     assert len(sums.grams) == ds.sizes["layer"]  # one product per layer: four pairs share it, two are zero
-    from analysis.outliers import MASSIVE_FACTOR, massive_positions
+    from analysis.geometry.outliers import MASSIVE_FACTOR, massive_positions
 
     found = massive_positions(ds).massive.values
     assert found.any()
@@ -253,13 +253,13 @@ def test_massive_positions_found_while_reading_equal_those_found_first(sunk, sla
     first, the same positions are left out: the same spectra; and they were there to leave out."""
     import importlib
 
-    from analysis.outliers import MASSIVE_FACTOR, massive_positions
+    from analysis.geometry.outliers import MASSIVE_FACTOR, massive_positions
 
-    module = importlib.import_module("analysis.decompose")
+    module = importlib.import_module("analysis.geometry.decompose")
     ds = open_store(sunk)
     if slab == "token chunk":
-        monkeypatch.setattr("analysis.gram_sums.token_slab", lambda rows, cells, size, chunk_token, extent, direct:
-                            chunk_token)
+        monkeypatch.setattr("analysis.compute.gram_sums.token_slab",
+                            lambda rows, cells, size, chunk_token, extent, direct: chunk_token)
     found = massive_positions(ds).massive.values
     longer = ds.n_tokens.values > 2  # of two tokens, the median is halfway to the sink
     assert (found[:, 0] == longer).all() and found.sum() == longer.sum() > 0
@@ -278,12 +278,15 @@ def test_a_cluster_gives_the_local_threads_spectra(planted):
     """On a dask.distributed cluster (loopback) each task returns its own Grams, merged by the client."""
     import importlib
 
-    from analysis.compute import compute_on
+    from analysis.compute.context import compute_on
 
-    module = importlib.import_module("analysis.decompose")
+    module = importlib.import_module("analysis.geometry.decompose")
     ds = open_store(planted)
     local = module.spectra(ds, top_k=2)
-    with compute_on(local_cluster=2):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, compute_on(client):
         remote = module.spectra(ds, top_k=2)
     np.testing.assert_allclose(remote.singular_value.values, local.singular_value.values, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(remote.mean_diff.values, local.mean_diff.values, rtol=1e-12, atol=1e-15)

@@ -25,9 +25,9 @@ def _clients_or_skip() -> None:
 @pytest.mark.slow
 def test_train_sae_on_sft_minus_base_differences_loss_falls(tiny_pair, tmp_path):
     _clients_or_skip()
-    from capture.job import run_capture
+    from capture.models.tiny import CORPUS_FILE
+    from capture.pipeline.job import run_capture
     from capture.settings import CaptureSettings
-    from capture.tiny import CORPUS_FILE
 
     base, sft, _ = tiny_pair
     prompts = [line for line in CORPUS_FILE.read_text().splitlines() if line.strip()][:200]

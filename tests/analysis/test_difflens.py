@@ -8,8 +8,8 @@ import xarray as xr
 import zarr
 
 from analysis import open_store
-from analysis.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
-from analysis.metrics import store_pass_pairs
+from analysis.geometry.metrics import store_pass_pairs
+from analysis.readouts.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
 from store.testing import save_identity_lens, write_tiny_store
 from store.writer import consolidate
 
@@ -92,7 +92,7 @@ def _plain_mean_differences(ds, k, keep_pt, layers):
 
 @pytest.mark.parametrize("layers", [[0, 1, 2], [2]])
 def test_streamed_mean_differences_equal_a_plain_loop(tmp_path, layers):
-    from analysis.difflens import _mean_differences_xarray, mean_differences
+    from analysis.readouts.difflens import _mean_differences_xarray, mean_differences
     from store.chunking import Chunking
 
     lengths = (23, 17, 17, 9, 4, 2, 1)
@@ -122,9 +122,9 @@ def test_diff_lens_restricts_pairs_and_layers_in_one_line(tmp_path):
 
 
 def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
-    """The shift rate and the summary's mean KL, read region by region (analysis.lens_sums), against plain loops
+    """The shift rate and the summary's mean KL, read region by region (analysis.compute.lens_sums), against plain loops
     over a ragged store of several prompt and token chunks, one prompt's statistics unfinished."""
-    from analysis import lens_sums
+    from analysis.compute import lens_sums
     from cli import main
 
     store = tmp_path / "r.zarr"
@@ -171,7 +171,7 @@ def _plain_massive(ds, factor: float = 10.0) -> np.ndarray:
 def test_streamed_means_leave_out_massive_positions_found_while_reading(tmp_path, layers):
     """One pass finds the massive positions of each prompt and takes them out of the sums: the same means as a
     plain loop over the positions a plain search did not flag, sinks planted in several chunks and slabs."""
-    from analysis.difflens import mean_differences
+    from analysis.readouts.difflens import mean_differences
     from store.chunking import Chunking
 
     lengths = (23, 17, 17, 9, 4, 2, 1)
@@ -195,7 +195,7 @@ def test_streamed_means_leave_out_massive_positions_found_while_reading(tmp_path
 def test_lens_extremes_equal_a_full_float64_ranking():
     """Candidates from a float32 product, ranked in float64: the same ids and values as sorting every float64
     logit of each row (random lens and rows; rows in several blocks)."""
-    from analysis.difflens import NumpyLens
+    from analysis.readouts.difflens import NumpyLens
     from store.schema import LensHead
 
     rng = np.random.default_rng(3)
@@ -280,7 +280,7 @@ def test_every_capture_records_its_lens_heads_as_the_models_compute_them(tiny_st
     """``lens_heads`` (every capture): each source's norm identified numerically on the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    from capture.lens import lens_head
+    from capture.lens.logit_lens import lens_head
 
     ds = open_store(tiny_store)
     recorded = ds.attrs["lens_heads"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from analysis import open_store, pair_metrics
-from analysis.dim_sums import residual_sums
-from analysis.metrics import store_pass_pairs
+from analysis.compute.dim_sums import residual_sums
+from analysis.geometry.metrics import store_pass_pairs
 from store.testing import write_tiny_store
 
 LEFT, RIGHT = np.array([0, 0, 0, 1, 1, 2]), np.array([1, 2, 3, 2, 3, 3])
@@ -68,7 +68,7 @@ def test_residual_only_store_gets_all_pairs_of_its_passes(tmp_path):
 def test_kept_sums_match_float64_and_their_norms_are_the_metrics(dtype):
     """Masked sums against plain float64; the sums of squares they give on the way are bit-identical to
     residual_sums' (so a massive position found while summing is the one massive_positions finds)."""
-    from analysis.dim_sums import kept_sums
+    from analysis.compute.dim_sums import kept_sums
 
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((3, 4, 6, 37)) * 30).astype(dtype)  # (prompt, layer, token, dim)

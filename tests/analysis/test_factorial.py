@@ -6,8 +6,8 @@ import dask
 import numpy as np
 import pytest
 
-from analysis.factorial import factorial, factorial_shares, tracked_factorial
-from capture.job import run_capture
+from analysis.readouts.factorial import factorial, factorial_shares, tracked_factorial
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.errors import MissingData
 from store.reader import open_store
@@ -117,7 +117,7 @@ def test_exactly_zero_pairs_decompose_and_plot_without_a_traceback(make_model, t
 
 
 def test_the_cli_turns_a_library_exception_into_one_line(tmp_path, capsys, monkeypatch):
-    import analysis.report
+    import analysis.report.text
     from cli import main
 
     store = write_tiny_store(tmp_path / "s.zarr")
@@ -125,7 +125,7 @@ def test_the_cli_turns_a_library_exception_into_one_line(tmp_path, capsys, monke
     def broken(*args, **kwargs):
         raise np.linalg.LinAlgError("Singular matrix")
 
-    monkeypatch.setattr(analysis.report, "build_report", broken)
+    monkeypatch.setattr(analysis.report.text, "build_report", broken)
     assert main(["report", str(store)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: LinAlgError: Singular matrix (in ") and err.count("\n") == 1
@@ -134,7 +134,7 @@ def test_the_cli_turns_a_library_exception_into_one_line(tmp_path, capsys, monke
 
 
 def test_groups_by_role_and_kind_partition_the_total(tiny_pair, tmp_path):
-    from analysis.tokens import token_kinds
+    from analysis.readouts.tokens import token_kinds
     from cli import main
 
     store = tmp_path / "chat.zarr"
@@ -155,8 +155,8 @@ def test_groups_by_role_and_kind_partition_the_total(tiny_pair, tmp_path):
 def test_terms_from_the_six_distances_equal_the_direct_sums(tmp_path):
     """The summary's factorial (from the pair sums a report computes anyway) against the direct per-position
     terms, summed per layer: the same numbers to rounding."""
-    from analysis.factorial import factorial_terms, terms_from_distances
-    from analysis.metrics import _residual_sums, store_pass_pairs
+    from analysis.geometry.metrics import _residual_sums, store_pass_pairs
+    from analysis.readouts.factorial import factorial_terms, terms_from_distances
 
     ds = open_store(write_tiny_store(tmp_path / "s.zarr", n_prompts=5, n_layers1=3, hidden=8))
     names, left, right = store_pass_pairs(ds)

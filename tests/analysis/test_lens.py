@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import LensNotSaved, lens_logits
-from capture.job import run_capture
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.reader import open_store
 from store.testing import CountingScheduler

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 58 * 10**6  # 3 tiles of this store; measured without a limit: report +66 MB, decompose +58 MB
 # The footprint that is not the computation's: imports, the store's metadata, and the numba kernel and
 # tensorly loaded once (JIT runtime), as a process that did everything but compute would hold.
-OVERHEAD = ("import cli, analysis.decompose, analysis.report, analysis.compute, numpy as np; "
-            "from store.reader import open_store; from analysis.dim_sums import residual_sums; "
-            "from analysis.tensor import cp; open_store({path!r}); "
+OVERHEAD = ("import cli, analysis.geometry.decompose, analysis.report.text, analysis.compute.context, numpy as np; "
+            "from store.reader import open_store; from analysis.compute.dim_sums import residual_sums; "
+            "from analysis.geometry.tensor import cp; open_store({path!r}); "
             "residual_sums([np.ones((2, 4), np.float16)] * 2, np.array([0]), np.array([1])); "
             "cp(np.random.rand(3, 4, 5), 2)")
 

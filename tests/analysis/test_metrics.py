@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import open_store, pair_metrics, pass_metrics, summarize_over
-from capture.job import run_capture
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.errors import UsageError
 from store.testing import CountingScheduler, write_tiny_store

@@ -7,8 +7,8 @@ import numpy as np
 import zarr
 
 from analysis import open_store, pair_metrics
-from analysis.outliers import massive_positions, norm_ratio
-from analysis.report import build_report
+from analysis.geometry.outliers import massive_positions, norm_ratio
+from analysis.report.text import build_report
 from store.testing import CountingScheduler, write_tiny_store
 
 
@@ -64,7 +64,7 @@ def test_rel_norm_diff_is_the_difference_over_the_left_norm(tmp_path):
 def test_spectra_leave_the_sink_out_unless_asked(tmp_path):
     import xarray as xr
 
-    from analysis.decompose import decompose_store
+    from analysis.geometry.decompose import decompose_store
 
     ds = _planted(tmp_path)
     path = ds.encoding.get("source") or str(tmp_path / "s.zarr")

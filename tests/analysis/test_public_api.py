@@ -26,7 +26,7 @@ def test_every_analysis_is_exported_and_documented_with_an_example(name):
 def test_decompose_is_what_the_decompose_command_stores():
     import xarray as xr
 
-    from analysis.decompose import decompose_store
+    from analysis.geometry.decompose import decompose_store
     from store.testing import write_tiny_store
 
     path = write_tiny_store(tempfile.mkdtemp() + "/s.zarr")

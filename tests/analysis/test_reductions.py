@@ -101,7 +101,7 @@ def test_position_sums_and_means_against_a_plain_loop(chunked):
     where nothing counts is NaN. Chunked: blocks of prompts of uneven length."""
     import xarray as xr
 
-    from analysis.reductions import position_mean, position_sum
+    from analysis.compute.reductions import position_mean, position_sum
 
     rng = np.random.default_rng(4)
     n_tokens = np.array([6, 5, 3, 1])

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from analysis import open_store, pair_metrics, pass_metrics, real_positions
-from analysis.regions import prompt_runs
+from analysis.compute.regions import prompt_runs
 from store.chunking import Chunking, real_blocks
 from store.reader import direct_regions, skip_padding_chunks
 from store.testing import CountingScheduler, write_tiny_store
@@ -103,8 +103,8 @@ def test_cluster_workers_read_the_regions_themselves(path):
 
 
 def test_the_memory_model_counts_a_run_task(path):
-    from analysis import ragged_sums
-    from analysis.compute import tile_bytes
+    from analysis.compute import ragged_sums
+    from analysis.compute.context import tile_bytes
 
     direct, through_dask = _opened(path, "direct"), _opened(path, "dask")
     n_terms = 4 + 2 * 6  # four passes, their six pairs (a --no-lens store)

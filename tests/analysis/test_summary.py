@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from analysis import open_store
-from analysis.summary import report_summary
+from analysis.report.summary import report_summary
 from store.testing import fill_lens_statistics, write_tiny_store
 from store.writer import consolidate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capture.budget import checkpoint_dtype, model_footprint
+from capture.plan.budget import checkpoint_dtype, model_footprint
 from tests.helpers import load
 
 

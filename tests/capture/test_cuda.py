@@ -11,8 +11,8 @@ import pytest
 import torch
 import xarray as xr
 
-from capture.job import run_capture
-from capture.memory_plan import plan_capture
+from capture.pipeline.job import run_capture
+from capture.plan.memory import plan_capture
 from capture.settings import CaptureSettings
 from tests.helpers import PROMPTS
 
@@ -56,8 +56,8 @@ def test_plan_predicts_cuda_peak(make_model, tmp_path):
 def test_fused_lens_statistics_on_cuda_match_the_cpu_kernels():
     from torch import nn
 
-    from capture.lens import Lens, lens_statistics
-    from capture.lens_fused import available
+    from capture.lens.cuda_fused import available
+    from capture.lens.logit_lens import Lens, lens_statistics
 
     assert available(torch.device("cuda"))  # auto picks the fused path on CUDA: Triton must be there
     gen = torch.Generator().manual_seed(3)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capture.hooks import ResidualRecorder
-from capture.models import decoder_layers
-from capture.runner import forward_residuals
+from capture.models.hooks import ResidualRecorder
+from capture.models.loading import decoder_layers
+from capture.pipeline.runner import forward_residuals
 from tests.helpers import ARCHS, PROMPTS, load
 
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from capture.lens import Lens, lens_statistics
-from capture.models import final_norm
+from capture.lens.logit_lens import Lens, lens_statistics
+from capture.models.loading import final_norm
 from tests.helpers import ARCHS, PROMPTS, load
 
 
@@ -141,7 +141,7 @@ def test_norm_lens_at_last_layer_reproduces_model_logits(arch, make_model, token
 
 @pytest.mark.parametrize("largest", [True, False])
 def test_segment_topk_equals_topk(largest):
-    from capture.lens_chunks import TOPK_SEGMENT, _chunk_topk
+    from capture.lens.vocab_chunks import TOPK_SEGMENT, _chunk_topk
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(64, 40 * TOPK_SEGMENT, generator=gen)
@@ -174,7 +174,7 @@ def test_fused_statistics_match_plain_reference():
 
 @pytest.mark.slow
 def test_fused_path_choice_and_identical_passes():
-    from capture.lens_chunks import segment_selectable
+    from capture.lens.vocab_chunks import segment_selectable
 
     assert segment_selectable(4096, 7) and not segment_selectable(2048, 7)
     assert not segment_selectable(808, 7) and not segment_selectable(4100, 1)
@@ -185,7 +185,7 @@ def test_fused_path_choice_and_identical_passes():
 
 
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
-    from capture import lens_fused
+    from capture.lens import cuda_fused as lens_fused
 
     def no_compiler(graph, inputs):
         raise RuntimeError("no C++ compiler here")

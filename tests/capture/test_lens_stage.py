@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from capture.job import run_capture
-from capture.models import final_norm
+from capture.models.loading import final_norm
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.reader import open_store
 from tests.helpers import PROMPTS, load
@@ -16,7 +16,7 @@ from tests.helpers import PROMPTS, load
 
 def _hidden_states(llm, donor, ids):
     """Raw residuals 0..L of ``llm`` on ``donor``'s embeddings, by a hook on each block (float32)."""
-    from capture.models import decoder_layers
+    from capture.models.loading import decoder_layers
 
     outs = []
     handles = [b.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
@@ -115,7 +115,7 @@ def test_batched_statistics_equal_one_prompt_at_a_time(make_model, tmp_path):
 def test_a_write_group_read_in_parts_gives_the_same_statistics(make_model, tmp_path, monkeypatch):
     """A write group too big to read as float32 at once (a shard row of long prompts) is read a few prompts at a
     time and its statistics assembled: they equal those of the group read whole."""
-    import capture.lens_stage
+    import capture.lens.stage
 
     base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
 
@@ -125,11 +125,11 @@ def test_a_write_group_read_in_parts_gives_the_same_statistics(make_model, tmp_p
         return open_store(run_capture(settings, log=lambda *a: None, progress=False))
 
     reads = []
-    real = capture.lens_stage.lens_read_prompts
-    monkeypatch.setattr(capture.lens_stage, "lens_read_prompts", lambda *a: reads.append(real(*a)) or reads[-1])
+    real = capture.lens.stage.lens_read_prompts
+    monkeypatch.setattr(capture.lens.stage, "lens_read_prompts", lambda *a: reads.append(real(*a)) or reads[-1])
     whole = run("whole")
     assert reads and all(r > 1 for r in reads)  # groups of several prompts, each read at once
-    monkeypatch.setattr(capture.lens_stage, "lens_read_prompts", lambda *a: 1)  # one prompt per read
+    monkeypatch.setattr(capture.lens.stage, "lens_read_prompts", lambda *a: 1)  # one prompt per read
     parts = run("parts")
     for name in ("entropy", "lse", "kl", "topk_logit", "rise_shift"):
         np.testing.assert_allclose(parts[name].values, whole[name].values, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -166,8 +166,8 @@ def test_the_stage_computes_each_statistic_from_its_kernel_field():
     """The stage's fields come from ``STATISTICS`` and name every field of the kernels' ``LensStats`` once."""
     import dataclasses
 
-    from capture.lens import LensStats
-    from capture.lens_stage import _FIELDS
+    from capture.lens.logit_lens import LensStats
+    from capture.lens.stage import _FIELDS
 
     assert sorted(f[1] for f in _FIELDS) == sorted(f.name for f in dataclasses.fields(LensStats))
 
@@ -227,7 +227,7 @@ def test_pass_reads_out_with_its_own_unembedding(make_model, tmp_path):
 def test_lens_layers_compute_the_chosen_layers_only(make_model, tmp_path, capsys):
     """--lens-layers: the chosen layers' statistics equal a full capture's, the others are never computed (fill
     values, not numbers), every reader follows the lens_layer coordinate, and bad specs are refused up front."""
-    from analysis.report import build_report
+    from analysis.report.text import build_report
     from cli import main
     from store.schema import lens_layers
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from capture.errors import ModelPairNotFound
-from capture.model_pairs import MODEL_PAIRS, get_model_pair
+from capture.models.registry import MODEL_PAIRS, get_model_pair
 from store.errors import ResdiffError
 
 REQUIRED = ["gpt2", "qwen0.5b", "qwen1.5b", "qwen3b", "qwen7b", "qwen-math-1.5b", "qwen-math-7b",

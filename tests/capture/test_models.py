@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from capture.errors import IncompatibleModels, MismatchedArchitectures, ModelLoadError
-from capture.job import run_capture
-from capture.models import check_compatible, load_model, read_shape
+from capture.models.loading import check_compatible, load_model, read_shape
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.reader import open_store
 
@@ -35,13 +35,13 @@ def test_incompatible_pair_fails_before_any_work(make_model, tmp_path, override,
 def test_two_architectures_of_one_shape_are_refused_before_loading(make_model, tmp_path, monkeypatch):
     """A Llama body and a GPT-2 body that share width, depth and vocabulary: refused in one line naming
     both, before any weights load; --allow-mismatched-pair goes on and the store records it."""
-    import capture.models
+    import capture.models.loading
 
     base, sft = make_model("llama", 0), make_model("gpt2", 1)
     store = tmp_path / "s.zarr"
     settings = CaptureSettings(base=str(base), sft=str(sft), store=str(store), prompts=["Yes"], lens=False)
     loads = []
-    monkeypatch.setattr(capture.models, "load_model", lambda *a, **k: loads.append(a) or None)
+    monkeypatch.setattr(capture.models.loading, "load_model", lambda *a, **k: loads.append(a) or None)
     with pytest.raises(MismatchedArchitectures, match=r"base model is a llama \(.*\) but the SFT model is a gpt2"):
         run_capture(settings, progress=False)
     assert not loads and not store.exists()

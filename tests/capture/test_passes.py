@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from capture.job import run_capture
-from capture.models import load_input_embedding
-from capture.passes import DEFAULT_PASSES, parse_passes, schedule
+from capture.models.loading import load_input_embedding
+from capture.pipeline.job import run_capture
+from capture.plan.passes import DEFAULT_PASSES, parse_passes, schedule
 from capture.settings import CaptureSettings
 from store.errors import UsageError
 from store.reader import open_store
@@ -92,7 +92,7 @@ def test_schedule_groups_by_llm_base_first():
 
 
 def test_parse_pairs():
-    from capture.passes import parse_pass_pairs
+    from capture.plan.passes import parse_pass_pairs
 
     default = parse_pass_pairs(None, DEFAULT_PASSES)
     assert [p.name for p in default] == ["BB-BS", "BB-SB", "BB-SS", "BS-SB", "BS-SS", "SB-SS"]

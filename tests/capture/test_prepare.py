@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from capture.prepare import make_template, prepare
+from capture.plan.prepare import make_template, prepare
 from capture.settings import CaptureSettings
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from capture.errors import BadPromptRow
-from capture.prompt_sources import read_prompts_file
+from capture.inputs.sources import read_prompts_file
 from cli import main
 from store.errors import UsageError
 from store.reader import open_store

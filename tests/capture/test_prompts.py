@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from capture.prompt_sources import read_prompts_file
-from capture.prompts import DEV_PROMPTS_FILE, collect_prompts, tokenize_prompts
+from capture.inputs.prompts import DEV_PROMPTS_FILE, collect_prompts, tokenize_prompts
+from capture.inputs.sources import read_prompts_file
 from store.errors import UsageError
 
 
@@ -67,7 +67,7 @@ def test_tokenize_limits_and_bos(tokenizer_dir):
 def test_resolve_tracked_pieces_and_ids(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from capture.prompts import resolve_tracked
+    from capture.inputs.prompts import resolve_tracked
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     the = tok.convert_tokens_to_ids("Ġthe")

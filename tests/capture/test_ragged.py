@@ -8,9 +8,9 @@ import torch
 import xarray as xr
 import zarr
 
-from capture.job import run_capture
-from capture.models import decoder_layers, load_input_embedding
-from capture.runner import forward_residuals
+from capture.models.loading import decoder_layers, load_input_embedding
+from capture.pipeline.job import run_capture
+from capture.pipeline.runner import forward_residuals
 from capture.settings import CaptureSettings
 from store.chunking import real_blocks
 from store.integrity import stored_chunks
@@ -113,7 +113,7 @@ def test_real_positions_are_the_real_rows_lazily(make_model, tmp_path):
 
 def test_metrics_of_a_ragged_store_match_a_float64_reference(make_model, tmp_path):
     from analysis import pair_metrics, pass_metrics
-    from analysis.positions import has_padding_chunks
+    from analysis.compute.positions import has_padding_chunks
 
     base, sft = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
     ds = _capture(base, sft, tmp_path / "s.zarr", chunk_prompts=1)

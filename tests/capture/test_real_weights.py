@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from analysis import open_store
-from analysis.factorial import factorial_shares
-from analysis.outliers import massive_positions
+from analysis.geometry.outliers import massive_positions
+from analysis.readouts.factorial import factorial_shares
 from cli import main
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     pytest.importorskip("gguf", reason="the smollm2 pair needs gguf (make test installs it)")
-    from capture.smollm import ensure_smollm_pair
+    from capture.models.smollm import ensure_smollm_pair
 
     cache = tmp_path_factory.mktemp("smollm2")
     ensure_smollm_pair(cache, log=lambda *a: None)

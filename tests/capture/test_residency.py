@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from capture.passes import DEFAULT_PASSES, parse_passes
-from capture.residency import residency_schedule
+from capture.plan.passes import DEFAULT_PASSES, parse_passes
+from capture.plan.residency import residency_schedule
 
 
 def test_default_plan_borrows_the_sft_embedding_then_keeps_the_base_one():

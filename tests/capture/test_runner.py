@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from capture import runner
-from capture.batching import compute_batches
 from capture.errors import NonFiniteActivation
-from capture.passes import Pass
-from capture.prompts import TokenizedPrompts
-from capture.runner import forward_residuals, run_passes
-from capture.selection import StoredWindow
-from capture.transfer import DeviceToHost
+from capture.inputs.prompts import TokenizedPrompts
+from capture.inputs.selection import StoredWindow
+from capture.models.transfer import DeviceToHost
+from capture.pipeline import runner
+from capture.pipeline.runner import forward_residuals, run_passes
+from capture.plan.batching import compute_batches
+from capture.plan.passes import Pass
 from store.errors import UsageError
 from tests.helpers import load
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capture.job import run_capture
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from store.errors import UsageError
 from store.reader import open_store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from capture.sweep import MANIFEST
+from capture.pipeline.sweep import MANIFEST
 from cli import main
 from store.verify import verify_store
 

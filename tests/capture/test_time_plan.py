@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capture.time_plan import FORWARD_EFFICIENCY, STATISTICS_OVERHEAD, Calibration, estimate
+from capture.plan.timing import FORWARD_EFFICIENCY, STATISTICS_OVERHEAD, Calibration, estimate
 
 
 def test_stage_times_follow_the_work_and_the_rates():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from capture.tiny import build_tiny_pair, ensure_tiny_pair
+from capture.models.tiny import build_tiny_pair, ensure_tiny_pair
 from tests.helpers import load
 
 

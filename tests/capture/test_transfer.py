@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capture.transfer import DeviceToHost, to_device
+from capture.models.transfer import DeviceToHost, to_device
 
 
 def test_cpu_copies_are_the_tensors_themselves():

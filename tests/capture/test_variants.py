@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from capture.variants import VARIANTS, expand_prompts, register, split_sentences
+from capture.inputs.variants import VARIANTS, expand_prompts, register, split_sentences
 from store.errors import UsageError
 
 TEXT = "First one. Second?\nThird!  Fourth"

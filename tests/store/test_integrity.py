@@ -120,7 +120,7 @@ def test_orphan_partial_files_are_ignored_by_verify_and_removed_by_the_next_capt
 def test_csv_exports_guard_cells_a_spreadsheet_would_run(tmp_path):
     import csv
 
-    from analysis.export_rows import export_rows
+    from analysis.report.export_rows import export_rows
 
     out = export_rows([{"token": '=HYPERLINK("http://evil.example","x")', "value": -1.5},
                        {"token": "+1", "value": 2.0}, {"token": "-ing", "value": 0.0}, {"token": "ok", "value": 1}],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from capture.job import run_capture
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from cli import main
 from tests.helpers import PROMPTS, load

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import store.conversions.import_json as imp
-from capture.job import run_capture
+from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 from cli import main
 from store.errors import UsageError
@@ -113,7 +113,7 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
 
 def test_a_report_on_an_imported_store_names_its_stored_tokens(tmp_path):
     """A statistics-only store has token pieces, no ids: the report's tables show the pieces (it crashed)."""
-    from analysis.report import build_report
+    from analysis.report.text import build_report
 
     records = [_format1_record(i, v) for i in range(2) for v in ("default", "swap")]
     path = tmp_path / "residual_compare_20251127_000000_x.json"
@@ -123,7 +123,7 @@ def test_a_report_on_an_imported_store_names_its_stored_tokens(tmp_path):
 
 
 def test_massive_positions_of_an_imported_store_come_from_its_stored_norms(tmp_path):
-    from analysis.outliers import massive_positions, norm_ratio
+    from analysis.geometry.outliers import massive_positions, norm_ratio
 
     records = [_format1_record(i, v) for i in range(2) for v in ("default", "swap")]
     path = tmp_path / "residual_compare_20251127_000000_x.json"

@@ -1,0 +1,2 @@
+"""Geometry of the residual stream: per-position metrics, massive activations, shared prefixes, and
+the dimension-collapse decompositions."""

@@ -1,0 +1,1 @@
+"""The report: text tables, the opening summary, the HTML page and its figures, exported rows."""

@@ -1,0 +1,314 @@
+"""The text report of ``cli.py report``: per-layer (or per-token) summaries, seven-number
+summaries across prompts, hotspots, tracked-token changes and token-id previews, per pair (or
+per pass), as aligned tables, with the rows an export writes.
+
+All metrics' tables are computed in one ``dask.compute``, so each residual chunk is read
+once per report.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import numpy as np
+import xarray as xr
+
+from analysis.compute.reductions import hotspots, seven_number_summary
+from analysis.geometry.metrics import (
+    LENS_METRICS,
+    PAIR_METRICS,
+    PASS_METRICS,
+    pair_metrics,
+    pass_metrics,
+    summarize_over,
+)
+from analysis.geometry.shared_prefix import shared_positions
+from analysis.readouts.tokens import token_text_table, visible
+from analysis.readouts.tracked import tracked_changes, tracked_trajectory
+from analysis.report.summary import summary_inputs, summary_sentences
+from store.completeness import left_out
+from store.errors import MissingData, UsageError
+from store.schema import lens_layers
+
+RUN_METRICS = (*PASS_METRICS, "entropy")
+LOGIT_SOURCES = ("left", "right", "diff")
+CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
+
+
+def check_prompt(ds: xr.Dataset, prompt: int) -> None:
+    """A one-line error for a ``--prompt-index`` the store does not have (prompts are named 0..P-1 in source order)."""
+    if prompt not in set(int(p) for p in ds.prompt.values):
+        raise UsageError(f"--prompt-index {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
+
+
+_CONTROL = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a token "\n" must not break a row
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    r"""Right-aligned columns; floats with 4 decimals; line breaks and tabs in text shown escaped.
+
+    >>> print(table(["token", "value"], [["\n", 1.0]]))
+    token   value
+       \n  1.0000
+    """
+    cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v).translate(_CONTROL) for v in row]
+                        for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def _metrics(ds: xr.Dataset, record_type: str, lens: str, names: list[str]) -> xr.Dataset:
+    if record_type == "pairwise":
+        return pair_metrics(ds, lens, names)
+    out = pass_metrics(ds)
+    if "entropy" in ds:
+        out["entropy"] = ds.entropy.sel(lens=lens, drop=True)
+    return out
+
+
+def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: str,
+            labels: list[str] | None) -> tuple[xr.Dataset, list[str], str, list[str]]:
+    if record_type not in ("pairwise", "runs"):
+        raise UsageError(f"--record-type must be pairwise or runs, got {record_type!r}")
+    known = PAIR_METRICS if record_type == "pairwise" else RUN_METRICS
+    metrics = metrics or (["norm_diff"] if record_type == "pairwise" else ["norm"])
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise UsageError(f"unknown {record_type} metric {unknown[0]!r}; known: {', '.join(known)}")
+    lead = "pair" if record_type == "pairwise" else "pass_"
+    values = _metrics(ds, record_type, lens, metrics)
+    missing = [m for m in metrics if m not in values]
+    if missing:
+        why = left_out(ds) or "it needs residuals or lens statistics, which this store does not have"
+        raise MissingData(what=f"data for metric {missing[0]!r}", fix=why)
+    have = [str(x) for x in values[lead].values]
+    chosen = labels or have
+    bad = [x for x in chosen if x not in have]
+    if bad:
+        raise UsageError(f"unknown {'pair' if lead == 'pair' else 'pass'} {bad[0]!r}; the store has {', '.join(have)}")
+    return values.sel({lead: chosen})[metrics], chosen, lead, metrics
+
+
+def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra=None, keep=None):
+    repeat_pt, count_pt = shared_positions(ds)
+    once = xr.DataArray(~repeat_pt, dims=("prompt", "token"))  # a position shared by many prompts, listed once
+    with_lens = lens_layers(ds)  # lens metrics exist at these layers only (all, unless --lens-layers chose)
+    pick = {m: values[m].sel(layer=with_lens) if m in LENS_METRICS else values[m] for m in metrics}
+    # Each table reads the real positions only (what ``keep`` keeps: the massive ones are left out by default).
+    n_tokens = np.asarray(ds.n_tokens.values)
+    spots_at = once if keep is None else once & keep
+    lazy = {m: (summarize_over(pick[m], axis, n_tokens, keep), hotspots(pick[m], top_n, spots_at),
+                seven_number_summary(pick[m], n_tokens, keep)) for m in metrics}
+    lazy["extra"] = extra
+    with warnings.catch_warnings():
+        # an all-padding row (e.g. cosine_prev at layer 0) has no mean: NaN is the answer, not a problem
+        warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN|Degrees of freedom)",
+                                RuntimeWarning)
+        (computed,) = dask.compute(lazy)
+    extra = computed.pop("extra")
+    tokens = token_text_table(ds)  # decoded text, not raw tokenizer pieces
+    labels = ds.prompt.values
+    word = "pair" if lead == "pair" else "pass"
+    lines, rows = [], []
+    for metric in metrics:
+        summary, spots, seven = computed[metric]
+        lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
+        for group, meaning in same_tables(ds, summary, spots, lead, chosen):
+            if meaning.startswith("zero"):
+                lines.append(f"\n{metric} ({word}s {', '.join(group)}{lens_label}): exactly 0 at every {axis}: "
+                             + meaning.removeprefix("zero: "))
+                continue
+            s = summary.sel({lead: group[0]})
+            named = f"{word} {group[0]}" if len(group) == 1 else f"{word}s {', '.join(group)}: {meaning}"
+            lines.append(f"\n{metric} by {axis} ({named}{lens_label}):")
+            lines.append(table([axis, "mean", "std", "min", "max"],
+                               [[int(i), *(float(s[k][j]) for k in ("mean", "std", "min", "max"))]
+                                for j, i in enumerate(s[axis].values)]))
+            for label in group:
+                h = spots.sel({lead: label})
+                # hotspots gives store rows; reports name prompts by their label (source position)
+                rows += [{"metric": metric, lead: label, "rank": r + 1,
+                          "prompt": int(labels[int(h.prompt.values[r])]),
+                          "layer": int(pick[metric].layer.values[int(h.layer.values[r])]),
+                          "token_idx": int(h.token.values[r]),
+                          "token": str(tokens[int(h.prompt.values[r]), int(h.token.values[r])]),
+                          "value": float(h.value.values[r]),
+                          "prompts_sharing": int(count_pt[int(h.prompt.values[r]), int(h.token.values[r])])}
+                         for r in range(h.sizes["rank"]) if int(h.prompt.values[r]) >= 0]
+            shown = [r for r in rows if r["metric"] == metric and r[lead] == group[0]]
+            lines.append(f"top {top_n} |{metric}| hotspots:")
+            lines.append(table(["rank", "prompt", "layer", "token_idx", "token", "value"],
+                               [[r["rank"], _prompt_cell(r), r["layer"], r["token_idx"], visible(r["token"]),
+                                 r["value"]] for r in shown]))
+        names = list(seven.data_vars)
+        lines.append(f"\n{metric} across prompts (each prompt's mean over layers and tokens):")
+        lines.append(table([word, *names], [[label, *(float(seven[n].sel({lead: label})) for n in names)]
+                                            for label in chosen]))
+    return lines, rows, extra
+
+
+def _prompt_cell(row: dict) -> str:
+    shared = row["prompts_sharing"]
+    return str(row["prompt"]) if shared <= 1 else f"{row['prompt']} (+{shared - 1} same prefix)"
+
+
+def same_tables(ds: xr.Dataset, summary: xr.Dataset, spots: xr.Dataset, lead: str,
+                chosen: list[str]) -> list[tuple[list[str], str]]:
+    """``chosen`` grouped by identical tables (summary and hotspot values), each group with what it means:
+    ``zero: ...`` for a metric exactly 0 everywhere (which passes are identical and why), else a phrase.
+
+    Pairs of a pair whose embeddings are frozen come out as two zero pairs and four identical ones.
+    """
+    groups: list[tuple[list[str], np.ndarray]] = []
+    for label in chosen:
+        key = np.concatenate([summary.sel({lead: label})[k].values.ravel() for k in ("mean", "min", "max")]
+                             + [spots.sel({lead: label}).value.values.ravel()])
+        for members, seen in groups:
+            if seen.shape == key.shape and np.allclose(seen, key, rtol=1e-9, atol=0, equal_nan=True):
+                members.append(label)
+                break
+        else:
+            groups.append(([label], key))
+    out = []
+    for members, key in groups:
+        finite = key[np.isfinite(key)]
+        if lead == "pair" and finite.size and not finite.any():
+            out.append((members, "zero: " + why_identical(ds, members)))
+        else:
+            out.append((members, "identical tables" if len(members) > 1 else ""))
+    return out
+
+
+def why_identical(ds: xr.Dataset, pairs: list[str]) -> str:
+    """What two passes giving the same residuals means, from the passes' recipes."""
+    from analysis.geometry.metrics import store_pass_pairs
+
+    names, left, right = store_pass_pairs(ds)
+    passes = [str(p) for p in ds.pass_.values]
+    reasons = set()
+    for pair in pairs:
+        a, b = passes.index(left[names.index(pair)]), passes.index(right[names.index(pair)])
+        if str(ds.model.values[a]) == str(ds.model.values[b]) and str(ds.embedding.values[a]) != str(
+                ds.embedding.values[b]):
+            reasons.add("their passes differ only in the input embedding, so the input embeddings are identical")
+        elif str(ds.embedding.values[a]) == str(ds.embedding.values[b]):
+            reasons.add("their passes differ only in the body, so the bodies compute the same here")
+        else:
+            reasons.add("their passes compute the same residuals")
+    return "; ".join(sorted(reasons))
+
+
+def _tracked_section(ds, chosen, lens, top_n, token_ids) -> tuple[list[str], list[dict]]:
+    tracked = [int(t) for t in ds.tracked_id.values]
+    ids = [t for t in token_ids if t in tracked] if token_ids else tracked
+    if not ids:
+        return [f"\ntracked logit changes: none of token ids {token_ids} is tracked (tracked: {tracked})"], []
+    changes = tracked_changes(ds, CHANGE_THRESHOLD, lens, ids).sel(pair=chosen).compute()
+    found = changes.to_series().dropna()
+    ordered = found.reindex(found.abs().sort_values(ascending=False).index).head(top_n)
+    rows = [{"type": "logit_change", "token_id": int(q), "pair": p, "prompt": int(pr), "layer": int(la),
+             "token_idx": int(t), "token": str(token_text_table(ds, int(pr))[int(t)]), "shift": float(v)}
+            for (q, p, pr, la, t), v in ordered.items()]
+    lines = [f"\ntracked logit changes, {lens} lens, |right - left| >= {CHANGE_THRESHOLD} (top {top_n}):",
+             table(["token_id", "pair", "prompt", "layer", "token_idx", "token", "shift"],
+                   [[r["token_id"], r["pair"], r["prompt"], r["layer"], r["token_idx"], visible(r["token"]),
+                     r["shift"]]
+                    for r in rows]) if rows else "(none)"]
+    return lines, rows
+
+
+def _grid_lines(grid_lt: np.ndarray, tokens: np.ndarray, n_real: int, top_n: int) -> list[str]:
+    lines = []
+    for layer in range(min(top_n, grid_lt.shape[0])):
+        cells = [f"{visible(tokens[t])}:{grid_lt[layer, t]:.3f}" for t in range(min(top_n, n_real))
+                 if np.isfinite(grid_lt[layer, t])]
+        lines.append(f"  L{layer}: " + (", ".join(cells) if cells else "-"))
+    return lines
+
+
+def _token_id_section(ds, chosen, lens, top_n, token_ids, source, prompt) -> list[str]:
+    """Grids over (layer, token) of one prompt: a tracked logit, and where the id is among the rises."""
+    check_prompt(ds, prompt)
+    tracked = [int(t) for t in ds.tracked_id.values] if "tracked_id" in ds.coords else []
+    tokens = token_text_table(ds, prompt)
+    n_real = int(ds.n_tokens.sel(prompt=prompt))
+    lines = []
+    for token_id in token_ids:
+        for pair in chosen:
+            head = f"token {token_id}, pair {pair}, prompt {prompt}, lens {lens}"
+            if token_id in tracked:
+                traj = tracked_trajectory(ds, token_id, lens).sel(pair=pair, prompt=prompt)
+                grid = {"left": traj.logit_left, "right": traj.logit_right, "diff": traj["shift"]}[source]
+                lines.append(f"\nlogit grid preview ({source}{' = right - left' if source == 'diff' else ''}; "
+                             f"{head}):")
+                lines += _grid_lines(grid.values, tokens, n_real, top_n)
+            else:
+                lines.append(f"\nlogit grid preview: token {token_id} is not tracked in this store "
+                             "(capture with --track)")
+            if "rise_id" in ds:
+                rises = ds.rise_id.sel(pair=pair, lens=lens, prompt=prompt)
+                shift = ds.rise_shift.sel(pair=pair, lens=lens, prompt=prompt)
+                member = shift.where(rises == token_id).max("k")
+                lines.append(f"top-k membership (increase; shift where the token is among the top-k rises; {head}):")
+                lines += _grid_lines(member.values, tokens, n_real, top_n)
+    return lines
+
+
+def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "layer",
+                 record_type: str = "pairwise", top_n: int = 5, lens: str = "norm",
+                 labels: list[str] | None = None, token_ids: list[int] | None = None,
+                 logit_source: str = "diff", prompt: int = 0, include_massive: bool = False,
+                 massive_factor: float = 10.0) -> tuple[str, list[dict]]:
+    """Return (text, rows): the report and the rows an export writes (hotspots and tracked changes).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from store.testing import write_tiny_store
+    >>> from analysis import open_store
+    >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
+    >>> text.splitlines()[0][:48], len(rows)
+    ('Summary: Fine-tuning changed the residual stream', 6)
+    """
+    if top_n < 1:
+        raise UsageError(f"--top-n must be at least 1, got {top_n}")
+    if logit_source not in LOGIT_SOURCES:
+        raise UsageError(f"--logit-source must be one of {', '.join(LOGIT_SOURCES)}, got {logit_source!r}")
+    if token_ids and record_type != "pairwise":
+        raise UsageError("--token-id works with --record-type pairwise (tracked logits are compared per pair)")
+    values, chosen, lead, metrics = _choose(ds, record_type, metrics, lens, labels)
+    found, keep = None, None
+    if "resid" in ds:  # massive activations: found in the same computation, left out unless asked
+        from analysis.geometry.outliers import describe_massive, massive_positions
+
+        found = massive_positions(ds, massive_factor)
+        if not include_massive:
+            keep = ~found.massive
+    extra = {"found": found, "summary": summary_inputs(ds, keep)}  # computed with the tables, sharing reads
+    with_rate = record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3
+    if with_rate:  # its read of the last layer's statistics runs beside the residuals', not after them
+        from analysis.readouts.difflens import shift_rate
+
+        extra["rate"] = shift_rate(ds).sel(pair=chosen)
+    lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra, keep)
+    found = extra["found"]
+    n_massive = int(found.massive.sum()) if found is not None else 0
+    opening = summary_sentences(ds, extra["summary"], n_massive, not include_massive)
+    if found is not None:
+        lines = [*describe_massive(ds, found, include_massive), *lines]
+    if opening:
+        lines = ["Summary: " + " ".join(opening), "", *lines]
+    if with_rate:
+        rate = extra["rate"]
+        lines.append("\ntoken distribution shift rate (URIAL: share of real positions whose right-pass top-1 token, "
+                     "norm lens, last layer, is not in the left pass's top-3):")
+        lines.append(table(["pair", "shift rate"], [[str(q), float(rate.sel(pair=q))] for q in chosen]))
+    if record_type == "pairwise" and "tracked_logit" in ds:
+        more_lines, more_rows = _tracked_section(ds, chosen, lens, top_n, token_ids)
+        lines += more_lines
+        rows += more_rows
+    if token_ids:
+        lines += _token_id_section(ds, chosen, lens, top_n, token_ids, logit_source, prompt)
+    return "\n".join(lines).lstrip("\n"), rows
+

@@ -1,0 +1,1 @@
+"""Inputs: prompt files, chat templates and tokenisation, prompt variants, and what of each prompt is stored."""

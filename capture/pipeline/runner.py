@@ -1,0 +1,229 @@
+"""Running passes over prompt batches and handing back chunk-aligned groups.
+
+Axes legend: g = prompt in a write group, b = prompt in a compute batch, l = layer
+(0..L), t = token position, d = hidden dimension.
+
+Prompts arrive in store order, longest first. Write groups are whole prompt chunks of
+the store; compute batches run inside a group, consecutive prompts of similar length
+under ``--batch-size`` prompts and ``--batch-tokens`` padded tokens. Batches are
+right-padded, which is exact for every supported architecture; position ids come
+from the attention mask so GPT-2's learned positions stay correct too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from capture.errors import NonFiniteActivation
+from capture.inputs.prompts import TokenizedPrompts
+from capture.inputs.selection import StoredWindow
+from capture.models.hooks import ResidualRecorder
+from capture.models.loading import decoder, decoder_layers
+from capture.models.transfer import DeviceToHost, HostCopy, arrivals, to_device
+from capture.plan.batching import compute_batches
+from capture.plan.passes import Pass
+
+
+@dataclass
+class CapturedGroup:
+    """Residuals of one pass over one write group of prompts, padded positions NaN."""
+
+    pass_index: int
+    prompts: slice
+    resid_gltd: np.ndarray
+    final_gtd: np.ndarray
+    n_real_tokens: int
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.inference_mode()
+def forward_residuals(
+    model: nn.Module,
+    embedding: nn.Module,
+    ids_bt: torch.Tensor,
+    mask_bt: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    keep_layers: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of ``model`` on ``embedding(ids_bt)``; returns (resid_bltd, final_btd).
+
+    Only the decoder body runs: the LM head (a vocabulary-sized product) is not needed
+    for residuals. ``keep_layers`` are the layers recorded (default all of 0..L).
+    """
+    layers = decoder_layers(model)
+    device = _device_of(model.get_input_embeddings())
+    ids_bt, mask_bt = ids_bt.to(device), mask_bt.to(device)
+    model_dtype = model.get_input_embeddings().weight.dtype
+    embeds_btd = embedding(ids_bt.to(_device_of(embedding))).to(device=device, dtype=model_dtype)
+    position_ids_bt = (mask_bt.long().cumsum(-1) - 1).clamp(min=0)
+    n_batch, n_tok = ids_bt.shape
+    n_kept = len(layers) + 1 if keep_layers is None else len(keep_layers)
+    resid_bltd = torch.empty(n_batch, n_kept, n_tok, embeds_btd.shape[-1], dtype=out_dtype, device=device)
+    with ResidualRecorder(layers, resid_bltd, keep_layers):
+        out = decoder(model)(
+            inputs_embeds=embeds_btd, attention_mask=mask_bt, position_ids=position_ids_bt, use_cache=False
+        )
+    return resid_bltd, out.last_hidden_state.to(out_dtype)
+
+
+def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(found, value) of the first non-finite value at a real position, in C order, as tensors on the
+    device: one reduction, and nothing waits for the device. ``found`` is (any, row, layer, token)."""
+    bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1).view(torch.uint8)  # no copy
+    any_, index = bad_n.max(0)  # the first maximum: the first bad value in C order
+    _, n_layer, n_tok, n_dim = resid_bltd.shape
+    where = [index // (n_layer * n_tok * n_dim), index // (n_tok * n_dim) % n_layer, index // n_dim % n_tok]
+    return torch.stack([any_.long(), *where]), resid_bltd.view(-1).index_select(0, index.view(1))
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask of a batch."""
+    n_tok = max(len(i) for i in ids)
+    ids_bt = torch.full((len(ids), n_tok), pad_id, dtype=torch.long)
+    mask_bt = torch.zeros((len(ids), n_tok), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        ids_bt[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask_bt[row, : len(seq)] = 1
+    return ids_bt, mask_bt
+
+
+@dataclass
+class _Launched:
+    """A compute batch whose forward is queued and whose results are being copied to the host."""
+
+    pass_index: int
+    pass_name: str
+    group: slice
+    batch: slice
+    last: bool  # the group's last batch
+
+
+class _GroupFilling:
+    """Write groups filled from finished batches, in the order the batches were launched."""
+
+    def __init__(self, prompts: TokenizedPrompts, window: StoredWindow, token_extent: Callable[[slice], int],
+                 np_dtype: np.dtype) -> None:
+        self.prompts, self.window, self.token_extent, self.np_dtype = prompts, window, token_extent, np_dtype
+        self.simple = not any(window.start)  # every window starts at the first token: one slice per batch
+        self.stored_lengths = window.lengths  # a list built once, not per batch
+        self.open: dict[tuple[int, int], CapturedGroup] = {}
+
+    def place(self, launched: _Launched, arrays: list[np.ndarray]) -> CapturedGroup | None:
+        """Place a batch's copied results (resid, final, found, value) in its group; the group once its last
+        batch is placed."""
+        resid_host, final_host, found, value = arrays
+        batch, group = launched.batch, launched.group
+        if found[0]:
+            _, row, layer, token = (int(i) for i in found)
+            raise NonFiniteActivation(pass_=launched.pass_name, prompt=self.prompts.label(batch.start + row),
+                                      layer=self.window.layers[layer], token=token, value=float(value[0]))
+        key = (launched.pass_index, group.start)
+        if key not in self.open:  # allocated at its first batch's placement: after the previous group was handed on
+            size, extent = group.stop - group.start, self.token_extent(group)
+            hidden = resid_host.shape[-1]
+            # Simple placement writes every cell of every row (values, then NaN past the batch), so the buffer
+            # needs no NaN fill of its own: one pass over the memory, not two.
+            alloc = (lambda shape: np.empty(shape, self.np_dtype)) if self.simple else \
+                (lambda shape: np.full(shape, np.nan, dtype=self.np_dtype))
+            self.open[key] = CapturedGroup(launched.pass_index, group,
+                                           alloc((size, len(self.window.layers), extent, hidden)),
+                                           alloc((size, extent, hidden)), 0)
+        filling = self.open[key]
+        at = batch.start - group.start
+        if self.simple:
+            width, rows = resid_host.shape[2], slice(at, at + len(resid_host))
+            filling.resid_gltd[rows, :, :width] = resid_host
+            filling.resid_gltd[rows, :, width:] = np.nan
+            filling.final_gtd[rows, :width] = final_host
+            filling.final_gtd[rows, width:] = np.nan
+        else:  # --positions last:N: each prompt's own window
+            for row in range(len(resid_host)):
+                a, b = self.window.start[batch.start + row], self.window.stop[batch.start + row]
+                filling.resid_gltd[at + row, :, : b - a] = resid_host[row, :, a:b]
+                filling.final_gtd[at + row, : b - a] = final_host[row, a:b]
+        filling.n_real_tokens += sum(self.stored_lengths[batch])
+        return self.open.pop(key) if launched.last else None
+
+
+def run_passes(
+    model: nn.Module,
+    passes: list[tuple[int, Pass]],
+    embeddings: dict[str, nn.Module],
+    prompts: TokenizedPrompts,
+    groups: list[slice],
+    window: StoredWindow,
+    *,
+    batch_size: int,
+    batch_tokens: int,
+    max_padding: float = float("inf"),
+    token_extent: Callable[[slice], int],
+    out_dtype: torch.dtype,
+    pad_id: int = 0,
+    skip: Callable[[int, slice], bool] = lambda pass_index, group: False,
+) -> Iterator[CapturedGroup]:
+    """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
+
+    ``prompts.ids`` are what each forward sees (in store order); ``window`` what of it is
+    stored; ``token_extent(group)`` the token positions the group's buffer covers. On CUDA
+    each batch is placed in its group after the next batch is launched, so that the device
+    computes one batch while the last is copied (``capture.models.transfer``); on the CPU at once,
+    so that no batch outlives its placement.
+    """
+    filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
+    copies = DeviceToHost(_device_of(model.get_input_embeddings()))
+
+    def launches() -> Iterator[tuple[_Launched, HostCopy]]:
+        lengths = prompts.lengths  # a list built once, not per batch
+        for pass_index, spec in passes:
+            for group in groups:
+                if skip(pass_index, group):
+                    continue
+                batches = compute_batches(lengths, group, batch_size, batch_tokens, max_padding)
+                extent = token_extent(group)
+                for number, batch in enumerate(batches):
+                    launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1)
+                    yield launched, _launch(model, embeddings[spec.embedding], prompts, batch, copies, window.layers,
+                                            out_dtype, pad_id, extent if filling.simple else None)
+
+    for launched, arrays in arrivals(copies, launches()):
+        if (done := filling.place(launched, arrays)) is not None:
+            yield done
+
+
+def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, batch: slice,
+            copies: DeviceToHost, layers: list[int], out_dtype: torch.dtype, pad_id: int,
+            width: int | None) -> HostCopy:
+    """Queue one batch's forward, make its padding NaN, and start its copy to the host (the first ``width``
+    positions, all where None)."""
+    ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
+    ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
+    resid_bltd, final_btd = forward_residuals(model, embedding, ids_bt, mask_bt, out_dtype, layers)
+    real_bt = mask_bt.bool()
+    with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
+        found, value = _first_non_finite(resid_bltd, real_bt)
+        resid_bltd.masked_fill_(~real_bt[:, None, :, None], float("nan"))
+        final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
+    width = resid_bltd.shape[2] if width is None else min(resid_bltd.shape[2], width)
+    # Only the copy keeps the device tensors alive from here (until it is done).
+    return copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
+
+
+class Throughput:
+    """Tokens per second over a run, for the progress bar."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, n: int) -> float:
+        self.tokens += n
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
