@@ -244,3 +244,18 @@ def test_comma_lists_repeat():
     assert args.pass_pairs == "BB-SS,BS-SB,SB-SS"
     args = build_parser().parse_args(["sweep", "--pair", "tiny", "--pair", "gpt2,qwen0.5b"])
     assert args.model_pairs == "tiny,gpt2,qwen0.5b"
+
+
+def test_each_command_is_declared_beside_its_handler_in_its_layer():
+    """cli.py holds the shared options and the error handling; each command lives in its layer's commands.py."""
+    import argparse
+
+    from cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    layers = {name: p.get_default("func").__module__ for name, p in sub.choices.items()}
+    assert set(layers.values()) == {"capture.commands", "analysis.commands", "store.commands"}, layers
+    assert layers["capture"] == "capture.commands" and layers["plot"] == "analysis.commands"
+    assert layers["verify"] == "store.commands"
+    cli_lines = (Path(__file__).resolve().parents[1] / "cli.py").read_text().splitlines()
+    assert len(cli_lines) < 300, f"cli.py has {len(cli_lines)} lines; declare commands in their layer"

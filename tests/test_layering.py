@@ -109,8 +109,9 @@ def test_planning_never_imports_execution():
         assert not seen & execution, f"{module} imports {', '.join(sorted(seen & execution))}"
 
 
-# Each layer's errors live with it, under one name; every other module name says one thing in the whole tree.
-SHARED_NAMES = {"__init__", "errors"}
+# Each layer's errors and commands live with it, under one name; every other module name says one thing in the
+# whole tree.
+SHARED_NAMES = {"__init__", "errors", "commands"}
 
 
 def test_no_module_name_repeated_across_packages():
@@ -128,7 +129,7 @@ def test_no_module_name_repeated_across_packages():
 
 def test_subsystems_are_folders():
     """The flat prefixes of old (``lens_*``, ``loader_*``, ``model_*``) are subpackages; no stray modules."""
-    allowed_flat = {"capture": {"settings", "config", "errors"}, "analysis": set()}
+    allowed_flat = {"capture": {"settings", "config", "errors", "commands"}, "analysis": {"commands"}}
     for package, flat in allowed_flat.items():
         modules = {p.stem for p in (ROOT / package).glob("*.py")} - {"__init__"}
         assert modules == flat, f"{package}/ has flat modules {sorted(modules - flat)}; put them in a subsystem"

@@ -119,7 +119,9 @@ def test_analysis_commands_have_a_default_memory_limit(monkeypatch, capsys):
 
     monkeypatch.setattr("analysis.compute.context.compute_on", fake_compute_on)
     monkeypatch.setattr("analysis.compute.context.tile_bytes", lambda ds: 1)
-    with cli._compute_context(cli.build_parser().parse_args(["report", "x.zarr"]), None):
+    from analysis.commands import compute_context
+
+    with compute_context(cli.build_parser().parse_args(["report", "x.zarr"]), None):
         pass
     assert seen["limit"] == default_memory_limit()
     with pytest.raises(SystemExit):

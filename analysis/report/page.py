@@ -1,0 +1,114 @@
+"""``plot``: the figures of a store and, with ``--html``, the page that opens with what changed.
+
+The numbers come from as few reads as the memory limit allows: the curves' inputs and the massive
+positions in one computation, the page's tables in another, the decomposition (reused when its
+settings match) in its own; the figures are drawn from the computed numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import xarray as xr
+
+from analysis.geometry.decompose import decompose_store
+from analysis.geometry.metrics import pair_metrics
+from analysis.geometry.outliers import massive_positions
+from analysis.report import plots
+from analysis.report.answer import chat_templating, opening, page_inputs
+from analysis.report.summary import summary_sentences
+from analysis.report.text import check_prompt
+from store.atomic import staged_directory
+from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
+from store.location import local_sibling
+
+
+@dataclass(frozen=True)
+class PlotRequest:
+    """What ``plot`` draws (the command's options)."""
+
+    store: str
+    out: str | None = None  # default: the store's sibling NAME-plots
+    metric: str = "norm_diff"  # pair metric of the heatmaps
+    pass_metric: str | None = "norm"  # pass metric of the per-pass heatmaps (None or empty: none)
+    prompt: int = 0  # the heatmaps' prompt
+    lens: str = "norm"
+    top_k: int = 8  # principal directions of the decomposition
+    include_massive: bool = False
+    html: bool = False
+    progress: bool = True
+
+
+def write_plots(ds: xr.Dataset, request: PlotRequest,
+                computing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Path]:
+    """Write the figures (and report.html) of ``ds``; returns the paths written, all or nothing.
+
+    ``computing()`` is the context each computation runs in (``cli.py``: ``--memory-limit`` or a cluster).
+    """
+    check_prompt(ds, request.prompt)
+    final = Path(request.out) if request.out else local_sibling(request.store, "-plots")
+    with staged_directory(final) as out:  # a run that fails adds nothing to the folder
+        with computing():
+            # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
+            # computation, the page's tables in another: two reads of the residuals, not one per section (all
+            # at once held 2 GB under a 1 GB limit)
+            lazy = {"found": massive_positions(ds), "curves": plots.layer_curve_inputs(ds, request.lens)}
+            with warnings.catch_warnings():  # a layer without values has no mean: NaN, not drawn
+                warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN)", RuntimeWarning)
+                (computed,) = dask.compute(lazy)
+                found = computed["found"]
+                if request.html:
+                    keep = None if request.include_massive else ~found.massive
+                    # the opening's metrics are geometric: built without graphs over the statistics variables
+                    (computed["page"],) = dask.compute(page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep))
+            images = _figures(ds, out, request, computed["curves"], found)
+            path, _ = decompose_store(request.store, top_k=request.top_k, progress=request.progress,
+                                      include_massive=request.include_massive, massive=found.massive.values)
+        result = xr.open_zarr(str(path)).load()
+        images += plots.spectra_plots(result, out)
+        images.append(plots.cp_plot(result, out))
+        if request.html:
+            images.append(_page(ds, request, out, images, result, found, computed["page"], computing))
+    return [final / Path(image).relative_to(out) for image in images]
+
+
+def _figures(ds: xr.Dataset, out: Path, request: PlotRequest, curves, found) -> list:
+    images = [plots.layer_curves(ds, out, request.lens, curves)]
+    massive = None if request.include_massive else found.massive.sel(prompt=request.prompt).values
+    images.append(plots.heatmaps(ds, out, request.metric, request.prompt, request.lens, massive))
+    if request.pass_metric:
+        images.append(plots.heatmaps(ds, out, request.pass_metric, request.prompt, request.lens, massive))
+    return images
+
+
+def _page(ds: xr.Dataset, request: PlotRequest, out: Path, images: list, result: xr.Dataset, found,
+          computed: dict, computing: Callable[[], contextlib.AbstractContextManager]):
+    """report.html: the opening (what changed first), the summary, the figures; ``computed``: the page's
+    inputs (:func:`analysis.report.answer.page_inputs`), computed."""
+
+    def ratio(q) -> str:
+        value = float(result.participation_ratio.sel(pair=q).mean())
+        return f"{value:.2f}" if np.isfinite(value) else "– (no difference)"
+
+    rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
+        [str(q), ratio(q), int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
+        for q in result.pair.values]
+    with computing():
+        # the opening's metrics are geometric: built without graphs over the statistics variables
+        sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, request.prompt, found,
+                                  request.include_massive, computed)
+    summary = summary_sentences(ds, computed["summary"], int(found.massive.sum()), not request.include_massive)
+    sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
+    if left_out(ds):
+        sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
+    settings = {"store": str(request.store), "chat template": chat_templating(ds),
+                **{k: v for k, v in ds.attrs.items() if k not in (LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR)}}
+    return plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', request.store)}", rows, settings,
+                             sections, first)

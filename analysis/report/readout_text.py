@@ -1,0 +1,73 @@
+"""The text of the readout commands (``factorial``, ``diff-lens``, ``loader-stats``), from computed results.
+
+Each function takes what its analysis returned, computed, and gives the lines the command prints;
+a quantity that was not computed (a layer without change) is a dash and a line that says why, never
+a number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from analysis.readouts.tokens import token_texts
+from analysis.report.text import table
+
+FACTORIAL_COLUMNS = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
+
+
+def factorial_lines(shares: xr.Dataset, by: str | None = None) -> list[str]:
+    """The factorial's shares per layer (per group of ``by``), from :func:`analysis.factorial_shares`, computed."""
+    lines = ["Factorial attribution of D = h_SS - h_BB = E (embeddings) + B (body), per layer over real positions: "
+             "shares of sum |D|^2 (embedding + body + cross = 1), interaction = sum |I|^2 / sum |D|^2"]
+    groups = [None] if by is None else [str(g) for g in shares[by].values]
+    for group in groups:
+        part = shares if group is None else shares.sel({by: group})
+        if group is not None:
+            lines.append(f"\n{by} = {group}:")
+        rows = [[int(layer), *(float(part[c].sel(layer=layer)) if float(part.total_sq.sel(layer=layer)) > 0
+                               else "-" for c in FACTORIAL_COLUMNS),
+                 float(np.sqrt(part.total_sq.sel(layer=layer)))] for layer in part.layer.values]
+        if any("-" in row for row in rows):  # shares of nothing are not numbers
+            lines.append("(-: no change at this layer, sum |D|^2 = 0, so no shares)")
+        lines.append(table(["layer", "embedding", "body", "cross", "interaction", "sqrt sum |D|^2"], rows))
+    return lines
+
+
+def diff_lens_lines(ds: xr.Dataset, result: xr.Dataset, k: int, include_massive: bool) -> list[str]:
+    """Promoted and suppressed tokens of each pair, layer and window, from :func:`analysis.diff_lens`."""
+    lines = [f"Mean difference h_right - h_left, read through each side's normed lens ({result.attrs['lens_source']}); "
+             f"windows: the first {k} real positions of each prompt, and all real positions"
+             + ("" if include_massive else "; massive-activation positions left out")]
+    texts = {}
+    for kind in ("promoted", "suppressed"):  # decoded once, all cells together
+        ids = result[f"{kind}_id"].values
+        texts[kind] = np.array(token_texts(ds, ids.ravel()), dtype=object).reshape(ids.shape)
+    for q, pair in enumerate(str(p) for p in result.pair.values):
+        for la, layer in enumerate(int(la) for la in result.layer.values):
+            for w, window in enumerate(result.window.values):
+                if (result.promoted_id.values[q, la, w] < 0).all():
+                    lines.append(f"{pair} layer {layer} {window}: no difference (the mean of h_right - h_left is "
+                                 "exactly 0, or the window holds no position)")
+                    continue
+                for s, side in enumerate(("left", "right")):
+                    up = ", ".join(repr(t) for t in texts["promoted"][q, la, w, s])
+                    down = ", ".join(repr(t) for t in texts["suppressed"][q, la, w, s])
+                    lines.append(f"{pair} layer {layer} {window} ({side} lens): promoted {up}; suppressed {down}")
+    return lines
+
+
+def loader_stats_lines(store: str, stats: dict, pair: str | None, batch_size: int, world_size: int) -> list[str]:
+    """What an activation loader will do, from :func:`analysis.loader.stats.loader_stats`."""
+    layout = "differences " + pair if pair else "passes " + ",".join(stats["passes"])
+    lines = [f"{store}: {stats['rows']} rows ({layout}, batch shape (batch, "
+             f"{', '.join(map(str, stats['row_shape']))})) in {stats['units']} units of up to {stats['unit_read']} "
+             f"read each; {stats['excluded_massive']} massive-activation positions left out",
+             f"per epoch and rank (world size {world_size}): {stats['batches_per_epoch']} batches of "
+             f"{batch_size}; shuffle buffer {stats['shuffle_buffer']} ({stats['shuffle_buffer_rows']} rows)"]
+    if stats["expected_rows_per_s"] is not None:
+        lines.append(f"expected read throughput: {stats['expected_rows_per_s']} rows/s ({stats['expected_read_MBps']} "
+                     f"MB/s of chunks), about {stats['expected_epoch_s']} s per epoch on one process")
+    if stats["scales"] is not None:
+        lines.append(f"normalisation factors (layer x pass): {stats['scales']}")
+    return lines
