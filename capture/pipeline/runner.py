@@ -25,6 +25,7 @@ from capture.inputs.prompts import TokenizedPrompts
 from capture.inputs.selection import StoredWindow
 from capture.models.hooks import ResidualRecorder
 from capture.models.loading import decoder, decoder_layers
+from capture.models.masks import prepared_mask
 from capture.models.transfer import DeviceToHost, HostCopy, arrivals, to_device
 from capture.plan.batching import compute_batches
 from capture.plan.passes import Pass
@@ -68,11 +69,12 @@ def forward_residuals(
     n_batch, n_tok = ids_bt.shape
     n_kept = len(layers) + 1 if keep_layers is None else len(keep_layers)
     resid_bltd = torch.empty(n_batch, n_kept, n_tok, embeds_btd.shape[-1], dtype=out_dtype, device=device)
+    body = decoder(model)
+    mask = prepared_mask(body, embeds_btd, mask_bt, position_ids_bt)  # nothing read on the host
     with ResidualRecorder(layers, resid_bltd, keep_layers):
-        out = decoder(model)(
-            inputs_embeds=embeds_btd, attention_mask=mask_bt, position_ids=position_ids_bt, use_cache=False
-        )
-    return resid_bltd, out.last_hidden_state.to(out_dtype)
+        out = body(inputs_embeds=embeds_btd, attention_mask=mask, position_ids=position_ids_bt, use_cache=False)
+    # on the residuals' device: a model split over GPUs (--device-map) ends on another one than it starts
+    return resid_bltd, out.last_hidden_state.to(device=device, dtype=out_dtype)
 
 
 def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
