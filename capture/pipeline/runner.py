@@ -78,13 +78,20 @@ def forward_residuals(
 
 
 def _first_non_finite(resid_bltd: torch.Tensor, real_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(found, value) of the first non-finite value at a real position, in C order, as tensors on the
-    device: one reduction, and nothing waits for the device. ``found`` is (any, row, layer, token)."""
-    bad_n = (~torch.isfinite(resid_bltd) & real_bt[:, None, :, None]).view(-1).view(torch.uint8)  # no copy
-    any_, index = bad_n.max(0)  # the first maximum: the first bad value in C order
+    """(found, vector) of the first real position, in C order, whose vector holds a non-finite value, as tensors
+    on the device: ``found`` is (any, row, layer, token), ``vector`` that position's values (the host finds
+    the bad one). Nothing waits for the device.
+
+    A vector is non-finite exactly when its largest or smallest entry is (``amax`` and ``amin`` carry NaN and
+    infinities through): two reductions in the residuals' own dtype whose temporaries are (batch, layer,
+    token), where a boolean per entry would be as large as float16 residuals (GBs on a big batch, outside
+    the memory plan) and a sum could overflow a finite float16 vector."""
+    finite_blt = torch.isfinite(resid_bltd.amax(dim=-1)) & torch.isfinite(resid_bltd.amin(dim=-1))
+    bad_n = (~finite_blt & real_bt[:, None, :]).view(-1).view(torch.uint8)  # no copy
+    any_, index = bad_n.max(0)  # the first maximum: the first bad position in C order
     _, n_layer, n_tok, n_dim = resid_bltd.shape
-    where = [index // (n_layer * n_tok * n_dim), index // (n_tok * n_dim) % n_layer, index // n_dim % n_tok]
-    return torch.stack([any_.long(), *where]), resid_bltd.view(-1).index_select(0, index.view(1))
+    where = [index // (n_layer * n_tok), index // n_tok % n_layer, index % n_tok]
+    return torch.stack([any_.long(), *where]), resid_bltd.reshape(-1, n_dim).index_select(0, index.view(1))[0]
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +133,9 @@ class _GroupFilling:
         batch, group = launched.batch, launched.group
         if found[0]:
             _, row, layer, token = (int(i) for i in found)
+            first_bad = value[~np.isfinite(value)][0]
             raise NonFiniteActivation(pass_=launched.pass_name, prompt=self.prompts.label(batch.start + row),
-                                      layer=self.window.layers[layer], token=token, value=float(value[0]))
+                                      layer=self.window.layers[layer], token=token, value=float(first_bad))
         key = (launched.pass_index, group.start)
         if key not in self.open:  # allocated at its first batch's placement: after the previous group was handed on
             size, extent = group.stop - group.start, self.token_extent(group)

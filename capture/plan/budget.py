@@ -112,12 +112,15 @@ def forward_activations(model: ModelFootprint, batch: int, n_tokens: int, out_it
     """One compute batch: the captured residuals, and the largest transient of one block.
 
     The transient is the block's MLP (gate, up and activation: three ``ffn``-wide
-    tensors) plus attention scores (``heads x tokens x tokens``, float32). ``kept_layers``
-    is the number of layers recorded (default all L + 1); ``final`` comes on top.
+    tensors) plus attention scores (``heads x tokens x tokens``, float32) and the batch's
+    4-D attention mask (``tokens x tokens``, at most the model's itemsize: additive under
+    eager attention, boolean under SDPA; ``capture.models.masks``). ``kept_layers`` is the
+    number of layers recorded (default all L + 1); ``final`` comes on top. The non-finite
+    check's temporaries are (batch, layer, token): a ``hidden``-th of the residuals, left out.
     """
     captured = batch * ((kept_layers or model.n_layers + 1) + 1) * n_tokens * model.hidden * out_itemsize
     block = batch * n_tokens * (3 * model.ffn + 4 * model.hidden) * model_itemsize
-    scores = batch * model.n_heads * n_tokens * n_tokens * 4
+    scores = batch * model.n_heads * n_tokens * n_tokens * 4 + batch * n_tokens * n_tokens * model_itemsize
     # On CUDA the last batch's residuals stay alive until their copy to the host is done (capture.models.transfer).
     host_copy = captured if not on_cpu else 0
     return captured + block + scores + host_copy

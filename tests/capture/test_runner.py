@@ -119,3 +119,45 @@ def test_default_batch_padding_follows_the_device():
     assert CaptureSettings(batch_padding=0.5).padding_for("cpu") == 0.5
     with pytest.raises(UsageError, match="--batch-padding must be 0 or more"):
         resolve_models(CaptureSettings(batch_padding=-0.1))
+
+
+class _LargestTemporary:
+    """Records the largest tensor any operation creates (a torch dispatch mode: every op, C++ included)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:  # not a view
+                        outer.largest = max(outer.largest, t.untyped_storage().nbytes())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_non_finite_check_finds_the_first_bad_entry_with_small_temporaries():
+    from capture.pipeline.runner import _first_non_finite
+
+    resid_bltd = torch.full((3, 4, 5, 64), 60000.0, dtype=torch.float16)  # finite; its sums overflow float16
+    real_bt = torch.ones(3, 5, dtype=torch.bool)
+    real_bt[2, 3:] = False
+    with _LargestTemporary() as seen:
+        found, vector = _first_non_finite(resid_bltd, real_bt)
+    assert found[0] == 0
+    assert seen.largest <= resid_bltd[..., 0].numel() * 2 + 64, "a temporary the size of the residuals"
+    resid_bltd[2, 0, 4, 9] = float("nan")  # padding: not an error
+    resid_bltd[1, 2, 3, 7] = float("-inf")
+    resid_bltd[1, 3, 0, 0] = float("nan")  # later in C order
+    found, vector = _first_non_finite(resid_bltd, real_bt)
+    assert found.tolist() == [1, 1, 2, 3] and vector.shape == (64,) and vector[7] == float("-inf")
