@@ -90,8 +90,8 @@ def _random_lenses(vocab: int, dim: int, seed: int, count: int = 2):
     return [Lens(torch.randn(vocab, dim, generator=gen), nn.Identity()) for _ in range(count)], gen
 
 
-# 4096: the torch path selects through segments, and the fused path (4 x 7 x 128 <= 4096) runs compiled, with
-# the last chunk (808 entries) eager; at 2048 the fused path is eager throughout.
+# 4096: the torch path selects through segments; the fused path runs every chunk compiled at every width (chunks
+# of one width, whole segments, the last padded with -inf: capture.lens.cuda_fused.chunk_bounds).
 @pytest.mark.parametrize("backend", ["torch", pytest.param("fused", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("vocab_chunk", [1024, 2048, 4096])
 def test_backends_agree_on_a_large_vocabulary(vocab_chunk, backend):
@@ -202,3 +202,98 @@ def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
     assert torch.equal(got.topk_id_pnk, want.topk_id_pnk) and torch.equal(got.rise_id_qnk, want.rise_id_qnk)
     torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
     assert not lens_fused.available(torch.device("cpu"))  # the rest of the run stays eager
+
+
+def _fresh_fused_state(monkeypatch):
+    from capture.lens import cuda_fused
+
+    monkeypatch.setattr(cuda_fused, "_BROKEN", [])
+    monkeypatch.setattr(cuda_fused, "_CHECKED", set())
+    return cuda_fused
+
+
+@pytest.mark.slow  # compiles the fused reductions (~20 s on the CPU)
+@pytest.mark.parametrize("top_k", [7, 40])
+def test_every_chunk_runs_fused_on_a_ragged_vocabulary_and_a_large_top_k(top_k, monkeypatch):
+    """9,001 entries (not whole segments) and a top-k above 32: no chunk takes the eager path, the numbers are
+    the kernels'; the self-check of the first block agrees, so nothing is said."""
+    import warnings
+
+    from capture.lens.vocab_chunks import ChunkState
+
+    cuda_fused = _fresh_fused_state(monkeypatch)
+    eager_chunks = []
+    original = ChunkState.add_chunk
+    monkeypatch.setattr(ChunkState, "add_chunk", lambda self, z, start: (eager_chunks.append(start),
+                                                                         original(self, z, start))[1])
+    lenses, gen = _random_lenses(9001, 24, 2)
+    h = [torch.randn(33, 24, generator=gen) * 3 for _ in range(3)]
+    args = (h, [lenses[0], lenses[1], lenses[0]], [(0, 1), (0, 2), (1, 2)], top_k, [3, 9000])
+    cuda_fused._CHECKED.add("cpu")  # the self-check's eager block is tested below
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    assert eager_chunks == []
+    a = lens_statistics(*args, vocab_chunk=4096, backend="kernels")
+    for field in ("topk_id_pnk", "rise_id_qnk", "fall_id_qnk"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    for field in ("entropy_pn", "lse_pn", "topk_logit_pnk", "kl_qn", "rise_shift_qnk", "fall_shift_qnk", "tracked_pnj"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6, msg=field)
+
+
+def _wrong_backend(graph, inputs):
+    """A compiler whose kernels return sums 1% off: what a miscompiled kernel on an unseen GPU could do."""
+
+    def run(*args):
+        out = graph(*args)
+        return [o * 1.01 if isinstance(o, torch.Tensor) and o.dtype == torch.float64 else o for o in out]
+
+    return run
+
+
+def test_the_self_check_catches_wrong_compiled_numbers_and_goes_on_eagerly(monkeypatch):
+    cuda_fused = _fresh_fused_state(monkeypatch)
+    monkeypatch.setattr(cuda_fused, "compiled", lambda: tuple(
+        torch.compile(f, backend=_wrong_backend) for f in (cuda_fused._pass_reductions, cuda_fused._pair_reductions)))
+    lenses, gen = _random_lenses(9000, 24, 1)
+    h = [torch.randn(33, 24, generator=gen) * 3 for _ in range(2)]
+    args = (h, lenses, [(0, 1)], 7, [3])
+    with pytest.warns(UserWarning, match=r"disagree with the eager ones on cpu \(softmax sum at \(0, 0\): "
+                                         r"[0-9.e+-]+ compiled, [0-9.e+-]+ eager\)"):
+        got = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    want = lens_statistics(*args, vocab_chunk=4096, backend="kernels")
+    torch.testing.assert_close(got.entropy_pn, want.entropy_pn, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.topk_id_pnk, want.topk_id_pnk)
+    assert not cuda_fused.available(torch.device("cpu"))  # the rest of the run is eager, and says nothing more
+    again = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    torch.testing.assert_close(again.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
+
+
+def test_an_error_when_a_compiled_kernel_runs_falls_back_with_the_state_untouched(monkeypatch):
+    """Not only a compiler failure: an exception of the compiled call itself (a Triton launch error) too."""
+    cuda_fused = _fresh_fused_state(monkeypatch)
+    calls = []
+
+    def fails_on_second_call(graph, inputs):
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 2:  # the pair reductions of the first chunk: the pass reductions already ran
+                raise ValueError("triton launch failed")
+            return graph(*args)
+
+        return run
+
+    monkeypatch.setattr(cuda_fused, "compiled", lambda: tuple(
+        torch.compile(f, backend=fails_on_second_call)
+        for f in (cuda_fused._pass_reductions, cuda_fused._pair_reductions)))
+    cuda_fused._CHECKED.add("cpu")
+    lenses, gen = _random_lenses(9000, 24, 1)
+    h = [torch.randn(33, 24, generator=gen) * 3 for _ in range(2)]
+    args = (h, lenses, [(0, 1)], 7, [3])
+    with pytest.warns(UserWarning, match="ValueError: triton launch failed"):
+        got = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    want = lens_statistics(*args, vocab_chunk=4096, backend="kernels")
+    torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.entropy_pn, want.entropy_pn, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.rise_id_qnk, want.rise_id_qnk)
