@@ -23,6 +23,10 @@ SHAPES = {
     "qwen1.5b": ("Qwen2Config", dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
                                      num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
                                      tie_word_embeddings=True, max_position_embeddings=4096)),
+    # the rehearsal's stand-in for the others (gpu_session.sh --cpu-rehearsal): Qwen2's code, toy sizes
+    "toy": ("Qwen2Config", dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=256, vocab_size=8192, tie_word_embeddings=True,
+                                max_position_embeddings=1024)),
     # nvidia/Mistral-NeMo-Minitron-8B-Base's published config (random weights here)
     "minitron8b": ("MistralConfig", dict(num_hidden_layers=40, hidden_size=4096, num_attention_heads=32,
                                          num_key_value_heads=8, head_dim=128, intermediate_size=11520,
@@ -88,14 +92,18 @@ def timed(results: dict, key: str):
 
 
 class GpuBusy:
-    """Samples NVML's GPU utilisation every ``interval`` seconds while in use.
+    """Samples NVML's GPU utilisation every ``interval`` seconds while in use and :attr:`active` is set.
 
     NVML reports, per sample period (1/6 s to 1 s depending on the card), the percentage
-    of time one or more kernels ran; ``idle_fraction`` is one minus its mean over the run.
+    of time one or more kernels ran; ``idle_fraction`` is one minus its mean over the samples.
+    :func:`sampling_pass_loops` sets :attr:`active` over a capture's pass loops only, so model
+    loading and set-up do not count as idle.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.samples = interval, []
+        import threading
+
+        self.interval, self.samples, self.active = interval, [], threading.Event()
 
     def __enter__(self) -> GpuBusy:
         import threading
@@ -108,7 +116,8 @@ class GpuBusy:
 
         def poll() -> None:
             while not self._stop.wait(self.interval):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                if self.active.is_set():
+                    self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
@@ -123,14 +132,64 @@ class GpuBusy:
         return 1 - sum(self.samples) / (100 * len(self.samples)) if self.samples else None
 
 
-def emit_report(report: dict, out: str | None) -> None:
-    """Print a benchmark's JSON report, and write it to ``out`` when given."""
+@contextmanager
+def sampling_pass_loops(active):
+    """Set the event ``active`` while a capture's pass loop runs (``capture.pipeline.job``'s ``run_passes``)."""
+    import capture.pipeline.job as job
+
+    original = job.run_passes
+
+    def run_passes(*args, **kwargs):
+        active.set()
+        try:
+            yield from original(*args, **kwargs)
+        finally:
+            active.clear()
+
+    job.run_passes = run_passes
+    try:
+        yield
+    finally:
+        job.run_passes = original
+
+
+@contextmanager
+def timing_loads(times: dict, key: str = "load"):
+    """Add the seconds a capture spends loading models and input embeddings to ``times[key]``."""
+    import capture.pipeline.job as job
+
+    originals = {name: getattr(job, name) for name in ("load_model", "load_input_embedding")}
+
+    def timed_call(function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[key] = times.get(key, 0.0) + time.perf_counter() - start
+        return call
+
+    for name, function in originals.items():
+        setattr(job, name, timed_call(function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(job, name, function)
+
+
+def emit_report(report: dict, out: str | None, quiet: bool = False) -> None:
+    """Print a benchmark's JSON report (unless ``quiet``), and write it to ``out`` when given, whole, by a rename:
+    a benchmark calls this after every measurement, so a run cut short keeps what it measured."""
     import json
 
     text = json.dumps(report, indent=2)
-    print(text)
+    if not quiet:
+        print(text)
     if out:
-        Path(out).write_text(text)
+        tmp = Path(f"{out}.partial")
+        tmp.write_text(text)
+        tmp.replace(out)
 
 
 def peak_rss_bytes() -> int:

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The device checks of issue 17 in one prepared run on a lent GPU machine (its image has torch,
-# transformers, xarray, numba and triton; zarr, numcodecs and dask travel as wheels).
+# The device checks in one call on a lent GPU machine, most valuable first, every stage's output written into
+# $OUT as it goes (what a cut-short call leaves is what came back).
 #
-# Here, before any device time (needs only package-registry access):
-#     bash benchmarks/gpu_session.sh --wheels          # downloads them into .whl (11 MB, git-ignored)
-# Then, through the device tool, stages in the order given (each under its own timeout):
-#     run(command="bash benchmarks/gpu_session.sh tests profile qwen", carry=[".whl"], timeout_s=590)
-#     run(command="bash benchmarks/gpu_session.sh minitron", carry=[".whl"], timeout_s=590)
-# Stages: tests (CUDA tests, ~2 min with the first compilation), profile (one statistics block,
-# fused against torch, ~1 min), qwen (the Qwen2.5-1.5B-shaped capture benchmark, bfloat16,
-# 64 x ~100 tokens, ~5 min), minitron (an 8.4B Mistral-NeMo-Minitron-shaped pair, all statistics
-# under --max-memory 24GB, peak against the plan; two 16.8 GB checkpoints, ~5 min).
-# Everything is written under $OUT, which comes back.
+# 1. Here, once, before any device time (package-registry access only): the wheels the GPU image lacks,
+#        bash benchmarks/gpu_session.sh --wheels            # into .whl (about 11 MB, git-ignored)
+# 2. Here, to know the script works before a GPU is lent (every stage at toy scale on the CPU, < 5 minutes,
+#    the same files under $OUT):
+#        OUT=/tmp/rehearsal bash benchmarks/gpu_session.sh --cpu-rehearsal
+# 3. On the device, one call (stage timeouts add up to at most 540 s; the 8B stage runs only in the time left):
+#        run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
+#
+# Stages, in order:
+#   tests     the CUDA tests (transfer, compiled statistics, masks)                          -> tests.log
+#   syncs     a capture's pass loop under torch.cuda.set_sync_debug_mode("warn"): every host sync, by line
+#                                                                                             -> syncs.json, syncs.log
+#   profile   one statistics block, fused against plain torch                                 -> profile_lens.log
+#   qwen      the Qwen2.5-1.5B-shaped capture benchmark, bfloat16, 64 x ~100 tokens          -> capture_qwen1.5b.json, .log
+#   minitron  the Mistral-NeMo-Minitron-8B-shaped pair under --max-memory 24GB, peak against the plan, if at
+#             least 150 s are left                                                            -> capture_memory_minitron8b.log
 set -u
+BUDGET=540
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
 if [ "${1:-}" = "--wheels" ]; then
@@ -23,24 +30,42 @@ if [ "${1:-}" = "--wheels" ]; then
 fi
 OUT=${OUT:-/tmp/resdiff-gpu}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheels missing: run bash benchmarks/gpu_session.sh --wheels here first"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "${1:-}" = "--cpu-rehearsal" ]; then
+    DEVICE=cpu; DTYPE=float32; BIG=toy; HUGE=toy; PROFILE="--vocab 8192 --hidden 128"
+    PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+    export PYTHONPATH=$PWD
+    echo "CPU rehearsal: $(nproc) cores" | tee "$OUT/gpu.txt"
+else
+    DEVICE=cuda; DTYPE=bfloat16; BIG=qwen1.5b; HUGE=minitron8b; PROFILE=""
+    PY=python3
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheels missing: run bash benchmarks/gpu_session.sh --wheels here first" | tee "$OUT/gpu.txt"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
-for stage in "$@"; do
-    echo "== $stage $(date +%T)"
-    case $stage in
-        tests) timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
-                   tests/capture/test_cuda.py tests/capture/test_transfer.py 2>&1 | tee "$OUT/tests.log" ;;
-        profile) timeout 120 python3 benchmarks/profile_lens.py --device cuda 2>&1 | tee "$OUT/profile_lens.log" ;;
-        qwen) timeout 420 python3 benchmarks/capture.py --shape qwen1.5b --prompts 64x100 --device cuda \
-                  --dtype bfloat16 --repeat 1 --out "$OUT/capture_qwen1.5b.json" 2>&1 | tail -40 ;;
-        minitron) timeout 540 python3 benchmarks/capture_memory.py --shapes minitron8b --device cuda \
-                      --dtype bfloat16 --lens on --max-memory 24GB --models-dir /tmp/resdiff-models 2>&1 \
-                      | tee "$OUT/capture_memory_minitron8b.log" | tail -30 ;;
-        *) echo "unknown stage $stage (tests, profile, qwen, minitron)"; exit 2 ;;
-    esac
-done
-echo "== done $(date +%T)"
+START=$(date +%s)
+stage() {  # stage NAME SECONDS LOG COMMAND...: run under its timeout, output teed into $OUT/LOG as it goes
+    local name=$1 limit=$2 log=$3; shift 3
+    echo "== $name $(date +%T) (limit ${limit}s)" | tee -a "$OUT/stages.txt"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$log"
+    echo "== $name rc=${PIPESTATUS[0]} after $(( $(date +%s) - START ))s" | tee -a "$OUT/stages.txt"
+}
+stage tests 100 tests.log $PY -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+    tests/capture/test_cuda.py tests/capture/test_transfer.py tests/capture/test_masks.py
+stage syncs 60 syncs.log $PY benchmarks/cuda_syncs.py --device $DEVICE --shape $BIG --dtype $DTYPE \
+    --out "$OUT/syncs.json"
+# shellcheck disable=SC2086
+stage profile 60 profile_lens.log $PY benchmarks/profile_lens.py --device $DEVICE $PROFILE
+stage qwen 200 capture_qwen1.5b.log $PY benchmarks/capture.py --shape $BIG --prompts 64x100 --device $DEVICE \
+    --dtype $DTYPE --batch-size 64 --repeat 1 --out "$OUT/capture_qwen1.5b.json"
+LEFT=$(( BUDGET - ($(date +%s) - START) ))
+if [ "$LEFT" -ge 150 ]; then
+    stage minitron "$LEFT" capture_memory_minitron8b.log $PY benchmarks/capture_memory.py --shapes $HUGE \
+        --device $DEVICE --dtype $DTYPE --lens on --max-memory 24GB --models-dir /tmp/resdiff-models
+else
+    echo "== minitron skipped: ${LEFT}s left of ${BUDGET}s" | tee -a "$OUT/stages.txt"
+fi
+echo "== done $(date +%T), $(( $(date +%s) - START ))s" | tee -a "$OUT/stages.txt"
