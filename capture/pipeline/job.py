@@ -169,7 +169,8 @@ def _written_behind(writer: StoreWriter, captured: Iterator[CapturedGroup]) -> I
     """Write each group in a background thread while the next one is computed; yield it once written.
 
     At most one write is in flight, so memory holds two groups. A failed write re-raises
-    here; on any exit the write in flight completes (with its done flag) before returning.
+    here; on any exit the write in flight completes (with its done flag) before returning. A written
+    group's buffers go back to their pool before it is yielded (its arrays are not to be read).
     """
     with ThreadPoolExecutor(1, thread_name_prefix="resdiff-write") as pool:
         pending: deque = deque()
@@ -179,10 +180,12 @@ def _written_behind(writer: StoreWriter, captured: Iterator[CapturedGroup]) -> I
             while len(pending) > 1 or (pending and pending[0][1].done()):
                 done_group, future = pending.popleft()
                 future.result()
+                done_group.release()  # its buffers serve a later group
                 yield done_group
         while pending:
             done_group, future = pending.popleft()
             future.result()
+            done_group.release()
             yield done_group
 
 

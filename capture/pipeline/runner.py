@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,13 +34,55 @@ from capture.plan.passes import Pass
 
 @dataclass
 class CapturedGroup:
-    """Residuals of one pass over one write group of prompts, padded positions NaN."""
+    """Residuals of one pass over one write group of prompts, padded positions NaN.
+
+    Once written, :meth:`release` hands its arrays back to the pool they came from, for a later group
+    (they must not be read after that)."""
 
     pass_index: int
     prompts: slice
     resid_gltd: np.ndarray
     final_gtd: np.ndarray
     n_real_tokens: int
+    pool: HostBuffers | None = None
+
+    def release(self) -> None:
+        if self.pool is not None:
+            self.pool.give_back(self.resid_gltd, self.final_gtd)
+            self.pool = None
+
+
+class HostBuffers:
+    """Host buffers of write groups, reused once their group is written: a group's buffers are fresh memory
+    otherwise, tens of MB whose page faults the launching thread pays in series with the kernels.
+
+    Buffers are flat; an array is the contiguous prefix of the smallest free buffer that holds it (store
+    order is longest first, so the first groups' buffers fit the rest). Thread-safe: the writer's thread gives
+    back what the filling thread takes.
+
+    >>> pool = HostBuffers(np.float32)
+    >>> a = pool.take((2, 3)); pool.give_back(a); b = pool.take((3,))
+    >>> np.shares_memory(a, b), b.flags.c_contiguous
+    (True, True)
+    """
+
+    def __init__(self, dtype) -> None:
+        import threading
+
+        self.dtype, self.free, self.lock = np.dtype(dtype), [], threading.Lock()
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.size >= n]
+            flat = self.free.pop(min(fits, key=lambda i: self.free[i].size)) if fits else None
+        if flat is None:
+            flat = np.empty(n, self.dtype)
+        return flat[:n].reshape(shape)
+
+    def give_back(self, *arrays: np.ndarray) -> None:
+        with self.lock:
+            self.free.extend(a.base if a.base is not None else a for a in arrays)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -122,6 +165,7 @@ class _GroupFilling:
     def __init__(self, prompts: TokenizedPrompts, window: StoredWindow, token_extent: Callable[[slice], int],
                  np_dtype: np.dtype) -> None:
         self.prompts, self.window, self.token_extent, self.np_dtype = prompts, window, token_extent, np_dtype
+        self.pool = HostBuffers(np_dtype)
         self.simple = not any(window.start)  # every window starts at the first token: one slice per batch
         self.stored_lengths = window.lengths  # a list built once, not per batch
         self.open: dict[tuple[int, int], CapturedGroup] = {}
@@ -142,11 +186,12 @@ class _GroupFilling:
             hidden = resid_host.shape[-1]
             # Simple placement writes every cell of every row (values, then NaN past the batch), so the buffer
             # needs no NaN fill of its own: one pass over the memory, not two.
-            alloc = (lambda shape: np.empty(shape, self.np_dtype)) if self.simple else \
-                (lambda shape: np.full(shape, np.nan, dtype=self.np_dtype))
-            self.open[key] = CapturedGroup(launched.pass_index, group,
-                                           alloc((size, len(self.window.layers), extent, hidden)),
-                                           alloc((size, extent, hidden)), 0)
+            resid = self.pool.take((size, len(self.window.layers), extent, hidden))
+            final = self.pool.take((size, extent, hidden))
+            if not self.simple:
+                resid.fill(np.nan)
+                final.fill(np.nan)
+            self.open[key] = CapturedGroup(launched.pass_index, group, resid, final, 0, self.pool)
         filling = self.open[key]
         at = batch.start - group.start
         if self.simple:
@@ -179,6 +224,7 @@ def run_passes(
     out_dtype: torch.dtype,
     pad_id: int = 0,
     skip: Callable[[int, slice], bool] = lambda pass_index, group: False,
+    place_behind: bool | None = None,
 ) -> Iterator[CapturedGroup]:
     """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
 
@@ -186,10 +232,14 @@ def run_passes(
     stored; ``token_extent(group)`` the token positions the group's buffer covers. On CUDA
     each batch is placed in its group after the next batch is launched, so that the device
     computes one batch while the last is copied (``capture.models.transfer``); on the CPU at once,
-    so that no batch outlives its placement.
+    so that no batch outlives its placement. ``place_behind`` (default: on CUDA) places each batch on a
+    thread of its own, one placement at a time, so the launching thread goes on launching meanwhile. A
+    group's buffers come from a pool: :meth:`CapturedGroup.release` them once written.
     """
     filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
     copies = DeviceToHost(_device_of(model.get_input_embeddings()))
+    if place_behind is None:
+        place_behind = copies.device.type == "cuda"
 
     def launches() -> Iterator[tuple[_Launched, HostCopy]]:
         lengths = prompts.lengths  # a list built once, not per batch
@@ -204,8 +254,18 @@ def run_passes(
                     yield launched, _launch(model, embeddings[spec.embedding], prompts, batch, copies, window.layers,
                                             out_dtype, pad_id, extent if filling.simple else None)
 
-    for launched, arrays in arrivals(copies, launches()):
-        if (done := filling.place(launched, arrays)) is not None:
+    if not place_behind:
+        for launched, arrays in arrivals(copies, launches()):
+            if (done := filling.place(launched, arrays)) is not None:
+                yield done
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="resdiff-place") as placing:
+        placed = None  # the placement in flight: at most one, so a batch outlives its arrival by one launch
+        for launched, arrays in arrivals(copies, launches()):
+            if placed is not None and (done := placed.result()) is not None:  # re-raises a placement's error
+                yield done
+            placed = placing.submit(filling.place, launched, arrays)
+        if placed is not None and (done := placed.result()) is not None:
             yield done
 
 

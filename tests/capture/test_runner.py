@@ -44,11 +44,26 @@ class _OneBehind(DeviceToHost):
         self.in_flight = 1
 
 
-@pytest.mark.parametrize("schedule", ["cpu", "one behind"])
+def _run_released(llm, embeddings, window, groups, **extra):
+    """As the capture job consumes groups: each copied out (as written) and released, its buffers reused."""
+    prompts = TokenizedPrompts(texts=[""] * len(IDS), ids=IDS, labels=LABELS)
+    options = dict(batch_size=2, batch_tokens=1000, out_dtype=torch.float32, pad_id=0) | extra
+    extent = lambda g: max(window.lengths[g])  # noqa: E731 - the group's longest stored window
+    got, buffers = [], set()
+    for group in run_passes(llm, PASSES, embeddings, prompts, groups, window, token_extent=extent, **options):
+        buffers |= {id(group.resid_gltd.base), id(group.final_gtd.base)}
+        got.append(runner.CapturedGroup(group.pass_index, group.prompts, group.resid_gltd.copy(),
+                                        group.final_gtd.copy(), group.n_real_tokens))
+        group.release()
+    assert len(buffers) <= 4 < 2 * len(got), "released buffers are reused"
+    return got
+
+
+@pytest.mark.parametrize("schedule", ["cpu", "one behind", "placed behind", "released buffers"])
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 @pytest.mark.parametrize("positions", ["all", "last:2"])
 def test_groups_equal_prompts_run_alone(make_model, batch_size, positions, schedule, monkeypatch):
-    if schedule == "one behind":
+    if schedule in ("one behind", "placed behind"):
         monkeypatch.setattr(runner, "DeviceToHost", _OneBehind)
     llm, other = load(make_model("llama", 0)), load(make_model("llama", 1))
     embeddings = {"base": llm.get_input_embeddings(), "sft": other.get_input_embeddings()}
@@ -57,7 +72,10 @@ def test_groups_equal_prompts_run_alone(make_model, batch_size, positions, sched
     start = [0] * len(IDS) if positions == "all" else [max(0, k - 2) for k in n]
     window = StoredWindow(start=start, stop=n, layers=layers)
     groups = [slice(0, 2), slice(2, 5), slice(5, 6)]
-    got = _run(llm, embeddings, window, groups, batch_size=batch_size)
+    if schedule == "released buffers":
+        got = _run_released(llm, embeddings, window, groups, batch_size=batch_size)
+    else:
+        got = _run(llm, embeddings, window, groups, batch_size=batch_size, place_behind=schedule == "placed behind")
     assert [(g.pass_index, g.prompts) for g in got] == [(p, g) for p, _ in PASSES for g in groups]
     for captured in got:
         embedding = embeddings[dict(PASSES)[captured.pass_index].embedding]
@@ -86,6 +104,15 @@ def test_non_finite_names_the_pass_prompt_true_layer_and_position(make_model):
     window = StoredWindow(start=[0] * len(IDS), stop=n, layers=[1, 2])
     with pytest.raises(NonFiniteActivation, match=r"pass BB, prompt 0, layer 1, position 2 \(inf\)"):
         _run(llm, embeddings, window, [slice(0, 2), slice(2, 6)], out_dtype=torch.float16)
+
+
+def test_non_finite_raised_from_the_placement_thread(make_model, monkeypatch):
+    monkeypatch.setattr(runner, "DeviceToHost", _OneBehind)
+    llm = _with_huge_token(make_model, 8)
+    embeddings = {"base": llm.get_input_embeddings(), "sft": llm.get_input_embeddings()}
+    window = StoredWindow(start=[0] * len(IDS), stop=[len(i) for i in IDS], layers=[1, 2])
+    with pytest.raises(NonFiniteActivation, match=r"pass BB, prompt 0, layer 1, position 2 \(inf\)"):
+        _run(llm, embeddings, window, [slice(0, 2), slice(2, 6)], out_dtype=torch.float16, place_behind=True)
 
 
 def test_non_finite_padding_is_not_an_error(make_model):
