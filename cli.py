@@ -69,6 +69,7 @@ def _cluster(scheduler: str | None, local_cluster: int | None, memory_limit: int
     with client:
         yield client
 
+
 def build_parser() -> argparse.ArgumentParser:
     from analysis.commands import add_commands as analysis_commands
     from capture.commands import add_commands as capture_commands

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from capture.lens.vocab_chunks import TOPK_SEGMENT
 from capture.models.loading import DTYPES, _text_config
 from store import units
 from store.schema import statistics_bytes_per_position
@@ -149,7 +150,9 @@ def statistics_working_set(model: ModelFootprint, n_pass: int, n_pair: int, grou
     read = min(group, lens_read_prompts(group, n_pass, kept_layers or model.n_layers + 1, n_tokens, model.hidden))
     residuals = n_pass * read * (kept_layers or model.n_layers + 1) * n_tokens * model.hidden * (store_itemsize + 4 + 4)
     per_position = statistics_bytes_per_position(n_pass, n_pair, top_k, n_tracked)
-    logits = 3 * n_pass * min(block_rows, positions) * min(vocab_chunk, model.vocab) * 4  # products, exp, scratch
+    # the fused path's chunks hold at least top_k segments (capture.lens.cuda_fused.chunk_bounds)
+    chunk = min(max(vocab_chunk, top_k * TOPK_SEGMENT), model.vocab)
+    logits = 3 * n_pass * min(block_rows, positions) * chunk * 4  # products, exp, scratch
     return {"residuals": residuals, "statistics": positions * per_position, "logits": logits}
 
 
