@@ -104,8 +104,9 @@ def _declare_report(sub, renamed) -> None:
     p.add_argument("--metric", action="append",
                    help="metric (repeatable); default norm_diff (pairwise) or norm (runs). Pairwise: "
                    "norm_left, norm_right, norm_diff, rel_norm_diff, cosine_sim, cosine_prev_left/right, "
-                   "norm_delta_left/right, "
-                   "entropy_left/right, kl. Runs: norm, norm_delta, cosine_prev, entropy")
+                   "norm_delta_left/right, entropy_left/right, kl, target_logprob_left/right, logprob_diff "
+                   "(log-prob of the next token, right - left). Runs: norm, norm_delta, cosine_prev, entropy, "
+                   "target_logprob")
     p.add_argument("--axis", choices=["layer", "token"], default="layer", help="summaries per layer or per token")
     p.add_argument("--record-type", choices=["pairwise", "runs"], default="pairwise", help="pairs or single passes")
     p.add_argument("--top-n", type=int, default=5,

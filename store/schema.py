@@ -317,7 +317,10 @@ STATISTICS = (
     Statistic("fall_shift", "pair", "k", "float32",
               "logit shift right - left of fall_id (negative, most negative first)"),
     Statistic("tracked_logit", "pass_", "tracked", "float32", "lens logit of each tracked token"),
-)  # (in the template's variable order)
+    Statistic("target_logprob", "pass_", None, "float32",
+              "log-probability the lens gives the token that follows (teacher forcing); NaN where that token is not "
+              "stored (a prompt's last stored position)", "nats"),
+)  # (in the template's variable order; target_logprob is new in stores made after 2026-12-07, optional to readers)
 PASS_STATS = tuple(s.name for s in STATISTICS if s.lead == "pass_")
 PAIR_STATS = tuple(s.name for s in STATISTICS if s.lead == "pair")
 
@@ -325,7 +328,7 @@ PAIR_STATS = tuple(s.name for s in STATISTICS if s.lead == "pair")
 def statistics_bytes_per_position(n_pass: int, n_pair: int, top_k: int, n_tracked: int) -> int:
     """Bytes of every :data:`STATISTICS` at one (prompt, layer, token) position, both lenses.
 
-    >>> statistics_bytes_per_position(4, 6, 20, 0) == 2 * (4 * (2 + 2 * 20) + 6 * (1 + 4 * 20)) * 4
+    >>> statistics_bytes_per_position(4, 6, 20, 0) == 2 * (4 * (3 + 2 * 20) + 6 * (1 + 4 * 20)) * 4
     True
     """
     return sum(s.values_per_position(n_pass, n_pair, top_k, n_tracked) * np.dtype(s.dtype).itemsize

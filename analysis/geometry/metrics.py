@@ -36,9 +36,11 @@ from store.schema import every_pass_pair
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
 # Metrics read through a lens (from the stored statistics, not the residuals): their tables and titles name it.
-LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right")
+LENS_METRICS = ("kl", "entropy", "entropy_left", "entropy_right", "target_logprob", "target_logprob_left",
+                "target_logprob_right", "logprob_diff")
 PAIR_METRICS = ("norm_left", "norm_right", "norm_diff", "rel_norm_diff", "cosine_sim", "cosine_prev_left",
-                "cosine_prev_right", "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl")
+                "cosine_prev_right", "norm_delta_left", "norm_delta_right", "entropy_left", "entropy_right", "kl",
+                "target_logprob_left", "target_logprob_right", "logprob_diff")
 
 
 def _resid32(ds: xr.Dataset) -> xr.DataArray:
@@ -232,6 +234,13 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
         build |= {"entropy_left": entropy("left"), "entropy_right": entropy("right"),
                   "kl": lambda: ds.kl.sel(lens=lens, drop=True).assign_attrs(long_name="KL(right || left)",
                                                                              units="nats")}
+    if "target_logprob" in ds:  # stores made from 2026-12-07 on
+        def target(which: str):
+            return lambda: side(ds.target_logprob.sel(lens=lens, drop=True), which)
+
+        build |= {"target_logprob_left": target("left"), "target_logprob_right": target("right"),
+                  "logprob_diff": lambda: (target("right")() - target("left")()).assign_attrs(
+                      long_name="log p_right(next token) - log p_left(next token)", units="nats")}
     wanted = PAIR_METRICS if names is None else [name for name in PAIR_METRICS if name in names]
     return xr.Dataset({name: build[name]() for name in wanted if name in build})
 

@@ -31,7 +31,7 @@ from store.completeness import left_out
 from store.errors import MissingData, UsageError
 from store.schema import lens_layers
 
-RUN_METRICS = (*PASS_METRICS, "entropy")
+RUN_METRICS = (*PASS_METRICS, "entropy", "target_logprob")
 LOGIT_SOURCES = ("left", "right", "diff")
 CHANGE_THRESHOLD = 0.5  # |right - left| of a tracked logit that counts as a change, as the legacy report
 
@@ -62,8 +62,9 @@ def _metrics(ds: xr.Dataset, record_type: str, lens: str, names: list[str]) -> x
     if record_type == "pairwise":
         return pair_metrics(ds, lens, names)
     out = pass_metrics(ds)
-    if "entropy" in ds:
-        out["entropy"] = ds.entropy.sel(lens=lens, drop=True)
+    for name in ("entropy", "target_logprob"):
+        if name in ds:
+            out[name] = ds[name].sel(lens=lens, drop=True)
     return out
 
 
@@ -81,6 +82,9 @@ def _choose(ds: xr.Dataset, record_type: str, metrics: list[str] | None, lens: s
     missing = [m for m in metrics if m not in values]
     if missing:
         why = left_out(ds) or "it needs residuals or lens statistics, which this store does not have"
+        if "entropy" in ds and "target_logprob" not in ds and ("logprob" in missing[0]):
+            why = ("this store has no target_logprob (its lens statistics were computed before resdiff recorded "
+                   "it); capture again with --overwrite to have it")
         raise MissingData(what=f"data for metric {missing[0]!r}", fix=why)
     have = [str(x) for x in values[lead].values]
     chosen = labels or have

@@ -89,6 +89,10 @@ class Lens:
         """Logits of a few vocabulary rows (tracked tokens) only."""
         return self._head_extras_(h_nd.float() @ self.weight_vd[ids_j].float().T, ids_j)
 
+    def gather_rows(self, h_nd: torch.Tensor, ids_n: torch.Tensor) -> torch.Tensor:
+        """Each row's logit of its own token: ``logits(h_nd)[n, ids_n[n]]``, one product per row."""
+        return self._head_extras_((h_nd.float() * self.weight_vd[ids_n].float()).sum(-1), ids_n)
+
     def _head_extras_(self, z_nv: torch.Tensor, rows) -> torch.Tensor:
         """Apply, in place, what the head applies after the product, for vocabulary ``rows`` (the rule of
         :meth:`store.schema.LensHead.after_product`, in place: a vocabulary chunk is the largest tensor here)."""
@@ -115,6 +119,7 @@ class LensStats:
     rise_shift_qnk: torch.Tensor
     fall_id_qnk: torch.Tensor
     fall_shift_qnk: torch.Tensor
+    target_logprob_pn: torch.Tensor
 
 
 def lens_statistics(
@@ -125,6 +130,7 @@ def lens_statistics(
     tracked_ids: list[int],
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     backend: str = "auto",
+    next_ids: torch.Tensor | None = None,
 ) -> LensStats:
     """Entropy, log-sum-exp, top-k and tracked logits per pass; KL(right || left) and the top-k
     logit rises (right - left) and falls per pair, for rows ``h_by_pass[p]`` (n x d each).
@@ -133,7 +139,9 @@ def lens_statistics(
     ``backend``: ``kernels`` (fused numba kernels, CPU only), ``fused`` (compiled torch
     reductions, ``capture.lens.cuda_fused``), ``torch`` (one torch op at a time), or ``auto``
     (kernels on the CPU, fused on CUDA where Triton is installed, else torch). All give
-    the same numbers.
+    the same numbers. ``next_ids`` (n,) are the tokens that follow each row (-1: none known), whose
+    log-probability under the lens is ``target_logprob``: one gathered logit per row minus the
+    log-sum-exp (NaN where there is no next token, and for every row without ``next_ids``).
     """
     n, device = h_by_pass[0].shape[0], h_by_pass[0].device
     vocab = lens_by_pass[0].vocab
@@ -159,7 +167,19 @@ def lens_statistics(
         # KL >= 0; float32 rounding can leave -1e-9 where the two distributions are equal.
         kl_qn=torch.stack(kl).clamp(min=0).float() if pairs else torch.empty(0, n, device=device),
         rise_id_qnk=rises[1], rise_shift_qnk=rises[0], fall_id_qnk=falls[1], fall_shift_qnk=falls[0],
+        target_logprob_pn=_target_logprob(h_by_pass, lens_by_pass, lse, next_ids),
     )
+
+
+def _target_logprob(h_by_pass, lens_by_pass, lse_pn: torch.Tensor, next_ids: torch.Tensor | None) -> torch.Tensor:
+    """(p, n) log-probability of each row's next token under each pass's lens, NaN where it is -1 or absent."""
+    n, device = h_by_pass[0].shape[0], h_by_pass[0].device
+    if next_ids is None:
+        return torch.full((len(h_by_pass), n), torch.nan, device=device)
+    known_n = next_ids >= 0
+    ids_n = next_ids.clamp(min=0)
+    logit_pn = torch.stack([lens.gather_rows(h, ids_n) for lens, h in zip(lens_by_pass, h_by_pass, strict=True)])
+    return torch.where(known_n, (logit_pn.double() - lse_pn).float(), torch.nan)
 
 
 def _fused_available(device: torch.device) -> bool:

@@ -40,6 +40,20 @@ def _real_mask_glt(n_tokens_g: np.ndarray, lens_l: np.ndarray, n_tokens: int) ->
     return real_gt[:, None, :] & np.asarray(lens_l, dtype=bool)[None, :, None]
 
 
+def _next_ids_glt(token_id_gt: np.ndarray, n_tokens_g: np.ndarray, n_layers: int) -> np.ndarray:
+    """(g, l, t) the stored token that follows each position (the same at every layer), -1 where none is stored:
+    a prompt's last stored position.
+
+    >>> _next_ids_glt(np.array([[5, 6, 7], [8, 9, 0]]), np.array([3, 2]), 1)[:, 0]
+    array([[ 6,  7, -1],
+           [ 9, -1, -1]])
+    """
+    next_gt = np.full(token_id_gt.shape, -1, dtype=np.int64)
+    next_gt[:, :-1] = token_id_gt[:, 1:]
+    next_gt[np.arange(token_id_gt.shape[1])[None, :] >= n_tokens_g[:, None] - 1] = -1
+    return np.broadcast_to(next_gt[:, None, :], (next_gt.shape[0], n_layers, next_gt.shape[1]))
+
+
 def _stats_field(stat: Statistic) -> str:
     """The :class:`~capture.lens.logit_lens.LensStats` attribute that computes ``stat``: its stem, then its axes."""
     stem = "tracked" if stat.name == "tracked_logit" else stat.name
@@ -54,13 +68,15 @@ _FIELDS = tuple((s.name, _stats_field(s), s.lead, s.tail, -1 if np.dtype(s.dtype
 def _group_statistics(
     resid_pgltd: np.ndarray, mask_glt: np.ndarray, lenses: list[Lens], pairs: list[tuple[int, int]],
     top_k: int, tracked_ids: list[int], device: torch.device, block_rows: int, vocab_chunk: int,
-    on_rows: Callable[[int], None] = lambda n: None,
+    on_rows: Callable[[int], None] = lambda n: None, next_glt: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """All statistics of one prompt group as arrays shaped (p or q, lens, g, l, t[, k or j]);
-    ``on_rows(n)`` after each block of ``n`` rows (real positions x layers, one lens)."""
+    ``on_rows(n)`` after each block of ``n`` rows (real positions x layers, one lens); ``next_glt`` the token
+    that follows each position (:func:`_next_ids_glt`; without it ``target_logprob`` is NaN)."""
     n_pass = resid_pgltd.shape[0]
     real_n = mask_glt.reshape(-1)
     h_pnd = torch.from_numpy(resid_pgltd.reshape(n_pass, real_n.size, -1)[:, real_n])
+    next_n = None if next_glt is None else torch.from_numpy(np.ascontiguousarray(next_glt.reshape(-1)[real_n]))
     leads = {"pass_": n_pass, "pair": len(pairs)}
     tails = {None: (), "k": (top_k,), "tracked": (len(tracked_ids),)}
     fields = [f for f in _FIELDS if leads[f[2]] and (f[3] != "tracked" or tracked_ids)]
@@ -82,7 +98,8 @@ def _group_statistics(
                 h_by_pass = [to_device(h_pnd[p, start:start + block], device) for p in range(n_pass)]
                 if lens_name == "norm":
                     h_by_pass = [lens.apply_norm(h) for lens, h in zip(lenses, h_by_pass, strict=True)]
-                stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk)
+                next_ids = None if next_n is None else to_device(next_n[start:start + block], device)
+                stats = lens_statistics(h_by_pass, lenses, pairs, top_k, tracked_ids, vocab_chunk, next_ids=next_ids)
                 copy = copies.start(*(getattr(stats, field) for _, field, *_ in fields))
                 yield (lens_i, real_rows[start:start + block]), copy
 
@@ -146,8 +163,9 @@ def write_lens_statistics(
             resid = np.asarray(stored.read((slice(None), part, slice(None), slice(0, extent), slice(None))),
                                dtype=np.float32)
             mask = _real_mask_glt(n_tokens_p[part], lens_l, extent)
+            next_glt = _next_ids_glt(np.asarray(root["token_id"][part, :extent]), n_tokens_p[part], len(lens_l))
             values = _group_statistics(resid, mask, lenses, pairs, top_k, tracked_ids, torch.device(device),
-                                       block_rows, vocab_chunk, on_rows)
+                                       block_rows, vocab_chunk, on_rows, next_glt)
             del resid
             if part == group:  # the usual case, a write group read at once: its results are the group's
                 arrays = values

@@ -63,6 +63,7 @@ def test_pair_metrics_match_numpy(store, lens):
     index = {p: i for i, p in enumerate(store.pass_.values)}
     got = pair_metrics(store, lens=lens).compute()
     kl, entropy = store.kl.sel(lens=lens).values, store.entropy.sel(lens=lens).values
+    target = store.target_logprob.sel(lens=lens).values
     assert list(got.pair.values) == list(store.pair.values)
     for q, (left, right) in enumerate(zip(store.left.values, store.right.values, strict=True)):
         li, ri = index[left], index[right]
@@ -77,6 +78,10 @@ def test_pair_metrics_match_numpy(store, lens):
                 np.testing.assert_allclose(got.norm_right.values[at], np.linalg.norm(b), rtol=1e-5)
                 assert got.kl.values[at] == kl[at]
                 assert got.entropy_right.values[at] == entropy[ri, prompt, layer, token]
+                left_lp, right_lp = (target[i, prompt, layer, token] for i in (li, ri))
+                np.testing.assert_allclose(got.logprob_diff.values[at], np.float64(right_lp) - np.float64(left_lp),
+                                           rtol=1e-6, atol=1e-6, equal_nan=True)
+                assert np.isnan(got.logprob_diff.values[at]) == (token == store.n_tokens.values[prompt] - 1)
 
 
 def test_summaries_skip_padding(store):
@@ -146,3 +151,17 @@ def test_open_stores_names_two_stores_of_one_pair_by_their_files(tmp_path):
     assert combined.model_pair.values.tolist() == ["run", "other"]
     same = open_stores([a, write_tiny_store(tmp_path / "c" / "run.zarr", seed=2)])
     assert same.model_pair.values.tolist() == ["run-1", "run-2"]
+
+
+def test_a_store_from_before_target_logprob_says_what_it_lacks(store):
+    """Stores captured before 2026-12-07 have no target_logprob: the other metrics work, asking for it is one
+    line that says why and what to do, never a number."""
+    from analysis.report.text import build_report
+    from store.errors import MissingData
+
+    old = store.drop_vars("target_logprob")
+    assert "logprob_diff" not in pair_metrics(old, lens="norm") and "kl" in pair_metrics(old, lens="norm")
+    for record_type, metric in (("pairwise", "logprob_diff"), ("runs", "target_logprob")):
+        with pytest.raises(MissingData, match="no target_logprob .* capture again") as caught:
+            build_report(old, metrics=[metric], record_type=record_type)
+        assert "\n" not in str(caught.value)

@@ -75,6 +75,11 @@ def test_stored_statistics_match_float64_reference(arch, make_model, tokenizer_d
                         np.testing.assert_allclose(v["topk_logit"][(i, *at)], z[top], rtol=1e-5, atol=1e-6)
                         np.testing.assert_allclose(v["tracked_logit"][(i, *at)], z[ds.tracked_id.values],
                                                    rtol=1e-5, atol=1e-6)
+                        if token + 1 < ids.shape[1]:  # teacher forcing: the log-prob of the token that follows
+                            np.testing.assert_allclose(v["target_logprob"][(i, *at)], logp[ids[0, token + 1]],
+                                                       rtol=1e-5, atol=1e-5)
+                        else:
+                            assert np.isnan(v["target_logprob"][(i, *at)])
                     for q, (left, right) in enumerate(zip(ds.left.values, ds.right.values, strict=True)):
                         (z_l, lp_l), (z_r, lp_r) = ref[left], ref[right]
                         kl = (np.exp(lp_r) * (lp_r - lp_l)).sum()
@@ -151,12 +156,15 @@ def test_every_statistic_of_the_table_is_computed_and_stored(make_model, tmp_pat
     stored = {name for name in ds.data_vars if "lens" in ds[name].dims}
     assert stored == {s.name for s in STATISTICS}
     real = (ds.token < ds.n_tokens).transpose("prompt", "token").values
+    followed = (ds.token < ds.n_tokens - 1).transpose("prompt", "token").values  # a next token is stored
     per_position = 0
     for stat in STATISTICS:
         values = ds[stat.name].transpose(stat.lead, "lens", "prompt", "layer", "token", ...).values
-        at_real = np.moveaxis(values, (2, 4), (0, 1))[real]
+        at_real = np.moveaxis(values, (2, 4), (0, 1))[followed if stat.name == "target_logprob" else real]
         filled = np.isnan(at_real) if values.dtype.kind == "f" else at_real < 0
         assert not filled.any(), f"{stat.name} has unwritten real positions"
+        if stat.name == "target_logprob":  # a prompt's last position has no next token: NaN, not a number
+            assert np.isnan(np.moveaxis(values, (2, 4), (0, 1))[real & ~followed]).all()
         per_position += int(np.prod([ds.sizes[d] for d in ds[stat.name].dims
                                      if d not in ("prompt", "layer", "token")])) * values.dtype.itemsize
     assert per_position == statistics_bytes_per_position(ds.sizes["pass_"], ds.sizes["pair"], 3, 2)
@@ -256,3 +264,24 @@ def test_lens_layers_compute_the_chosen_layers_only(make_model, tmp_path, capsys
                      "--prompt", "hi", "--lens-layers", spec, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_target_logprob_at_the_last_layer_is_the_models_own(make_model, tokenizer_dir, tmp_path):
+    """Under the normed lens at the last layer, BB's and SS's target_logprob is each model's own next-token
+    log-probability, from its forward with the LM head (float32)."""
+    from transformers import AutoTokenizer
+
+    base_dir, sft_dir = make_model("qwen2", seed=0), make_model("qwen2", seed=1)
+    settings = CaptureSettings(base=str(base_dir), sft=str(sft_dir), prompts=PROMPTS[:3], store=str(tmp_path / "s"),
+                               store_dtype="float32", device="cpu", top_k=2)
+    ds = open_store(run_capture(settings, log=lambda *a: None, progress=False)).sortby("prompt").load()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for prompt, text in enumerate(PROMPTS[:3]):
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        for pass_, model_dir in (("BB", base_dir), ("SS", sft_dir)):
+            with torch.no_grad():
+                logp = torch.log_softmax(load(model_dir)(input_ids=ids).logits[0].double(), -1)
+            own = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].numpy()
+            stored = ds.target_logprob.sel(pass_=pass_, lens="norm", prompt=prompt).isel(layer=-1).values
+            np.testing.assert_allclose(stored[: ids.shape[1] - 1], own, rtol=1e-5, atol=1e-5)
+            assert np.isnan(stored[ids.shape[1] - 1:]).all()
