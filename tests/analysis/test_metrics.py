@@ -162,6 +162,6 @@ def test_a_store_from_before_target_logprob_says_what_it_lacks(store):
     old = store.drop_vars("target_logprob")
     assert "logprob_diff" not in pair_metrics(old, lens="norm") and "kl" in pair_metrics(old, lens="norm")
     for record_type, metric in (("pairwise", "logprob_diff"), ("runs", "target_logprob")):
-        with pytest.raises(MissingData, match="no target_logprob .* capture again") as caught:
+        with pytest.raises(MissingData, match=r"no target_logprob .* capture again") as caught:
             build_report(old, metrics=[metric], record_type=record_type)
         assert "\n" not in str(caught.value)
