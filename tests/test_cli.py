@@ -75,6 +75,14 @@ def test_other_settings_on_existing_store_refuse(tiny_store, tiny_pair, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "already exists and was captured with other settings (prompt_texts" in err and "--overwrite" in err
+
+
+def test_a_long_setting_that_differs_shows_both_sides(tiny_store, tiny_pair, capsys):
+    """Six stored pass pairs against one asked for: the message cuts each side short, never the one asked for."""
+    args = ["capture", "--cache-dir", str(tiny_pair[2]), "--store", str(tiny_store), "--pass-pair", "BB-SS", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pass_pairs: stored [['BB-BS'" in err and "vs now [['BB-SS', 'BB', 'SS']]" in err, err
     assert bool(open_store(tiny_store).done.all())
 
 

@@ -45,10 +45,16 @@ from store.units import parse_size
 from store.writer import StoreWriter, remove_store
 
 
+def _short(value, width: int = 70) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _diff(old: dict, new: dict) -> str:
+    """The settings that differ, each value cut short on its own (both sides stay readable)."""
     keys = [k for k in CONTENT_KEYS if old.get(k) != new.get(k)]
     return ", ".join(f"{k.removesuffix('_sha256')}: differ" if k.endswith("_sha256") else
-                     f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}"[:160] for k in keys)
+                     f"{k}: stored {_short(old.get(k))} vs now {_short(new.get(k))}" for k in keys)
 
 
 def _open_or_create(path: StorePath, settings: CaptureSettings, fingerprint: dict, template) -> StoreWriter:

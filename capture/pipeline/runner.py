@@ -80,9 +80,13 @@ class HostBuffers:
             flat = np.empty(n, self.dtype)
         return flat[:n].reshape(shape)
 
+    KEPT = 4  # a group's two arrays, for the group being filled and the one being written
+
     def give_back(self, *arrays: np.ndarray) -> None:
         with self.lock:
             self.free.extend(a.base if a.base is not None else a for a in arrays)
+            self.free.sort(key=lambda b: -b.size)
+            del self.free[self.KEPT:]  # the smallest beyond those go: they would fit nothing the others do not
 
 
 def _device_of(module: nn.Module) -> torch.device:
