@@ -80,4 +80,7 @@ def claim(path: StorePath, mode: str | WriteMode, *, resdiff: bool = True,
         if not is_url(path):  # an object store holds only what resdiff put under the URL it was given
             (check_resdiff_store if resdiff else check_replaceable)(Path(path))
         return "replace"
+    if not is_url(path) and not (Path(path) / "zarr.json").is_file():
+        raise StoreConflict(f"{path} exists and is not a Zarr store, so it is neither resumed nor replaced; choose "
+                            f"another {flag}")
     return "new" if is_unfinished(path) else "existing"

@@ -46,6 +46,17 @@ def test_overwrite_refuses_what_resdiff_did_not_write(tmp_path):
         claim(folder, "overwrite", resdiff=False)
 
 
+def test_resume_refuses_what_is_not_a_store(tmp_path):
+    folder, a_file = tmp_path / "thesis", tmp_path / "notes.txt"
+    folder.mkdir()
+    a_file.write_text("precious")
+    for path in (folder, a_file):
+        with pytest.raises(StoreConflict, match="is not a Zarr store, so it is neither resumed nor replaced; "
+                                                "choose another --out"):
+            claim(path, "resume", flag="--out")
+    assert a_file.read_text() == "precious"
+
+
 def test_an_unknown_mode_is_a_usage_error(stored):
     with pytest.raises(UsageError, match="create, resume, overwrite"):
         claim(stored, "append")
