@@ -297,3 +297,19 @@ def test_an_error_when_a_compiled_kernel_runs_falls_back_with_the_state_untouche
     torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.entropy_pn, want.entropy_pn, rtol=1e-6, atol=1e-6)
     assert torch.equal(got.rise_id_qnk, want.rise_id_qnk)
+
+
+@pytest.mark.parametrize("vocab", [10240, 9001])
+def test_the_eager_fallback_and_self_check_on_a_narrower_last_chunk(vocab, monkeypatch):
+    """The eager path of the fused backend (a failed compilation, the self-check's eager block) on a last chunk
+    narrower than the others, whole segments (10,240 = 2 x 4,096 + 2,048: selected by segments in a view of the
+    wider buffer) or not (9,001)."""
+    cuda_fused = _fresh_fused_state(monkeypatch)
+    cuda_fused._BROKEN.append("as if compilation had failed")
+    lenses, gen = _random_lenses(vocab, 24, 3)
+    h = [torch.randn(17, 24, generator=gen) * 3 for _ in range(2)]
+    args = (h, lenses, [(0, 1)], 4, [3])
+    got = lens_statistics(*args, vocab_chunk=4096, backend="fused")
+    want = lens_statistics(*args, vocab_chunk=4096, backend="kernels")
+    assert torch.equal(got.topk_id_pnk, want.topk_id_pnk) and torch.equal(got.fall_id_qnk, want.fall_id_qnk)
+    torch.testing.assert_close(got.kl_qn, want.kl_qn, rtol=1e-6, atol=1e-6)
