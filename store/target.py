@@ -9,7 +9,8 @@ mode       nothing there something there
 create     ``"new"``     refused (:class:`~store.errors.StoreConflict`: overwrite it or choose
                          another path)
 resume     ``"new"``     ``"existing"``: the caller checks it is the same work and goes on (a
-                         template a killed run never finished counts as nothing there)
+                         template a killed run never finished counts as nothing there; a folder
+                         or file that is not a Zarr store is refused)
 overwrite  ``"new"``     ``"replace"``: the caller writes the new one and puts it in the old one's
                          place (or removes the old one first, :func:`store.writer.remove_store`);
                          refused unless it is a store resdiff wrote (``resdiff=False``: any Zarr
