@@ -133,24 +133,35 @@ class GpuBusy:
 
 
 @contextmanager
-def sampling_pass_loops(active):
-    """Set the event ``active`` while a capture's pass loop runs (``capture.pipeline.job``'s ``run_passes``)."""
+def around_pass_loops(context):
+    """Run each of a capture's pass loops (``capture.pipeline.job``'s ``run_passes``) inside ``context()``."""
     import capture.pipeline.job as job
 
     original = job.run_passes
 
     def run_passes(*args, **kwargs):
-        active.set()
-        try:
+        with context():
             yield from original(*args, **kwargs)
-        finally:
-            active.clear()
 
     job.run_passes = run_passes
     try:
         yield
     finally:
         job.run_passes = original
+
+
+@contextmanager
+def _event_set(event):
+    event.set()
+    try:
+        yield
+    finally:
+        event.clear()
+
+
+def sampling_pass_loops(active):
+    """Set the event ``active`` while a capture's pass loop runs."""
+    return around_pass_loops(lambda: _event_set(active))
 
 
 @contextmanager

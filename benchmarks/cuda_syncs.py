@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import tempfile
 import warnings
@@ -23,37 +24,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SHAPES, build_pair, emit_report, machine, prompt_set
+from benchmarks.common import SHAPES, around_pass_loops, build_pair, emit_report, machine, prompt_set
 from capture.pipeline.job import run_capture
 from capture.settings import CaptureSettings
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
 
+@contextlib.contextmanager
 def listing_syncs(found: collections.Counter, device: str):
-    """A stand-in for ``capture.pipeline.job.run_passes`` whose iterations run under the sync debug mode; each
-    sync's warning is attributed to the Python line that made the synchronizing call, and counted in ``found``."""
-    import capture.pipeline.job as job
-
-    original = job.run_passes
-
-    def run_passes(*args, **kwargs):
-        on_cuda = device.startswith("cuda")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    """Run the block under the sync debug mode (on CUDA); each sync's warning is attributed to the Python line
+    that made the synchronizing call, and counted in ``found``."""
+    on_cuda = device.startswith("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
             if on_cuda:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                yield from original(*args, **kwargs)
-            finally:
-                if on_cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-        for message in caught:
-            if "synchroniz" in str(message.message):
-                where = message.filename.removeprefix(ROOT + "/")
-                found.update([f"{where}:{message.lineno} ({str(message.message).splitlines()[0][:80]})"])
-
-    return job, original, run_passes
+                torch.cuda.set_sync_debug_mode("default")
+    for message in caught:
+        if "synchroniz" in str(message.message):
+            where = message.filename.removeprefix(ROOT + "/")
+            found.update([f"{where}:{message.lineno} ({str(message.message).splitlines()[0][:80]})"])
 
 
 def main() -> None:
@@ -69,14 +64,10 @@ def main() -> None:
     base, sft = build_pair(args.shape, work, dtype=args.dtype, device="cuda" if args.device.startswith("cuda")
                            else "cpu")
     found: collections.Counter = collections.Counter()
-    job, original, wrapped = listing_syncs(found, args.device)
-    job.run_passes = wrapped
-    try:
+    with around_pass_loops(lambda: listing_syncs(found, args.device)):
         run_capture(CaptureSettings(base=str(base), sft=str(sft), prompts=prompt_set(args.prompts), lens=False,
                                     device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                     store=str(work / "s.zarr")), progress=False)
-    finally:
-        job.run_passes = original
     report = {"machine": machine(), "device": args.device, "shape": args.shape, "prompts": args.prompts,
               "observable": args.device.startswith("cuda"),
               "syncs_in_pass_loop": [{"site": site, "count": n} for site, n in found.most_common()]}

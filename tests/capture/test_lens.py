@@ -185,12 +185,10 @@ def test_fused_path_choice_and_identical_passes():
 
 
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
-    from capture.lens import cuda_fused as lens_fused
-
     def no_compiler(graph, inputs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(lens_fused, "_BROKEN", [])
+    lens_fused = _fresh_fused_state(monkeypatch)
     monkeypatch.setattr(lens_fused, "compiled", lambda: tuple(
         torch.compile(f, backend=no_compiler) for f in (lens_fused._pass_reductions, lens_fused._pair_reductions)))
     lenses, gen = _random_lenses(9000, 24, 1)
