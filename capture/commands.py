@@ -179,7 +179,7 @@ def _capture_options(p: argparse.ArgumentParser, renamed, pass_pairs: bool = Tru
     inp.add_argument("--limit", type=int, metavar="N", help="keep only the first N prompts (after --shuffle)")
     inp.add_argument("--shuffle", action="store_true", default=None,
                      help="shuffle the prompts before --limit (sampling), with --seed")
-    inp.add_argument("--seed", type=int, help="seed of --shuffle (default 0)")
+    inp.add_argument("--seed", type=int, help="seed of --shuffle and of --temperature's sampling (default 0)")
     inp.add_argument("--prompt-variant", dest="variants", action="append", metavar="NAME",
                      help="rewrite each prompt with this variant (repeatable; default identity): identity, "
                      "mirror_halves, reverse_sentences, shuffle_sentences, symmetric_concat, base_prefixed, "
@@ -222,6 +222,17 @@ def _capture_options(p: argparse.ArgumentParser, renamed, pass_pairs: bool = Tru
                      "the layer coordinate keeps the true numbers); default all")
     run.add_argument("--positions", metavar="first:N|last:N",
                      help="store only each prompt's first N or last N token positions (default all)")
+    gen = p.add_argument_group("generate, then capture (the passes over the model's own responses)")
+    gen.add_argument("--generate", type=int, metavar="N",
+                     help="let one model continue each prompt by up to N new tokens (batched, KV cache; stops at "
+                     "its end-of-turn or EOS token; chat conversations get the template's generation prompt), then "
+                     "run every pass over prompt + response; the store marks response tokens (role `response`, "
+                     "response_start, stop_reason) and a killed run resumes without generating again")
+    gen.add_argument("--generate-with", choices=["sft", "base"], help="which model writes the responses "
+                     "(default sft)")
+    gen.add_argument("--temperature", type=float, metavar="T",
+                     help="sample the responses at temperature T, each prompt from its own generator seeded by "
+                     "--seed and its position (default: greedy decoding)")
     lens = p.add_argument_group("logit-lens statistics (raw and norm lens, per pass and per pair)")
     lens.add_argument("--no-lens", dest="lens", action="store_false", default=None,
                       help="capture residuals only, no lens statistics")

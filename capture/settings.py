@@ -24,7 +24,7 @@ CONTENT_KEYS = (
     "base_ref", "sft_ref", "tokenizer_ref", "passes", "prompt_texts_sha256", "n_prompts", "dtype", "store_dtype",
     "add_bos", "chat_template", "max_tokens", "truncate", "lens", "top_k", "tracked", "pass_pairs", "save_lens",
     "variants_sha256", "variant_options", "prompt_index_sha256", "normalize_length", "allow_mismatched_pair",
-    "lens_layers",
+    "lens_layers", "generate",
 )
 
 
@@ -47,10 +47,13 @@ class CaptureSettings:
     prompt_field: str | None = None  # --field: the prompt's field or column in JSON lines, JSON, CSV, Parquet, datasets
     limit: int | None = None  # keep the first N prompts (after --shuffle)
     shuffle: bool = False
-    seed: int = 0
+    seed: int | None = None  # --shuffle's (0 when not given) and --temperature's sampling seed
     layers: str | None = None  # --layers 0,8,16:24 (default all)
     lens_layers: str | None = None  # --lens-layers: lens statistics on these stored layers only (default all)
     positions: str | None = None  # --positions first:32 | last:16 (default all)
+    generate: int | None = None  # --generate N: capture each prompt followed by up to N tokens a model generates
+    generate_with: str | None = None  # which model generates: sft (default) or base
+    temperature: float | None = None  # sample the responses at this temperature (default: greedy)
     dtype: str | None = None
     device: str = "auto"
     device_map: str | None = None

@@ -44,6 +44,7 @@ STANDARD_PASSES: tuple[dict[str, str], ...] = tuple(
 # a plain-text prompt's tokens in a store that also holds chat conversations.
 TEMPLATE_ROLE = "template"
 PLAIN_ROLE = "text"
+RESPONSE_ROLE = "response"  # a token the capture generated (capture --generate)
 
 
 def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
@@ -96,6 +97,7 @@ def build_template(
     token_positions: list[list[int]] | None = None,
     roles: list[list[str]] | None = None,
     templated: list[bool] | None = None,
+    responses: dict[str, list] | None = None,
 ) -> xr.Dataset:
     """The full-size, lazily NaN-filled Dataset written before any region.
 
@@ -105,7 +107,8 @@ def build_template(
     positions in the prompt (default 0, 1, ...), ``prompt_lengths`` the prompts' full
     token counts (default: the stored counts), ``layers`` the true layer numbers kept
     (default 0..L), ``roles`` a chat role per stored token (optional), ``templated`` whether the chat
-    template rendered each prompt (optional).
+    template rendered each prompt (optional), ``responses`` (a ``capture --generate`` store) the per-prompt
+    lists ``response_start``, ``stop_reason`` and ``response_text``.
     """
     n_pass, n_prompts = len(passes), len(texts)
     layers = list(layers) if layers is not None else list(range(n_layers1))
@@ -147,6 +150,10 @@ def build_template(
         for row, kinds in enumerate(roles):
             roles_pt[row, : len(kinds)] = kinds
         coords["role"] = (("prompt", "token"), roles_pt)
+    if responses is not None:
+        coords["response_start"] = ("prompt", np.asarray(responses["response_start"], dtype=np.int32))
+        coords["stop_reason"] = ("prompt", string_array(responses["stop_reason"]))
+        coords["response_text"] = ("prompt", string_array(responses["response_text"]))
     coords = {name: _as_is(*value) if value[1].dtype == object else value for name, value in coords.items()}
     if templated is not None:
         coords["chat_templated"] = ("prompt", np.asarray(templated, dtype=bool))

@@ -60,6 +60,8 @@ class TokenizedPrompts:
     roles: list[list[str]] | None = None
     labels: list[int] | None = None  # each prompt's position in source order (default: its index)
     templated: list[bool] | None = None  # whether the chat template rendered each prompt
+    response_start: list[int] | None = None  # with --generate: each prompt's first response position
+    stop_reason: list[str] | None = None  # with --generate: why its generation stopped
 
     @property
     def lengths(self) -> list[int]:
@@ -73,7 +75,7 @@ class TokenizedPrompts:
         pick = lambda items: [items[r] for r in rows] if items is not None else None  # noqa: E731
         labels = [self.labels[r] for r in rows] if self.labels is not None else list(rows)
         return TokenizedPrompts(pick(self.texts), pick(self.ids), pick(self.pieces) or [], pick(self.roles), labels,
-                                pick(self.templated))
+                                pick(self.templated), pick(self.response_start), pick(self.stop_reason))
 
 
 def _token_roles(offsets: list[tuple[int, int]], text: str, messages: list[dict]) -> list[str]:
@@ -134,13 +136,15 @@ def tokenize_prompts(
     max_tokens: int | None = None,
     truncate: bool = False,
     limit_reason: str = "--max-tokens",
+    generation_prompt: bool = False,
 ) -> TokenizedPrompts:
     """Tokenise prompts for capture; too-long prompts are an error unless ``truncate``.
 
     ``chat_template`` (:func:`templated_prompts`) says which prompts the tokenizer's chat
     template renders; plain texts are never wrapped unless it is ``always``. When any prompt
     is rendered, every token gets a role (:data:`PLAIN_ROLE` for the plain prompts' tokens)
-    and ``templated`` records which prompts were.
+    and ``templated`` records which prompts were. ``generation_prompt`` (``--generate``) ends every rendered
+    conversation with the template's generation prompt, even one whose last turn is the assistant's.
     """
     templated = templated_prompts(texts, chat_template)
     chats = any(templated)
@@ -157,7 +161,8 @@ def tokenize_prompts(
     for index, (prompt, render) in enumerate(zip(texts, templated, strict=True)):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         text = prompt if not render else tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
+            messages, tokenize=False,
+            add_generation_prompt=generation_prompt or messages[-1]["role"] != "assistant")
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=render)
         ids = list(encoded["input_ids"])
         kinds = _token_roles(encoded["offset_mapping"], text, messages) if render else (

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capture.inputs.responses import Journal, Response, with_responses
 from capture.lens.logit_lens import Lens, describe_norm, lens_head, record_lens_head
 from capture.lens.stage import chosen_layers, pending_rows, write_lens_statistics
 from capture.models.loading import DTYPES, input_embedding_copy, load_input_embedding, load_model, release_memory
+from capture.pipeline.generate import generate_responses
 from capture.pipeline.runner import CapturedGroup, Throughput, run_passes
 from capture.plan.memory import build_plan
-from capture.plan.prepare import Prepared, make_template, pad_id_of, prepare
+from capture.plan.prepare import Prepared, arrange, make_template, pad_id_of, prepare
 from capture.plan.residency import residency_schedule
 from capture.settings import CONTENT_KEYS, CaptureSettings
 from store.chunking import store_groups
@@ -240,8 +242,38 @@ def _run_capture(settings: CaptureSettings, log, progress: bool, client) -> Stor
 
 
 def _capture_into_store(prep: Prepared, settings: CaptureSettings, log, progress: bool, client) -> StorePath:
-    with _open_or_create(prep.path, settings, prep.fingerprint, lambda: make_template(prep)) as writer:
+    journal = Journal(prep.path, prep.fingerprint) if prep.generation else None
+    if journal is not None and settings.overwrite:
+        journal.discard()  # --overwrite generates again too
+
+    def template():
+        nonlocal prep
+        if journal is not None:  # the store's layout follows the responses: generate them first
+            prep = arrange(prep, with_responses(prep.source, generate_responses(prep, journal, log, progress),
+                                                prep.tokenizer))
+        return make_template(prep)
+
+    with _open_or_create(prep.path, settings, prep.fingerprint, template) as writer:
+        if journal is not None:
+            if not prep.responded:  # resumed: the responses are the store's own
+                prep = arrange(prep, with_responses(prep.source, stored_responses(writer, prep), prep.tokenizer))
+            journal.discard()  # the store holds the responses now
         return _fill_store(writer, prep, settings, log, progress, client)
+
+
+def stored_responses(writer: StoreWriter, prep: Prepared) -> dict[int, Response]:
+    """The responses a store holds, by prompt label; its prompts' tokens must be the ones tokenised now."""
+    group = writer.group
+    labels, starts = np.asarray(group["prompt"][...]), np.asarray(group["response_start"][...])
+    ids_pt, n_tokens = np.asarray(group["token_id"][...]), np.asarray(group["n_tokens"][...])
+    stops = np.asarray(group["stop_reason"][...])
+    found = {}
+    for row, label in enumerate(labels.tolist()):
+        prompt_ids = ids_pt[row, : starts[row]].tolist()
+        if prompt_ids != prep.source.ids[label]:
+            raise StoreConflict(path=prep.path, diff=f"prompt {label}'s tokens differ from the stored ones")
+        found[label] = Response(ids_pt[row, starts[row]: n_tokens[row]].tolist(), str(stops[row]))
+    return found
 
 
 def _fill_store(writer: StoreWriter, prep: Prepared, settings: CaptureSettings, log, progress: bool,

@@ -67,6 +67,7 @@ class CapturePlan:
     store_bytes: dict[str, int]
     times: StageTimes | None = None
     calibration: Calibration | None = None
+    generation: str | None = None  # with --generate: what the counts above assume of the responses
 
     @property
     def largest(self) -> PlanStep:
@@ -80,6 +81,8 @@ class CapturePlan:
         where = "CUDA memory (allocated)" if self.device.startswith("cuda") else "process memory (RSS)"
         lines = [f"capture plan for {self.label}: {self.n_prompts} prompts, up to {self.n_tokens} tokens, "
                  f"device {self.device}"]
+        if self.generation:
+            lines.append(f"  {self.generation}")
         lines += [f"  {i}. {step.describe()}" for i, step in enumerate(self.steps, 1)]
         total = sum(self.store_bytes.values())
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.store_bytes.items() if v)
@@ -205,7 +208,7 @@ def _store_bytes(prep: Prepared) -> dict[str, int]:
     """Bytes before compression of what the capture writes: chunks holding only padding are never written."""
     from store.reader import stored_bytes
 
-    template = make_template(prep)
+    template = make_template(prep, sizing=True)
     sizes = {"residuals": 0, "lens statistics": 0, "other": 0}
     for name, var in template.variables.items():
         size = stored_bytes(template, [name]) if name in template.data_vars else \
@@ -234,8 +237,20 @@ def build_plan(prep: Prepared, calibrated: bool = False) -> CapturePlan:
     return CapturePlan(
         label=resolved.label, store=str(prep.path), device=resolved.device, n_prompts=len(prep.tokenized.texts),
         n_tokens=max(prep.tokenized.lengths), baseline=baseline, steps=steps,
-        store_bytes=store_bytes, times=times, calibration=calibration,
+        store_bytes=store_bytes, times=times, calibration=calibration, generation=_generation_line(prep),
     )
+
+
+def _generation_line(prep: Prepared) -> str | None:
+    """What ``--plan`` counts of responses not generated yet: each at its longest."""
+    gen = prep.generation
+    if gen is None:
+        return None
+    prompts, total = sum(prep.source.lengths), sum(prep.tokenized.lengths)
+    decoding = f"sampled at temperature {gen.temperature}" if gen.sampling else "greedy"
+    return (f"responses: up to {gen.new_tokens} new tokens per prompt by the {gen.model} model ({decoding}), "
+            f"generated before the passes; counted at their longest: {prompts} prompt + {total - prompts} response "
+            f"tokens (generation itself holds one model and its KV cache, less than a pass step)")
 
 
 def _times(prep: Prepared, fp: ModelFootprint, store_bytes: dict[str, int]) -> tuple[Calibration, StageTimes]:

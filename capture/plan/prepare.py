@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from capture.inputs.prompts import (
     templated_prompts,
     tokenize_prompts,
 )
+from capture.inputs.responses import Generation, check_generation, pending
 from capture.inputs.selection import Positions, StoredWindow, parse_layers
 from capture.inputs.variants import expand_prompts
 from capture.models.loading import check_compatible, check_safe_weights, load_tokenizer, read_shape
@@ -69,24 +70,37 @@ def _model_record(ref: str, shape, tokenizer_ref: str, store) -> dict:
 
 @dataclass
 class Prepared:
-    """Everything validated and derived before any weights are loaded."""
+    """Everything validated and derived before any weights are loaded.
+
+    The per-prompt lists are in store order (:func:`arrange`); ``source`` keeps the prompts' own tokens in
+    source order, from which a capture with ``--generate`` arranges the prompts again once their responses
+    exist (until then ``tokenized`` holds each prompt with room for its longest response, ``responded`` False).
+    """
 
     settings: CaptureSettings
     passes: tuple[Pass, ...]
     pass_pairs: tuple[PassPair, ...]
     refs: dict[str, str]
-    prompt_index: list[int]  # per store row, like every per-prompt list here
-    variants: list[str]
-    prompt_lengths: list[int]  # full token counts (the stored window may be shorter)
     shapes: dict
     resolved: ResolvedModels
     tokenizer: object
-    tokenized: TokenizedPrompts  # in store order: what each forward sees (ids), with its source position (labels)
-    window: StoredWindow  # what of each prompt is stored
     tracked: tuple[list[int], list[str]]
     path: StorePath
-    chunking: Chunking
     fingerprint: dict
+    source: TokenizedPrompts  # the prompts' tokens in source order (labels: none)
+    source_index: list[int]  # each source prompt's row in the prompts before --limit/--shuffle
+    source_variants: list[str]
+    positions: Positions
+    layers: list[int]
+    generation: Generation | None = None
+    responded: bool = True  # False while --generate's responses are not known
+    # derived by arrange():
+    prompt_index: list[int] = field(default_factory=list)  # per store row, like every per-prompt list here
+    variants: list[str] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)  # full token counts (the stored window may be shorter)
+    tokenized: TokenizedPrompts | None = None  # store order: what each forward sees (ids), its source position (labels)
+    window: StoredWindow | None = None  # what of each prompt is stored
+    chunking: Chunking | None = None
 
     @property
     def lens_sources(self) -> set[str]:
@@ -96,17 +110,23 @@ class Prepared:
 
 def prepare(settings: CaptureSettings, log) -> Prepared:
     # Cheap checks first, so that bad input fails before any model is built or read.
+    generation = check_generation(settings.generate, settings.generate_with, settings.temperature, settings.seed,
+                                  settings.positions, log)
     passes = parse_passes(settings.passes)
     pass_pairs = parse_pass_pairs(settings.pass_pairs, passes) if settings.lens else ()
     if settings.top_k < 0:
         raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
     sources, source_rows = collect_prompts(settings.prompts_files, settings.prompts, field=settings.prompt_field,
-                                           limit=settings.limit, shuffle=settings.shuffle, seed=settings.seed)
+                                           limit=settings.limit, shuffle=settings.shuffle, seed=settings.seed or 0)
     texts, expanded_from, variants = expand_prompts(sources, settings.variants, settings.variant_options)
     prompt_index = [source_rows[i] for i in expanded_from]
     templated_prompts(texts, settings.chat_template)  # a conversation under `never` is refused before any load
     positions = Positions.parse(settings.positions)
     resolved = resolve_models(settings)
+    path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
+    if generation and is_url(path):
+        raise UsageError("--generate journals its responses beside the store on a local disk; capture into a "
+                         "local --store and copy it to the object store afterwards")
     refs = {"base": resolved.base_ref, "sft": resolved.sft_ref}
     for ref in refs.values():
         check_safe_weights(ref, settings.allow_pickle)
@@ -124,7 +144,8 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     if limit is None and shapes["base"].max_positions:
         limit, why = shapes["base"].max_positions, "the model's context length"
     tokenized = tokenize_prompts(tokenizer, texts, add_bos=settings.add_bos, chat_template=settings.chat_template,
-                                 max_tokens=limit, truncate=settings.truncate, limit_reason=why)
+                                 max_tokens=limit, truncate=settings.truncate, limit_reason=why,
+                                 generation_prompt=generation is not None)
     mixed = describe_templating(tokenized.templated, settings.chat_template)
     if mixed:
         log(mixed)
@@ -133,13 +154,6 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         log(message or f"prompt lengths already equal ({tokenized.lengths[0]} tokens); nothing cut")
     layers = parse_layers(settings.layers, shapes["base"].n_layers + 1)
     lens_layers = _lens_layers(settings, layers, shapes["base"].n_layers + 1)
-    full_lengths = tokenized.lengths
-    tokenized, window = _store_order(tokenized, positions, layers)
-    hidden, itemsize = shapes["base"].hidden, units.itemsize(settings.store_dtype)
-    chunking = choose_chunking(window.lengths, len(layers), hidden, itemsize,
-                               small_store_one_chunk=not settings.chunk_prompts)
-    if settings.chunk_prompts:
-        chunking = replace(chunking, prompt=min(settings.chunk_prompts, len(texts)))
     # Per-prompt lists enter as digests, so that the attributes do not grow with the prompt count.
     fingerprint = {
         "base_ref": resolved.base_ref, "sft_ref": resolved.sft_ref, "tokenizer_ref": resolved.tokenizer_ref,
@@ -152,18 +166,40 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         "variant_options": settings.variant_options, "prompt_index_sha256": content_digest(prompt_index),
         "normalize_length": settings.normalize_length, "allow_mismatched_pair": settings.allow_mismatched_pair,
         "layers": layers, "positions": positions.describe(), "lens_layers": lens_layers,
+        **({"generate": generation.record()} if generation else {}),  # absent without: older stores still resume
     }
-    path = normalize(settings.store or f"outputs/{resolved.label}.zarr")
-    if not is_url(path):  # object stores hold many objects well and a shard there is rewritten per write
+    prep = Prepared(settings, passes, pass_pairs, refs, shapes, resolved, tokenizer, tracked, path, fingerprint,
+                    tokenized, prompt_index, variants, positions, layers, generation)
+    if generation:
+        context = shapes[generation.model].max_positions
+        return arrange(prep, pending(tokenized, generation.new_tokens, context, pad_id_of(tokenizer)),
+                       responded=False)
+    return arrange(prep, tokenized)
+
+
+def arrange(prep: Prepared, tokenized: TokenizedPrompts, responded: bool = True) -> Prepared:
+    """``prep`` with ``tokenized`` (source order) as the prompts captured: in store order, cut to their stored
+    windows, and the store's chunking and shards chosen for them. ``responded`` False: ``tokenized`` holds
+    placeholders for responses not generated yet (what the memory plan counts)."""
+    settings, shapes, layers = prep.settings, prep.shapes, prep.layers
+    full_lengths = tokenized.lengths
+    tokenized, window = _store_order(tokenized, prep.positions, layers)
+    hidden, itemsize = shapes["base"].hidden, units.itemsize(settings.store_dtype)
+    chunking = choose_chunking(window.lengths, len(layers), hidden, itemsize,
+                               small_store_one_chunk=not settings.chunk_prompts)
+    if settings.chunk_prompts:
+        chunking = replace(chunking, prompt=min(settings.chunk_prompts, len(full_lengths)))
+    if not is_url(prep.path):  # object stores hold many objects well and a shard there is rewritten per write
+        n_stats = len(prep.fingerprint["lens_layers"]) * settings.lens
         per_position = max((len(layers) + 1) * hidden * itemsize,  # resid and final of one pass
-                           statistics_bytes_per_position(len(passes), len(pass_pairs), fingerprint["top_k"],
-                                                         len(tracked[0])) * len(lens_layers) * settings.lens)
+                           statistics_bytes_per_position(len(prep.passes), len(prep.pass_pairs),
+                                                         prep.fingerprint["top_k"], len(prep.tracked[0])) * n_stats)
         target = units.parse_size(settings.shard_size, "--shard-size") if settings.shard_size else None
         chunking = replace(chunking, shard=shard_prompts(window.lengths, chunking, per_position, target))
     in_store_order = lambda items: [items[i] for i in tokenized.labels]  # noqa: E731
-    return Prepared(settings, passes, pass_pairs, refs, in_store_order(prompt_index), in_store_order(variants),
-                    in_store_order(full_lengths), shapes, resolved, tokenizer, tokenized, window, tracked, path,
-                    chunking, fingerprint)
+    return replace(prep, responded=responded, prompt_index=in_store_order(prep.source_index),
+                   variants=in_store_order(prep.source_variants),
+                   prompt_lengths=in_store_order(full_lengths), tokenized=tokenized, window=window, chunking=chunking)
 
 
 def _lens_layers(settings: CaptureSettings, layers: list[int], n_layers1: int) -> list[int]:
@@ -197,7 +233,11 @@ def _store_order(tokenized: TokenizedPrompts, positions: Positions, layers: list
     return ordered, StoredWindow(start=starts, stop=stops, layers=layers)
 
 
-def make_template(prep: Prepared):
+def make_template(prep: Prepared, sizing: bool = False):
+    """The store's template; ``sizing`` (the memory plan) accepts a ``--generate`` capture's placeholder responses
+    (each as long as it may get), which a store is never created from."""
+    if not (prep.responded or sizing):
+        raise RuntimeError("a --generate capture's template needs its responses: arrange them first")
     settings, resolved, chunking = prep.settings, prep.resolved, prep.chunking
     attrs = {
         "content_fingerprint": prep.fingerprint,
@@ -211,8 +251,14 @@ def make_template(prep: Prepared):
         "chunking": {"prompt": chunking.prompt, "layer": chunking.layer, "token": chunking.token,
                      **({"shard": chunking.shard} if chunking.shard else {})},
         "embedding_variants": list(settings.embedding_variants),
+        **({"generation": prep.generation.record()} if prep.generation else {}),
     }
     tokens, window = prep.tokenized, prep.window
+    responses = None
+    if tokens.response_start is not None:
+        responses = {"response_start": tokens.response_start, "stop_reason": tokens.stop_reason,
+                     "response_text": [prep.tokenizer.decode(ids[start:])
+                                       for ids, start in zip(tokens.ids, tokens.response_start, strict=True)]}
     ds = build_template(
         passes=[p.to_dict() for p in prep.passes], texts=tokens.texts,
         token_ids=[ids[a:b] for ids, a, b in zip(tokens.ids, window.start, window.stop, strict=True)],
@@ -220,7 +266,7 @@ def make_template(prep: Prepared):
         prompt_index=prep.prompt_index, variants=prep.variants, prompt_lengths=prep.prompt_lengths,
         token_positions=[list(range(a, b)) for a, b in zip(window.start, window.stop, strict=True)],
         roles=tokens.roles, templated=tokens.templated, hidden=prep.shapes["base"].hidden,
-        store_dtype=settings.store_dtype, chunking=chunking,
+        store_dtype=settings.store_dtype, chunking=chunking, responses=responses,
         attrs=attrs,
     )
     if settings.save_lens:
