@@ -5,9 +5,10 @@ derives the geometric metrics per pass and per pair and summarises them;
 :mod:`analysis.compute.reductions` finds hotspots, correlations and seven-number summaries;
 :mod:`analysis.readouts.tracked` follows tracked tokens; :func:`factorial` and :func:`factorial_shares` split
 each change into embeddings, body and interaction; :func:`diff_lens` reads each pair's mean difference
-through the unembedding and :func:`shift_rate` counts top-token shifts; :func:`decompose` gives spectra,
-ranks and tensor decompositions of the differences; :func:`report_summary` is ``report``'s opening in
-sentences; :mod:`analysis.readouts.saved_lens` computes lens
+through the unembedding and :func:`shift_rate` counts top-token shifts; on a ``capture --generate``
+store, :func:`response_curve` and :func:`first_divergence` read what the models say over the generated
+responses; :func:`decompose` gives spectra, ranks and tensor decompositions of the differences;
+:func:`report_summary` is ``report``'s opening in sentences; :mod:`analysis.readouts.saved_lens` computes lens
 logits of any token from a store's saved lens; :func:`activation_loader` feeds shuffled, paired
 activation batches to dictionary-learning trainers (torch is imported only when one is built).
 The errors a notebook may want to catch (:class:`ResdiffError` and its subclasses from
@@ -21,6 +22,7 @@ from analysis.geometry.metrics import open_stores, pair_metrics, pass_metrics, s
 from analysis.loader.activations import activation_loader
 from analysis.readouts.difflens import diff_lens, shift_rate
 from analysis.readouts.factorial import factorial, factorial_shares
+from analysis.readouts.responses import around_divergence, first_divergence, response_curve, response_readouts
 from analysis.readouts.saved_lens import lens_logits
 from analysis.readouts.tracked import tracked_changes, tracked_trajectory
 from analysis.report.summary import report_summary
@@ -29,7 +31,8 @@ from store.reader import open_store
 
 __all__ = [
     "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
-    "activation_loader", "correlation", "decompose", "diff_lens", "factorial", "factorial_shares", "hotspots",
-    "lens_logits", "open_store", "open_stores", "pair_metrics", "pass_metrics", "real_positions", "report_summary",
+    "activation_loader", "around_divergence", "correlation", "decompose", "diff_lens", "factorial",
+    "factorial_shares", "first_divergence", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
+    "pass_metrics", "real_positions", "report_summary", "response_curve", "response_readouts",
     "seven_number_summary", "shift_rate", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]

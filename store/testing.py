@@ -39,15 +39,22 @@ class CountingScheduler:
 
 def tiny_template(
     n_prompts: int = 3, n_layers1: int = 3, hidden: int = 8, lengths: tuple[int, ...] | None = None,
-    store_dtype: str = "float32", chunk_prompt: int = 2, chunking: Chunking | None = None,
+    store_dtype: str = "float32", chunk_prompt: int = 2, chunking: Chunking | None = None, responses: bool = False,
 ) -> xr.Dataset:
     """A small template with the default four passes and made-up tokens.
+
+    ``responses`` makes it a ``capture --generate`` store's: each prompt's second half is its response.
 
     ``chunking`` overrides the default tiles (``chunk_prompt`` prompts x all layers); with a ``shard`` it makes
     a sharded (format 4) store's template.
     """
     lengths = lengths or tuple(5 - (i % 3) for i in range(n_prompts))
     ids = [list(range(10, 10 + n)) for n in lengths]
+    starts = [max(1, n // 2) for n in lengths]
+    generated = {"responses": {"response_start": starts, "stop_reason": ["length"] * n_prompts,
+                               "response_text": [" ".join(f"t{i}" for i in row[s:])
+                                                 for row, s in zip(ids, starts, strict=True)]},
+                 "roles": [["text"] * s + ["response"] * (len(row) - s) for row, s in zip(ids, starts, strict=True)]}
     return build_template(
         passes=list(STANDARD_PASSES), texts=[f"prompt {i}" for i in range(n_prompts)],
         token_ids=ids, token_pieces=[[f"t{i}" for i in row] for row in ids], n_layers1=n_layers1,
@@ -55,6 +62,7 @@ def tiny_template(
         attrs={"pair_label": "synthetic", **({"chunking": {"prompt": chunking.prompt, "layer": chunking.layer,
                                                           "token": chunking.token, "shard": chunking.shard}}
                                             if chunking and chunking.shard else {})},
+        **(generated if responses else {}),
     )
 
 

@@ -63,3 +63,20 @@ RAGGED = [
     "Two",
     "Write a short Python function that adds two numbers, please, and explain it.",
 ]
+
+
+def chromium_dom(page, profile) -> str:
+    """The DOM headless Chromium renders of the local HTML file ``page`` (skips the test without Chromium)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium where apt-get can)")
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True).stdout

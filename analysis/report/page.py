@@ -7,6 +7,7 @@ settings match) in its own; the figures are drawn from the computed numbers.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
 import warnings
@@ -21,7 +22,7 @@ import xarray as xr
 from analysis.geometry.decompose import decompose_store
 from analysis.geometry.metrics import pair_metrics
 from analysis.geometry.outliers import massive_positions
-from analysis.report import plots
+from analysis.report import plots, responses_text
 from analysis.report.answer import chat_templating, opening, page_inputs
 from analysis.report.summary import summary_sentences
 from analysis.report.text import check_prompt
@@ -67,7 +68,10 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
                 if request.html:
                     keep = None if request.include_massive else ~found.massive
                     # the opening's metrics are geometric: built without graphs over the statistics variables
-                    (computed["page"],) = dask.compute(page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep))
+                    lazy_page = page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep)
+                    if responses_text.applies(ds):  # read with the page's tables, not on its own
+                        lazy_page["responses"] = responses_text.response_inputs(ds)
+                    (computed["page"],) = dask.compute(lazy_page)
             images = _figures(ds, out, request, computed["curves"], found)
             path, _ = decompose_store(request.store, top_k=request.top_k, progress=request.progress,
                                       include_massive=request.include_massive, massive=found.massive.values)
@@ -76,6 +80,7 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
         images.append(plots.cp_plot(result, out))
         if request.html:
             images.append(_page(ds, request, out, images, result, found, computed["page"], computing))
+            images += [p for p in [out / "response_curves.png"] if p.exists()]  # drawn in the page's section
     return [final / Path(image).relative_to(out) for image in images]
 
 
@@ -106,9 +111,36 @@ def _page(ds: xr.Dataset, request: PlotRequest, out: Path, images: list, result:
                                   request.include_massive, computed)
     summary = summary_sentences(ds, computed["summary"], int(found.massive.sum()), not request.include_massive)
     sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")
+    if "responses" in computed:
+        sections.append(_responses_section(ds, out, computed["responses"]))
     if left_out(ds):
         sections.insert(0, f'<p class="note"><b>Note:</b> {html.escape(left_out(ds))}</p>')
     settings = {"store": str(request.store), "chat template": chat_templating(ds),
                 **{k: v for k, v in ds.attrs.items() if k not in (LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR)}}
     return plots.html_report(images, out, f"resdiff: {ds.attrs.get('pair_label', request.store)}", rows, settings,
                              sections, first)
+
+
+def _responses_section(ds: xr.Dataset, out: Path, computed: dict, limit: int = 20) -> str:
+    """The page's section on generated responses: the shallow-alignment curve and the first divergences with
+    the response text on both sides."""
+    figure = plots.response_curves(computed["curve"], out)
+    pair = responses_text.response_pair(ds)
+    left, right = pair.split("-", 1) if pair.count("-") == 1 else ("left", "right")
+    rows = responses_text.divergence_rows(ds, computed, limit)
+    head = ["prompt", "position", "response before", "written", f"{left} top-1", f"{right} top-1", "response after"]
+    # the text before a divergence ends at it and the text after starts there: right- and left-aligned
+    align = ["right"] * 3 + ["center"] * 3 + ["left"]
+    cells = lambda row: "".join(f'<td style="text-align:{a};white-space:pre">{html.escape(str(c))}</td>'  # noqa: E731
+                                for a, c in zip(align, row, strict=True))
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+             + "".join(f"<tr>{cells(row)}</tr>" for row in rows) + "</table>") if rows else \
+        f"<p>{html.escape(left)} and {html.escape(right)} choose the same greedy token at every response position.</p>"
+    first = np.asarray(computed["first"].values)
+    image = base64.b64encode(figure.read_bytes()).decode()
+    return (f"<h2>What the model says: responses ({pair})</h2>"
+            f"<p>{int((first >= 0).sum())} of {first.size} responses diverge; position j predicts the response's "
+            f"token j under the norm lens at the last layer (the models' output).</p>"
+            f'<figure><img alt="response_curves" src="data:image/png;base64,{image}">'
+            f"<figcaption>the shallow-alignment curve: by response position</figcaption></figure>"
+            f"<h3>First divergences (earliest first, up to {limit})</h3>{table}")

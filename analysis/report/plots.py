@@ -84,6 +84,27 @@ def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm", means: dict | No
     return _save(fig, out / "layer_curves.png")
 
 
+RESPONSE_CURVES = (("kl", "KL(right || left) [nats]"), ("logprob_diff", "log p_right - log p_left [nats]"),
+                   ("shift_rate", "shift rate (right top-1 not in left top-3)"))
+
+
+def response_curves(curve: xr.Dataset, out: Path) -> Path:
+    """The shallow-alignment curve: each pair's mean KL, log-prob difference of the written token and shift rate
+    by response position (``curve``: :func:`analysis.readouts.responses.response_curve`, computed)."""
+    present = [(m, label) for m, label in RESPONSE_CURVES if m in curve]
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+    positions = curve.response.values
+    for ax, (metric, label) in zip(axes[0], present, strict=True):
+        for pair in curve.pair.values:
+            ax.plot(positions, curve[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
+        ax.set(title=f"{metric} by response position (mean over prompts)", xlabel="response token (0 = first)",
+               ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title="pair (left-right)", fontsize=8)
+    return _save(fig, out / "response_curves.png")
+
+
 def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "norm",
              massive: np.ndarray | None = None) -> Path:
     """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass.

@@ -26,6 +26,7 @@ from analysis.geometry.metrics import (
 from analysis.geometry.shared_prefix import shared_positions
 from analysis.readouts.tokens import token_text_table, visible
 from analysis.readouts.tracked import tracked_changes, tracked_trajectory
+from analysis.report import responses_text
 from analysis.report.summary import summary_inputs, summary_sentences
 from store.completeness import left_out
 from store.errors import MissingData, UsageError
@@ -295,6 +296,9 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         from analysis.readouts.difflens import shift_rate
 
         extra["rate"] = shift_rate(ds).sel(pair=chosen)
+    with_responses = record_type == "pairwise" and responses_text.applies(ds)
+    if with_responses:  # the responses' readouts share the reads of the other sections
+        extra["responses"] = responses_text.response_inputs(ds)
     lines, rows, extra = _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra, keep)
     found = extra["found"]
     n_massive = int(found.massive.sum()) if found is not None else 0
@@ -308,6 +312,8 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         lines.append("\ntoken distribution shift rate (URIAL: share of real positions whose right-pass top-1 token, "
                      "norm lens, last layer, is not in the left pass's top-3):")
         lines.append(table(["pair", "shift rate"], [[str(q), float(rate.sel(pair=q))] for q in chosen]))
+    if with_responses:
+        lines += responses_text.response_section(ds, extra["responses"], top_n)
     if record_type == "pairwise" and "tracked_logit" in ds:
         more_lines, more_rows = _tracked_section(ds, chosen, lens, top_n, token_ids)
         lines += more_lines

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
 
 from cli import main
+from tests.helpers import chromium_dom
 
 FIGURES = ("layer_curves", "heatmap_norm_diff_prompt1", "heatmap_norm_prompt1", "spectra", "effective_rank",
            "cp_factors")
@@ -31,17 +30,10 @@ def test_every_figure_is_a_png(plotted):
 
 @pytest.mark.browser
 def test_html_renders_every_image_in_chromium(plotted, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium where apt-get can)")
     page = plotted / "report.html"
     text = page.read_text()
     assert text.count("data:image/png;base64,") == len(PAGE_IMAGES) and "<table>" in text and "src=\"http" not in text
-    dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = chromium_dom(page, tmp_path / "profile")
     rendered = re.search(r'data-images-rendered="(\d+)/(\d+)"', dom)
     assert rendered, dom[:500]
     assert rendered.group(1) == rendered.group(2) == str(len(PAGE_IMAGES))
