@@ -334,6 +334,14 @@ def describe_store(path: str | Path) -> str:
         f"complete   {int(done.sum())}/{done.size} pass x prompt regions"
         + ("" if done.all() else "  (incomplete: rerun the same capture command to resume)"),
     ]
+    if "response_start" in ds.coords:
+        gen = attrs.get("generation", {})
+        response = n_tokens - np.asarray(ds.response_start.values)
+        stops = np.array([str(s) for s in ds.stop_reason.values])
+        counts = ", ".join(f"{reason} {int((stops == reason).sum())}" for reason in sorted(set(stops)))
+        lines.append(f"responses  up to {gen.get('new_tokens', '?')} tokens by the {gen.get('model', '?')} model "
+                     f"({gen.get('decoding', '?')}): {int(response.sum())} response tokens, median "
+                     f"{float(np.median(response)):g}; stopped by {counts}")
     if "lens_done" in ds:
         lens_done = np.asarray(ds["lens_done"].values, dtype=bool)
         tracked = ", ".join(str(t) for t in ds.tracked_str.values) if "tracked_str" in ds.coords else ""

@@ -58,10 +58,11 @@ def parse_size(text: str | int, option: str = "--max-memory") -> int:
 def format_bytes(n: float) -> str:
     """Bytes in binary units, three significant figures.
 
-    >>> format_bytes(1.5 * 2**30), format_bytes(512)
-    ('1.5 GiB', '512 B')
+    >>> format_bytes(1.5 * 2**30), format_bytes(512), format_bytes(1000.4 * 2**20)
+    ('1.5 GiB', '512 B', '1000 MiB')
     """
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            return f"{value:.3g} {unit}" if abs(value) < 1000 else f"{value:.0f} {unit}"  # never 1e+03
     return f"{int(n)} B"

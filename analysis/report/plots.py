@@ -93,12 +93,15 @@ def response_curves(curve: xr.Dataset, out: Path) -> Path:
     by response position (``curve``: :func:`analysis.readouts.responses.response_curve`, computed)."""
     present = [(m, label) for m, label in RESPONSE_CURVES if m in curve]
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+    # a mean over a handful of long responses is noise: positions that few prompts reach are not drawn
+    fewest = max(3, int(np.ceil(0.05 * int(curve.n.max()))))
+    shown = curve.where(curve.n >= fewest)
     positions = curve.response.values
     for ax, (metric, label) in zip(axes[0], present, strict=True):
         for pair in curve.pair.values:
-            ax.plot(positions, curve[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
-        ax.set(title=f"{metric} by response position (mean over prompts)", xlabel="response token (0 = first)",
-               ylabel=label)
+            ax.plot(positions, shown[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
+        ax.set(title=f"{metric} by response position\n(mean over prompts; positions reached by >= {fewest})",
+               xlabel="response token (0 = first)", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(title="pair (left-right)", fontsize=8)

@@ -22,6 +22,7 @@ from analysis.readouts.tokens import token_text_table, token_texts, visible
 
 CURVE_ROWS = 16  # response positions listed in the text report (the figure shows them all)
 CONTEXT_CHARS = 32  # response text shown on each side of a divergence
+ONE_LINE = str.maketrans({"\n": "⏎", "\r": "␍", "\t": "⇥"})  # a table row stays one line
 
 
 def applies(ds: xr.Dataset) -> bool:
@@ -77,8 +78,8 @@ def divergence_rows(ds: xr.Dataset, computed: dict, limit: int) -> list[list]:
         texts = token_text_table(ds, label)
         start, stop = int(ds.response_start.values[row]), int(ds.n_tokens.values[row])
         at = start + int(first[row])
-        before = "".join(texts[start:at])[-CONTEXT_CHARS:]
-        after = "".join(texts[at + 1: stop])[:CONTEXT_CHARS]
+        before = "".join(texts[start:at]).translate(ONE_LINE)[-CONTEXT_CHARS:]
+        after = "".join(texts[at + 1: stop]).translate(ONE_LINE)[:CONTEXT_CHARS]
         rows.append([label, int(first[row]), before, visible(texts[at]) if at < stop else "∅",
                      visible(names[n]), visible(names[len(order) + n]), after])
     return rows

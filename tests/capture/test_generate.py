@@ -103,6 +103,9 @@ def test_store_marks_responses_generated_by_the_chosen_model(make_model, tmp_pat
     ds = _capture(make_model, tmp_path, "s.zarr", generate_with="base", batch_size=2)
     assert ds.attrs["generation"] == {"new_tokens": 9, "model": "base", "decoding": "greedy", "temperature": None,
                                       "seed": None}
+    from store.reader import describe_store
+
+    assert "responses  up to 9 tokens by the base model (greedy)" in describe_store(ds.encoding["source"])
     base = load(make_model("llama", seed=0))
     tok = AutoTokenizer.from_pretrained(make_model("llama", seed=0))
     stops = stop_ids(base, tok)
@@ -187,10 +190,11 @@ def test_resume_of_a_created_store_reuses_its_responses(make_model, tmp_path, mo
     ({"generate": 4, "temperature": 0.0}, "--temperature must be a positive"),
     ({"generate_with": "base"}, "--generate-with only applies with --generate"),
     ({"temperature": 0.7}, "--temperature only applies with --generate"),
+    ({"generate": 4, "store": "memory://bucket/s.zarr"}, "local --store"),
 ])
 def test_bad_generation_flags_are_refused_before_any_model_loads(extra, message, tmp_path):
     settings = CaptureSettings(base=str(tmp_path / "missing-base"), sft=str(tmp_path / "missing-sft"),
-                               store=str(tmp_path / "s.zarr"), **extra)
+                               **{"store": str(tmp_path / "s.zarr"), **extra})
     with pytest.raises(UsageError, match=message):
         run_capture(settings, **QUIET)
 
