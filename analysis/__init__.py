@@ -21,8 +21,8 @@ from analysis.geometry.decompose import decompose
 from analysis.geometry.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.loader.activations import activation_loader
 from analysis.readouts.difflens import diff_lens, shift_rate
+from analysis.readouts.divergence import around_divergence, first_divergence, response_curve, response_readouts
 from analysis.readouts.factorial import factorial, factorial_shares
-from analysis.readouts.responses import around_divergence, first_divergence, response_curve, response_readouts
 from analysis.readouts.saved_lens import lens_logits
 from analysis.readouts.tracked import tracked_changes, tracked_trajectory
 from analysis.report.summary import report_summary

@@ -188,7 +188,8 @@ def summary_lines(ds: xr.Dataset, result: xr.Dataset) -> list[str]:
     """What ``decompose`` prints: pairs exactly zero at every layer said once with what it means, pairs with the
     same spectrum at every layer (the same differences up to sign) collapsed into one table, then each distinct
     pair's participation ratio and ranks per layer."""
-    from analysis.report.text import table, why_identical
+    from analysis.report.tables import table
+    from analysis.report.text import why_identical
 
     ratio = result.participation_ratio.values  # (pair, layer); NaN where the differences are all zero
     pairs = [str(q) for q in result.pair.values]

@@ -90,7 +90,7 @@ RESPONSE_CURVES = (("kl", "KL(right || left) [nats]"), ("logprob_diff", "log p_r
 
 def response_curves(curve: xr.Dataset, out: Path) -> Path:
     """The shallow-alignment curve: each pair's mean KL, log-prob difference of the written token and shift rate
-    by response position (``curve``: :func:`analysis.readouts.responses.response_curve`, computed)."""
+    by response position (``curve``: :func:`analysis.readouts.divergence.response_curve`, computed)."""
     present = [(m, label) for m, label in RESPONSE_CURVES if m in curve]
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
     # a mean over a handful of long responses is noise: positions that few prompts reach are not drawn

@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.readouts.tokens import token_texts
-from analysis.report.text import table
+from analysis.report.tables import table
 
 FACTORIAL_COLUMNS = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
 

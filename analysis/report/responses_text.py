@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis.readouts.responses import (
+from analysis.readouts.divergence import (
     RESPONSE,
     around_divergence,
     first_divergence,
@@ -19,6 +19,7 @@ from analysis.readouts.responses import (
     response_readouts,
 )
 from analysis.readouts.tokens import token_text_table, token_texts, visible
+from analysis.report.tables import table
 
 CURVE_ROWS = 16  # response positions listed in the text report (the figure shows them all)
 CONTEXT_CHARS = 32  # response text shown on each side of a divergence
@@ -87,8 +88,6 @@ def divergence_rows(ds: xr.Dataset, computed: dict, limit: int) -> list[list]:
 
 def response_section(ds: xr.Dataset, computed: dict, top_n: int) -> list[str]:
     """The report's text for a store with responses (``computed``: :func:`response_inputs`, computed)."""
-    from analysis.report.text import table
-
     pair = response_pair(ds)
     left, right = pair.split("-", 1) if pair.count("-") == 1 else ("left", "right")
     generation = ds.attrs.get("generation", {})

@@ -28,6 +28,7 @@ from analysis.readouts.tokens import token_text_table, visible
 from analysis.readouts.tracked import tracked_changes, tracked_trajectory
 from analysis.report import responses_text
 from analysis.report.summary import summary_inputs, summary_sentences
+from analysis.report.tables import table
 from store.completeness import left_out
 from store.errors import MissingData, UsageError
 from store.schema import lens_layers
@@ -41,22 +42,6 @@ def check_prompt(ds: xr.Dataset, prompt: int) -> None:
     """A one-line error for a ``--prompt-index`` the store does not have (prompts are named 0..P-1 in source order)."""
     if prompt not in set(int(p) for p in ds.prompt.values):
         raise UsageError(f"--prompt-index {prompt} is out of range; the store has prompts 0..{ds.sizes['prompt'] - 1}")
-
-
-_CONTROL = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a token "\n" must not break a row
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    r"""Right-aligned columns; floats with 4 decimals; line breaks and tabs in text shown escaped.
-
-    >>> print(table(["token", "value"], [["\n", 1.0]]))
-    token   value
-       \n  1.0000
-    """
-    cells = [header] + [[f"{v:.4f}" if isinstance(v, float) else str(v).translate(_CONTROL) for v in row]
-                        for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
 def _metrics(ds: xr.Dataset, record_type: str, lens: str, names: list[str]) -> xr.Dataset:

@@ -40,7 +40,7 @@ def generation_batches(lengths: list[int], batch_size: int, batch_tokens: int, n
     >>> generation_batches([3, 9, 4, 8], 2, 100, 4)
     [[1, 3], [2, 0]]
     >>> generation_batches([3, 9, 4, 8], 2, 100, 4, context=12)
-    [[1], [3], [2, 0]]
+    [[1], [3, 2], [0]]
     """
     order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
     batches: list[list[int]] = []

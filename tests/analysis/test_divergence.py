@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis import open_store
-from analysis.readouts.responses import (
+from analysis.readouts.divergence import (
     around_divergence,
     first_divergence,
     response_curve,
