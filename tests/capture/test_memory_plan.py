@@ -84,3 +84,45 @@ def test_max_memory_refuses_before_loading(make_model, tmp_path, capsys):
     assert err.startswith("error: capture would need about ") and "more than --max-memory 100MB" in err
     assert "lower --batch-size" in err and err.count("\n") == 1 and not store.exists()
     assert main([*args, "--max-memory", "64GB"]) == 0 and store.exists()
+
+
+@pytest.mark.parametrize(("attention", "n_tokens", "batches"),
+                         [("sdpa", 100, (4, 32)), ("sdpa", 300, (2, 12)), ("eager", 200, (2, 12))])
+def test_forward_activations_within_20_percent_of_the_traced_peak(attention, n_tokens, batches):
+    """One compute batch as the runner runs it (forward, non-finite check, padding made NaN): the CPU
+    allocator's traced peak against the plan's ``forward_activations``, at two batch sizes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from capture.pipeline.runner import _first_non_finite, forward_residuals
+    from capture.plan.budget import ModelFootprint, forward_activations
+    from capture.plan.memory_trace import traced_peak
+
+    shape = dict(num_hidden_layers=3, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=768, vocab_size=1000, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=attention).eval()
+    warm = torch.randint(0, 1000, (1, 4))
+    forward_residuals(model, model.get_input_embeddings(), warm, torch.ones_like(warm))  # first-call buffers
+    footprint = ModelFootprint(params=0, embedding=0, head=0, mapped=True, n_layers=3, hidden=256, vocab=1000,
+                               ffn=768, n_heads=8, fused_attention=attention != "eager")
+    for batch in batches:
+        ids = torch.randint(0, 1000, (batch, n_tokens))
+        mask = torch.ones_like(ids)
+        mask[0, n_tokens - 7:] = 0  # one padded row, as in a ragged batch
+
+        def one_batch(ids=ids, mask=mask):
+            with torch.inference_mode():
+                resid, final = forward_residuals(model, model.get_input_embeddings(), ids, mask)
+                _first_non_finite(resid, mask.bool())
+                resid.masked_fill_(~mask.bool()[:, None, :, None], float("nan"))
+                final.masked_fill_(~mask.bool()[:, :, None], float("nan"))
+
+        peak = traced_peak(one_batch)
+        predicted = forward_activations(footprint, batch, n_tokens, 4, 4, on_cpu=True)
+        assert abs(predicted / peak - 1) <= 0.2, (attention, n_tokens, batch, predicted, peak)
+
+
+def test_the_footprint_knows_fused_attention(make_model):
+    from capture.plan.budget import model_footprint
+
+    assert model_footprint(str(make_model("llama")), "float32", "cpu").fused_attention
