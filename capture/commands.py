@@ -220,6 +220,11 @@ def _capture_options(p: argparse.ArgumentParser, renamed, pass_pairs: bool = Tru
     run.add_argument("--layers", metavar="LIST",
                      help="store only these layers, e.g. 0,8,16:24 (a:b is a..b-1, negatives count from the end; "
                      "the layer coordinate keeps the true numbers); default all")
+    run.add_argument("--cross-layers", metavar="SPEC",
+                     help="also capture crossed passes at these split layers (4,8,12 or START:STOP:STEP, 0..the "
+                     "number of blocks): B>S@L runs the base model's embedding and blocks below L, then the SFT "
+                     "model's blocks, final norm and unembedding; S>B@L the mirror. The lower part is the BB or SS "
+                     "pass's own (its state at L carried at full precision, not recomputed)")
     run.add_argument("--positions", metavar="first:N|last:N",
                      help="store only each prompt's first N or last N token positions (default all)")
     gen = p.add_argument_group("generate, then capture (the passes over the model's own responses)")

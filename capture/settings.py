@@ -51,6 +51,7 @@ class CaptureSettings:
     layers: str | None = None  # --layers 0,8,16:24 (default all)
     lens_layers: str | None = None  # --lens-layers: lens statistics on these stored layers only (default all)
     positions: str | None = None  # --positions first:32 | last:16 (default all)
+    cross_layers: str | None = None  # --cross-layers 4,8,12 | 0:24:4: crossed passes B>S@L and S>B@L per split
     generate: int | None = None  # --generate N: capture each prompt followed by up to N tokens a model generates
     generate_with: str | None = None  # which model generates: sft (default) or base
     temperature: float | None = None  # sample the responses at this temperature (default: greedy)

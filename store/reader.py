@@ -305,6 +305,15 @@ def stored_bytes(ds: xr.Dataset, names: list[str]) -> int:
     return total
 
 
+def _describe_pass(ds: xr.Dataset, i: int) -> str:
+    """One pass's recipe: ``BB=(base LLM, base emb, base unemb)``; a crossed pass names its lower body too."""
+    name, llm, emb, unemb = (str(ds[c].values[i]) for c in ("pass_", "model", "embedding", "unembedding"))
+    if "lower_body" in ds.coords and str(ds.lower_body.values[i]) != llm:
+        return f"{name}=({emb} emb, {ds.lower_body.values[i]} blocks < {int(ds.split_layer.values[i])}, {llm} " \
+               f"blocks from there, {unemb} unemb)"
+    return f"{name}=({llm} LLM, {emb} emb, {unemb} unemb)"
+
+
 def describe_store(path: str | Path) -> str:
     """A short human summary: dims, passes, models, completeness."""
     ds = open_store(path)
@@ -324,11 +333,7 @@ def describe_store(path: str | Path) -> str:
         f"sft        {models.get('sft', {}).get('ref', '?')}",
         f"model      {attrs.get('model_dtype', '?')} on {attrs.get('device', '?')}, "
         f"{settings.get('model_pair', settings.get('pair')) or 'custom pair'}",
-        "passes     " + ", ".join(
-            f"{p}=({m} LLM, {e} emb, {u} unemb)"
-            for p, m, e, u in zip(ds.pass_.values, ds.model.values, ds.embedding.values, ds.unembedding.values,
-                                  strict=True)
-        ),
+        "passes     " + ", ".join(_describe_pass(ds, i) for i in range(ds.sizes["pass_"])),
         f"prompts    {ds.sizes['prompt']}: {int(n_tokens.sum())} tokens stored, {int(n_tokens.min())} to "
         f"{int(n_tokens.max())} per prompt (median {float(np.median(n_tokens)):g})",
         f"complete   {int(done.sum())}/{done.size} pass x prompt regions"

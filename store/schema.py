@@ -56,6 +56,24 @@ def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
     return [(f"{a}-{b}", a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
+def default_pass_pairs(passes: list[dict]) -> list[tuple[str, str, str]]:
+    """The default comparisons of a pass plan (``pass_plan`` entries): every pair of its uncrossed passes, then
+    each crossed pass against the pass whose change it should recover, ``B>S@L-SS`` and ``S>B@L-BB``
+    (KL(SS || B>S@L), KL(BB || S>B@L)).
+
+    >>> plan = [{"name": n, "llm": m} for n, m in (("BB", "base"), ("SS", "sft"))]
+    >>> [q[0] for q in default_pass_pairs(plan + [{"name": "B>S@2", "llm": "sft", "split": 2}])]
+    ['BB-SS', 'B>S@2-SS']
+    """
+    pairs = every_pass_pair([p["name"] for p in passes if p.get("split") is None])
+    names = {p["name"] for p in passes}
+    for p in passes:
+        target = {"sft": "SS", "base": "BB"}[p["llm"]] if p.get("split") is not None else None
+        if target in names:
+            pairs.append((f"{p['name']}-{target}", p["name"], target))
+    return pairs
+
+
 def content_digest(values) -> str:
     """SHA-256 of a JSON-serialisable list (prompt texts, variants...), for fingerprints that must not grow
     with the number of prompts.
@@ -150,6 +168,10 @@ def build_template(
         for row, kinds in enumerate(roles):
             roles_pt[row, : len(kinds)] = kinds
         coords["role"] = (("prompt", "token"), roles_pt)
+    if any("split" in p for p in passes):  # crossed passes: every pass's recipe (docs/store-format.md)
+        coords["lower_body"] = ("pass_", string_array([p.get("lower") or p["llm"] for p in passes]))
+        coords["upper_body"] = ("pass_", string_array([p["llm"] for p in passes]))
+        coords["split_layer"] = ("pass_", np.asarray([p.get("split") or 0 for p in passes], dtype=np.int32))
     if responses is not None:
         coords["response_start"] = ("prompt", np.asarray(responses["response_start"], dtype=np.int32))
         coords["stop_reason"] = ("prompt", string_array(responses["stop_reason"]))

@@ -31,7 +31,7 @@ from analysis.compute import ragged_sums
 from analysis.compute.dim_sums import previous_layer_dots, residual_sums
 from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
-from store.schema import every_pass_pair
+from store.schema import default_pass_pairs
 
 EPS = 1e-8
 PASS_METRICS = ("norm", "norm_delta", "cosine_prev")
@@ -163,7 +163,11 @@ def store_pass_pairs(ds: xr.Dataset) -> tuple[list[str], list[str], list[str]]:
     """
     if "pair" in ds.dims:
         return [str(x) for x in ds.pair.values], [str(x) for x in ds.left.values], [str(x) for x in ds.right.values]
-    combos = every_pass_pair([str(p) for p in ds.pass_.values])
+    splits = ds.split_layer.values if "split_layer" in ds.coords else [0] * ds.sizes["pass_"]
+    crossed = ds.lower_body.values != ds.upper_body.values if "split_layer" in ds.coords else [False] * len(splits)
+    plan = [{"name": str(p), "llm": str(m), **({"split": int(s)} if c else {})}
+            for p, m, s, c in zip(ds.pass_.values, ds.model.values, splits, crossed, strict=True)]
+    combos = default_pass_pairs(plan)
     return [q[0] for q in combos], [q[1] for q in combos], [q[2] for q in combos]
 
 

@@ -70,3 +70,51 @@ class ResidualRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class _Skipped(nn.Module):
+    """A block not run: passes its input on, or, as the last block below a split, the carried state."""
+
+    def __init__(self, state_btd: torch.Tensor | None) -> None:
+        super().__init__()
+        self.state_btd = state_btd
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.state_btd is None else self.state_btd
+
+
+class ContinueFrom:
+    """Context manager: a forward of the model whose blocks are ``layers`` runs only blocks ``split``.., on
+    ``state_btd`` (the residual stream at layer ``split`` of another pass) instead of its own embedding output.
+
+    The blocks below the split are swapped for modules that do nothing (transformers 5 blocks return the
+    hidden state as a tensor, which is what they return), the last of them handing on ``state_btd``; with
+    ``split`` 0 the first block's input is replaced. The model's own embedding still runs (a lookup, cheap)
+    and its output is dropped. Everything is restored on exit.
+    """
+
+    def __init__(self, layers: nn.ModuleList, split: int, state_btd: torch.Tensor) -> None:
+        self.layers, self.split, self.state_btd = layers, split, state_btd
+        self._saved: list[nn.Module] = []
+        self._handle = None
+
+    def __enter__(self) -> ContinueFrom:
+        self._saved = [self.layers[i] for i in range(self.split)]
+        for i in range(self.split):
+            self.layers[i] = _Skipped(self.state_btd if i == self.split - 1 else None)
+        if self.split == 0:
+            def replace_input(module, args, kwargs):
+                if args:
+                    return (self.state_btd, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": self.state_btd}
+
+            self._handle = self.layers[0].register_forward_pre_hook(replace_input, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for i, block in enumerate(self._saved):
+            self.layers[i] = block
+        self._saved = []
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

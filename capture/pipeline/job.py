@@ -29,6 +29,7 @@ from capture.inputs.responses import Journal, Response, with_responses
 from capture.lens.logit_lens import Lens, describe_norm, lens_head, record_lens_head
 from capture.lens.stage import chosen_layers, pending_rows, write_lens_statistics
 from capture.models.loading import DTYPES, input_embedding_copy, load_input_embedding, load_model, release_memory
+from capture.pipeline.carry import carry_needs, crossing_for, group_writer
 from capture.pipeline.generate import generate_responses
 from capture.pipeline.runner import CapturedGroup, Throughput, run_passes
 from capture.plan.memory import build_plan
@@ -128,9 +129,11 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
     lenses: dict[str, Lens] = {}
     kept: dict = {}  # input embedding modules of models no longer resident
     speed = Throughput()
+    crossing = crossing_for(prep) if any(p.crossed for p in passes) else None
     for step in residency_schedule(passes, prep.lens_sources):
         llm = step.llm
-        todo = [i for i in step.passes if not done_pp[i].all()]
+        needs = carry_needs(prep, crossing, step, done_pp, groups)
+        todo = [i for i in step.passes if not done_pp[i].all() or needs.get(i)]
         if not todo and llm not in lens_needed:  # resumed past this step (or its lens is not needed)
             if step.keep_embedding:
                 kept[llm] = load_input_embedding(refs[llm], resolved.dtype, resolved.device, settings.trust_remote_code,
@@ -144,7 +147,7 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
                            settings.trust_remote_code, **settings.load_kwargs())
         device = next(model.parameters()).device
         embeddings = {llm: model.get_input_embeddings(), **kept}
-        for other in step.borrowed & {passes[i].embedding for i in todo}:
+        for other in step.borrowed & {passes[i].embedding for i in todo if not passes[i].crossed}:
             embeddings[other] = load_input_embedding(refs[other], resolved.dtype, device, settings.trust_remote_code,
                                                      settings.allow_pickle)
         if llm in prep.lens_sources and llm not in (writer.attrs.get("lens_heads") or {}):
@@ -155,14 +158,17 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
             lenses[llm] = Lens.from_model(model, device)
         if step.keep_embedding:
             kept[llm] = _keep_input_embedding(model, lenses.get(llm), refs[llm], prep, device)
+        if crossing is not None:
+            crossing.splits_of = {i: tuple(split for source, split in step.carry if source == i) for i in step.passes}
         captured = run_passes(
             model, [(i, passes[i]) for i in todo], embeddings, prep.tokenized, groups, prep.window,
             batch_size=settings.batch_size_for(resolved.device), batch_tokens=settings.batch_tokens,
             max_padding=settings.padding_for(resolved.device), token_extent=writer.group_extent,
             out_dtype=DTYPES[settings.store_dtype], pad_id=pad_id_of(prep.tokenizer),
-            skip=lambda i, g: bool(done_pp[i, g].all()),
+            skip=lambda i, g, needs=needs: bool(done_pp[i, g].all()) and not needs.get(i, {}).get(g.start),
+            crossing=crossing,
         )
-        for group in _written_behind(writer, captured):
+        for group in _written_behind(writer, captured, group_writer(writer, prep, crossing)):
             bar.set_description(f"{passes[group.pass_index].name}")
             bar.set_postfix_str(f"{speed.add(group.n_real_tokens):.0f} tok/s")
             bar.update(group.prompts.stop - group.prompts.start)
@@ -170,21 +176,25 @@ def _residual_stage(prep: Prepared, writer: StoreWriter, groups: list[slice], ba
         model_ref = weakref.ref(model)
         del model
         release_memory(model_ref)
+    if crossing is not None and writer.done_pp().all():
+        crossing.carry.discard()  # every crossed pass is written: the carried states are no longer needed
     return lenses
 
 
-def _written_behind(writer: StoreWriter, captured: Iterator[CapturedGroup]) -> Iterator[CapturedGroup]:
+def _written_behind(writer: StoreWriter, captured: Iterator[CapturedGroup],
+                    write=None) -> Iterator[CapturedGroup]:
     """Write each group in a background thread while the next one is computed; yield it once written.
 
     At most one write is in flight, so memory holds two groups. A failed write re-raises
     here; on any exit the write in flight completes (with its done flag) before returning. A written
-    group's buffers go back to their pool before it is yielded (its arrays are not to be read).
+    group's buffers go back to their pool before it is yielded (its arrays are not to be read). ``write``
+    (default: the region) writes one group.
     """
+    write = write or (lambda g: writer.write_region(g.pass_index, g.prompts, g.resid_gltd, g.final_gtd))
     with ThreadPoolExecutor(1, thread_name_prefix="resdiff-write") as pool:
         pending: deque = deque()
         for group in captured:
-            pending.append((group, pool.submit(writer.write_region, group.pass_index, group.prompts,
-                                               group.resid_gltd, group.final_gtd)))
+            pending.append((group, pool.submit(write, group)))
             while len(pending) > 1 or (pending and pending[0][1].done()):
                 done_group, future = pending.popleft()
                 future.result()
@@ -229,6 +239,9 @@ def _save_lenses(writer: StoreWriter, lenses: dict[str, Lens]) -> dict:
 def _run_capture(settings: CaptureSettings, log, progress: bool, client) -> StorePath:
     limit = parse_size(settings.max_memory) if settings.max_memory is not None else None
     prep = prepare(settings, log)
+    if client is not None and any(p.crossed for p in prep.passes):
+        raise UsageError("--cross-layers runs on this machine only for now; drop --scheduler/--local-cluster or "
+                         "--cross-layers")
     if limit is not None:
         build_plan(prep).check(limit, str(settings.max_memory))
     try:

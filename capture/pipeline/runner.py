@@ -12,6 +12,7 @@ from the attention mask so GPT-2's learned positions stay correct too.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,11 @@ from torch import nn
 from capture.errors import NonFiniteActivation
 from capture.inputs.prompts import TokenizedPrompts
 from capture.inputs.selection import StoredWindow
-from capture.models.hooks import ResidualRecorder
+from capture.models.hooks import ContinueFrom, ResidualRecorder
 from capture.models.loading import decoder, decoder_layers
 from capture.models.masks import prepared_mask
 from capture.models.transfer import DeviceToHost, HostCopy, arrivals, to_device
+from capture.pipeline.carry import Crossing, raw
 from capture.plan.batching import compute_batches
 from capture.plan.passes import Pass
 
@@ -45,6 +47,7 @@ class CapturedGroup:
     final_gtd: np.ndarray
     n_real_tokens: int
     pool: HostBuffers | None = None
+    carry_gstd: np.ndarray | None = None  # raw states at the pass's carried splits (--cross-layers), full length
 
     def release(self) -> None:
         if self.pool is not None:
@@ -101,11 +104,16 @@ def forward_residuals(
     mask_bt: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     keep_layers: list[int] | None = None,
+    carry: tuple[list[int], torch.Tensor] | None = None,
+    start: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of ``model`` on ``embedding(ids_bt)``; returns (resid_bltd, final_btd).
 
     Only the decoder body runs: the LM head (a vocabulary-sized product) is not needed
-    for residuals. ``keep_layers`` are the layers recorded (default all of 0..L).
+    for residuals. ``keep_layers`` are the layers recorded (default all of 0..L). ``carry`` (layers,
+    buffer (b, s, t, d) in the model's dtype) also records those layers' states at full precision, for the
+    crossed passes that continue them; ``start`` (split, state_btd) runs only the blocks from the split on,
+    on that state (a crossed pass: the layers below the split recorded here are not its own).
     """
     layers = decoder_layers(model)
     device = _device_of(model.get_input_embeddings())
@@ -118,7 +126,12 @@ def forward_residuals(
     resid_bltd = torch.empty(n_batch, n_kept, n_tok, embeds_btd.shape[-1], dtype=out_dtype, device=device)
     body = decoder(model)
     mask = prepared_mask(body, embeds_btd, mask_bt, position_ids_bt)  # nothing read on the host
-    with ResidualRecorder(layers, resid_bltd, keep_layers):
+    with contextlib.ExitStack() as stack:
+        if start is not None:  # swaps blocks: entered before the recorders hook them
+            stack.enter_context(ContinueFrom(layers, start[0], start[1].to(device=device, dtype=model_dtype)))
+        stack.enter_context(ResidualRecorder(layers, resid_bltd, keep_layers))
+        if carry is not None:
+            stack.enter_context(ResidualRecorder(layers, carry[1], carry[0]))
         out = body(inputs_embeds=embeds_btd, attention_mask=mask, position_ids=position_ids_bt, use_cache=False)
     # on the residuals' device: a model split over GPUs (--device-map) ends on another one than it starts
     return resid_bltd, out.last_hidden_state.to(device=device, dtype=out_dtype)
@@ -177,7 +190,7 @@ class _GroupFilling:
     def place(self, launched: _Launched, arrays: list[np.ndarray]) -> CapturedGroup | None:
         """Place a batch's copied results (resid, final, found, value) in its group; the group once its last
         batch is placed."""
-        resid_host, final_host, found, value = arrays
+        resid_host, final_host, found, value = arrays[:4]
         batch, group = launched.batch, launched.group
         if found[0]:
             _, row, layer, token = (int(i) for i in found)
@@ -198,6 +211,13 @@ class _GroupFilling:
             self.open[key] = CapturedGroup(launched.pass_index, group, resid, final, 0, self.pool)
         filling = self.open[key]
         at = batch.start - group.start
+        if len(arrays) > 4:  # states carried for crossed passes: every forward position, any window
+            carry = arrays[4]
+            if filling.carry_gstd is None:
+                full = self.prompts.lengths[group.start]  # store order: the group's longest forward
+                filling.carry_gstd = np.zeros((group.stop - group.start, carry.shape[1], full, carry.shape[3]),
+                                              dtype=carry.dtype)
+            filling.carry_gstd[at: at + len(carry), :, : carry.shape[2]] = carry
         if self.simple:
             width, rows = resid_host.shape[2], slice(at, at + len(resid_host))
             filling.resid_gltd[rows, :, :width] = resid_host
@@ -229,6 +249,7 @@ def run_passes(
     pad_id: int = 0,
     skip: Callable[[int, slice], bool] = lambda pass_index, group: False,
     place_behind: bool | None = None,
+    crossing: Crossing | None = None,
 ) -> Iterator[CapturedGroup]:
     """Yield one :class:`CapturedGroup` per (pass, write group) not skipped.
 
@@ -238,7 +259,8 @@ def run_passes(
     computes one batch while the last is copied (``capture.models.transfer``); on the CPU at once,
     so that no batch outlives its placement. ``place_behind`` (default: on CUDA) places each batch on a
     thread of its own, one placement at a time, so the launching thread goes on launching meanwhile. A
-    group's buffers come from a pool: :meth:`CapturedGroup.release` them once written.
+    group's buffers come from a pool: :meth:`CapturedGroup.release` them once written. ``crossing``
+    (``--cross-layers``) says which passes' states to carry and where crossed passes start from.
     """
     filling = _GroupFilling(prompts, window, token_extent, torch.empty(0, dtype=out_dtype).numpy().dtype)
     copies = DeviceToHost(_device_of(model.get_input_embeddings()))
@@ -255,8 +277,10 @@ def run_passes(
                 extent = token_extent(group)
                 for number, batch in enumerate(batches):
                     launched = _Launched(pass_index, spec.name, group, batch, number == len(batches) - 1)
-                    yield launched, _launch(model, embeddings[spec.embedding], prompts, batch, copies, window.layers,
-                                            out_dtype, pad_id, extent if filling.simple else None)
+                    crossed = crossing.batch_plan(pass_index, spec, batch, lengths) if crossing else ((), None)
+                    embedding = embeddings[spec.embedding] if not spec.crossed else model.get_input_embeddings()
+                    yield launched, _launch(model, embedding, prompts, batch, copies, window.layers,
+                                            out_dtype, pad_id, extent if filling.simple else None, *crossed)
 
     if not place_behind:
         for launched, arrays in arrivals(copies, launches()):
@@ -275,12 +299,20 @@ def run_passes(
 
 def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, batch: slice,
             copies: DeviceToHost, layers: list[int], out_dtype: torch.dtype, pad_id: int,
-            width: int | None) -> HostCopy:
+            width: int | None, carry_splits: tuple[int, ...] = (), start: tuple | None = None) -> HostCopy:
     """Queue one batch's forward, make its padding NaN, and start its copy to the host (the first ``width``
-    positions, all where None)."""
+    positions, all where None); with ``carry_splits`` the states there too, whole and raw."""
     ids_bt, mask_bt = pad_batch([prompts.ids[i] for i in range(batch.start, batch.stop)], pad_id)
     ids_bt, mask_bt = to_device(ids_bt, copies.device), to_device(mask_bt, copies.device)
-    resid_bltd, final_btd = forward_residuals(model, embedding, ids_bt, mask_bt, out_dtype, layers)
+    carry = None
+    if carry_splits:
+        model_dtype = model.get_input_embeddings().weight.dtype
+        carry = (list(carry_splits), torch.empty(*ids_bt.shape[:1], len(carry_splits), ids_bt.shape[1],
+                                                 model.get_input_embeddings().weight.shape[1], dtype=model_dtype,
+                                                 device=copies.device))
+    if start is not None:
+        start = (start[0], to_device(start[1], copies.device))
+    resid_bltd, final_btd = forward_residuals(model, embedding, ids_bt, mask_bt, out_dtype, layers, carry, start)
     real_bt = mask_bt.bool()
     with torch.inference_mode():  # padding becomes NaN on the device, then one copy to the host
         found, value = _first_non_finite(resid_bltd, real_bt)
@@ -288,7 +320,8 @@ def _launch(model: nn.Module, embedding: nn.Module, prompts: TokenizedPrompts, b
         final_btd.masked_fill_(~real_bt[:, :, None], float("nan"))
     width = resid_bltd.shape[2] if width is None else min(resid_bltd.shape[2], width)
     # Only the copy keeps the device tensors alive from here (until it is done).
-    return copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value)
+    extra = [raw(carry[1])] if carry is not None else []
+    return copies.start(resid_bltd[:, :, :width], final_btd[:, :width], found, value, *extra)
 
 
 class Throughput:

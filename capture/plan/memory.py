@@ -68,6 +68,7 @@ class CapturePlan:
     times: StageTimes | None = None
     calibration: Calibration | None = None
     generation: str | None = None  # with --generate: what the counts above assume of the responses
+    carried: int = 0  # with --cross-layers: bytes of the carried states kept beside the store
 
     @property
     def largest(self) -> PlanStep:
@@ -87,6 +88,9 @@ class CapturePlan:
         total = sum(self.store_bytes.values())
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.store_bytes.items() if v)
         lines.append(f"store: {self.store}, at most {format_bytes(total)} before compression ({parts})")
+        if self.carried:
+            lines.append(f"carried states: {format_bytes(self.carried)} beside the store (the crossed passes' "
+                         "starting points, in the compute dtype), removed once they are done")
         lines.append(f"predicted peak {where}: {format_bytes(self.peak)} = {format_bytes(self.baseline)} in use "
                      f"now + step {self.steps.index(self.largest) + 1} ({format_bytes(self.largest.total)})")
         if self.times is not None and self.calibration is not None:
@@ -185,8 +189,32 @@ def _residual_steps(prep: Prepared, fps: dict[str, ModelFootprint], on_cpu: bool
         if on_cpu:
             step.parts["write buffers"] = group_buffers(fp, *shapes.group, out_itemsize, shapes.kept_layers)
             step.parts["runtime slack"] = CPU_RUNTIME_SLACK
+        carried = _carried_states(prep, residency, fp, itemsize, out_itemsize, shapes)
+        if carried:
+            step.parts["carried states"] = carried
         steps.append(step)
     return steps
+
+
+def _carried_states(prep: Prepared, residency, fp: ModelFootprint, itemsize: int, out_itemsize: int,
+                    shapes: _Shapes) -> int:
+    """``--cross-layers``: a step's states at split layers in the compute dtype, a batch's and a write
+    group's worth for the splits its passes carry; for its crossed passes a batch's states read back and a
+    group's stored lower layers read from the store (at most all its kept layers)."""
+    per_token = fp.hidden * itemsize
+    splits = max([sum(1 for s, _ in residency.carry if s == i) for i in residency.passes] or [0])
+    batch = max(rows * tokens for rows, tokens in shapes.batches)
+    group = shapes.group[0] * shapes.group[1]
+    carried = per_token * splits * (batch + group)
+    if any(prep.passes[i].crossed for i in residency.passes):
+        carried += per_token * batch + group * (shapes.kept_layers or fp.n_layers + 1) * fp.hidden * out_itemsize
+    return carried
+
+
+def carried_bytes(prep: Prepared) -> int:
+    """Bytes of the states ``--cross-layers`` keeps beside the store until its crossed passes are done."""
+    sources = {(i, p.split) for i, p in enumerate(prep.passes) if p.crossed}
+    return len(sources) * sum(prep.tokenized.lengths) * prep.shapes["base"].hidden * units.itemsize(prep.resolved.dtype)
 
 
 def _statistics_step(prep: Prepared, fp: ModelFootprint, on_cpu: bool, shapes: _Shapes) -> PlanStep:
@@ -238,6 +266,7 @@ def build_plan(prep: Prepared, calibrated: bool = False) -> CapturePlan:
         label=resolved.label, store=str(prep.path), device=resolved.device, n_prompts=len(prep.tokenized.texts),
         n_tokens=max(prep.tokenized.lengths), baseline=baseline, steps=steps,
         store_bytes=store_bytes, times=times, calibration=calibration, generation=_generation_line(prep),
+        carried=carried_bytes(prep),
     )
 
 

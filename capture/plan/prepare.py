@@ -27,7 +27,15 @@ from capture.inputs.responses import Generation, check_generation, pending
 from capture.inputs.selection import Positions, StoredWindow, parse_layers
 from capture.inputs.variants import expand_prompts
 from capture.models.loading import check_compatible, check_safe_weights, load_tokenizer, read_shape
-from capture.plan.passes import Pass, PassPair, parse_pass_pairs, parse_passes
+from capture.plan.passes import (
+    Pass,
+    PassPair,
+    crossed_passes,
+    parse_cross_layers,
+    parse_pass_pairs,
+    parse_passes,
+    source_pass,
+)
 from capture.settings import CaptureSettings, ResolvedModels, resolve_models
 from store import units
 from store.chunking import Chunking, choose_chunking, shard_prompts
@@ -113,7 +121,8 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
     generation = check_generation(settings.generate, settings.generate_with, settings.temperature, settings.seed,
                                   settings.positions, log)
     passes = parse_passes(settings.passes)
-    pass_pairs = parse_pass_pairs(settings.pass_pairs, passes) if settings.lens else ()
+    if settings.lens:
+        parse_pass_pairs(settings.pass_pairs, passes, allow_crossed=settings.cross_layers is not None)
     if settings.top_k < 0:
         raise UsageError(f"--top-k must be 0 or more, got {settings.top_k}")
     sources, source_rows = collect_prompts(settings.prompts_files, settings.prompts, field=settings.prompt_field,
@@ -132,6 +141,8 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         check_safe_weights(ref, settings.allow_pickle)
     shapes = {k: read_shape(v, settings.trust_remote_code) for k, v in refs.items()}
     check_compatible(shapes["base"], shapes["sft"], refs, settings.allow_mismatched_pair)
+    passes = _with_crossed(passes, settings, shapes["base"].n_layers, path)
+    pass_pairs = parse_pass_pairs(settings.pass_pairs, passes) if settings.lens else ()
     tokenizer = load_tokenizer(resolved.tokenizer_ref, settings.trust_remote_code, **settings.tokenizer_kwargs)
     vocab = shapes["base"].vocab
     if len(tokenizer) > vocab:
@@ -175,6 +186,25 @@ def prepare(settings: CaptureSettings, log) -> Prepared:
         return arrange(prep, pending(tokenized, generation.new_tokens, context, pad_id_of(tokenizer)),
                        responded=False)
     return arrange(prep, tokenized)
+
+
+def _with_crossed(passes: tuple[Pass, ...], settings: CaptureSettings, n_layers: int, path: StorePath
+                  ) -> tuple[Pass, ...]:
+    """The pass plan with ``--cross-layers``'s crossed passes after the others; refused where they cannot run."""
+    splits = parse_cross_layers(settings.cross_layers, n_layers)
+    if not splits:
+        return passes
+    if is_url(path):
+        raise UsageError("--cross-layers keeps the states it carries between models beside the store on a local "
+                         "disk; capture into a local --store and copy it to the object store afterwards")
+    if settings.device_map:
+        raise UsageError("--cross-layers runs each model's blocks apart from the others; it does not work with "
+                         "--device-map yet: drop one of them")
+    crossed = crossed_passes(splits)
+    plan = passes + crossed
+    for p in crossed:
+        source_pass(plan, p)  # refused here when --passes leaves out BB or SS
+    return plan
 
 
 def arrange(prep: Prepared, tokenized: TokenizedPrompts, responded: bool = True) -> Prepared:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capture.plan.passes import Pass, schedule
+from capture.plan.passes import Pass, schedule, source_pass
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ResidencyStep:
     kept: frozenset[str]  # embeddings of earlier models held during this step (this one's too, if kept)
     keep_embedding: bool  # this model's input embedding outlives it, for a later step
     copy_lens: bool  # this model's lens is copied while it is resident
+    carry: tuple[tuple[int, int], ...] = ()  # (pass, split): states at a split that later crossed passes continue
 
     @property
     def lens_only(self) -> bool:
@@ -48,17 +49,23 @@ def residency_schedule(passes: tuple[Pass, ...], lens_sources: set[str] | frozen
     >>> from capture.plan.passes import DEFAULT_PASSES
     >>> [(s.llm, s.passes, sorted(s.borrowed), s.keep_embedding) for s in residency_schedule(DEFAULT_PASSES)]
     [('base', (0, 2), ['sft'], True), ('sft', (1, 3), [], False)]
+    >>> from capture.plan.passes import crossed_passes
+    >>> [(s.llm, s.passes, s.carry) for s in residency_schedule(DEFAULT_PASSES + crossed_passes([2]))]
+    [('base', (0, 2), ((0, 2),)), ('sft', (1, 3, 4), ((3, 2),)), ('base', (5,), ())]
     """
     by_llm = schedule(passes)
     steps: list[ResidencyStep] = []
     kept: set[str] = set()
+    # a crossed pass reads no input embedding: it continues its source pass's state, carried from its step
+    carries = {(source_pass(passes, p), p.split) for p in passes if p.crossed}
     for position, (llm, indices) in enumerate(by_llm):
-        reads = {passes[i].embedding for i in indices}
-        later = {passes[i].embedding for _, rest in by_llm[position + 1:] for i in rest}
+        reads = {passes[i].embedding for i in indices if not passes[i].crossed}
+        later = {passes[i].embedding for _, rest in by_llm[position + 1:] for i in rest if not passes[i].crossed}
         keep = llm in later
         steps.append(ResidencyStep(
             llm=llm, passes=tuple(indices), reads=frozenset(reads), borrowed=frozenset(reads - {llm} - kept),
-            kept=frozenset(kept | ({llm} if keep else set())), keep_embedding=keep, copy_lens=llm in lens_sources))
+            kept=frozenset(kept | ({llm} if keep else set())), keep_embedding=keep, copy_lens=llm in lens_sources,
+            carry=tuple(sorted(c for c in carries if c[0] in indices))))
         if keep:
             kept.add(llm)
     for source in sorted(set(lens_sources) - {step.llm for step in steps}):
