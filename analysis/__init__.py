@@ -7,7 +7,8 @@ derives the geometric metrics per pass and per pair and summarises them;
 each change into embeddings, body and interaction; :func:`diff_lens` reads each pair's mean difference
 through the unembedding and :func:`shift_rate` counts top-token shifts; on a ``capture --generate``
 store, :func:`response_curve` and :func:`first_divergence` read what the models say over the generated
-responses; :func:`decompose` gives spectra, ranks and tensor decompositions of the differences;
+responses; :func:`crossing_profile` says where in depth the change enters (``--cross-layers``);
+:func:`decompose` gives spectra, ranks and tensor decompositions of the differences;
 :func:`report_summary` is ``report``'s opening in sentences; :mod:`analysis.readouts.saved_lens` computes lens
 logits of any token from a store's saved lens; :func:`activation_loader` feeds shuffled, paired
 activation batches to dictionary-learning trainers (torch is imported only when one is built).
@@ -20,6 +21,7 @@ from analysis.compute.reductions import correlation, hotspots, seven_number_summ
 from analysis.geometry.decompose import decompose
 from analysis.geometry.metrics import open_stores, pair_metrics, pass_metrics, summarize_over
 from analysis.loader.activations import activation_loader
+from analysis.readouts.crossing import crossing_profile
 from analysis.readouts.difflens import diff_lens, shift_rate
 from analysis.readouts.divergence import around_divergence, first_divergence, response_curve, response_readouts
 from analysis.readouts.factorial import factorial, factorial_shares
@@ -31,7 +33,7 @@ from store.reader import open_store
 
 __all__ = [
     "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
-    "activation_loader", "around_divergence", "correlation", "decompose", "diff_lens", "factorial",
+    "activation_loader", "around_divergence", "correlation", "crossing_profile", "decompose", "diff_lens", "factorial",
     "factorial_shares", "first_divergence", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
     "pass_metrics", "real_positions", "report_summary", "response_curve", "response_readouts",
     "seven_number_summary", "shift_rate", "summarize_over", "tracked_changes", "tracked_trajectory",

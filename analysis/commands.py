@@ -1,5 +1,5 @@
 """The analysis commands, each declared beside its handler: ``report``, ``decompose``, ``plot``, ``factorial``,
-``diff-lens`` and ``loader-stats``.
+``diff-lens``, ``loader-stats`` and ``crossing``.
 
 ``cli.py`` calls :func:`add_commands` with its sub-parsers and runs a handler with ``args.client`` set (the
 dask.distributed client of ``--scheduler`` or ``--local-cluster``, or None). Every handler opens its store
@@ -13,12 +13,14 @@ import argparse
 import contextlib
 import sys
 
+from store.errors import UsageError
+
 
 def add_commands(sub, renamed) -> None:
     """Declare this layer's commands on ``sub`` (``renamed(parser, action, old, why)`` keeps an old option name
     working)."""
     for declare in (_declare_report, _declare_decompose, _declare_plot, _declare_factorial, _declare_diff_lens,
-                    _declare_loader_stats):
+                    _declare_loader_stats, _declare_crossing):
         declare(sub, renamed)
 
 
@@ -234,6 +236,40 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                           html=args.html, progress=not args.quiet)
     for path in write_plots(ds, request, lambda: compute_context(args, ds)):
         print(f"Wrote {path}")
+    return 0
+
+
+def _declare_crossing(sub, renamed) -> None:
+    p = sub.add_parser(
+        "crossing", help="where in depth the change enters: the crossed passes' profile over split layers",
+        description="For a store captured with --cross-layers: per split L and direction, at the last layer, the "
+        "KL of the pass the crossing should reproduce from the crossed pass (KL(SS || B>S@L), KL(BB || S>B@L), "
+        "norm lens), its share of KL(SS || BB), and the share of sum |h_SS - h_BB|^2 left between them, with 95% "
+        "bootstrap intervals over prompts.",
+    )
+    p.add_argument("store", help="a store from `capture --cross-layers SPEC`")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the prompts (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    _massive_args(p, "the sums")
+    _scale_args(p)
+    p.set_defaults(func=_cmd_crossing)
+
+
+def _cmd_crossing(args: argparse.Namespace) -> int:
+    import dask
+
+    from analysis.geometry.outliers import describe_massive, massive_positions
+    from analysis.readouts.crossing import crossing_profile
+    from analysis.report.readout_text import crossing_lines
+
+    if args.resamples < 10:
+        raise UsageError(f"--resamples must be at least 10, got {args.resamples}")
+    ds = open_for_analysis(args.store)
+    with compute_context(args, ds):
+        found = massive_positions(ds, args.massive_factor)
+        keep = None if args.include_massive else ~found.massive
+        found, profile = dask.compute(found, crossing_profile(ds, keep, resamples=args.resamples, seed=args.seed))
+    print("\n".join([*describe_massive(ds, found, args.include_massive), *crossing_lines(profile)]))
     return 0
 
 

@@ -22,6 +22,7 @@ import xarray as xr
 from analysis.geometry.decompose import decompose_store
 from analysis.geometry.metrics import pair_metrics
 from analysis.geometry.outliers import massive_positions
+from analysis.readouts.crossing import crossing_profile, crossing_splits
 from analysis.report import plots, responses_text
 from analysis.report.answer import chat_templating, opening, page_inputs
 from analysis.report.summary import summary_sentences
@@ -65,14 +66,18 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
                 warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN)", RuntimeWarning)
                 (computed,) = dask.compute(lazy)
                 found = computed["found"]
+                keep = None if request.include_massive else ~found.massive
+                if crossing_splits(ds):  # the depth profile of the crossed passes (--cross-layers)
+                    (computed["crossing"],) = dask.compute(crossing_profile(ds, keep))
                 if request.html:
-                    keep = None if request.include_massive else ~found.massive
                     # the opening's metrics are geometric: built without graphs over the statistics variables
                     lazy_page = page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep)
                     if responses_text.applies(ds):  # read with the page's tables, not on its own
                         lazy_page["responses"] = responses_text.response_inputs(ds)
                     (computed["page"],) = dask.compute(lazy_page)
             images = _figures(ds, out, request, computed["curves"], found)
+            if "crossing" in computed:
+                images.append(plots.crossing_plot(computed["crossing"], out))
             path, _ = decompose_store(request.store, top_k=request.top_k, progress=request.progress,
                                       include_massive=request.include_massive, massive=found.massive.values)
         result = xr.open_zarr(str(path)).load()

@@ -108,6 +108,28 @@ def response_curves(curve: xr.Dataset, out: Path) -> Path:
     return _save(fig, out / "response_curves.png")
 
 
+def crossing_plot(profile: xr.Dataset, out: Path) -> Path:
+    """The depth profile of the crossed passes: per split, the share of the SS - BB change each direction
+    leaves (residuals at the last layer, and KL at the output where the store has it), with 95% bootstrap
+    intervals (``profile``: :func:`analysis.readouts.crossing.crossing_profile`, computed)."""
+    shares = [(name, label) for name, label in (("resid_share", "share of sum |h_SS - h_BB|^2 left"),
+                                                 ("kl_share", "share of KL(SS || BB) left")) if name in profile]
+    fig, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 4), squeeze=False)
+    splits = profile.split.values
+    for ax, (name, label) in zip(axes[0], shares, strict=True):
+        for direction, style in zip(profile.direction.values, ("o-", "s--"), strict=False):
+            at = profile.sel(direction=direction)
+            value = at[name].values
+            err = np.abs(np.stack([value - at[f"{name}_low"].values, at[f"{name}_high"].values - value]))
+            ax.errorbar(splits, value, yerr=err, fmt=style, ms=4, capsize=3, label=f"{direction}@L")
+        ax.set(title=f"{name} by split layer L (95% bootstrap intervals)", xlabel="split layer L (blocks below L "
+               "from the first model)", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title="crossed pass", fontsize=8)
+    return _save(fig, out / "crossing_profile.png")
+
+
 def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int = 0, lens: str = "norm",
              massive: np.ndarray | None = None) -> Path:
     """Layer x token heatmaps of one prompt: a pair metric per pair, or a pass metric per pass.

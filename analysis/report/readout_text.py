@@ -71,3 +71,28 @@ def loader_stats_lines(store: str, stats: dict, pair: str | None, batch_size: in
     if stats["scales"] is not None:
         lines.append(f"normalisation factors (layer x pass): {stats['scales']}")
     return lines
+
+
+def crossing_lines(profile) -> list[str]:
+    """The ``crossing`` command's table: per split and direction, the shares left and their 95% intervals."""
+    def cell(value) -> str:
+        value = float(value)
+        return f"{value:.4f}" if value == value else "–"
+
+    has_kl = "kl" in profile
+    head = ["split", "direction", *(["KL", "KL share", "95% interval"] if has_kl else []), "resid share",
+            "95% interval"]
+    rows = []
+    for split in profile.split.values:
+        for direction in profile.direction.values:
+            at = profile.sel(split=split, direction=direction)
+            interval = f"{cell(at.kl_share_low)}..{cell(at.kl_share_high)}" if has_kl else ""
+            kl = [cell(at.kl), cell(at.kl_share), interval] if has_kl else []
+            rows.append([int(split), f"{direction}@L", *kl, cell(at.resid_share),
+                         f"{cell(at.resid_share_low)}..{cell(at.resid_share_high)}"])
+    lines = [f"crossed passes at the last layer (share = what the crossing leaves of the SS - BB change; 1 - share "
+             f"is recovered; {profile.attrs.get('resamples')} bootstrap resamples of the prompts, seed "
+             f"{profile.attrs.get('seed')}):", table(head, rows)]
+    if not has_kl:
+        lines.append("KL: not in this store (captured with --no-lens, or without the pairs B>S@L-SS, S>B@L-BB, BB-SS)")
+    return lines

@@ -1,0 +1,129 @@
+"""The crossing profile (``analysis.crossing_profile``, ``cli.py crossing``) against plain float64 loops over
+the stored values, against ground truth (a pair that differs from block k on), and its bootstrap intervals
+against a plain resampling loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import open_store
+from analysis.compute.bootstrap import draws, ratio_interval_np
+from analysis.readouts.crossing import crossing_profile
+from store.errors import MissingData
+from tests.helpers import RAGGED, load
+
+K, N_LAYERS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def crossed(make_model, tmp_path_factory):
+    """A store of a llama pair whose SFT model differs from the base from block K on, crossed at every split."""
+    from transformers import AutoTokenizer
+
+    from capture.models.loading import decoder_layers
+    from capture.pipeline.job import run_capture
+    from capture.settings import CaptureSettings
+
+    base = make_model("llama", seed=0)
+    root = tmp_path_factory.mktemp("crossed")
+    model = load(base)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for block in list(decoder_layers(model))[K:]:
+            for weight in block.parameters():
+                weight.add_(0.05 * torch.randn_like(weight))
+    model.save_pretrained(root / "sft")
+    AutoTokenizer.from_pretrained(base).save_pretrained(root / "sft")
+    path = run_capture(CaptureSettings(base=str(base), sft=str(root / "sft"), prompts=RAGGED, device="cpu",
+                                       store=str(root / "s.zarr"), store_dtype="float32", top_k=2,
+                                       cross_layers=f"0:{N_LAYERS + 1}"), log=lambda *a: None, progress=False)
+    return open_store(path)
+
+
+def _plain_sums(ds, keep=None):
+    """Per split and direction, float64 sums over real kept positions, in loops: (kl, kl_ref, resid, resid_ref)."""
+    resid = ds.resid.sel(layer=N_LAYERS).values.astype(np.float64)
+    names = [str(p) for p in ds.pass_.values]
+    kl = ds.kl.sel(lens="norm", layer=N_LAYERS)
+    pairs = [str(q) for q in ds.pair.values]
+    out = {}
+    for split in range(N_LAYERS + 1):
+        for direction, target in (("B>S", "SS"), ("S>B", "BB")):
+            crossed = f"{direction}@{split}"
+            sums = np.zeros(4)
+            for row in range(ds.sizes["prompt"]):
+                for t in range(int(ds.n_tokens.values[row])):
+                    if keep is not None and not keep[row, t]:
+                        continue
+                    d = resid[names.index(target), row, t] - resid[names.index(crossed), row, t]
+                    r = resid[names.index("SS"), row, t] - resid[names.index("BB"), row, t]
+                    sums += [float(kl.values[pairs.index(f"{crossed}-{target}"), row, t]),
+                             float(kl.values[pairs.index("BB-SS"), row, t]), float(d @ d), float(r @ r)]
+            out[(split, direction)] = sums
+    return out
+
+
+def test_profile_equals_plain_sums_and_ground_truth(crossed):
+    profile = crossing_profile(crossed).compute()
+    plain = _plain_sums(crossed)
+    n_real = int(crossed.n_tokens.sum())
+    for (split, direction), (kl, kl_ref, resid, resid_ref) in plain.items():
+        at = profile.sel(split=split, direction=direction)
+        assert float(at.kl) == pytest.approx(kl / n_real, rel=1e-5, abs=1e-9)
+        assert float(at.kl_share) == pytest.approx(kl / kl_ref, rel=1e-5, abs=1e-9)
+        assert float(at.resid_share) == pytest.approx(resid / resid_ref, rel=1e-9, abs=1e-12)
+        if split <= K:  # the change lives in blocks K..: crossing at or below K leaves none of it
+            assert float(at.resid_share) == 0.0 and abs(float(at.kl_share)) < 1e-6
+            assert float(at.resid_share_low) == float(at.resid_share_high) == 0.0
+        else:
+            assert float(at.resid_share) > 0.01
+            assert float(at.resid_share_low) <= float(at.resid_share) <= float(at.resid_share_high)
+
+
+def test_massive_positions_left_out_count_nowhere(crossed):
+    import xarray as xr
+
+    keep_pt = np.asarray(crossed.token.values[None, :] > 0).repeat(crossed.sizes["prompt"], 0)  # drop token 0
+    keep = xr.DataArray(keep_pt, dims=("prompt", "token"), coords={"prompt": crossed.prompt})
+    profile = crossing_profile(crossed, keep).compute()
+    for (split, direction), (_, _, resid, resid_ref) in _plain_sums(crossed, keep_pt).items():
+        assert float(profile.resid_share.sel(split=split, direction=direction)) == pytest.approx(resid / resid_ref)
+
+
+def test_bootstrap_interval_equals_a_plain_loop():
+    rng = np.random.default_rng(5)
+    num, den = rng.random(40), rng.random(40) + 0.5
+    chosen = draws(40, 200, 11)
+    ratios = [num[row].sum() / den[row].sum() for row in chosen]
+    np.testing.assert_allclose(ratio_interval_np(num, den, chosen), np.percentile(ratios, [2.5, 97.5]))
+
+
+def test_profile_is_lazy_and_refuses_stores_without_crossings(crossed, capture_store):
+    import dask
+
+    from store.testing import CountingScheduler
+
+    with dask.config.set(scheduler=CountingScheduler(0)):
+        profile = crossing_profile(crossed)
+    assert profile.kl_share.chunks is not None
+    with pytest.raises(MissingData, match="crossed passes"):
+        crossing_profile(open_store(capture_store("llama")))
+
+
+def test_cli_prints_the_profile(crossed, capsys):
+    from cli import main
+
+    assert main(["crossing", crossed.encoding["source"], "--resamples", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "split  direction" in out and "B>S@L" in out and "50 bootstrap resamples" in out
+    assert main(["crossing", crossed.encoding["source"], "--resamples", "3"]) != 0
+
+
+def test_plot_draws_the_profile(crossed, tmp_path):
+    from cli import main
+
+    out = tmp_path / "plots"
+    assert main(["plot", crossed.encoding["source"], "--out", str(out), "--quiet"]) == 0
+    assert (out / "crossing_profile.png").read_bytes()[:4] == b"\x89PNG"
