@@ -26,12 +26,18 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def cache(tmp_path_factory):
+    """A cache holding the smollm2 pair, built once for the module."""
     pytest.importorskip("gguf", reason="the smollm2 pair needs gguf (make test installs it)")
     from capture.models.smollm import ensure_smollm_pair
 
-    cache = tmp_path_factory.mktemp("smollm2")
-    ensure_smollm_pair(cache, log=lambda *a: None)
+    folder = tmp_path_factory.mktemp("smollm2")
+    ensure_smollm_pair(folder, log=lambda *a: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(cache):
     path = cache / "s.zarr"
     args = ["capture", "--pair", "smollm2", "--cache-dir", str(cache), "--store", str(path), "--no-lens", "--quiet"]
     for text in TEXTS:
@@ -65,3 +71,39 @@ def test_commands_run_on_the_real_pair(store, tmp_path, capsys):
     assert "the models' safetensors checkpoints" in capsys.readouterr().out
     assert main(["decompose", str(store), "--quiet", "--pass-pair", "BB-SB", "--pass-pair", "BB-SS",
                  "--out", str(tmp_path / "d.zarr")]) == 0
+
+
+def test_crossed_passes_on_real_weights_find_where_the_change_lives(cache):
+    """From the real smollm2 base, an "SFT" that differs only in blocks K..: B>S@L equals SS and S>B@L equals BB
+    (float32) for every split L <= K, and both differ above; below L, B>S@L is BB."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capture.models.loading import decoder_layers
+    from capture.models.smollm import ensure_smollm_pair
+
+    k = 20  # two thirds of the 30 blocks
+    base, _ = ensure_smollm_pair(cache, log=lambda *a: None)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in list(decoder_layers(model))[k:]:
+            for weight in block.parameters():
+                weight.mul_(1 + 0.05 * torch.randn_like(weight))
+    late = cache / "late-sft"
+    model.save_pretrained(late)
+    AutoTokenizer.from_pretrained(base).save_pretrained(late)
+    path = cache / "cross.zarr"
+    args = ["capture", "--base", base, "--sft", str(late), "--store", str(path), "--no-lens", "--quiet",
+            "--dtype", "float32", "--store-dtype", "float32", "--cross-layers", "10,20,25"]
+    for text in TEXTS:
+        args += ["--prompt", text]
+    assert main(args) == 0
+    ds = open_store(path)
+    resid = {str(p): ds.resid.sel(pass_=p).values for p in ds.pass_.values}
+    for split in (10, 20):
+        np.testing.assert_array_equal(resid[f"B>S@{split}"], resid["SS"])
+        np.testing.assert_array_equal(resid[f"S>B@{split}"], resid["BB"])
+    assert not np.array_equal(resid["B>S@25"], resid["SS"], equal_nan=True)
+    assert not np.array_equal(resid["S>B@25"], resid["BB"], equal_nan=True)
+    np.testing.assert_array_equal(resid["B>S@25"][:, :26], resid["BB"][:, :26])
