@@ -9,7 +9,12 @@ behaves as SS, the change lives above ``L``. Per split and direction, at the mod
   ``BB-SS``): the share of the output change the crossing leaves; ``1 - kl_share`` is recovered;
 - ``resid_share``: sum over positions of ||h_target - h_crossed||^2 over ||h_SS - h_BB||^2, the residuals at the
   last layer (target SS for ``B>S``, BB for ``S>B``);
-- each share's 95% bootstrap interval over prompts (``analysis.compute.bootstrap``), ``*_low``, ``*_high``.
+- ``interaction_share`` (per split): sum of ||SS - B>S@L - S>B@L + BB||^2 over ||h_SS - h_BB||^2, the 2x2 of lower
+  x upper body at ``L`` (0 when the change below ``L`` and the change above it add up);
+- ``tracked_interaction`` (per split and tracked token, with ``--track``): the mean over positions of that
+  interaction in the tracked tokens' norm-lens logits at the last layer;
+- each share's and mean's 95% bootstrap interval over prompts (``analysis.compute.bootstrap``), ``*_low``,
+  ``*_high``.
 
 Positions ``keep`` leaves out (the massive ones, by default in the CLI) count in none of the sums.
 Everything is lazy; a store without crossed passes, without the pairs or without the last layer is refused in
@@ -63,14 +68,28 @@ def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr
         if len(kl_row) == len(DIRECTIONS):
             out["kl"].append(xr.concat(kl_row, "direction"))
     ref = last.sel(pass_="SS") - last.sel(pass_="BB")
+    # the 2x2 of lower x upper body at each split: SS - B>S@L - S>B@L + BB (0 when the two changes add up)
+    inter = [_interaction(last, split) for split in splits]
     sums = {"resid": xr.concat(out["resid"], "split"),
+            "interaction": xr.concat([(d * d).sum("dim").where(real).sum("token").reset_coords(drop=True)
+                                      for d in inter], "split"),
             "resid_ref": (ref * ref).sum("dim").where(real).sum("token").reset_coords(drop=True),
             "n": real.sum("token").reset_coords(drop=True)}
     if len(out["kl"]) == len(splits) and "BB-SS" in pairs:
         sums["kl"] = xr.concat(out["kl"], "split")
         sums["kl_ref"] = ds.kl.sel(pair="BB-SS", lens=lens, layer=n_blocks).astype("float64").where(real) \
             .sum("token").reset_coords(drop=True)
+    if "tracked_logit" in ds and n_blocks in lens_layers(ds) and ds.sizes.get("tracked", 0):
+        logits = ds.tracked_logit.sel(lens=lens, layer=n_blocks).astype("float64")
+        sums["tracked"] = xr.concat([_interaction(logits, split).where(real).sum("token").reset_coords(drop=True)
+                                     for split in splits], "split")
     return xr.Dataset(sums).assign_coords(split=splits, direction=list(DIRECTIONS))
+
+
+def _interaction(x: xr.DataArray, split: int) -> xr.DataArray:
+    """SS - B>S@L - S>B@L + BB of ``x`` (over ``pass_``)."""
+    at = {name: x.sel(pass_=name, drop=True) for name in ("SS", f"B>S@{split}", f"S>B@{split}", "BB")}
+    return at["SS"] - at[f"B>S@{split}"] - at[f"S>B@{split}"] + at["BB"]
 
 
 def crossing_profile(ds: xr.Dataset, keep: xr.DataArray | None = None, lens: str = "norm",
@@ -89,8 +108,16 @@ def crossing_profile(ds: xr.Dataset, keep: xr.DataArray | None = None, lens: str
     store.errors.MissingData: ...crossed passes...
     """
     sums = _per_prompt_sums(ds, keep, lens)
-    out = {"resid_share": sums.resid.sum("prompt") / sums.resid_ref.sum("prompt")}
-    bounds = {"resid_share": ratio_interval(sums.resid, sums.resid_ref.broadcast_like(sums.resid), resamples, seed)}
+    out = {"resid_share": sums.resid.sum("prompt") / sums.resid_ref.sum("prompt"),
+           "interaction_share": sums.interaction.sum("prompt") / sums.resid_ref.sum("prompt")}
+    bounds = {"resid_share": ratio_interval(sums.resid, sums.resid_ref.broadcast_like(sums.resid), resamples, seed),
+              "interaction_share": ratio_interval(sums.interaction, sums.resid_ref.broadcast_like(sums.interaction),
+                                                  resamples, seed)}
+    if "tracked" in sums:
+        n = sums.n.sum("prompt")
+        out["tracked_interaction"] = sums.tracked.sum("prompt") / n.where(n > 0)
+        bounds["tracked_interaction"] = ratio_interval(sums.tracked, sums.n.broadcast_like(sums.tracked), resamples,
+                                                       seed)
     if "kl" in sums:
         n = sums.n.sum("prompt")
         out["kl"] = sums.kl.sum("prompt") / n.where(n > 0)

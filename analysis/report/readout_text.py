@@ -95,4 +95,25 @@ def crossing_lines(profile) -> list[str]:
              f"{profile.attrs.get('seed')}):", table(head, rows)]
     if not has_kl:
         lines.append("KL: not in this store (captured with --no-lens, or without the pairs B>S@L-SS, S>B@L-BB, BB-SS)")
+    lines.append("interaction of lower x upper body at each split (SS - B>S@L - S>B@L + BB, last layer; share of "
+                 "sum |h_SS - h_BB|^2):")
+    lines.append(table(["split", "interaction share", "95% interval"], [
+        [int(s), cell(profile.interaction_share.sel(split=s)),
+         f"{cell(profile.interaction_share_low.sel(split=s))}..{cell(profile.interaction_share_high.sel(split=s))}"]
+        for s in profile.split.values]))
+    if "tracked_interaction" in profile:
+        tracked = profile.tracked_interaction
+        names = [str(t) for t in tracked.tracked_str.values] if "tracked_str" in tracked.coords else \
+            [str(t) for t in tracked.tracked.values]
+        lines.append("interaction in the tracked tokens' logits (norm lens, last layer; mean over positions, 95% "
+                     "interval):")
+        low, high = profile.tracked_interaction_low, profile.tracked_interaction_high
+
+        def with_interval(split, i: int) -> str:
+            at = {"split": split}
+            return f"{cell(tracked.sel(at).isel(tracked=i))} ({cell(low.sel(at).isel(tracked=i))}.." \
+                   f"{cell(high.sel(at).isel(tracked=i))})"
+
+        lines.append(table(["split", *names], [[int(s), *(with_interval(s, i) for i in range(len(names)))]
+                                                for s in profile.split.values]))
     return lines

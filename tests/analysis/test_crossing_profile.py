@@ -38,7 +38,8 @@ def crossed(make_model, tmp_path_factory):
     AutoTokenizer.from_pretrained(base).save_pretrained(root / "sft")
     path = run_capture(CaptureSettings(base=str(base), sft=str(root / "sft"), prompts=RAGGED, device="cpu",
                                        store=str(root / "s.zarr"), store_dtype="float32", top_k=2,
-                                       cross_layers=f"0:{N_LAYERS + 1}"), log=lambda *a: None, progress=False)
+                                       cross_layers=f"0:{N_LAYERS + 1}", track=["5", "40"]),
+                       log=lambda *a: None, progress=False)
     return open_store(path)
 
 
@@ -127,3 +128,28 @@ def test_plot_draws_the_profile(crossed, tmp_path):
     out = tmp_path / "plots"
     assert main(["plot", crossed.encoding["source"], "--out", str(out), "--quiet"]) == 0
     assert (out / "crossing_profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interactions_equal_plain_loops(crossed):
+    profile = crossing_profile(crossed).compute()
+    resid = crossed.resid.sel(layer=N_LAYERS).values.astype(np.float64)
+    logits = crossed.tracked_logit.sel(lens="norm", layer=N_LAYERS).values.astype(np.float64)
+    names = [str(p) for p in crossed.pass_.values]
+    at = names.index
+    for split in range(N_LAYERS + 1):
+        inter, ref, tracked, n = 0.0, 0.0, np.zeros(2), 0
+        for row in range(crossed.sizes["prompt"]):
+            for t in range(int(crossed.n_tokens.values[row])):
+                cells = [at("SS"), at(f"B>S@{split}"), at(f"S>B@{split}"), at("BB")]
+                ss, bs, sb, bb = (resid[c, row, t] for c in cells)
+                d = ss - bs - sb + bb
+                r = resid[at("SS"), row, t] - resid[at("BB"), row, t]
+                inter, ref = inter + d @ d, ref + r @ r
+                tracked += (logits[cells[0], row, t] - logits[cells[1], row, t] - logits[cells[2], row, t]
+                            + logits[cells[3], row, t])
+                n += 1
+        assert float(profile.interaction_share.sel(split=split)) == pytest.approx(inter / ref, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(profile.tracked_interaction.sel(split=split).values, tracked / n, rtol=1e-5,
+                                   atol=1e-7)
+        if split <= K:  # B>S@L is SS and S>B@L is BB: no interaction
+            assert float(profile.interaction_share.sel(split=split)) == 0.0
