@@ -23,6 +23,10 @@ one line.
 
 from __future__ import annotations
 
+from functools import partial
+
+import dask.array as da
+import numpy as np
 import xarray as xr
 
 from analysis.compute.bootstrap import RESAMPLES, SEED, ratio_interval
@@ -46,35 +50,30 @@ def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr
     if not splits:
         raise MissingData(what="crossed passes", fix="capture with --cross-layers SPEC (e.g. 0:24:4)")
     n_blocks = int(ds.attrs.get("models", {}).get("base", {}).get("n_layers", max(int(la) for la in ds.layer.values)))
-    if n_blocks not in [int(la) for la in ds.layer.values]:
-        raise MissingData(what=f"the models' last layer ({n_blocks})", fix="capture with it in --layers")
     real = ds.token < ds.n_tokens
     if keep is not None:
         real = real & keep
-    out: dict[str, list] = {"kl": [], "resid": []}
-    last = ds.resid.sel(layer=n_blocks).astype("float64")
+    if int(ds.layer.values[-1]) != n_blocks:
+        raise MissingData(what=f"the models' last layer ({n_blocks})", fix="capture with it in --layers")
+    # per position at the last layer: 3 terms per split (B>S, S>B, interaction), then |SS - BB|^2
+    terms = _distance_terms(ds, splits).isel(layer=-1, drop=True).where(real).sum("token").reset_coords(drop=True)
+    n_split = len(splits)
+    by_split = terms.isel(term=slice(0, 3 * n_split)).data.reshape(n_split, 3, -1)
+    dims = ("split", "direction", "prompt")
+    out: dict[str, list] = {"kl": []}
     pairs = [str(q) for q in ds.pair.values] if "pair" in ds.dims else []
     for split in splits:
-        kl_row, resid_row = [], []
+        kl_row = []
         for direction, (target, _) in DIRECTIONS.items():
-            crossed = f"{direction}@{split}"
-            diff = last.sel(pass_=target) - last.sel(pass_=crossed)
-            resid_row.append((diff * diff).sum("dim").where(real).sum("token").reset_coords(drop=True))
-            pair = f"{crossed}-{target}"
+            pair = f"{direction}@{split}-{target}"
             if "kl" in ds and pair in pairs and n_blocks in lens_layers(ds):
                 kl_row.append(ds.kl.sel(pair=pair, lens=lens, layer=n_blocks).astype("float64")
                               .where(real).sum("token").reset_coords(drop=True))
-        out["resid"].append(xr.concat(resid_row, "direction"))
         if len(kl_row) == len(DIRECTIONS):
             out["kl"].append(xr.concat(kl_row, "direction"))
-    ref = last.sel(pass_="SS") - last.sel(pass_="BB")
-    # the 2x2 of lower x upper body at each split: SS - B>S@L - S>B@L + BB (0 when the two changes add up)
-    inter = [_interaction(last, split) for split in splits]
-    sums = {"resid": xr.concat(out["resid"], "split"),
-            "interaction": xr.concat([(d * d).sum("dim").where(real).sum("token").reset_coords(drop=True)
-                                      for d in inter], "split"),
-            "resid_ref": (ref * ref).sum("dim").where(real).sum("token").reset_coords(drop=True),
-            "n": real.sum("token").reset_coords(drop=True)}
+    sums = {"resid": xr.DataArray(by_split[:, :2], dims=dims, coords={"prompt": ds.prompt.values}),
+            "interaction": xr.DataArray(by_split[:, 2], dims=("split", "prompt"), coords={"prompt": ds.prompt.values}),
+            "resid_ref": terms.isel(term=-1, drop=True), "n": real.sum("token").reset_coords(drop=True)}
     if len(out["kl"]) == len(splits) and "BB-SS" in pairs:
         sums["kl"] = xr.concat(out["kl"], "split")
         sums["kl_ref"] = ds.kl.sel(pair="BB-SS", lens=lens, layer=n_blocks).astype("float64").where(real) \
@@ -84,6 +83,40 @@ def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr
         sums["tracked"] = xr.concat([_interaction(logits, split).where(real).sum("token").reset_coords(drop=True)
                                      for split in splits], "split")
     return xr.Dataset(sums).assign_coords(split=splits, direction=list(DIRECTIONS))
+
+
+def _terms_of(passes: list[np.ndarray], index: list[tuple[int, int, int]], ref: tuple[int, int]) -> np.ndarray:
+    """Per position of one piece of all passes (each (prompt, layer, token, dim)), at its last layer only (NaN
+    at the others): for each split (its passes SS, B>S, S>B, BB by ``index``) |SS - B>S|^2, |BB - S>B|^2 and
+    |SS - B>S - S>B + BB|^2, then |SS - BB|^2, in float64."""
+    ss, bb = (np.asarray(passes[i][:, -1], dtype=np.float64) for i in ref)
+    out = np.full((3 * len(index) + 1, *passes[0].shape[:-1]), np.nan)
+    for k, (bs, sb, _) in enumerate(index):
+        crossed_bs, crossed_sb = (np.asarray(passes[i][:, -1], dtype=np.float64) for i in (bs, sb))
+        for j, diff in enumerate((ss - crossed_bs, bb - crossed_sb, ss - crossed_bs - crossed_sb + bb)):
+            out[3 * k + j, :, -1] = np.einsum("...d,...d->...", diff, diff)
+    out[-1, :, -1] = np.einsum("...d,...d->...", ss - bb, ss - bb)
+    return out
+
+
+def _distance_terms(ds: xr.Dataset, splits: list[int]) -> xr.DataArray:
+    """(term, prompt, layer, token) of :func:`_terms_of`, each pass read once (a task per run of prompt chunks
+    on a ragged store, as the factorial's terms), lazily."""
+    from analysis.compute import ragged_sums
+
+    names = [str(p) for p in ds.pass_.values]
+    index = [(names.index(f"B>S@{s}"), names.index(f"S>B@{s}"), s) for s in splits]
+    ref = (names.index("SS"), names.index("BB"))
+    kernel = partial(_terms_of, index=index, ref=ref)
+    n_terms = 3 * len(splits) + 1
+    if ragged_sums.applies(ds):
+        return ragged_sums.terms_over_runs(ds, kernel, n_terms, "crossing-terms")
+    data = ds.resid.transpose("pass_", "prompt", "layer", "token", "dim").data
+    blocks = [data[i] for i in range(len(names))]
+    terms = da.map_blocks(lambda *xs: kernel(list(xs)), *blocks, dtype=np.float64, drop_axis=3, new_axis=0,
+                          chunks=((n_terms,), *blocks[0].chunks[:3]), meta=np.empty((0, 0, 0, 0), np.float64))
+    return xr.DataArray(terms, dims=("term", "prompt", "layer", "token"),
+                        coords={d: ds[d] for d in ("prompt", "layer", "token")})
 
 
 def _interaction(x: xr.DataArray, split: int) -> xr.DataArray:
@@ -126,4 +159,7 @@ def crossing_profile(ds: xr.Dataset, keep: xr.DataArray | None = None, lens: str
     for name, interval in bounds.items():
         out[f"{name}_low"] = interval.sel(bound="low", drop=True)
         out[f"{name}_high"] = interval.sel(bound="high", drop=True)
-    return xr.Dataset(out).assign_attrs(resamples=resamples, seed=seed, lens=lens)
+    profile = xr.Dataset(out).assign_attrs(resamples=resamples, seed=seed, lens=lens)
+    if "tracked_interaction" in profile and "tracked_str" in ds.coords:  # the tokens' pieces name them (added once:
+        profile = profile.assign_coords(tracked_str=ds.tracked_str.variable)  # a lazy coordinate is never compared)
+    return profile

@@ -103,8 +103,7 @@ def crossing_lines(profile) -> list[str]:
         for s in profile.split.values]))
     if "tracked_interaction" in profile:
         tracked = profile.tracked_interaction
-        names = [str(t) for t in tracked.tracked_str.values] if "tracked_str" in tracked.coords else \
-            [str(t) for t in tracked.tracked.values]
+        names = [str(t) for t in (profile.tracked_str if "tracked_str" in profile.coords else tracked.tracked).values]
         lines.append("interaction in the tracked tokens' logits (norm lens, last layer; mean over positions, 95% "
                      "interval):")
         low, high = profile.tracked_interaction_low, profile.tracked_interaction_high

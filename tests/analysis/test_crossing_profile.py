@@ -132,6 +132,7 @@ def test_plot_draws_the_profile(crossed, tmp_path):
 
 def test_interactions_equal_plain_loops(crossed):
     profile = crossing_profile(crossed).compute()
+    assert list(profile.tracked_str.values) == list(crossed.tracked_str.values)  # named
     resid = crossed.resid.sel(layer=N_LAYERS).values.astype(np.float64)
     logits = crossed.tracked_logit.sel(lens="norm", layer=N_LAYERS).values.astype(np.float64)
     names = [str(p) for p in crossed.pass_.values]
