@@ -256,21 +256,29 @@ def _declare_crossing(sub, renamed) -> None:
 
 
 def _cmd_crossing(args: argparse.Namespace) -> int:
-    import dask
-
-    from analysis.geometry.outliers import describe_massive, massive_positions
+    from analysis.geometry.outliers import describe_massive
     from analysis.readouts.crossing import crossing_profile
     from analysis.report.readout_text import crossing_lines
 
     if args.resamples < 10:
         raise UsageError(f"--resamples must be at least 10, got {args.resamples}")
     ds = open_for_analysis(args.store)
-    with compute_context(args, ds):
-        found = massive_positions(ds, args.massive_factor)
-        keep = None if args.include_massive else ~found.massive
-        found, profile = dask.compute(found, crossing_profile(ds, keep, resamples=args.resamples, seed=args.seed))
+    found, profile = _with_massive(args, ds, lambda keep: crossing_profile(ds, keep, resamples=args.resamples,
+                                                                          seed=args.seed))
     print("\n".join([*describe_massive(ds, found, args.include_massive), *crossing_lines(profile)]))
     return 0
+
+
+def _with_massive(args: argparse.Namespace, ds, readout):
+    """(massive positions, ``readout(keep)``) in one computation under the command's memory limit: ``keep`` leaves
+    the massive positions out unless ``--include-massive``, and both come from the same read of the residuals."""
+    import dask
+
+    from analysis.geometry.outliers import massive_positions
+
+    with compute_context(args, ds):  # graphs built here follow the memory limit
+        found = massive_positions(ds, args.massive_factor)
+        return dask.compute(found, readout(None if args.include_massive else ~found.massive))
 
 
 def _declare_factorial(sub, renamed) -> None:
@@ -289,9 +297,7 @@ def _declare_factorial(sub, renamed) -> None:
 
 
 def _cmd_factorial(args: argparse.Namespace) -> int:
-    import dask
-
-    from analysis.geometry.outliers import describe_massive, massive_positions
+    from analysis.geometry.outliers import describe_massive
     from analysis.readouts.factorial import factorial_shares
     from analysis.report.readout_text import factorial_lines
 
@@ -301,11 +307,7 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
         from analysis.readouts.tokens import token_kinds
 
         by = token_kinds(ds)
-    with compute_context(args, ds):  # graphs built here follow the memory limit
-        found = massive_positions(ds, args.massive_factor)
-        keep = None if args.include_massive else ~found.massive
-        # one computation: the massive positions and the shares come from the same read of the residuals
-        found, shares = dask.compute(found, factorial_shares(ds, where=keep, by=by))
+    found, shares = _with_massive(args, ds, lambda keep: factorial_shares(ds, where=keep, by=by))
     print("\n".join([*describe_massive(ds, found, args.include_massive), *factorial_lines(shares, args.by)]))
     return 0
 

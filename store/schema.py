@@ -56,6 +56,9 @@ def every_pass_pair(names: list[str]) -> list[tuple[str, str, str]]:
     return [(f"{a}-{b}", a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
+CROSSING_TARGET = {"sft": "SS", "base": "BB"}  # the pass a crossed pass with this upper body should reproduce
+
+
 def default_pass_pairs(passes: list[dict]) -> list[tuple[str, str, str]]:
     """The default comparisons of a pass plan (``pass_plan`` entries): every pair of its uncrossed passes, then
     each crossed pass against the pass whose change it should recover, ``B>S@L-SS`` and ``S>B@L-BB``
@@ -68,7 +71,7 @@ def default_pass_pairs(passes: list[dict]) -> list[tuple[str, str, str]]:
     pairs = every_pass_pair([p["name"] for p in passes if p.get("split") is None])
     names = {p["name"] for p in passes}
     for p in passes:
-        target = {"sft": "SS", "base": "BB"}[p["llm"]] if p.get("split") is not None else None
+        target = CROSSING_TARGET[p["llm"]] if p.get("split") is not None else None
         if target in names:
             pairs.append((f"{p['name']}-{target}", p["name"], target))
     return pairs

@@ -31,9 +31,9 @@ import xarray as xr
 
 from analysis.compute.bootstrap import RESAMPLES, SEED, ratio_interval
 from store.errors import MissingData
-from store.schema import lens_layers
+from store.schema import CROSSING_TARGET, lens_layers
 
-DIRECTIONS = {"B>S": ("SS", "sft"), "S>B": ("BB", "base")}  # direction: (the pass it should recover, upper body)
+DIRECTIONS = {"B>S": CROSSING_TARGET["sft"], "S>B": CROSSING_TARGET["base"]}  # direction: the pass to reproduce
 
 
 def crossing_splits(ds: xr.Dataset) -> list[int]:
@@ -64,7 +64,7 @@ def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr
     pairs = [str(q) for q in ds.pair.values] if "pair" in ds.dims else []
     for split in splits:
         kl_row = []
-        for direction, (target, _) in DIRECTIONS.items():
+        for direction, target in DIRECTIONS.items():
             pair = f"{direction}@{split}-{target}"
             if "kl" in ds and pair in pairs and n_blocks in lens_layers(ds):
                 kl_row.append(ds.kl.sel(pair=pair, lens=lens, layer=n_blocks).astype("float64")

@@ -99,11 +99,12 @@ def response_readouts(ds: xr.Dataset) -> xr.Dataset:
     return xr.Dataset(out)
 
 
-def first_divergence(ds: xr.Dataset) -> xr.DataArray:
+def first_divergence(ds: xr.Dataset, readouts: xr.Dataset | None = None) -> xr.DataArray:
     """(pair, prompt): the first response position where the pair's two passes' greedy (top-1) tokens at the
     output differ, -1 where they agree over the whole response. Lazy; assign it as a coordinate with
-    ``ds.assign_coords(first_divergence=first_divergence(ds))``."""
-    diverged = response_readouts(ds)["diverged"].fillna(0).astype(bool)
+    ``ds.assign_coords(first_divergence=first_divergence(ds))``; ``readouts``: :func:`response_readouts` of
+    ``ds``, when built already."""
+    diverged = (response_readouts(ds) if readouts is None else readouts)["diverged"].fillna(0).astype(bool)
     first = diverged.argmax(RESPONSE).where(diverged.any(RESPONSE), -1)
     return first.astype("int64").rename("first_divergence")
 
@@ -122,8 +123,9 @@ def around_divergence(ds: xr.Dataset, pair: str, before: int = 2, after: int = 4
                       readouts: xr.Dataset | None = None) -> xr.Dataset:
     """One pair's mean ``kl``, ``logprob_diff`` and ``shift_rate`` at ``offset`` -before..after response
     positions from each prompt's first divergence (prompts that diverge only), with their count ``n``. Lazy."""
-    readouts = (response_readouts(ds) if readouts is None else readouts).sel(pair=pair)
-    first = first_divergence(ds).sel(pair=pair)
+    readouts = response_readouts(ds) if readouts is None else readouts
+    first = first_divergence(ds, readouts).sel(pair=pair)
+    readouts = readouts.sel(pair=pair)
     offsets = xr.DataArray(np.arange(-before, after + 1), dims="offset")
     # each prompt's value at first + offset, by a mask (lazy, no indexing by computed positions)
     picked = readouts.where((first >= 0) & (readouts[RESPONSE] == first + offsets))

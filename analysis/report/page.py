@@ -25,7 +25,7 @@ from analysis.geometry.outliers import massive_positions
 from analysis.readouts.crossing import crossing_profile, crossing_splits
 from analysis.report import plots, responses_text
 from analysis.report.answer import chat_templating, opening, page_inputs
-from analysis.report.summary import summary_sentences
+from analysis.report.summary import headline_pair, summary_sentences
 from analysis.report.text import check_prompt
 from store.atomic import staged_directory
 from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
@@ -130,8 +130,7 @@ def _responses_section(ds: xr.Dataset, out: Path, computed: dict, limit: int = 2
     """The page's section on generated responses: the shallow-alignment curve and the first divergences with
     the response text on both sides."""
     figure = plots.response_curves(computed["curve"], out)
-    pair = responses_text.response_pair(ds)
-    left, right = pair.split("-", 1) if pair.count("-") == 1 else ("left", "right")
+    pair, left, right = headline_pair(ds)
     rows = responses_text.divergence_rows(ds, computed, limit)
     head = ["prompt", "position", "response before", "written", f"{left} top-1", f"{right} top-1", "response after"]
     # the text before a divergence ends at it and the text after starts there: right- and left-aligned

@@ -19,6 +19,7 @@ from analysis.readouts.divergence import (
     response_readouts,
 )
 from analysis.readouts.tokens import token_text_table, token_texts, visible
+from analysis.report.summary import headline_pair
 from analysis.report.tables import table
 
 CURVE_ROWS = 16  # response positions listed in the text report (the figure shows them all)
@@ -31,18 +32,12 @@ def applies(ds: xr.Dataset) -> bool:
     return "response_start" in ds.coords and "topk_id" in ds and ds.sizes.get("k", 0) >= 3
 
 
-def response_pair(ds: xr.Dataset) -> str:
-    """The pair the section follows: BB-SS when the store has it, else its first pair."""
-    names = [str(q) for q in ds.pair.values]
-    return "BB-SS" if "BB-SS" in names else names[0]
-
-
 def response_inputs(ds: xr.Dataset) -> dict:
-    """Lazy: the curve of every pair, and for :func:`response_pair` the means around its first divergence,
-    each prompt's first divergence and both passes' top-1 tokens there."""
-    pair = response_pair(ds)
+    """Lazy: the curve of every pair, and for the headline pair (``summary.headline_pair``) the means around its
+    first divergence, each prompt's first divergence and both passes' top-1 tokens there."""
+    pair, _, _ = headline_pair(ds)
     readouts = response_readouts(ds)
-    first = first_divergence(ds).sel(pair=pair)
+    first = first_divergence(ds, readouts).sel(pair=pair)
     at_first = readouts.sel(pair=pair).where(readouts[RESPONSE] == first)
     return {"curve": response_curve(ds, readouts), "around": around_divergence(ds, pair, readouts=readouts),
             "first": first, "left_top1": at_first["left_top1"].max(RESPONSE),
@@ -88,8 +83,7 @@ def divergence_rows(ds: xr.Dataset, computed: dict, limit: int) -> list[list]:
 
 def response_section(ds: xr.Dataset, computed: dict, top_n: int) -> list[str]:
     """The report's text for a store with responses (``computed``: :func:`response_inputs`, computed)."""
-    pair = response_pair(ds)
-    left, right = pair.split("-", 1) if pair.count("-") == 1 else ("left", "right")
+    pair, left, right = headline_pair(ds)
     generation = ds.attrs.get("generation", {})
     by = f" by the {generation['model']} model, {generation.get('decoding', 'greedy')}" if generation else ""
     first = np.asarray(computed["first"].values)

@@ -22,7 +22,8 @@ DOMINANT = 0.8  # a share at least this large "carries" the change
 ZERO = 1e-12  # relative changes below this are no change (float64 sums of identical values are exactly 0)
 
 
-def _pair(ds: xr.Dataset) -> tuple[str, str, str] | None:
+def headline_pair(ds: xr.Dataset) -> tuple[str, str, str] | None:
+    """(name, left, right) of the pair the summaries follow: BB-SS when the store has it, else its first pair."""
     from analysis.geometry.metrics import store_pass_pairs
 
     names, left, right = store_pass_pairs(ds)
@@ -39,7 +40,7 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     from analysis.readouts.factorial import FACTORIAL_PASSES, factorial_sums
 
     out: dict = {}
-    chosen = _pair(ds)
+    chosen = headline_pair(ds)
     if chosen is None or "resid" not in ds:
         return out
     pair = chosen[0]
@@ -69,7 +70,7 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
 
 def summary_sentences(ds: xr.Dataset, computed: dict, n_massive: int = 0, massive_left_out: bool = True) -> list[str]:
     """Three to five sentences from :func:`summary_inputs` (computed)."""
-    chosen = _pair(ds)
+    chosen = headline_pair(ds)
     if chosen is None or "rel_by_layer" not in computed:
         return []
     _, left, right = chosen
