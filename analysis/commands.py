@@ -248,8 +248,8 @@ def _declare_crossing(sub, renamed) -> None:
         "bootstrap intervals over prompts.",
     )
     p.add_argument("store", help="a store from `capture --cross-layers SPEC`")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the prompts (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    _bootstrap_args(p)
+    _export_arg(p, "the profile's rows (one per split and direction, per split, per split and tracked token)")
     _massive_args(p, "the sums")
     _scale_args(p)
     p.set_defaults(func=_cmd_crossing)
@@ -260,13 +260,43 @@ def _cmd_crossing(args: argparse.Namespace) -> int:
     from analysis.readouts.crossing import crossing_profile
     from analysis.report.readout_text import crossing_lines
 
-    if args.resamples < 10:
-        raise UsageError(f"--resamples must be at least 10, got {args.resamples}")
+    _check_readout_args(args)
     ds = open_for_analysis(args.store)
     found, profile = _with_massive(args, ds, lambda keep: crossing_profile(ds, keep, resamples=args.resamples,
                                                                           seed=args.seed))
     print("\n".join([*describe_massive(ds, found, args.include_massive), *crossing_lines(profile)]))
+    _export_readout(args, profile)
     return 0
+
+
+def _bootstrap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples of the prompts behind the 95%% intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+
+
+def _export_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--export", metavar="OUT.csv|OUT.json|OUT.parquet",
+                   help=f"also write {what}, with their 95%% intervals")
+
+
+def _check_readout_args(args: argparse.Namespace) -> None:
+    """The bootstrap and export options, refused in one line before any work."""
+    from analysis.report.export_rows import check_export_path
+
+    if args.resamples < 10:
+        raise UsageError(f"--resamples must be at least 10, got {args.resamples}")
+    if args.export:
+        check_export_path(args.export)
+
+
+def _export_readout(args: argparse.Namespace, result, table_of=None) -> None:
+    from analysis.report.export_rows import export_rows
+    from analysis.report.tables import dataset_rows
+
+    if args.export:
+        rows = dataset_rows(result, table_of)
+        print(f"Exported {len(rows)} rows to {export_rows(rows, args.export)}")
 
 
 def _with_massive(args: argparse.Namespace, ds, readout):
@@ -286,11 +316,14 @@ def _declare_factorial(sub, renamed) -> None:
         "factorial", help="the 2x2 factorial: how much of h_SS - h_BB is the embeddings, the body, or both",
         description="Per layer over real positions: the embedding main effect E = ((SB-BB) + (SS-BS))/2, the body "
         "main effect B = ((BS-BB) + (SS-SB))/2 (D = SS - BB = E + B) and the interaction I = SS - SB - BS + BB, as "
-        "shares of sum |D|^2. Needs the four standard passes.",
+        "shares of sum |D|^2, each with its 95% bootstrap interval over prompts (resampled from per-prompt sums). "
+        "Needs the four standard passes.",
     )
     p.add_argument("store", help="a store from `capture` with the passes BB, BS, SB, SS")
     p.add_argument("--by", help="also split by kind (special and chat-template tokens against the rest) or by a "
                    "per-token coordinate, e.g. role (chat prompts)")
+    _bootstrap_args(p)
+    _export_arg(p, "the shares per layer (and group)")
     _massive_args(p, "the sums")
     _scale_args(p)
     p.set_defaults(func=_cmd_factorial)
@@ -301,14 +334,17 @@ def _cmd_factorial(args: argparse.Namespace) -> int:
     from analysis.readouts.factorial import factorial_shares
     from analysis.report.readout_text import factorial_lines
 
+    _check_readout_args(args)
     ds = open_for_analysis(args.store, reads_lens=False)
     by = args.by
     if by == "kind":  # special and chat-template tokens against the rest
         from analysis.readouts.tokens import token_kinds
 
         by = token_kinds(ds)
-    found, shares = _with_massive(args, ds, lambda keep: factorial_shares(ds, where=keep, by=by))
+    found, shares = _with_massive(args, ds, lambda keep: factorial_shares(ds, where=keep, by=by,
+                                                                          resamples=args.resamples, seed=args.seed))
     print("\n".join([*describe_massive(ds, found, args.include_massive), *factorial_lines(shares, args.by)]))
+    _export_readout(args, shares)
     return 0
 
 

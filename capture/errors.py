@@ -87,6 +87,14 @@ class NonFiniteActivation(CaptureError):
             "run with --dtype float32 or --store-dtype float32")
 
 
+class CarriedStateDamaged(CaptureError):
+    """A carried state (``--cross-layers``) whose bytes no longer match the checksum written with them."""
+
+    _msg = ("the carried state of {which} in {folder} fails its checksum (the file was changed or damaged after "
+            "it was written); nothing of it was used, and its prompts are marked to be recomputed: rerun the same "
+            "command")
+
+
 class MemoryBudgetExceeded(ResdiffError, MemoryError):
     """A capture whose predicted peak memory is over the ``--max-memory`` the user set."""
 

@@ -62,18 +62,23 @@ CROSSING_TARGET = {"sft": "SS", "base": "BB"}  # the pass a crossed pass with th
 def default_pass_pairs(passes: list[dict]) -> list[tuple[str, str, str]]:
     """The default comparisons of a pass plan (``pass_plan`` entries): every pair of its uncrossed passes, then
     each crossed pass against the pass whose change it should recover, ``B>S@L-SS`` and ``S>B@L-BB``
-    (KL(SS || B>S@L), KL(BB || S>B@L)).
+    (KL(SS || B>S@L), KL(BB || S>B@L)), then BB against each crossed pass, ``BB-B>S@L`` and ``BB-S>B@L``
+    (KL(B>S@L || BB), KL(S>B@L || BB): what swapping only the upper or only the lower body does, the KL
+    interaction's terms).
 
     >>> plan = [{"name": n, "llm": m} for n, m in (("BB", "base"), ("SS", "sft"))]
     >>> [q[0] for q in default_pass_pairs(plan + [{"name": "B>S@2", "llm": "sft", "split": 2}])]
-    ['BB-SS', 'B>S@2-SS']
+    ['BB-SS', 'B>S@2-SS', 'BB-B>S@2']
     """
     pairs = every_pass_pair([p["name"] for p in passes if p.get("split") is None])
     names = {p["name"] for p in passes}
-    for p in passes:
-        target = CROSSING_TARGET[p["llm"]] if p.get("split") is not None else None
+    crossed = [p for p in passes if p.get("split") is not None]
+    for p in crossed:
+        target = CROSSING_TARGET[p["llm"]]
         if target in names:
             pairs.append((f"{p['name']}-{target}", p["name"], target))
+    if "BB" in names:
+        pairs += [(f"BB-{p['name']}", "BB", p["name"]) for p in crossed]
     return pairs
 
 

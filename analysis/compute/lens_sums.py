@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from analysis.compute.regions import materialize, prompt_runs, read_later, summed_over_runs
+from analysis.compute.regions import materialize, prompt_runs, read_later, stacked_over_runs, summed_over_runs
 from store.chunking import TARGET_CHUNK_BYTES
 from store.reader import ArrayRegions, direct_regions
 from store.schema import lens_layers
@@ -39,27 +39,29 @@ def _real_rt(n_tokens_r: np.ndarray, done_r: np.ndarray, extent: int) -> np.ndar
     return (np.arange(extent)[None, :] < n_tokens_r[:, None]) & done_r[:, None]
 
 
-def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int]) -> np.ndarray:
-    """[shifted per pair..., KL sum per kl pair..., real positions] of one run."""
-    out = np.zeros(len(pairs) + len(kl_pairs) + 1)
-    for top, kl, real_rt in pieces:
+def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int], n_prompts: int) -> np.ndarray:
+    """(count, prompt): [shifted per pair..., KL sum per kl pair..., real positions] of one run's prompts (zeros
+    at the others)."""
+    out = np.zeros((len(pairs) + len(kl_pairs) + 1, n_prompts))
+    for top, kl, real_rt, rows in pieces:
         top_srtk = materialize(top)[:, 0, :, 0]  # (pass, rows, tokens, 3)
         for q, (left, right) in enumerate(pairs):
             same = (top_srtk[left] == top_srtk[right][..., :1]).any(axis=-1)
-            out[q] += np.count_nonzero(~same & real_rt)
+            out[q, rows] += np.count_nonzero(~same & real_rt, axis=-1)
         if kl is not None:
             kl_qrt = materialize(kl)[:, 0, :, 0]  # (pair, rows, tokens)
             for i, q in enumerate(kl_pairs):
-                out[len(pairs) + i] += float(np.where(real_rt, kl_qrt[q], 0.0).sum())
-        out[-1] += np.count_nonzero(real_rt)
+                out[len(pairs) + i, rows] += np.where(real_rt, kl_qrt[q], 0.0).sum(axis=-1)
+        out[-1, rows] += np.count_nonzero(real_rt, axis=-1)
     return out
 
 
 def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: list[str],
                       lens: str = "norm") -> xr.DataArray:
-    """Lazily, at the last layer with statistics and under ``lens``: for each (left, right) of ``pairs`` the
-    real positions whose right top-1 token is not in the left top-3, for each name of ``kl_pairs`` the sum of
-    its KL over real positions, and the number of real positions (prompts whose statistics are done)."""
+    """Lazily, per prompt (``count``, ``prompt``), at the last layer with statistics and under ``lens``: for each
+    (left, right) of ``pairs`` the real positions whose right top-1 token is not in the left top-3, for each name
+    of ``kl_pairs`` the sum of its KL over real positions, and the number of real positions (0 for prompts whose
+    statistics are not done): the per-prompt sums a bootstrap over prompts resamples."""
     path = _local_path(ds)
     passes, stored_pairs = [str(p) for p in ds.pass_.values], [str(q) for q in ds.pair.values]
     lens_i = [str(x) for x in ds.lens.values].index(lens)
@@ -82,19 +84,23 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
             where = (slice(lens_i, lens_i + 1), rows, slice(layer_i, layer_i + 1), slice(0, extent))
             top_region = read_later(top, (slice(None), *where, slice(0, 3)))
             kl_region = read_later(kl, (slice(None), *where)) if kl is not None else None
-            pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent)])
-        tasks.append((_run_counts, pieces, index, kl_index))
-    counts = summed_over_runs(name, tasks, (len(pairs) + len(kl_pairs) + 1,))
-    return xr.DataArray(counts, dims="count")
+            pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent), rows])
+        tasks.append((_run_counts, pieces, index, kl_index, len(n_tokens)))
+    counts = summed_over_runs(name, tasks, (len(pairs) + len(kl_pairs) + 1, len(n_tokens)))
+    return xr.DataArray(counts, dims=("count", "prompt"), coords={"prompt": ds.prompt.values})
 
 
-def _run_layer_sums(pieces: list, n_pair: int, n_layer: int) -> np.ndarray:
-    """(pair, layer) sums over real positions of one run, and the count in the last row."""
-    out = np.zeros((n_pair + 1, n_layer))
-    for region, real_rt in pieces:
+def _run_layer_sums(pieces: list, n_lead: int, n_layer: int) -> np.ndarray:
+    """(lead + 1, rows of the run, layer): per prompt, the sums over its real positions of each pair (or pass)
+    and, in the last row of the first axis, the count of real positions."""
+    n_rows = sum(rows.stop - rows.start for _, rows, _ in pieces)
+    out = np.zeros((n_lead + 1, n_rows, n_layer))
+    start = pieces[0][1].start
+    for region, rows, real_rt in pieces:
         values_qrlt = materialize(region)[:, 0]  # (pair, rows, layers, tokens)
-        out[:-1] += np.where(real_rt[None, :, None, :], values_qrlt, 0.0).sum(axis=(1, 3))
-        out[-1] += np.count_nonzero(real_rt)
+        at = slice(rows.start - start, rows.stop - start)
+        out[:-1, at] = np.where(real_rt[None, :, None, :], values_qrlt, 0.0).sum(axis=3)
+        out[-1, at] = np.count_nonzero(real_rt, axis=-1)[:, None]
     return out
 
 
@@ -119,23 +125,32 @@ def _statistic_runs(ds: xr.Dataset, name: str, lens: str, lead: slice) -> tuple[
     return kept, runs
 
 
-def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.DataArray:
-    """(pair or pass_, layer): the mean of a per-position statistic over real positions (prompts whose
-    statistics are done) at each layer with statistics, a task per run of prompt chunks. Lazy."""
+def layer_sums(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.Dataset:
+    """Per prompt, ``sum`` ((pair or pass_), prompt, layer) of a per-position statistic over its real positions
+    and their ``count`` (prompt, layer; 0 for a prompt whose statistics are not done), at each layer with
+    statistics, a task per run of prompt chunks: the per-prompt sums of a mean and of its bootstrap. Lazy."""
     var = ds[name]
     lead = var.dims[0]
     stored = [int(la) for la in ds.layer.values]
     kept, runs = _statistic_runs(ds, name, lens, slice(None))
-    token = "layer-means-" + tokenize(_local_path(ds), name, lens, np.asarray(ds.n_tokens.values),
-                                      np.asarray(ds.lens_done.values, dtype=bool), kept)
+    token = "layer-sums-" + tokenize(_local_path(ds), name, lens, np.asarray(ds.n_tokens.values),
+                                     np.asarray(ds.lens_done.values, dtype=bool), kept)
     n_layer = kept[-1] - kept[0] + 1
-    tasks = [(_run_layer_sums, [[region, real_rt] for region, _, real_rt in run], var.sizes[lead], n_layer)
-             for run in runs]
-    sums = summed_over_runs(token, tasks, (var.sizes[lead] + 1, n_layer))
-    means = sums[:-1] / sums[-1:]
+    tasks = [(_run_layer_sums, [list(piece) for piece in run], var.sizes[lead], n_layer) for run in runs]
+    rows = [slice(run[0][1].start, run[-1][1].stop) for run in runs]
+    sums = stacked_over_runs(token, tasks, rows, (var.sizes[lead] + 1,), (n_layer,))
     offsets = [k - kept[0] for k in kept]
-    return xr.DataArray(means[:, offsets], dims=(lead, "layer"),
-                        coords={lead: ds[lead].values, "layer": [stored[k] for k in kept]}, name=name)
+    coords = {"prompt": ds.prompt.values, "layer": [stored[k] for k in kept]}
+    return xr.Dataset({"sum": xr.DataArray(sums[:-1][:, :, offsets], dims=(lead, "prompt", "layer"),
+                                           coords={lead: ds[lead].values, **coords}),
+                       "count": xr.DataArray(sums[-1][:, offsets], dims=("prompt", "layer"), coords=coords)})
+
+
+def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.DataArray:
+    """(pair or pass_, layer): the mean of a per-position statistic over real positions (prompts whose
+    statistics are done) at each layer with statistics, from :func:`layer_sums`. Lazy."""
+    sums = layer_sums(ds, name, lens).sum("prompt")
+    return (sums["sum"] / sums["count"]).rename(name)
 
 
 def _run_top(pieces: list, top: int) -> np.ndarray:

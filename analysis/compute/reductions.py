@@ -263,6 +263,24 @@ def _position_totals(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray 
     return totals.sel(moment="sum", drop=True), totals.sel(moment="count", drop=True)
 
 
+def prompt_sums(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None = None) -> xr.DataArray:
+    """Per prompt, the sum over ``token`` of ``x`` (..., prompt, layer, token) at :func:`position_sum`'s
+    positions: (..., prompt, layer), NaN where none of a prompt's positions counts (the per-prompt sums a
+    bootstrap over prompts resamples). Lazy when ``x`` is.
+
+    >>> x = xr.DataArray([[[1.0, 2.0, np.nan]], [[4.0, np.nan, np.nan]]], dims=("prompt", "layer", "token"))
+    >>> prompt_sums(x, np.array([2, 1])).values.tolist()
+    [[3.0], [4.0]]
+    """
+    x = x.transpose(..., "prompt", "layer", "token")
+    if where is not None and set(where.dims) != {"prompt", "token"}:  # e.g. per model_pair: the plain way
+        real = xr.DataArray(np.arange(x.sizes["token"]) < np.asarray(n_tokens)[:, None], dims=("prompt", "token"))
+        return x.where(where & real).sum("token", skipna=True, min_count=1)
+    moments = prompt_moments(x, n_tokens, where, full=False)
+    count = moments.sel(moment="count", drop=True)
+    return moments.sel(moment="sum", drop=True).where(count > 0)
+
+
 def position_sum(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None = None) -> xr.DataArray:
     """The sum over ``prompt`` and ``token`` of ``x`` (..., prompt, layer, token) at the real positions that
     ``where`` (prompt, token; None: all) keeps and where ``x`` is not NaN; NaN where no position counts.

@@ -102,6 +102,18 @@ def summed_over_runs(name: str, run_tasks: list[tuple], shape: tuple, dependenci
                     meta=np.empty((0,) * len(shape), np.float64))
 
 
+def stacked_over_runs(name: str, run_tasks: list[tuple], run_rows: list[slice], lead: tuple, tail: tuple
+                      ) -> da.Array:
+    """A float64 array (*lead, prompt, *tail) whose block ``r`` along ``prompt`` is ``run_tasks[r]``'s result,
+    (*lead, rows of run r, *tail): per-prompt results of runs that cover the prompts in order, each kept
+    where it was computed (no run's result holds the other prompts' zeros)."""
+    graph = {(name, *(0,) * len(lead), r, *(0,) * len(tail)): task for r, task in enumerate(run_tasks)}
+    layer = HighLevelGraph.from_collections(name, graph, dependencies=[])
+    chunks = (*((n,) for n in lead), tuple(rows.stop - rows.start for rows in run_rows), *((n,) for n in tail))
+    return da.Array(layer, name, chunks, dtype=np.float64, meta=np.empty((0,) * (len(lead) + 1 + len(tail)),
+                                                                        np.float64))
+
+
 def materialize(region) -> np.ndarray:
     """The array of a region made by :func:`region`, inside a task."""
     if isinstance(region, _Read):

@@ -28,6 +28,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.compute import ragged_sums
+from analysis.compute.bootstrap import RESAMPLES, SEED, with_intervals
 from analysis.compute.dim_sums import previous_layer_dots, residual_sums
 from store.errors import MissingData, UsageError
 from store.location import xarray_kwargs
@@ -250,11 +251,14 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
 
 
 def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarray | None = None,
-                   where: xr.DataArray | None = None) -> xr.Dataset:
+                   where: xr.DataArray | None = None, intervals: bool = False, resamples: int = RESAMPLES,
+                   seed: int = SEED) -> xr.Dataset:
     """mean, std (population), min and max of a metric per ``axis`` value (``layer`` or ``token``), over every
     other position axis, at the real positions (``n_tokens`` per prompt, by default the metric's own
     coordinate) that ``where`` (prompt, token; None: all) keeps; padding (NaN) never enters a statistic. Sums in
-    float64, a task per block of prompts touching its real tokens only. Lazy.
+    float64, a task per block of prompts touching its real tokens only. Lazy. With ``intervals`` (and a
+    ``prompt`` axis), ``mean_low`` and ``mean_high``: the mean's 95% bootstrap interval over prompts, from
+    the per-prompt sums (``analysis.compute.bootstrap``).
 
     Examples
     --------
@@ -271,7 +275,11 @@ def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarr
 
         metric, where = split_where(metric, where)
         moments = prompt_moments(metric, real_lengths(metric, n_tokens), where, over=over[1])
-        return combine_moments(moments, "prompt").astype(np.result_type(metric.dtype, np.float32))
+        summary = combine_moments(moments, "prompt").astype(np.result_type(metric.dtype, np.float32))
+        if not intervals:
+            return summary
+        sums = moments.sel(moment="sum", drop=True).fillna(0)  # a prompt without a counted position adds 0
+        return with_intervals(summary, {"mean": (sums, moments.sel(moment="count", drop=True))}, resamples, seed)
     values = metric.astype("float32") if where is None else metric.astype("float32").where(where)
     return xr.Dataset({
         "mean": values.mean(over, skipna=True), "std": values.std(over, skipna=True),

@@ -11,6 +11,10 @@ behaves as SS, the change lives above ``L``. Per split and direction, at the mod
   last layer (target SS for ``B>S``, BB for ``S>B``);
 - ``interaction_share`` (per split): sum of ||SS - B>S@L - S>B@L + BB||^2 over ||h_SS - h_BB||^2, the 2x2 of lower
   x upper body at ``L`` (0 when the change below ``L`` and the change above it add up);
+- ``kl_interaction`` (per split): the mean over positions of KL(SS || BB) - KL(B>S@L || BB) - KL(S>B@L || BB),
+  the change of the output under both bodies' swaps less the changes under each alone (pairs ``BB-SS``,
+  ``BB-B>S@L``, ``BB-S>B@L``): 0 when one side of ``L`` carries the whole change; ``kl_interaction_share`` its
+  sum over KL(SS || BB)'s;
 - ``tracked_interaction`` (per split and tracked token, with ``--track``): the mean over positions of that
   interaction in the tracked tokens' norm-lens logits at the last layer;
 - each share's and mean's 95% bootstrap interval over prompts (``analysis.compute.bootstrap``), ``*_low``,
@@ -44,6 +48,20 @@ def crossing_splits(ds: xr.Dataset) -> list[int]:
     return [s for s in splits if all(f"{d}@{s}" in names for d in DIRECTIONS)]
 
 
+def crossed_pairs(ds: xr.Dataset) -> set[str]:
+    """The store's pairs that involve a crossed pass (empty without crossed passes)."""
+    if "split_layer" not in ds.coords:
+        return set()
+    crossed = {str(p) for p, lo, up in zip(ds.pass_.values, ds.lower_body.values, ds.upper_body.values, strict=True)
+               if lo != up}
+    if not crossed:
+        return set()
+    from analysis.geometry.metrics import store_pass_pairs
+
+    names, left, right = store_pass_pairs(ds)
+    return {q for q, a, b in zip(names, left, right, strict=True) if a in crossed or b in crossed}
+
+
 def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr.Dataset:
     """(split, direction, prompt) sums over positions of each profile statistic, and their references."""
     splits = crossing_splits(ds)
@@ -60,24 +78,26 @@ def _per_prompt_sums(ds: xr.Dataset, keep: xr.DataArray | None, lens: str) -> xr
     n_split = len(splits)
     by_split = terms.isel(term=slice(0, 3 * n_split)).data.reshape(n_split, 3, -1)
     dims = ("split", "direction", "prompt")
-    out: dict[str, list] = {"kl": []}
-    pairs = [str(q) for q in ds.pair.values] if "pair" in ds.dims else []
-    for split in splits:
-        kl_row = []
-        for direction, target in DIRECTIONS.items():
-            pair = f"{direction}@{split}-{target}"
-            if "kl" in ds and pair in pairs and n_blocks in lens_layers(ds):
-                kl_row.append(ds.kl.sel(pair=pair, lens=lens, layer=n_blocks).astype("float64")
-                              .where(real).sum("token").reset_coords(drop=True))
-        if len(kl_row) == len(DIRECTIONS):
-            out["kl"].append(xr.concat(kl_row, "direction"))
     sums = {"resid": xr.DataArray(by_split[:, :2], dims=dims, coords={"prompt": ds.prompt.values}),
             "interaction": xr.DataArray(by_split[:, 2], dims=("split", "prompt"), coords={"prompt": ds.prompt.values}),
             "resid_ref": terms.isel(term=-1, drop=True), "n": real.sum("token").reset_coords(drop=True)}
-    if len(out["kl"]) == len(splits) and "BB-SS" in pairs:
-        sums["kl"] = xr.concat(out["kl"], "split")
-        sums["kl_ref"] = ds.kl.sel(pair="BB-SS", lens=lens, layer=n_blocks).astype("float64").where(real) \
-            .sum("token").reset_coords(drop=True)
+    pairs = [str(q) for q in ds.pair.values] if "pair" in ds.dims else []
+
+    def kl_sums(names: list[str]) -> xr.DataArray | None:  # (split, direction, prompt), None without every pair
+        if "kl" not in ds or n_blocks not in lens_layers(ds) or not all(q in pairs for q in names):
+            return None
+        kl = ds.kl.sel(pair=names, lens=lens, layer=n_blocks).astype("float64").where(real).sum("token")
+        return xr.DataArray(kl.reset_coords(drop=True).data.reshape(len(splits), len(DIRECTIONS), -1), dims=dims)
+
+    if "BB-SS" in pairs:
+        recovered = kl_sums([f"{d}@{s}-{t}" for s in splits for d, t in DIRECTIONS.items()])
+        if recovered is not None:
+            sums["kl"] = recovered
+            sums["kl_ref"] = ds.kl.sel(pair="BB-SS", lens=lens, layer=n_blocks).astype("float64").where(real) \
+                .sum("token").reset_coords(drop=True)
+            effects = kl_sums([f"BB-{d}@{s}" for s in splits for d in DIRECTIONS])  # KL(crossed || BB)
+            if effects is not None:  # KL(SS || BB) - KL(B>S@L || BB) - KL(S>B@L || BB)
+                sums["kl_interaction"] = sums["kl_ref"] - effects.sum("direction")
     if "tracked_logit" in ds and n_blocks in lens_layers(ds) and ds.sizes.get("tracked", 0):
         logits = ds.tracked_logit.sel(lens=lens, layer=n_blocks).astype("float64")
         sums["tracked"] = xr.concat([_interaction(logits, split).where(real).sum("token").reset_coords(drop=True)
@@ -156,6 +176,13 @@ def crossing_profile(ds: xr.Dataset, keep: xr.DataArray | None = None, lens: str
         out["kl"] = sums.kl.sum("prompt") / n.where(n > 0)
         out["kl_share"] = sums.kl.sum("prompt") / sums.kl_ref.sum("prompt")
         bounds["kl_share"] = ratio_interval(sums.kl, sums.kl_ref.broadcast_like(sums.kl), resamples, seed)
+        bounds["kl"] = ratio_interval(sums.kl, sums.n, resamples, seed)
+    if "kl_interaction" in sums:
+        n = sums.n.sum("prompt")
+        out["kl_interaction"] = sums.kl_interaction.sum("prompt") / n.where(n > 0)
+        out["kl_interaction_share"] = sums.kl_interaction.sum("prompt") / sums.kl_ref.sum("prompt")
+        bounds["kl_interaction"] = ratio_interval(sums.kl_interaction, sums.n, resamples, seed)
+        bounds["kl_interaction_share"] = ratio_interval(sums.kl_interaction, sums.kl_ref, resamples, seed)
     for name, interval in bounds.items():
         out[f"{name}_low"] = interval.sel(bound="low", drop=True)
         out[f"{name}_high"] = interval.sel(bound="high", drop=True)

@@ -24,11 +24,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from analysis.compute.bootstrap import RESAMPLES, SEED, ratio_interval
 from store.errors import LensNotSaved, MissingData, UsageError
 from store.location import find_model_dir
 from store.schema import LensHead, lens_layers, norm_formula
@@ -321,6 +321,32 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
         lens_source=source, k=k, massive_included=include_massive)
 
 
+def shift_counts(ds: xr.Dataset) -> xr.Dataset:
+    """Per prompt: ``shifted`` (pair, prompt), its real positions whose right pass's top-1 norm-lens token at the
+    last layer with statistics is not among the left pass's top-3, and ``positions`` (prompt), its real positions
+    (0 for a prompt whose statistics were never written). Lazy; :func:`shift_rate` and
+    :func:`shift_rate_interval` read the same counts."""
+    if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
+        raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
+    from analysis.compute import lens_sums
+    from analysis.geometry.metrics import select_side, store_pass_pairs
+
+    if lens_sums.applies(ds):  # a task per run of prompt chunks, not per chunk of topk_id
+        _, left, right = store_pass_pairs(ds)
+        counts = lens_sums.last_layer_counts(ds, list(zip(left, right, strict=True)), [])
+        return xr.Dataset({"shifted": counts.isel(count=slice(0, -1)).rename(count="pair")
+                           .assign_coords(pair=ds.pair.values), "positions": counts.isel(count=-1, drop=True)})
+    top = ds.topk_id.sel(lens="norm", drop=True).sel(layer=lens_layers(ds)[-1], drop=True)
+    right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
+    left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")
+    real = ds.token < ds.n_tokens
+    if "lens_done" in ds:  # prompts whose statistics were never written hold fill ids, not tokens
+        real = real & ds.lens_done
+    shifted = ~(left_top3 == right_top1).any("k")
+    return xr.Dataset({"shifted": shifted.where(real).sum("token").reset_coords(drop=True),
+                       "positions": real.sum("token").astype(np.float64).reset_coords(drop=True)})
+
+
 def shift_rate(ds: xr.Dataset) -> xr.DataArray:
     """Per pair: the share of real positions where the right pass's top-1 norm-lens token at the last layer (with
     statistics) is not among the left pass's top-3 (URIAL's token distribution shift). Lazy.
@@ -335,21 +361,12 @@ def shift_rate(ds: xr.Dataset) -> xr.DataArray:
     >>> rate.dims, bool(((rate >= 0) & (rate <= 1)).all())
     (('pair',), True)
     """
-    if "topk_id" not in ds or ds.sizes.get("k", 0) < 3:
-        raise MissingData(what="top-3 lens statistics", fix="capture with lens statistics and --top-k 3 or more")
-    from analysis.compute import lens_sums
-    from analysis.geometry.metrics import select_side, store_pass_pairs
+    counts = shift_counts(ds).sum("prompt")
+    return (counts.shifted / counts.positions.where(counts.positions > 0)).rename("shift_rate")
 
-    if lens_sums.applies(ds):  # a task per run of prompt chunks, not per chunk of topk_id
-        _, left, right = store_pass_pairs(ds)
-        counts = lens_sums.last_layer_counts(ds, list(zip(left, right, strict=True)), []).data
-        rate = da.where(counts[-1] > 0, counts[:-1] / da.maximum(counts[-1], 1), np.nan)
-        return xr.DataArray(rate, dims="pair", coords={"pair": ds.pair}, name="shift_rate")
-    top = ds.topk_id.sel(lens="norm", drop=True).sel(layer=lens_layers(ds)[-1], drop=True)
-    right_top1 = select_side(ds, top.isel(k=0, drop=True), "right")
-    left_top3 = select_side(ds, top.isel(k=slice(0, 3)), "left")
-    real = ds.token < ds.n_tokens
-    if "lens_done" in ds:  # prompts whose statistics were never written hold fill ids, not tokens
-        real = real & ds.lens_done
-    shifted = ~(left_top3 == right_top1).any("k")
-    return (shifted.where(real).sum(["prompt", "token"]) / real.sum()).rename("shift_rate")
+
+def shift_rate_interval(ds: xr.Dataset, resamples: int = RESAMPLES, seed: int = SEED) -> xr.DataArray:
+    """Per pair, the 95% bootstrap interval over prompts of :func:`shift_rate` (``bound``: low, high), from the
+    per-prompt counts (``analysis.compute.bootstrap``). Lazy."""
+    counts = shift_counts(ds)
+    return ratio_interval(counts.shifted, counts.positions, resamples, seed)

@@ -25,7 +25,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from analysis.compute.reductions import position_sum
+from analysis.compute.bootstrap import RESAMPLES, SEED, with_intervals
+from analysis.compute.reductions import position_sum, prompt_sums
 from store.errors import MissingData
 from store.reader import is_padding_block
 
@@ -184,6 +185,8 @@ def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
     def summed(x: xr.DataArray, keep: xr.DataArray | None = where) -> xr.DataArray:
         if set(over) == {"prompt", "token"}:  # over real positions only, not the padded layout
             return position_sum(x, np.asarray(ds.n_tokens.values), keep)
+        if tuple(over) == ("token",):  # per prompt, as a bootstrap resamples them
+            return prompt_sums(x, np.asarray(ds.n_tokens.values), keep)
         return (x if keep is None else x.where(keep)).sum(list(over), skipna=True, min_count=1)
 
     if by is None:
@@ -204,13 +207,17 @@ def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
 
 
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
-                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.Dataset:
+                     where: xr.DataArray | None = None, by: str | xr.DataArray | None = None,
+                     intervals: bool = True, resamples: int = RESAMPLES, seed: int = SEED) -> xr.Dataset:
     """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
     of labels such as ``analysis.readouts.tokens.token_kinds(ds)``): the shares of sum |D|^2, over real positions
     (:func:`factorial_sums`).
 
     ``embedding_share + body_share + cross_share = 1``; ``where`` (a boolean over prompt
-    and token, e.g. not a massive-activation position) leaves positions out.
+    and token, e.g. not a massive-activation position) leaves positions out. Summed over prompts and tokens
+    (the default ``over``), each share comes with its 95% bootstrap interval over prompts, ``SHARE_low`` and
+    ``SHARE_high`` (``analysis.compute.bootstrap``: ``resamples`` draws seeded by ``seed``, from the
+    per-prompt sums), unless ``intervals`` is False.
 
     Examples
     --------
@@ -222,7 +229,16 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     >>> shares.body_share.dims, bool(np.allclose(total, 1))
     (('layer',), True)
     """
-    return _shares(factorial_sums(ds, over, where, by).to_dataset("term"))
+    if not intervals or set(over) != {"prompt", "token"}:
+        return _shares(factorial_sums(ds, over, where, by).to_dataset("term"))
+    sums_p = factorial_sums(ds, ("token",), where, by).to_dataset("term")  # (term, [group,] prompt, layer)
+    # a prompt with no position counted adds 0 (``min_count`` here made dask 2026.8 drop a key when the
+    # Dataset was computed with ``dask.compute``)
+    shares = _shares(sums_p.sum("prompt"))
+    numerators = {"embedding_share": sums_p.embedding_sq, "body_share": sums_p.body_sq,
+                  "cross_share": 2 * sums_p.embedding_dot_body, "interaction_ratio": sums_p.interaction_sq}
+    return with_intervals(shares, {name: (num, sums_p.total_sq) for name, num in numerators.items()}, resamples,
+                          seed)
 
 
 def tracked_factorial(ds: xr.Dataset, lens: str = "raw") -> xr.Dataset:

@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.readouts.tokens import token_texts, visible
+from analysis.report.tables import estimate
 from store.schema import lens_layers
 
 
@@ -99,19 +100,31 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path,
     shares = factorial_shares(ds, where=keep).compute() if shares is None else shares
     layers = shares.layer.values
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    bottom = np.zeros(len(layers))
-    for name, color in (("embedding_share", "tab:blue"), ("body_share", "tab:orange"), ("cross_share", "tab:gray")):
-        values = np.nan_to_num(shares[name].values)
-        ax.bar(layers, values, bottom=bottom, color=color, label=name.replace("_share", ""))
-        bottom += values
-    ax.plot(layers, shares.interaction_ratio.values, "k.-", label="interaction / total")
-    ax.set(title="factorial shares of sum |h_SS - h_BB|^2 by layer", xlabel="layer", ylabel="share")
+    shown = (("embedding_share", "embedding", "tab:blue"), ("body_share", "body", "tab:orange"),
+             ("cross_share", "cross", "tab:gray"), ("interaction_ratio", "interaction / total", "black"))
+    for name, label, color in shown:
+        ax.plot(layers, shares[name].values, ".-", color=color, label=label)
+        if f"{name}_low" in shares:
+            ax.fill_between(layers, shares[f"{name}_low"].values, shares[f"{name}_high"].values, color=color,
+                            alpha=0.2, linewidth=0)
+    ax.set(title="factorial shares of sum |h_SS - h_BB|^2 by layer (bands: 95% bootstrap intervals over prompts)",
+           xlabel="layer", ylabel="share")
+    ax.title.set_fontsize(9)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     image = _save(fig, out / "factorial_shares.png")
-    rows = [[int(la), float(shares.embedding_share.sel(layer=la)), float(shares.body_share.sel(layer=la)),
-             float(shares.interaction_ratio.sel(layer=la))] for la in layers]
+
+    def cell(name: str, layer) -> str:
+        at = shares.sel(layer=layer)
+        return estimate(at[name], at[f"{name}_low"], at[f"{name}_high"]) if f"{name}_low" in at else \
+            estimate(at[name])
+
+    rows = [[int(la), *(cell(name, la) for name in ("embedding_share", "body_share", "interaction_ratio"))]
+            for la in layers]
     return ("<h2>Embeddings or body?</h2><p>D = h_SS - h_BB = E + B: the embedding main effect E, the body main "
-            "effect B and their interaction, as shares of sum |D|^2 (–: no change at that layer, so no shares).</p>"
+            "effect B and their interaction, as shares of sum |D|^2, each with its 95% bootstrap interval over "
+            "prompts in parentheses (–: no change at that layer, so no shares).</p>"
             + _table(["layer", "embedding", "body", "interaction"], rows)), image
 
 

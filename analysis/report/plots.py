@@ -46,38 +46,63 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
 
 
 def layer_curve_inputs(ds: xr.Dataset, lens: str = "norm") -> dict:
-    """The lazy per-layer means :func:`layer_curves` draws (compute them with other numbers of the store to
-    share its reads)."""
+    """The lazy per-layer means :func:`layer_curves` draws, each a Dataset of ``mean``, ``mean_low`` and
+    ``mean_high`` (its 95% bootstrap interval over prompts) by (pair, layer); compute them with other numbers of
+    the store to share its reads."""
     from analysis.compute import lens_sums
-    from analysis.compute.reductions import position_mean
+    from analysis.compute.bootstrap import with_intervals
+    from analysis.compute.reductions import prompt_moments
     from store.completeness import without_lens
 
     streamed = "kl" in ds and lens_sums.applies(ds)
     # geometric curves from the residuals; KL read region by region where it can (an expression over the
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
     metrics = pair_metrics(without_lens(ds) if streamed else ds, lens)
-    n_tokens = np.asarray(ds.n_tokens.values)  # means over real positions: a block's padding is never touched
-    lazy = {m: position_mean(metrics[m], n_tokens) for m, _ in CURVES if m in metrics}
+    n_tokens = np.asarray(ds.n_tokens.values)  # sums over real positions: a block's padding is never touched
+    sums = {}
+    for m, _ in CURVES:
+        if m in metrics:
+            moments = prompt_moments(metrics[m], n_tokens, full=False)
+            sums[m] = (moments.sel(moment="sum", drop=True), moments.sel(moment="count", drop=True))
     if streamed:
-        lazy["kl"] = lens_sums.layer_means(ds, "kl", lens)
+        per_prompt = lens_sums.layer_sums(ds, "kl", lens)
+        sums["kl"] = (per_prompt["sum"], per_prompt["count"])
+    lazy = {}
+    for m, (total, count) in sums.items():
+        n = count.sum("prompt")
+        mean = xr.Dataset({"mean": total.sum("prompt") / n.where(n > 0)})
+        lazy[m] = with_intervals(mean, {"mean": (total, count)})
     return lazy
 
 
 def layer_curves(ds: xr.Dataset, out: Path, lens: str = "norm", means: dict | None = None) -> Path:
-    """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel; ``means``:
-    :func:`layer_curve_inputs` computed (None: computed here)."""
+    """Mean over real positions of norm_diff, cosine_sim and KL per layer, all pairs on each panel, each with its
+    95% bootstrap interval over prompts as a band; ``means``: :func:`layer_curve_inputs` computed (None:
+    computed here)."""
     if means is None:
         with warnings.catch_warnings():  # layers without statistics (--lens-layers) have no mean: not drawn
             warnings.filterwarnings("ignore", "Mean of empty", RuntimeWarning)
             (means,) = dask.compute(layer_curve_inputs(ds, lens))
     present = [(m, label) for m, label in CURVES if m in means]
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+    from analysis.readouts.crossing import crossed_pairs
+
+    hidden = crossed_pairs(ds)  # drawn by the crossing profile; dozens of lines here would hide the four passes
     for ax, (metric, label) in zip(axes[0], present, strict=True):
-        for pair in means[metric].pair.values:
-            ax.plot(means[metric].layer.values, means[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
+        curve = means[metric]
+        for pair in (q for q in curve.pair.values if str(q) not in hidden):
+            at = curve.sel(pair=pair)
+            layers, mean = curve.layer.values, at["mean"].values
+            if len(layers) > 1:
+                (line,) = ax.plot(layers, mean, marker="o", ms=3, label=pair)
+                ax.fill_between(layers, at.mean_low.values, at.mean_high.values, color=line.get_color(), alpha=0.2,
+                                linewidth=0)
+            else:  # one layer with statistics (--lens-layers): a point and its interval
+                err = np.abs(np.stack([mean - at.mean_low.values, at.mean_high.values - mean]))
+                ax.errorbar(layers, mean, yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=3, label=pair)
         lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
-        ax.set(title=f"{metric} by layer (mean over prompts and tokens{lens_label})", xlabel="layer (0 = embeddings)",
-               ylabel=label)
+        ax.set(title=f"{metric} by layer (mean over prompts and tokens{lens_label};\nbands: 95% bootstrap "
+               "intervals over prompts)", xlabel="layer (0 = embeddings)", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(title="pair (left-right)", fontsize=8)
@@ -110,23 +135,39 @@ def response_curves(curve: xr.Dataset, out: Path) -> Path:
 
 def crossing_plot(profile: xr.Dataset, out: Path) -> Path:
     """The depth profile of the crossed passes: per split, the share of the SS - BB change each direction
-    leaves (residuals at the last layer, and KL at the output where the store has it), with 95% bootstrap
-    intervals (``profile``: :func:`analysis.readouts.crossing.crossing_profile`, computed)."""
+    leaves (residuals at the last layer, and KL at the output where the store has it), and the interaction of
+    lower x upper body at each split, with 95% bootstrap intervals (``profile``:
+    :func:`analysis.readouts.crossing.crossing_profile`, computed)."""
     shares = [(name, label) for name, label in (("resid_share", "share of sum |h_SS - h_BB|^2 left"),
                                                  ("kl_share", "share of KL(SS || BB) left")) if name in profile]
-    fig, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 4), squeeze=False)
+    interactions = [(name, label) for name, label in (("interaction_share", "residuals"),
+                                                       ("kl_interaction_share", "KL")) if name in profile]
+    panels = len(shares) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     splits = profile.split.values
-    for ax, (name, label) in zip(axes[0], shares, strict=True):
+
+    def draw(ax, at: xr.Dataset, name: str, style: str, label: str) -> None:
+        value = at[name].values
+        err = np.abs(np.stack([value - at[f"{name}_low"].values, at[f"{name}_high"].values - value]))
+        ax.errorbar(splits, value, yerr=np.nan_to_num(err), fmt=style, ms=4, capsize=3, label=label)
+
+    for ax, (name, label) in zip(axes[0], shares, strict=False):
         for direction, style in zip(profile.direction.values, ("o-", "s--"), strict=False):
-            at = profile.sel(direction=direction)
-            value = at[name].values
-            err = np.abs(np.stack([value - at[f"{name}_low"].values, at[f"{name}_high"].values - value]))
-            ax.errorbar(splits, value, yerr=err, fmt=style, ms=4, capsize=3, label=f"{direction}@L")
-        ax.set(title=f"{name} by split layer L (95% bootstrap intervals)", xlabel="split layer L (blocks below L "
-               "from the first model)", ylabel=label)
+            draw(ax, profile.sel(direction=direction), name, style, f"{direction}@L")
+        ax.set(title=f"{name} by split layer L", xlabel="split layer L (blocks below L from the first model)",
+               ylabel=label)
+        ax.legend(title="crossed pass", fontsize=8)
+    ax = axes[0][-1]
+    for (name, label), style in zip(interactions, ("o-", "s--"), strict=False):
+        draw(ax, profile, name, style, label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title="interaction of lower x upper body at L", xlabel="split layer L",
+           ylabel="share of the SS - BB change")
+    ax.legend(title="measured on", fontsize=8)
+    for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(title="crossed pass", fontsize=8)
+    fig.suptitle("crossed passes at the last layer (error bars: 95% bootstrap intervals over prompts)", fontsize=10)
     return _save(fig, out / "crossing_profile.png")
 
 

@@ -11,27 +11,43 @@ import numpy as np
 import xarray as xr
 
 from analysis.readouts.tokens import token_texts
-from analysis.report.tables import table
+from analysis.report.tables import estimate, table
 
 FACTORIAL_COLUMNS = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
 
 
 def factorial_lines(shares: xr.Dataset, by: str | None = None) -> list[str]:
-    """The factorial's shares per layer (per group of ``by``), from :func:`analysis.factorial_shares`, computed."""
+    """The factorial's shares per layer (per group of ``by``), from :func:`analysis.factorial_shares`, computed;
+    each share with its 95% bootstrap interval where the shares carry one."""
     lines = ["Factorial attribution of D = h_SS - h_BB = E (embeddings) + B (body), per layer over real positions: "
-             "shares of sum |D|^2 (embedding + body + cross = 1), interaction = sum |I|^2 / sum |D|^2"]
+             "shares of sum |D|^2 (embedding + body + cross = 1), interaction = sum |I|^2 / sum |D|^2"
+             + _resampled(shares)]
     groups = [None] if by is None else [str(g) for g in shares[by].values]
     for group in groups:
         part = shares if group is None else shares.sel({by: group})
         if group is not None:
             lines.append(f"\n{by} = {group}:")
-        rows = [[int(layer), *(float(part[c].sel(layer=layer)) if float(part.total_sq.sel(layer=layer)) > 0
+        rows = [[int(layer), *(_share_cell(part.sel(layer=layer), c) if float(part.total_sq.sel(layer=layer)) > 0
                                else "-" for c in FACTORIAL_COLUMNS),
                  float(np.sqrt(part.total_sq.sel(layer=layer)))] for layer in part.layer.values]
         if any("-" in row for row in rows):  # shares of nothing are not numbers
             lines.append("(-: no change at this layer, sum |D|^2 = 0, so no shares)")
         lines.append(table(["layer", "embedding", "body", "cross", "interaction", "sqrt sum |D|^2"], rows))
     return lines
+
+
+def _resampled(result: xr.Dataset) -> str:
+    """What the intervals of a readout are, for its heading; empty without intervals."""
+    if "resamples" not in result.attrs:
+        return ""
+    return (f"; (low..high): 95% bootstrap interval over prompts, {result.attrs['resamples']} resamples, seed "
+            f"{result.attrs['seed']}")
+
+
+def _share_cell(at: xr.Dataset, name: str) -> str:
+    if f"{name}_low" not in at:
+        return estimate(at[name])
+    return estimate(at[name], at[f"{name}_low"], at[f"{name}_high"])
 
 
 def diff_lens_lines(ds: xr.Dataset, result: xr.Dataset, k: int, include_massive: bool) -> list[str]:
@@ -74,45 +90,39 @@ def loader_stats_lines(store: str, stats: dict, pair: str | None, batch_size: in
 
 
 def crossing_lines(profile) -> list[str]:
-    """The ``crossing`` command's table: per split and direction, the shares left and their 95% intervals."""
-    def cell(value) -> str:
-        value = float(value)
-        return f"{value:.4f}" if value == value else "–"
-
+    """The ``crossing`` command's tables: per split and direction, the shares left and their 95% intervals; the
+    interactions at each split."""
     has_kl = "kl" in profile
-    head = ["split", "direction", *(["KL", "KL share", "95% interval"] if has_kl else []), "resid share",
-            "95% interval"]
+    head = ["split", "direction", *(["KL", "KL share"] if has_kl else []), "resid share"]
     rows = []
     for split in profile.split.values:
         for direction in profile.direction.values:
             at = profile.sel(split=split, direction=direction)
-            interval = f"{cell(at.kl_share_low)}..{cell(at.kl_share_high)}" if has_kl else ""
-            kl = [cell(at.kl), cell(at.kl_share), interval] if has_kl else []
-            rows.append([int(split), f"{direction}@L", *kl, cell(at.resid_share),
-                         f"{cell(at.resid_share_low)}..{cell(at.resid_share_high)}"])
-    lines = [f"crossed passes at the last layer (share = what the crossing leaves of the SS - BB change; 1 - share "
-             f"is recovered; {profile.attrs.get('resamples')} bootstrap resamples of the prompts, seed "
-             f"{profile.attrs.get('seed')}):", table(head, rows)]
+            kl = [_share_cell(at, "kl"), _share_cell(at, "kl_share")] if has_kl else []
+            rows.append([int(split), f"{direction}@L", *kl, _share_cell(at, "resid_share")])
+    lines = ["crossed passes at the last layer (share = what the crossing leaves of the SS - BB change; 1 - share "
+             "is recovered" + _resampled(profile) + "):", table(head, rows)]
     if not has_kl:
         lines.append("KL: not in this store (captured with --no-lens, or without the pairs B>S@L-SS, S>B@L-BB, BB-SS)")
-    lines.append("interaction of lower x upper body at each split (SS - B>S@L - S>B@L + BB, last layer; share of "
-                 "sum |h_SS - h_BB|^2):")
-    lines.append(table(["split", "interaction share", "95% interval"], [
-        [int(s), cell(profile.interaction_share.sel(split=s)),
-         f"{cell(profile.interaction_share_low.sel(split=s))}..{cell(profile.interaction_share_high.sel(split=s))}"]
-        for s in profile.split.values]))
+    inter_head, kl_inter = ["split", "resid interaction share"], "kl_interaction" in profile
+    if kl_inter:
+        inter_head += ["KL interaction", "KL interaction share"]
+    lines.append("interaction of lower x upper body at each split, last layer: sum |SS - B>S@L - S>B@L + BB|^2 as a "
+                 "share of sum |h_SS - h_BB|^2" + (", and KL(SS || BB) - KL(B>S@L || BB) - KL(S>B@L || BB) (per "
+                                                  "position, and as a share of KL(SS || BB))" if kl_inter else "")
+                 + ":")
+    names = ["interaction_share", *(["kl_interaction", "kl_interaction_share"] if kl_inter else [])]
+    lines.append(table(inter_head, [[int(s), *(_share_cell(profile.sel(split=s), n) for n in names)]
+                                    for s in profile.split.values]))
+    if has_kl and not kl_inter:
+        lines.append("KL interaction: not in this store (it needs the pairs BB-B>S@L and BB-S>B@L, which capture "
+                     "compares by default since December 2026; capture again, or name them with --pass-pair)")
     if "tracked_interaction" in profile:
         tracked = profile.tracked_interaction
         names = [str(t) for t in (profile.tracked_str if "tracked_str" in profile.coords else tracked.tracked).values]
-        lines.append("interaction in the tracked tokens' logits (norm lens, last layer; mean over positions, 95% "
-                     "interval):")
-        low, high = profile.tracked_interaction_low, profile.tracked_interaction_high
-
-        def with_interval(split, i: int) -> str:
-            at = {"split": split}
-            return f"{cell(tracked.sel(at).isel(tracked=i))} ({cell(low.sel(at).isel(tracked=i))}.." \
-                   f"{cell(high.sel(at).isel(tracked=i))})"
-
-        lines.append(table(["split", *names], [[int(s), *(with_interval(s, i) for i in range(len(names)))]
+        lines.append("interaction in the tracked tokens' logits (norm lens, last layer; mean over positions):")
+        lines.append(table(["split", *names], [[int(s), *(_share_cell(profile.sel(split=s).isel(tracked=i),
+                                                                      "tracked_interaction")
+                                                          for i in range(len(names)))]
                                                 for s in profile.split.values]))
     return lines

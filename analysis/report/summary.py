@@ -15,6 +15,7 @@ import dask
 import numpy as np
 import xarray as xr
 
+from analysis.compute.bootstrap import ratio_interval
 from store.completeness import UNFINISHED_LENS_ATTR
 from store.schema import lens_layers
 
@@ -48,23 +49,35 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     n_tokens = np.asarray(ds.n_tokens.values)
     out["rel_by_layer"] = position_mean(rel, n_tokens, keep)  # real positions only, not the padded layout
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
-        out["factorial"] = factorial_sums(ds, where=keep)  # from the pair sums the report reads anyway, where it can
+        # from the pair sums the report reads anyway, where it can; per prompt, for the intervals
+        per_prompt = factorial_sums(ds, over=("token",), where=keep).sum("layer")  # (term, prompt)
+        out["factorial"] = factorial_sums(ds, where=keep)
+        out["factorial_bounds"] = {t: ratio_interval(per_prompt.sel(term=t), per_prompt.sel(term="total_sq"))
+                                   for t in ("embedding_sq", "body_sq", "interaction_sq")}
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
         from analysis.compute import lens_sums
 
         out["kl_layer"] = lens_layers(ds)[-1]
         top3 = "topk_id" in ds and ds.sizes.get("k", 0) >= 3
         if lens_sums.applies(ds) and top3:  # one streamed read of the last layer's statistics
-            counts = lens_sums.last_layer_counts(ds, [chosen[1:]], [pair])
-            out["kl_last"] = counts[1] / counts[2]
-            out["shift_rate"] = counts[0] / counts[2]
+            counts = lens_sums.last_layer_counts(ds, [chosen[1:]], [pair])  # (count, prompt)
+            kl_p, rate_p, n_p = counts[1], counts[0], counts[2]
+            n_rate_p = n_p
         else:
             kl = ds.kl.sel(lens="norm", pair=pair, drop=True).sel(layer=out["kl_layer"], drop=True)
-            out["kl_last"] = kl.where(ds.token < ds.n_tokens).mean(skipna=True)
+            real = ds.token < ds.n_tokens
+            kl_p, n_p = kl.where(real).sum("token"), real.sum("token").astype(np.float64)
+            rate_p = None
             if top3:
-                from analysis.readouts.difflens import shift_rate
+                from analysis.readouts.difflens import shift_counts
 
-                out["shift_rate"] = shift_rate(ds).sel(pair=pair)
+                counts = shift_counts(ds)
+                rate_p, n_rate_p = counts.shifted.sel(pair=pair, drop=True), counts.positions
+        out["kl_last"] = kl_p.sum("prompt") / n_p.sum("prompt")
+        out["kl_last_bounds"] = ratio_interval(kl_p, n_p)
+        if rate_p is not None:
+            out["shift_rate"] = rate_p.sum("prompt") / n_rate_p.sum("prompt")
+            out["shift_rate_bounds"] = ratio_interval(rate_p, n_rate_p)
     return out
 
 
@@ -76,17 +89,20 @@ def summary_sentences(ds: xr.Dataset, computed: dict, n_massive: int = 0, massiv
     _, left, right = chosen
     sentences = []
     if "factorial" in computed:
-        sentences.append(_where_sentence(computed["factorial"]))
+        sentences.append(_where_sentence(computed["factorial"], computed.get("factorial_bounds", {})))
     sentences.append(_depth_sentence(computed["rel_by_layer"], left, right))
     if "kl_last" in computed:
         kl = float(computed["kl_last"])
         last = int(computed["kl_layer"])
         where = "the last layer" if last == int(ds.layer.values[-1]) else f"layer {last} (the last with statistics)"
-        text = f"At {where}, under the norm lens, KL({right} || {left}) averages {kl:.3g} nats per position"
+        text = (f"At {where}, under the norm lens, KL({right} || {left}) averages {kl:.3g}"
+                f"{_interval(computed.get('kl_last_bounds'), '.3g')} nats per position")
         if "shift_rate" in computed and np.isfinite(float(computed["shift_rate"])):
-            text += (f", and {100 * float(computed['shift_rate']):.1f}% of positions have a {right} top-1 token "
-                     f"outside {left}'s top 3 (the shift rate)")
-        sentences.append(text + ".")
+            text += (f", and {100 * float(computed['shift_rate']):.1f}%"
+                     f"{_interval(computed.get('shift_rate_bounds'), '.1f', 100, '%')} of positions have a {right} "
+                     f"top-1 token outside {left}'s top 3 (the shift rate)")
+        sentences.append(text + (" (in parentheses: 95% bootstrap intervals over prompts)." if "kl_last_bounds" in
+                                 computed else "."))
     else:
         sentences.append("What this does to the output is not shown: " + _no_lens(ds) + ".")
     if n_massive:
@@ -104,8 +120,19 @@ def _no_lens(ds: xr.Dataset) -> str:
     return f"its lens statistics are unfinished ({done} of {total} prompts done; see the note above)"
 
 
-def _where_sentence(sums: xr.DataArray) -> str:
-    """Embeddings or body, from the factorial terms summed over every layer."""
+def _interval(bounds: xr.DataArray | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """`` (low–high)`` of a computed interval (``bound``: low, high), empty where there is none."""
+    if bounds is None:
+        return ""
+    low, high = (scale * float(bounds.sel(bound=b)) for b in ("low", "high"))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return ""
+    return f" ({low:{spec}} to {high:{spec}}{unit})"
+
+
+def _where_sentence(sums: xr.DataArray, bounds: dict) -> str:
+    """Embeddings or body, from the factorial terms summed over every layer (``bounds``: their shares' 95%
+    intervals, by term)."""
     total = float(sums.sel(term="total_sq").sum())
     if total <= 0:
         return "The two models compute the same residual stream: SS and BB are identical at every layer."
@@ -121,9 +148,13 @@ def _where_sentence(sums: xr.DataArray) -> str:
         where = "mostly through the input embeddings"
     else:
         where = "through both the input embeddings and the body"
+    def share(value: float, term: str) -> str:
+        return f"{100 * value:.0f}%{_interval(bounds.get(term), '.0f', 100, '%')}"
+
     return (f"Fine-tuning changed the residual stream {where}: over all layers the body main effect carries "
-            f"{100 * body:.0f}% of sum |h_SS - h_BB|^2, the embedding main effect {100 * emb:.0f}%, and their "
-            f"interaction is {100 * inter:.0f}% of it.")
+            f"{share(body, 'body_sq')} of sum |h_SS - h_BB|^2, the embedding main effect {share(emb, 'embedding_sq')}, "
+            f"and their interaction is {share(inter, 'interaction_sq')} of it"
+            + (" (95% bootstrap intervals over prompts)." if bounds else "."))
 
 
 def _depth_sentence(rel: xr.DataArray, left: str, right: str) -> str:

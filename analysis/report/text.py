@@ -28,7 +28,7 @@ from analysis.readouts.tokens import token_text_table, visible
 from analysis.readouts.tracked import tracked_changes, tracked_trajectory
 from analysis.report import responses_text
 from analysis.report.summary import summary_inputs, summary_sentences
-from analysis.report.tables import table
+from analysis.report.tables import estimate, table
 from store.completeness import left_out
 from store.errors import MissingData, UsageError
 from store.schema import lens_layers
@@ -88,7 +88,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
     # Each table reads the real positions only (what ``keep`` keeps: the massive ones are left out by default).
     n_tokens = np.asarray(ds.n_tokens.values)
     spots_at = once if keep is None else once & keep
-    lazy = {m: (summarize_over(pick[m], axis, n_tokens, keep), hotspots(pick[m], top_n, spots_at),
+    lazy = {m: (summarize_over(pick[m], axis, n_tokens, keep, intervals=True), hotspots(pick[m], top_n, spots_at),
                 seven_number_summary(pick[m], n_tokens, keep)) for m in metrics}
     lazy["extra"] = extra
     with warnings.catch_warnings():
@@ -100,7 +100,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
     tokens = token_text_table(ds)  # decoded text, not raw tokenizer pieces
     labels = ds.prompt.values
     word = "pair" if lead == "pair" else "pass"
-    lines, rows = [], []
+    lines, rows, summary_rows = [], [], []
     for metric in metrics:
         summary, spots, seven = computed[metric]
         lens_label = f", {lens} lens" if metric in LENS_METRICS else ""
@@ -112,13 +112,17 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
             s = summary.sel({lead: group[0]})
             named = f"{word} {group[0]}" if len(group) == 1 else f"{word}s {', '.join(group)}: {meaning}"
             lines.append(f"\n{metric} by {axis} ({named}{lens_label}):")
-            lines.append(table([axis, "mean", "std", "min", "max"],
-                               [[int(i), *(float(s[k][j]) for k in ("mean", "std", "min", "max"))]
+            lines.append(table([axis, "mean (95% interval over prompts)", "std", "min", "max"],
+                               [[int(i), estimate(s["mean"][j], s["mean_low"][j], s["mean_high"][j]),
+                                 *(float(s[k][j]) for k in ("std", "min", "max"))]
                                 for j, i in enumerate(s[axis].values)]))
+            summary_rows += [{"type": "summary", "metric": metric, lead: label, axis: int(i),
+                              **{k: float(s[k][j]) for k in ("mean", "mean_low", "mean_high", "std", "min", "max")}}
+                             for label in group for j, i in enumerate(s[axis].values)]
             for label in group:
                 h = spots.sel({lead: label})
                 # hotspots gives store rows; reports name prompts by their label (source position)
-                rows += [{"metric": metric, lead: label, "rank": r + 1,
+                rows += [{"type": "hotspot", "metric": metric, lead: label, "rank": r + 1,
                           "prompt": int(labels[int(h.prompt.values[r])]),
                           "layer": int(pick[metric].layer.values[int(h.layer.values[r])]),
                           "token_idx": int(h.token.values[r]),
@@ -135,7 +139,7 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
         lines.append(f"\n{metric} across prompts (each prompt's mean over layers and tokens):")
         lines.append(table([word, *names], [[label, *(float(seven[n].sel({lead: label})) for n in names)]
                                             for label in chosen]))
-    return lines, rows, extra
+    return lines, rows + summary_rows, extra
 
 
 def _prompt_cell(row: dict) -> str:
@@ -258,8 +262,8 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     >>> from store.testing import write_tiny_store
     >>> from analysis import open_store
     >>> text, rows = build_report(open_store(write_tiny_store(tempfile.mkdtemp() + "/s.zarr")), top_n=1)
-    >>> text.splitlines()[0][:48], len(rows)
-    ('Summary: Fine-tuning changed the residual stream', 6)
+    >>> text.splitlines()[0][:48], sorted({row["type"] for row in rows})
+    ('Summary: Fine-tuning changed the residual stream', ['hotspot', 'summary'])
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")
@@ -278,9 +282,9 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     extra = {"found": found, "summary": summary_inputs(ds, keep)}  # computed with the tables, sharing reads
     with_rate = record_type == "pairwise" and "topk_id" in ds and ds.sizes.get("k", 0) >= 3
     if with_rate:  # its read of the last layer's statistics runs beside the residuals', not after them
-        from analysis.readouts.difflens import shift_rate
+        from analysis.readouts.difflens import shift_rate, shift_rate_interval
 
-        extra["rate"] = shift_rate(ds).sel(pair=chosen)
+        extra["rate"] = (shift_rate(ds).sel(pair=chosen), shift_rate_interval(ds).sel(pair=chosen))
     with_responses = record_type == "pairwise" and responses_text.applies(ds)
     if with_responses:  # the responses' readouts share the reads of the other sections
         extra["responses"] = responses_text.response_inputs(ds)
@@ -293,10 +297,14 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
     if opening:
         lines = ["Summary: " + " ".join(opening), "", *lines]
     if with_rate:
-        rate = extra["rate"]
+        rate, bounds = extra["rate"]
         lines.append("\ntoken distribution shift rate (URIAL: share of real positions whose right-pass top-1 token, "
-                     "norm lens, last layer, is not in the left pass's top-3):")
-        lines.append(table(["pair", "shift rate"], [[str(q), float(rate.sel(pair=q))] for q in chosen]))
+                     "norm lens, last layer, is not in the left pass's top-3; 95% bootstrap interval over prompts):")
+        lines.append(table(["pair", "shift rate (95% interval)"],
+                           [[str(q), estimate(rate.sel(pair=q), *bounds.sel(pair=q))] for q in chosen]))
+        rows += [{"type": "shift_rate", "pair": str(q), "value": float(rate.sel(pair=q)),
+                  "low": float(bounds.sel(pair=q, bound="low")), "high": float(bounds.sel(pair=q, bound="high"))}
+                 for q in chosen]
     if with_responses:
         lines += responses_text.response_section(ds, extra["responses"], top_n)
     if record_type == "pairwise" and "tracked_logit" in ds:

@@ -5,21 +5,28 @@ resident at once: while the base model runs ``BB``, its state at each split is k
 (never the store's lossy float16), in a file per (pass, split) beside the store, ``<store>.carry/``; the SFT
 model's step reads it back batch by batch. Tokens are laid out flat in store order, each prompt's full
 forward length (a ``--positions`` window still needs every earlier position), so a write group is one
-contiguous slice. A flag file per (pass, split) records which prompts' states are on disk; a run killed
-before the crossed passes finished finds them there. The folder is removed once every crossed pass is done.
+contiguous slice. A record per (pass, split) holds, per prompt, the CRC-32 of its state's bytes once they are
+on disk (-1 before): a run killed before the crossed passes finished finds them there, and a state read back
+is checked against it, so that a changed or damaged file never feeds a crossed pass (the damaged prompts are
+marked not done and the run stops; rerunning recomputes them). The folder is removed once every crossed
+pass is done.
 
 Legend: g prompt in a write group, b prompt in a batch, t token, d hidden dimension.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from capture.errors import CarriedStateDamaged
 from store.atomic import atomic_output, remove_path
+
+NOT_WRITTEN = -1  # a prompt's checksum before its state is on disk
 
 _RAW = {2: np.int16, 4: np.int32, 8: np.int64}  # a dtype's bytes as numpy holds them (bfloat16 has no numpy dtype)
 _VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -34,8 +41,10 @@ class Carry:
     """The carried states of one store: ``lengths`` (each prompt's forward tokens, store order), ``hidden``,
     ``dtype`` (the compute dtype)."""
 
-    def __init__(self, store: str | Path, lengths: list[int], hidden: int, dtype: torch.dtype) -> None:
+    def __init__(self, store: str | Path, lengths: list[int], hidden: int, dtype: torch.dtype,
+                 names: list[str] | None = None) -> None:
         store = Path(store)
+        self.names = names  # the passes' names, for messages
         self.folder = store.with_name(store.name + ".carry")
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.lengths, self.hidden, self.dtype = list(lengths), hidden, dtype
@@ -44,39 +53,58 @@ class Carry:
     def _file(self, source: int, split: int) -> Path:
         return self.folder / f"pass{source}-split{split}.bin"
 
-    def _flags(self, source: int, split: int) -> Path:
-        return self.folder / f"pass{source}-split{split}.done.npy"
+    def _record(self, source: int, split: int) -> Path:
+        return self.folder / f"pass{source}-split{split}.crc.npy"
 
     def _map(self, source: int, split: int, mode: str) -> np.memmap:
         shape = (int(self.offsets[-1]), self.hidden)
         return np.memmap(self._file(source, split), dtype=self.raw_dtype, mode=mode, shape=shape)
 
+    def checksums(self, source: int, split: int) -> np.ndarray:
+        """Per prompt: the CRC-32 of its state on disk, or :data:`NOT_WRITTEN` (int64)."""
+        record = self._record(source, split)
+        return np.load(record) if record.exists() else np.full(len(self.lengths), NOT_WRITTEN, dtype=np.int64)
+
     def done(self, source: int, split: int) -> np.ndarray:
         """Per prompt: its state is on disk."""
-        flags = self._flags(source, split)
-        return np.load(flags) if flags.exists() else np.zeros(len(self.lengths), dtype=bool)
+        return self.checksums(source, split) != NOT_WRITTEN
+
+    def _save(self, source: int, split: int, crc: np.ndarray) -> None:
+        with atomic_output(self._record(source, split), suffix=".partial.npy") as tmp:
+            np.save(tmp, crc)
 
     def write(self, source: int, split: int, rows: slice, state_gtd: np.ndarray) -> None:
-        """Keep a write group's states (raw, padded to the group's longest prompt), then flag them."""
+        """Keep a write group's states (raw, padded to the group's longest prompt), then record their checksums."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._file(source, split)
         if not path.exists():
             self._map(source, split, "w+").flush()
         flat = self._map(source, split, "r+")
+        crc = self.checksums(source, split)
         for at, row in enumerate(range(rows.start, rows.stop)):
-            flat[self.offsets[row]: self.offsets[row + 1]] = state_gtd[at, : self.lengths[row]]
+            state_td = np.ascontiguousarray(state_gtd[at, : self.lengths[row]])
+            flat[self.offsets[row]: self.offsets[row + 1]] = state_td
+            crc[row] = zlib.crc32(state_td.data)
         flat.flush()
-        flags = self.done(source, split)
-        flags[rows] = True
-        with atomic_output(self._flags(source, split), suffix=".partial.npy") as tmp:
-            np.save(tmp, flags)
+        self._save(source, split, crc)
 
     def read(self, source: int, split: int, rows: range, width: int) -> torch.Tensor:
-        """A batch's states, (b, width, d), zero past each prompt's length (masked there anyway)."""
+        """A batch's states, (b, width, d), zero past each prompt's length (masked there anyway), each checked
+        against its checksum (:class:`capture.errors.CarriedStateDamaged` if one fails)."""
         flat = self._map(source, split, "r")
+        crc = self.checksums(source, split)
         out = np.zeros((len(rows), width, self.hidden), dtype=self.raw_dtype)
+        bad = []
         for at, row in enumerate(rows):
             out[at, : self.lengths[row]] = flat[self.offsets[row]: self.offsets[row + 1]]
+            if zlib.crc32(np.ascontiguousarray(out[at, : self.lengths[row]]).data) != crc[row]:
+                bad.append(row)
+        if bad:
+            crc[bad] = NOT_WRITTEN  # recomputed on the next run
+            self._save(source, split, crc)
+            which = f"prompt {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            name = self.names[source] if self.names else f"pass {source}"
+            raise CarriedStateDamaged(which=f"{which} of {name} at split {split}", folder=str(self.folder))
         return torch.from_numpy(out).view(self.dtype)
 
     def discard(self) -> None:
@@ -108,7 +136,8 @@ def crossing_for(prep) -> Crossing:
     from capture.models.loading import DTYPES
     from capture.plan.passes import source_pass
 
-    carry = Carry(prep.path, prep.tokenized.lengths, prep.shapes["base"].hidden, DTYPES[prep.resolved.dtype])
+    carry = Carry(prep.path, prep.tokenized.lengths, prep.shapes["base"].hidden, DTYPES[prep.resolved.dtype],
+                  [p.name for p in prep.passes])
     return Crossing(carry, source_of={i: source_pass(prep.passes, p) for i, p in enumerate(prep.passes) if p.crossed})
 
 

@@ -172,7 +172,7 @@ def parse_pass_pairs(spec: str | list[str] | None, passes: tuple[Pass, ...], all
     >>> [p.name for p in parse_pass_pairs(None, DEFAULT_PASSES)][:3]
     ['BB-BS', 'BB-SB', 'BB-SS']
     >>> [p.name for p in parse_pass_pairs(None, DEFAULT_PASSES + crossed_passes([2]))][6:]
-    ['B>S@2-SS', 'S>B@2-BB']
+    ['B>S@2-SS', 'S>B@2-BB', 'BB-B>S@2', 'BB-S>B@2']
     """
     index = {p.name.upper(): i for i, p in enumerate(passes)}
     if spec is None:

@@ -17,9 +17,8 @@ from tests.helpers import RAGGED, load
 K, N_LAYERS = 2, 3
 
 
-@pytest.fixture(scope="module")
-def crossed(make_model, tmp_path_factory):
-    """A store of a llama pair whose SFT model differs from the base from block K on, crossed at every split."""
+def _crossed_store(make_model, root, first_changed: int, splits: str, track=None):
+    """A store of a llama pair whose SFT model differs from the base from block ``first_changed`` on."""
     from transformers import AutoTokenizer
 
     from capture.models.loading import decoder_layers
@@ -27,20 +26,31 @@ def crossed(make_model, tmp_path_factory):
     from capture.settings import CaptureSettings
 
     base = make_model("llama", seed=0)
-    root = tmp_path_factory.mktemp("crossed")
     model = load(base)
     torch.manual_seed(3)
     with torch.no_grad():
-        for block in list(decoder_layers(model))[K:]:
+        for block in list(decoder_layers(model))[first_changed:]:
             for weight in block.parameters():
                 weight.add_(0.05 * torch.randn_like(weight))
     model.save_pretrained(root / "sft")
     AutoTokenizer.from_pretrained(base).save_pretrained(root / "sft")
     path = run_capture(CaptureSettings(base=str(base), sft=str(root / "sft"), prompts=RAGGED, device="cpu",
                                        store=str(root / "s.zarr"), store_dtype="float32", top_k=2,
-                                       cross_layers=f"0:{N_LAYERS + 1}", track=["5", "40"]),
+                                       cross_layers=splits, track=track or []),
                        log=lambda *a: None, progress=False)
     return open_store(path)
+
+
+@pytest.fixture(scope="module")
+def crossed(make_model, tmp_path_factory):
+    """A pair whose SFT model differs from the base from block K on, crossed at every split."""
+    return _crossed_store(make_model, tmp_path_factory.mktemp("crossed"), K, f"0:{N_LAYERS + 1}", ["5", "40"])
+
+
+@pytest.fixture(scope="module")
+def crossed_everywhere(make_model, tmp_path_factory):
+    """A pair whose every block differs, crossed inside the body: both sides of a split carry some change."""
+    return _crossed_store(make_model, tmp_path_factory.mktemp("everywhere"), 0, "1,2")
 
 
 def _plain_sums(ds, keep=None):
@@ -118,7 +128,7 @@ def test_cli_prints_the_profile(crossed, capsys):
 
     assert main(["crossing", crossed.encoding["source"], "--resamples", "50"]) == 0
     out = capsys.readouterr().out
-    assert "split  direction" in out and "B>S@L" in out and "50 bootstrap resamples" in out
+    assert "split  direction" in out and "B>S@L" in out and "bootstrap interval over prompts, 50 resamples" in out
     assert main(["crossing", crossed.encoding["source"], "--resamples", "3"]) != 0
 
 
@@ -154,3 +164,37 @@ def test_interactions_equal_plain_loops(crossed):
                                    atol=1e-7)
         if split <= K:  # B>S@L is SS and S>B@L is BB: no interaction
             assert float(profile.interaction_share.sel(split=split)) == 0.0
+
+
+@pytest.mark.parametrize("store", ["crossed", "crossed_everywhere"])
+def test_kl_interaction_equals_plain_loops_and_ground_truth(store, request):
+    """KL(SS || BB) - KL(B>S@L || BB) - KL(S>B@L || BB) per position, from the stored pairs in loops. Where the
+    change lives above the split, the crossed passes are SS and BB themselves, so the new pairs repeat BB-SS (in
+    its direction: KL is not symmetric) and BB-BB, and the interaction is 0; where both sides of the split
+    changed, it is not."""
+    ds = request.getfixturevalue(store)
+    profile = crossing_profile(ds).compute()
+    kl = ds.kl.sel(lens="norm", layer=N_LAYERS).values.astype(np.float64)
+    pairs = [str(q) for q in ds.pair.values]
+    n_real = int(ds.n_tokens.sum())
+    real = ds.token < ds.n_tokens
+    for split in (int(s) for s in profile.split.values):
+        upper, lower = pairs.index(f"BB-B>S@{split}"), pairs.index(f"BB-S>B@{split}")
+        inter = ref = 0.0
+        for row in range(ds.sizes["prompt"]):
+            for t in range(int(ds.n_tokens.values[row])):
+                ref += kl[pairs.index("BB-SS"), row, t]
+                inter += kl[pairs.index("BB-SS"), row, t] - kl[upper, row, t] - kl[lower, row, t]
+        at = profile.sel(split=split)
+        assert float(at.kl_interaction) == pytest.approx(inter / n_real, rel=1e-5, abs=1e-9)
+        assert float(at.kl_interaction_share) == pytest.approx(inter / ref, rel=1e-5, abs=1e-9)
+        assert float(at.kl_interaction_low) <= float(at.kl_interaction) <= float(at.kl_interaction_high)
+        if store == "crossed" and split <= K:
+            same = ds.kl.sel(lens="norm", layer=N_LAYERS, pair=f"BB-B>S@{split}").where(real)
+            np.testing.assert_allclose(same.values, ds.kl.sel(lens="norm", layer=N_LAYERS, pair="BB-SS")
+                                       .where(real).values, rtol=1e-5, atol=1e-7)
+        if store == "crossed":  # at split n the crossings are BB and SS with the other head, the same here
+            assert abs(float(at.kl_interaction_share)) < 1e-5
+        else:
+            assert abs(float(at.kl_interaction_share)) > 1e-3
+            assert float(at.interaction_share) > 1e-3

@@ -9,7 +9,7 @@ import zarr
 
 from analysis import open_store
 from analysis.geometry.metrics import store_pass_pairs
-from analysis.readouts.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate
+from analysis.readouts.difflens import _checkpoint_lens, diff_lens, load_lenses, shift_rate, shift_rate_interval
 from store.testing import save_identity_lens, write_tiny_store
 from store.writer import consolidate
 
@@ -121,7 +121,7 @@ def test_diff_lens_restricts_pairs_and_layers_in_one_line(tmp_path):
         diff_lens(ds, pairs=["XX-YY"])
 
 
-def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
+def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path, monkeypatch):
     """The shift rate and the summary's mean KL, read region by region (analysis.compute.lens_sums), against plain loops
     over a ragged store of several prompt and token chunks, one prompt's statistics unfinished."""
     from analysis.compute import lens_sums
@@ -136,25 +136,37 @@ def test_streamed_last_layer_counts_equal_a_plain_count(tiny_pair, tmp_path):
     ds = open_store(store)
     assert lens_sums.applies(ds)
     got = shift_rate(ds).compute()
-    counts = lens_sums.last_layer_counts(ds, [("BB", "SS")], ["BB-SS"]).compute().values
+    counts = lens_sums.last_layer_counts(ds, [("BB", "SS")], ["BB-SS"]).compute().values.sum(axis=-1)
     top = ds.topk_id.sel(lens="norm").isel(layer=-1).values  # (pass, prompt, token, k), store order
     kl = ds.kl.sel(lens="norm", pair="BB-SS").isel(layer=-1).values
     passes, done = list(ds.pass_.values), ds.lens_done.values
+    bounds = shift_rate_interval(ds, resamples=200, seed=4).compute()
+    chosen = np.random.default_rng(4).integers(0, ds.sizes["prompt"], size=(200, ds.sizes["prompt"]))
     for q, (left, right) in enumerate(zip(ds.left.values, ds.right.values, strict=True)):
-        shifted = real = 0
+        shifted_p, real_p = np.zeros(ds.sizes["prompt"]), np.zeros(ds.sizes["prompt"])
         kl_sum = 0.0
         for p in range(ds.sizes["prompt"]):
             for t in range(int(ds.n_tokens.values[p]) if done[p] else 0):
-                real += 1
-                shifted += top[passes.index(right), p, t, 0] not in top[passes.index(left), p, t, :3]
+                real_p[p] += 1
+                shifted_p[p] += top[passes.index(right), p, t, 0] not in top[passes.index(left), p, t, :3]
                 kl_sum += float(kl[p, t])
+        shifted, real = shifted_p.sum(), real_p.sum()
         assert float(got.isel(pair=q)) == shifted / real
+        rates = [shifted_p[rows].sum() / real_p[rows].sum() for rows in chosen if real_p[rows].sum() > 0]
+        np.testing.assert_allclose(bounds.isel(pair=q).values, np.percentile(rates, [2.5, 97.5]), rtol=1e-12)
+    with monkeypatch.context() as patched:  # a store read through xarray (not local): the same per-prompt counts
+        patched.setattr(lens_sums, "applies", lambda ds: False)
+        np.testing.assert_array_equal(shift_rate_interval(ds, resamples=200, seed=4).values, bounds.values)
         if (left, right) == ("BB", "SS"):
             assert counts[0] == shifted and counts[2] == real
             np.testing.assert_allclose(counts[1], kl_sum, rtol=1e-6)
     real_pt = (ds.token < ds.n_tokens) & ds.lens_done
     want = ds.kl.sel(lens="norm").where(real_pt).mean(["prompt", "token"]).transpose("pair", "layer")
     np.testing.assert_allclose(lens_sums.layer_means(ds, "kl", "norm").values, want.values, rtol=1e-6)
+    per_prompt = lens_sums.layer_sums(ds, "kl", "norm").compute()  # each prompt's own sums, in store order
+    want_p = ds.kl.sel(lens="norm").where(real_pt).sum("token").transpose("pair", "prompt", "layer")
+    np.testing.assert_allclose(per_prompt["sum"].values, want_p.values, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(per_prompt["count"].values[:, 0], real_pt.sum("token").values)
 
 
 def _plain_massive(ds, factor: float = 10.0) -> np.ndarray:

@@ -165,3 +165,41 @@ def test_terms_from_the_six_distances_equal_the_direct_sums(tmp_path):
                                     for q, a, b in zip(names, left, right, strict=True)}).compute()
     direct = factorial_terms(ds).sum(["prompt", "token"]).compute()
     np.testing.assert_allclose(derived.values, direct.transpose("term", "layer").values, rtol=1e-9, atol=1e-9)
+
+
+def test_share_intervals_equal_a_plain_resampling_loop(tmp_path):
+    """Each share's 95% interval against resampled prompts in a loop (float64 sums per prompt from the residuals),
+    with the draws the module documents: ``default_rng(seed).integers(0, P, (resamples, P))``."""
+    ds = open_store(write_tiny_store(tmp_path / "s.zarr", n_prompts=9, lengths=(5, 2, 4, 1, 3, 6, 2, 5, 3),
+                                     chunk_prompt=2))
+    shares = factorial_shares(ds, resamples=300, seed=7).compute()
+    d, e, b, i = _reference(ds)
+    per_prompt = {"total": np.nansum((d**2).sum(-1), axis=2),  # (prompt, layer)
+                  "embedding_share": np.nansum((e**2).sum(-1), axis=2), "body_share": np.nansum((b**2).sum(-1), axis=2),
+                  "cross_share": 2 * np.nansum((e * b).sum(-1), axis=2),
+                  "interaction_ratio": np.nansum((i**2).sum(-1), axis=2)}
+    chosen = np.random.default_rng(7).integers(0, 9, size=(300, 9))
+    for name in ("embedding_share", "body_share", "cross_share", "interaction_ratio"):
+        ratios = np.array([per_prompt[name][rows].sum(0) / per_prompt["total"][rows].sum(0) for rows in chosen])
+        np.testing.assert_allclose(shares[f"{name}_low"], np.percentile(ratios, 2.5, axis=0), rtol=1e-9)
+        np.testing.assert_allclose(shares[f"{name}_high"], np.percentile(ratios, 97.5, axis=0), rtol=1e-9)
+        assert (shares[f"{name}_low"] <= shares[name]).all() and (shares[name] <= shares[f"{name}_high"]).all()
+    assert factorial_shares(ds, intervals=False).compute().data_vars.keys() == {
+        "embedding_share", "body_share", "cross_share", "interaction_ratio", "total_sq"}
+
+
+def test_factorial_cli_prints_and_exports_intervals(tmp_path, capsys):
+    import json
+
+    from cli import main
+
+    store = write_tiny_store(tmp_path / "s.zarr", n_prompts=6)
+    out = tmp_path / "shares.json"
+    assert main(["factorial", str(store), "--resamples", "100", "--seed", "3", "--export", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "95% bootstrap interval over prompts, 100 resamples, seed 3" in text and ".." in text
+    rows = json.loads(out.read_text())
+    shares = factorial_shares(open_store(store), resamples=100, seed=3).compute()
+    assert [r["layer"] for r in rows] == [int(x) for x in shares.layer.values]
+    assert rows[0]["body_share_high"] == pytest.approx(float(shares.body_share_high[0]))
+    assert main(["factorial", str(store), "--export", str(tmp_path / "no" / "x.csv")]) == 2

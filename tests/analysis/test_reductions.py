@@ -163,6 +163,18 @@ def test_summaries_over_kept_real_positions_against_a_plain_loop(chunked):
                 np.testing.assert_allclose(got["mean"].values[q, i], want.mean(), rtol=1e-12)
                 np.testing.assert_allclose(got["std"].values[q, i], want.std(), rtol=1e-10, atol=1e-12)
                 assert (got["min"].values[q, i], got["max"].values[q, i]) == (want.min(), want.max())
+        # the mean's 95% interval: resampled prompts (the module's draws), each resample's cells pooled
+        bounds = summarize_over(values, axis, n_tokens, where, intervals=True, resamples=200, seed=2).compute()
+        chosen = np.random.default_rng(2).integers(0, 5, size=(200, 5))
+        for q in range(2):
+            for i in range(size):
+                means = [np.mean([c for p in rows for c in cells(q, p=p, **{axis: i})] or [np.nan]) for rows in chosen]
+                if np.isnan(means).mean() > 0.025:  # undefined in too many resamples: no interval
+                    assert np.isnan(bounds.mean_low.values[q, i]) and np.isnan(bounds.mean_high.values[q, i])
+                    continue
+                want = np.nanpercentile(means, [2.5, 97.5])
+                np.testing.assert_allclose([bounds.mean_low.values[q, i], bounds.mean_high.values[q, i]], want,
+                                           rtol=1e-10)
     seven = seven_number_summary(values, n_tokens, where).compute()
     for q in range(2):
         per_prompt = [statistics.fmean(c) for p in range(5) if (c := cells(q, p=p))]

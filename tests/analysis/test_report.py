@@ -28,8 +28,13 @@ def test_report_tables_and_exports(store_path, tmp_path, capsys):
     for layer in range(summary.sizes["layer"]):
         assert f"{float(summary['mean'][layer]):.4f}" in text
     rows = list(csv.DictReader(out.open()))
-    spots = [r for r in rows if r["metric"] == "cosine_sim"]
+    spots = [r for r in rows if r["type"] == "hotspot" and r["metric"] == "cosine_sim"]
     assert [int(r["rank"]) for r in spots] == [1, 2, 3]
+    per_layer = [r for r in rows if r["type"] == "summary"]
+    assert [int(r["layer"]) for r in per_layer] == list(range(summary.sizes["layer"]))
+    for r in per_layer:  # the table's mean, with its interval around it
+        assert float(r["mean_low"]) <= float(r["mean"]) <= float(r["mean_high"])
+        assert float(r["mean"]) == pytest.approx(float(summary["mean"][int(r["layer"])]), rel=1e-6)
     assert abs(float(spots[0]["value"])) >= abs(float(spots[-1]["value"]))
     changes = [r for r in rows if r.get("type") == "logit_change"]
     assert changes and all(abs(float(r["shift"])) >= 0.5 for r in changes)  # the legacy export crashed on these rows
@@ -44,7 +49,8 @@ def test_report_runs_and_json_export(store_path, tmp_path, capsys):
     assert "norm by token (pass SS):" in text and "entropy by token (pass SS, norm lens):" in text
     rows = json.loads(out.read_text())
     assert {r["metric"] for r in rows} == {"norm", "entropy"} and all(r["pass_"] == "SS" for r in rows)
-    assert np.isfinite([r["value"] for r in rows]).all()
+    assert np.isfinite([r["value"] for r in rows if r["type"] == "hotspot"]).all()
+    assert {r["type"] for r in rows} == {"hotspot", "summary"}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -121,7 +121,8 @@ def test_a_pair_that_differs_only_in_its_input_embedding(make_model, tmp_path):
 
     opened = open_store(tmp_path / "s.zarr")
     names = store_pass_pairs(opened)[0]
-    assert len(names) == 6 + 2 * (N_LAYERS + 1) and "B>S@2-SS" in names and "S>B@2-BB" in names
+    assert len(names) == 6 + 4 * (N_LAYERS + 1) and "B>S@2-SS" in names and "S>B@2-BB" in names
+    assert "BB-B>S@2" in names and "BB-S>B@2" in names  # the KL interaction's terms
     diff = pair_metrics(opened, names=["norm_diff"]).norm_diff
     np.testing.assert_array_equal(diff.sel(pair="B>S@2-SS").values, diff.sel(pair="BB-SS").values)
 
@@ -164,6 +165,31 @@ def test_carried_states_lost_after_a_kill_are_computed_again(make_model, tmp_pat
         _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
     shutil.rmtree(tmp_path / "resumed.zarr.carry")
     monkeypatch.setattr(job, "load_model", real)
+    resumed = _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
+    np.testing.assert_array_equal(resumed.resid.values, whole.resid.values)
+
+
+def test_a_damaged_carried_state_is_refused_and_computed_again(make_model, tmp_path, monkeypatch):
+    """One flipped byte in a carried state, after a kill between the models: the resumed run stops before any
+    crossed value is written from it (one error that says to rerun), and the rerun recomputes it: the store
+    equals an undisturbed capture."""
+    import capture.pipeline.job as job
+    from capture.errors import CarriedStateDamaged
+
+    base, sft = make_model("llama", seed=0), make_model("llama", seed=1)
+    whole = _capture(base, sft, tmp_path / "whole.zarr", cross_layers="2", lens=False)
+    real = job.load_model
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if a[0] == str(sft) else real(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
+    monkeypatch.setattr(job, "load_model", real)
+    (state,) = (tmp_path / "resumed.zarr.carry").glob("*.bin")
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit of one value of a prompt in the middle
+    state.write_bytes(bytes(data))
+    with pytest.raises(CarriedStateDamaged, match=r"fails its checksum.*rerun the same command"):
+        _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
     resumed = _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
     np.testing.assert_array_equal(resumed.resid.values, whole.resid.values)
 

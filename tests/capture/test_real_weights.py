@@ -107,3 +107,35 @@ def test_crossed_passes_on_real_weights_find_where_the_change_lives(cache):
     assert not np.array_equal(resid["B>S@25"], resid["SS"], equal_nan=True)
     assert not np.array_equal(resid["S>B@25"], resid["BB"], equal_nan=True)
     np.testing.assert_array_equal(resid["B>S@25"][:, :26], resid["BB"][:, :26])
+
+
+def test_crossed_passes_of_an_embedding_only_pair_on_real_weights(cache):
+    """From the real smollm2 base, an "SFT" whose only change is its input embedding (tied to the head, so the
+    unembedding changes with it; the residuals do not see the head): B>S@L's residuals are BB's and S>B@L's are SS's
+    at every split, 0 and the last included."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from capture.models.smollm import ensure_smollm_pair
+
+    base, _ = ensure_smollm_pair(cache, log=lambda *a: None)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.add_(0.02 * torch.randn_like(embedding))
+    moved = cache / "embedding-sft"
+    model.save_pretrained(moved)
+    AutoTokenizer.from_pretrained(base).save_pretrained(moved)
+    path = cache / "embedding-cross.zarr"
+    args = ["capture", "--base", base, "--sft", str(moved), "--store", str(path), "--no-lens", "--quiet",
+            "--dtype", "float32", "--store-dtype", "float32", "--cross-layers", "0,15,30"]
+    for text in TEXTS[:2]:
+        args += ["--prompt", text]
+    assert main(args) == 0
+    ds = open_store(path)
+    resid = {str(p): ds.resid.sel(pass_=p).values for p in ds.pass_.values}
+    assert not np.array_equal(resid["SS"], resid["BB"], equal_nan=True)
+    for split in (0, 15, 30):
+        np.testing.assert_array_equal(resid[f"B>S@{split}"], resid["BB"])
+        np.testing.assert_array_equal(resid[f"S>B@{split}"], resid["SS"])
