@@ -36,6 +36,6 @@ __all__ = [
     "LensNotSaved", "MissingData", "ResdiffError", "StoreFormatError", "StoreNotFound", "UsageError",
     "activation_loader", "around_divergence", "correlation", "crossing_profile", "decompose", "diff_lens", "factorial",
     "factorial_shares", "first_divergence", "hotspots", "lens_logits", "open_store", "open_stores", "pair_metrics",
-    "pass_metrics", "real_positions", "report_summary", "response_curve", "response_readouts",
-    "seven_number_summary", "shift_rate", "shift_rate_interval", "summarize_over", "tracked_changes", "tracked_trajectory",
+    "pass_metrics", "real_positions", "report_summary", "response_curve", "response_readouts", "seven_number_summary",
+    "shift_rate", "shift_rate_interval", "summarize_over", "tracked_changes", "tracked_trajectory",
 ]
