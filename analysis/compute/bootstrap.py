@@ -40,9 +40,8 @@ def counts(draws_rp: np.ndarray, n_prompts: int) -> np.ndarray:
     >>> counts(np.array([[0, 0, 2]]), 3).tolist()
     [[2.0, 0.0, 1.0]]
     """
-    out = np.zeros((draws_rp.shape[0], n_prompts))
-    np.add.at(out, (np.arange(draws_rp.shape[0])[:, None], draws_rp), 1.0)
-    return out
+    flat = (np.arange(draws_rp.shape[0])[:, None] * n_prompts + draws_rp).ravel()
+    return np.bincount(flat, minlength=draws_rp.shape[0] * n_prompts).reshape(-1, n_prompts).astype(np.float64)
 
 
 def ratio_interval_np(num_p: np.ndarray, den_p: np.ndarray, draws_rp: np.ndarray) -> np.ndarray:

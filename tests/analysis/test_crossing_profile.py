@@ -17,15 +17,15 @@ from tests.helpers import RAGGED, load
 K, N_LAYERS = 2, 3
 
 
-def _crossed_store(make_model, root, first_changed: int, splits: str, track=None):
-    """A store of a llama pair whose SFT model differs from the base from block ``first_changed`` on."""
+def _crossed_store(make_model, root, first_changed: int, splits: str, track=None, arch: str = "llama"):
+    """A store of a pair of ``arch`` whose SFT model differs from the base from block ``first_changed`` on."""
     from transformers import AutoTokenizer
 
     from capture.models.loading import decoder_layers
     from capture.pipeline.job import run_capture
     from capture.settings import CaptureSettings
 
-    base = make_model("llama", seed=0)
+    base = make_model(arch, seed=0)
     model = load(base)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -198,3 +198,36 @@ def test_kl_interaction_equals_plain_loops_and_ground_truth(store, request):
         else:
             assert abs(float(at.kl_interaction_share)) > 1e-3
             assert float(at.interaction_share) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma"])
+def test_every_statistic_equals_plain_loops_on_other_architectures(arch, make_model, tmp_path):
+    """Each statistic of the profile against float64 loops over the stored residuals and KL, position by position,
+    on pairs of other architectures that differ in every block (so that nothing is 0)."""
+    ds = _crossed_store(make_model, tmp_path, 0, "1,2", arch=arch)
+    profile = crossing_profile(ds).compute()
+    resid = ds.resid.sel(layer=N_LAYERS).values.astype(np.float64)
+    kl = ds.kl.sel(lens="norm", layer=N_LAYERS).values.astype(np.float64)
+    at = {str(p): i for i, p in enumerate(ds.pass_.values)}
+    pair = {str(q): i for i, q in enumerate(ds.pair.values)}
+    positions = [(row, t) for row in range(ds.sizes["prompt"]) for t in range(int(ds.n_tokens.values[row]))]
+    ref_resid = sum(float(np.sum((resid[at["SS"], r, t] - resid[at["BB"], r, t]) ** 2)) for r, t in positions)
+    ref_kl = sum(kl[pair["BB-SS"], r, t] for r, t in positions)
+    for split in (1, 2):
+        bs, sb = at[f"B>S@{split}"], at[f"S>B@{split}"]
+        inter = sum(float(np.sum((resid[at["SS"], r, t] - resid[bs, r, t] - resid[sb, r, t] + resid[at["BB"], r, t])
+                                 ** 2)) for r, t in positions)
+        kl_inter = sum(kl[pair["BB-SS"], r, t] - kl[pair[f"BB-B>S@{split}"], r, t] - kl[pair[f"BB-S>B@{split}"], r, t]
+                       for r, t in positions)
+        got = profile.sel(split=split)
+        assert float(got.interaction_share) == pytest.approx(inter / ref_resid, rel=1e-9)
+        assert float(got.kl_interaction) == pytest.approx(kl_inter / len(positions), rel=1e-5, abs=1e-9)
+        assert float(got.kl_interaction_share) == pytest.approx(kl_inter / ref_kl, rel=1e-5, abs=1e-9)
+        for direction, target, crossed in (("B>S", "SS", bs), ("S>B", "BB", sb)):
+            left = sum(float(np.sum((resid[at[target], r, t] - resid[crossed, r, t]) ** 2)) for r, t in positions)
+            kl_left = sum(kl[pair[f"{direction}@{split}-{target}"], r, t] for r, t in positions)
+            one = got.sel(direction=direction)
+            assert float(one.resid_share) == pytest.approx(left / ref_resid, rel=1e-9)
+            assert float(one.kl) == pytest.approx(kl_left / len(positions), rel=1e-5, abs=1e-9)
+            assert float(one.kl_share) == pytest.approx(kl_left / ref_kl, rel=1e-5, abs=1e-9)
+            assert float(one.resid_share) > 1e-3
