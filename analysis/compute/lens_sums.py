@@ -44,7 +44,7 @@ def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int],
     at the others)."""
     out = np.zeros((len(pairs) + len(kl_pairs) + 1, n_prompts))
     for top, kl, real_rt, rows in pieces:
-        top_srtk = materialize(top)[:, 0, :, 0]  # (pass, rows, tokens, 3)
+        top_srtk = materialize(top)[:, 0, :, 0] if top is not None else None  # (pass, rows, tokens, 3)
         for q, (left, right) in enumerate(pairs):
             same = (top_srtk[left] == top_srtk[right][..., :1]).any(axis=-1)
             out[q, rows] += np.count_nonzero(~same & real_rt, axis=-1)
@@ -82,7 +82,7 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
         pieces = []
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
             where = (slice(lens_i, lens_i + 1), rows, slice(layer_i, layer_i + 1), slice(0, extent))
-            top_region = read_later(top, (slice(None), *where, slice(0, 3)))
+            top_region = read_later(top, (slice(None), *where, slice(0, 3))) if pairs else None  # KL alone
             kl_region = read_later(kl, (slice(None), *where)) if kl is not None else None
             pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent), rows])
         tasks.append((_run_counts, pieces, index, kl_index, len(n_tokens)))

@@ -59,20 +59,19 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
 
         out["kl_layer"] = lens_layers(ds)[-1]
         top3 = "topk_id" in ds and ds.sizes.get("k", 0) >= 3
-        if lens_sums.applies(ds) and top3:  # one streamed read of the last layer's statistics
-            counts = lens_sums.last_layer_counts(ds, [chosen[1:]], [pair])  # (count, prompt)
-            kl_p, rate_p, n_p = counts[1], counts[0], counts[2]
-            n_rate_p = n_p
+        if lens_sums.applies(ds):  # streamed reads of the last layer's statistics
+            counts = lens_sums.last_layer_counts(ds, [], [pair])  # (count, prompt): KL sum, positions
+            kl_p, n_p = counts[0], counts[1]
         else:
             kl = ds.kl.sel(lens="norm", pair=pair, drop=True).sel(layer=out["kl_layer"], drop=True)
             real = ds.token < ds.n_tokens
             kl_p, n_p = kl.where(real).sum("token"), real.sum("token").astype(np.float64)
-            rate_p = None
-            if top3:
-                from analysis.readouts.difflens import shift_counts
+        rate_p = None
+        if top3:  # the report's shift rate table reads the same counts (one read of the top-k ids)
+            from analysis.readouts.difflens import shift_counts
 
-                counts = shift_counts(ds)
-                rate_p, n_rate_p = counts.shifted.sel(pair=pair, drop=True), counts.positions
+            counts = shift_counts(ds)
+            rate_p, n_rate_p = counts.shifted.sel(pair=pair, drop=True), counts.positions
         out["kl_last"] = kl_p.sum("prompt") / n_p.sum("prompt")
         out["kl_last_bounds"] = ratio_interval(kl_p, n_p)
         if rate_p is not None:
