@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from analysis.compute.regions import materialize, prompt_runs, read_later, stacked_over_runs, summed_over_runs
+from analysis.compute.regions import materialize, prompt_runs, read_later, stacked_over_runs
 from store.chunking import TARGET_CHUNK_BYTES
 from store.reader import ArrayRegions, direct_regions
 from store.schema import lens_layers
@@ -39,11 +39,12 @@ def _real_rt(n_tokens_r: np.ndarray, done_r: np.ndarray, extent: int) -> np.ndar
     return (np.arange(extent)[None, :] < n_tokens_r[:, None]) & done_r[:, None]
 
 
-def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int], n_prompts: int) -> np.ndarray:
-    """(count, prompt): [shifted per pair..., KL sum per kl pair..., real positions] of one run's prompts (zeros
-    at the others)."""
-    out = np.zeros((len(pairs) + len(kl_pairs) + 1, n_prompts))
+def _run_counts(pieces: list, pairs: list[tuple[int, int]], kl_pairs: list[int]) -> np.ndarray:
+    """(count, rows of the run): [shifted per pair..., KL sum per kl pair..., real positions] per prompt."""
+    first = pieces[0][3].start
+    out = np.zeros((len(pairs) + len(kl_pairs) + 1, pieces[-1][3].stop - first))
     for top, kl, real_rt, rows in pieces:
+        rows = slice(rows.start - first, rows.stop - first)
         top_srtk = materialize(top)[:, 0, :, 0] if top is not None else None  # (pass, rows, tokens, 3)
         for q, (left, right) in enumerate(pairs):
             same = (top_srtk[left] == top_srtk[right][..., :1]).any(axis=-1)
@@ -77,7 +78,7 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
     # store chunk's worth of those, not of the three ids it keeps: one run, one thread, took 2.5 s)
     cell = len(passes) * chunks[1][0] * chunks[3][0] * chunks[5][0] * ds.topk_id.dtype.itemsize
     name = "last-layer-counts-" + tokenize(path, pairs, kl_pairs, lens, n_tokens, done)
-    tasks = []
+    tasks, runs = [], []
     for run in prompt_runs(n_tokens, chunks[2][0], chunks[4][0], ds.sizes["token"], cell, TARGET_CHUNK_BYTES):
         pieces = []
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
@@ -85,8 +86,9 @@ def last_layer_counts(ds: xr.Dataset, pairs: list[tuple[str, str]], kl_pairs: li
             top_region = read_later(top, (slice(None), *where, slice(0, 3))) if pairs else None  # KL alone
             kl_region = read_later(kl, (slice(None), *where)) if kl is not None else None
             pieces.append([top_region, kl_region, _real_rt(n_tokens[rows], done[rows], extent), rows])
-        tasks.append((_run_counts, pieces, index, kl_index, len(n_tokens)))
-    counts = summed_over_runs(name, tasks, (len(pairs) + len(kl_pairs) + 1, len(n_tokens)))
+        tasks.append((_run_counts, pieces, index, kl_index))
+        runs.append(run.rows)
+    counts = stacked_over_runs(name, tasks, runs, (len(pairs) + len(kl_pairs) + 1,), ())
     return xr.DataArray(counts, dims=("count", "prompt"), coords={"prompt": ds.prompt.values})
 
 

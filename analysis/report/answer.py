@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.readouts.tokens import token_texts, visible
-from analysis.report.tables import estimate
+from analysis.report.tables import estimate_of
 from store.schema import lens_layers
 
 
@@ -114,14 +114,8 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     image = _save(fig, out / "factorial_shares.png")
-
-    def cell(name: str, layer) -> str:
-        at = shares.sel(layer=layer)
-        return estimate(at[name], at[f"{name}_low"], at[f"{name}_high"]) if f"{name}_low" in at else \
-            estimate(at[name])
-
-    rows = [[int(la), *(cell(name, la) for name in ("embedding_share", "body_share", "interaction_ratio"))]
-            for la in layers]
+    rows = [[int(la), *(estimate_of(shares.sel(layer=la), name)
+                        for name in ("embedding_share", "body_share", "interaction_ratio"))] for la in layers]
     return ("<h2>Embeddings or body?</h2><p>D = h_SS - h_BB = E + B: the embedding main effect E, the body main "
             "effect B and their interaction, as shares of sum |D|^2, each with its 95% bootstrap interval over "
             "prompts in parentheses (–: no change at that layer, so no shares).</p>"

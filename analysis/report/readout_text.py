@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.readouts.tokens import token_texts
-from analysis.report.tables import estimate, table
+from analysis.report.tables import estimate_of, table
 
 FACTORIAL_COLUMNS = ["embedding_share", "body_share", "cross_share", "interaction_ratio"]
 
@@ -27,7 +27,7 @@ def factorial_lines(shares: xr.Dataset, by: str | None = None) -> list[str]:
         part = shares if group is None else shares.sel({by: group})
         if group is not None:
             lines.append(f"\n{by} = {group}:")
-        rows = [[int(layer), *(_share_cell(part.sel(layer=layer), c) if float(part.total_sq.sel(layer=layer)) > 0
+        rows = [[int(layer), *(estimate_of(part.sel(layer=layer), c) if float(part.total_sq.sel(layer=layer)) > 0
                                else "-" for c in FACTORIAL_COLUMNS),
                  float(np.sqrt(part.total_sq.sel(layer=layer)))] for layer in part.layer.values]
         if any("-" in row for row in rows):  # shares of nothing are not numbers
@@ -42,12 +42,6 @@ def _resampled(result: xr.Dataset) -> str:
         return ""
     return (f"; (low..high): 95% bootstrap interval over prompts, {result.attrs['resamples']} resamples, seed "
             f"{result.attrs['seed']}")
-
-
-def _share_cell(at: xr.Dataset, name: str) -> str:
-    if f"{name}_low" not in at:
-        return estimate(at[name])
-    return estimate(at[name], at[f"{name}_low"], at[f"{name}_high"])
 
 
 def diff_lens_lines(ds: xr.Dataset, result: xr.Dataset, k: int, include_massive: bool) -> list[str]:
@@ -98,8 +92,8 @@ def crossing_lines(profile) -> list[str]:
     for split in profile.split.values:
         for direction in profile.direction.values:
             at = profile.sel(split=split, direction=direction)
-            kl = [_share_cell(at, "kl"), _share_cell(at, "kl_share")] if has_kl else []
-            rows.append([int(split), f"{direction}@L", *kl, _share_cell(at, "resid_share")])
+            kl = [estimate_of(at, "kl"), estimate_of(at, "kl_share")] if has_kl else []
+            rows.append([int(split), f"{direction}@L", *kl, estimate_of(at, "resid_share")])
     lines = ["crossed passes at the last layer (share = what the crossing leaves of the SS - BB change; 1 - share "
              "is recovered" + _resampled(profile) + "):", table(head, rows)]
     if not has_kl:
@@ -112,7 +106,7 @@ def crossing_lines(profile) -> list[str]:
                                                   "position, and as a share of KL(SS || BB))" if kl_inter else "")
                  + ":")
     names = ["interaction_share", *(["kl_interaction", "kl_interaction_share"] if kl_inter else [])]
-    lines.append(table(inter_head, [[int(s), *(_share_cell(profile.sel(split=s), n) for n in names)]
+    lines.append(table(inter_head, [[int(s), *(estimate_of(profile.sel(split=s), n) for n in names)]
                                     for s in profile.split.values]))
     if has_kl and not kl_inter:
         lines.append("KL interaction: not in this store (it needs the pairs BB-B>S@L and BB-S>B@L, which capture "
@@ -121,7 +115,7 @@ def crossing_lines(profile) -> list[str]:
         tracked = profile.tracked_interaction
         names = [str(t) for t in (profile.tracked_str if "tracked_str" in profile.coords else tracked.tracked).values]
         lines.append("interaction in the tracked tokens' logits (norm lens, last layer; mean over positions):")
-        lines.append(table(["split", *names], [[int(s), *(_share_cell(profile.sel(split=s).isel(tracked=i),
+        lines.append(table(["split", *names], [[int(s), *(estimate_of(profile.sel(split=s).isel(tracked=i),
                                                                       "tracked_interaction")
                                                           for i in range(len(names)))]
                                                 for s in profile.split.values]))

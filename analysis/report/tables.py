@@ -37,6 +37,14 @@ def estimate(value, low=None, high=None) -> str:
     return f"{value:.4f} ({bounds})"
 
 
+def estimate_of(at, name: str) -> str:
+    """:func:`estimate` of variable ``name`` of a computed Dataset ``at`` (one cell), with ``name_low`` and
+    ``name_high`` as its interval where ``at`` has them."""
+    if f"{name}_low" not in at:
+        return estimate(at[name])
+    return estimate(at[name], at[f"{name}_low"], at[f"{name}_high"])
+
+
 def dataset_rows(result, table_of=None) -> list[dict]:
     """The rows an export writes of a computed readout (an ``xarray.Dataset``): one per cell of each group of
     variables with the same dimensions, their coordinates as columns, ``table`` naming the group.
