@@ -102,9 +102,9 @@ class Carry:
         if bad:
             crc[bad] = NOT_WRITTEN  # recomputed on the next run
             self._save(source, split, crc)
-            which = f"prompt {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
             name = self.names[source] if self.names else f"pass {source}"
-            raise CarriedStateDamaged(which=f"{which} of {name} at split {split}", folder=str(self.folder))
+            which = f"{len(bad)} prompt{'s' if len(bad) > 1 else ''} of {name} at split {split}"
+            raise CarriedStateDamaged(which=which, folder=str(self.folder))
         return torch.from_numpy(out).view(self.dtype)
 
     def discard(self) -> None:
