@@ -250,7 +250,8 @@ def _capture_options(p: argparse.ArgumentParser, renamed, pass_pairs: bool = Tru
     if pass_pairs:
         renamed(lens, lens.add_argument(
             "--pass-pair", dest="pass_pairs", action=_CommaList, metavar="LEFT-RIGHT[,...]",
-            help="pairs of passes (repeatable or comma-separated; default: all, BB-BS ... SB-SS); statistics are "
-            "right relative to left, KL(right || left)"), "--pairs", "one name for a pair of passes")
+            help="pairs of passes (repeatable or comma-separated; default: all, BB-BS ... SB-SS, and with "
+            "--cross-layers B>S@L-SS, S>B@L-BB, BB-B>S@L and BB-S>B@L per split, what `crossing` reads); statistics "
+            "are right relative to left, KL(right || left)"), "--pairs", "one name for a pair of passes")
     lens.add_argument("--save-lens", action="store_true", default=None,
                       help="also store each model's unembedding and final norm (lens statistics of new tokens later)")
