@@ -116,7 +116,8 @@ def _metric_sections(ds, values, metrics, chosen, lead, axis, top_n, lens, extra
                                [[int(i), estimate(s["mean"][j], s["mean_low"][j], s["mean_high"][j]),
                                  *(float(s[k][j]) for k in ("std", "min", "max"))]
                                 for j, i in enumerate(s[axis].values)]))
-            summary_rows += [{"type": "summary", "metric": metric, lead: label, axis: int(i),
+            column = "token_idx" if axis == "token" else axis  # "token" is a hotspot row's text
+            summary_rows += [{"type": "summary", "metric": metric, lead: label, column: int(i),
                               **{k: float(s[k][j]) for k in ("mean", "mean_low", "mean_high", "std", "min", "max")}}
                              for label in group for j, i in enumerate(s[axis].values)]
             for label in group:

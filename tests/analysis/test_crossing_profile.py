@@ -123,10 +123,17 @@ def test_profile_is_lazy_and_refuses_stores_without_crossings(crossed, capture_s
         crossing_profile(open_store(capture_store("llama")))
 
 
-def test_cli_prints_the_profile(crossed, capsys):
+def test_cli_prints_the_profile(crossed, capsys, tmp_path):
+    import json
+
     from cli import main
 
-    assert main(["crossing", crossed.encoding["source"], "--resamples", "50"]) == 0
+    export = tmp_path / "profile.json"
+    assert main(["crossing", crossed.encoding["source"], "--resamples", "50", "--export", str(export)]) == 0
+    rows = json.loads(export.read_text())
+    per_split = [r for r in rows if r["table"] == "split"]
+    assert [r["split"] for r in per_split] == list(range(N_LAYERS + 1))
+    assert all(r["kl_interaction_low"] <= r["kl_interaction"] <= r["kl_interaction_high"] for r in per_split)
     out = capsys.readouterr().out
     assert "split  direction" in out and "B>S@L" in out and "bootstrap interval over prompts, 50 resamples" in out
     assert main(["crossing", crossed.encoding["source"], "--resamples", "3"]) != 0

@@ -51,6 +51,14 @@ def test_report_runs_and_json_export(store_path, tmp_path, capsys):
     assert {r["metric"] for r in rows} == {"norm", "entropy"} and all(r["pass_"] == "SS" for r in rows)
     assert np.isfinite([r["value"] for r in rows if r["type"] == "hotspot"]).all()
     assert {r["type"] for r in rows} == {"hotspot", "summary"}
+    # one type per column: a per-token summary's index is token_idx, as a hotspot's (parquet refused mixed types)
+    parquet = tmp_path / "rows.parquet"
+    assert main(["report", str(store_path), "--record-type", "runs", "--pass", "SS", "--axis", "token", "--export",
+                 str(parquet)]) == 0
+    import pandas as pd
+
+    frame = pd.read_parquet(parquet)
+    assert frame.loc[frame["type"] == "summary", "token_idx"].notna().all()
 
 
 @pytest.mark.parametrize(("args", "message"), [
