@@ -109,14 +109,23 @@ def first_divergence(ds: xr.Dataset, readouts: xr.Dataset | None = None) -> xr.D
     return first.astype("int64").rename("first_divergence")
 
 
-def response_curve(ds: xr.Dataset, readouts: xr.Dataset | None = None) -> xr.Dataset:
+def response_curve(ds: xr.Dataset, readouts: xr.Dataset | None = None, intervals: bool = True) -> xr.Dataset:
     """Per (pair, response position): the mean ``kl``, ``logprob_diff`` and ``shift_rate`` over the prompts whose
-    response reaches that position, and their count ``n`` (the shallow-alignment curve). Lazy."""
+    response reaches that position, and their count ``n`` (the shallow-alignment curve), each mean with its 95%
+    bootstrap interval over prompts (``NAME_low``, ``NAME_high``; ``analysis.compute.bootstrap``) unless
+    ``intervals`` is False. Lazy."""
+    from analysis.compute.bootstrap import with_intervals
+
     readouts = response_readouts(ds) if readouts is None else readouts
-    out = {name: readouts[name].mean("prompt") for name in ("kl", "logprob_diff") if name in readouts}
-    out["shift_rate"] = readouts["shifted"].mean("prompt")
+    values = {name: readouts[name] for name in ("kl", "logprob_diff") if name in readouts}
+    values["shift_rate"] = readouts["shifted"]
+    out = xr.Dataset({name: value.mean("prompt") for name, value in values.items()})
     out["n"] = readouts["shifted"].notnull().sum("prompt")
-    return xr.Dataset(out)
+    if not intervals:
+        return out
+    # a prompt's sum at a position is its value there (0 where its response is shorter), its count 1 or 0
+    return with_intervals(out, {name: (value.fillna(0), value.notnull().astype(np.float64))
+                                for name, value in values.items()})
 
 
 def around_divergence(ds: xr.Dataset, pair: str, before: int = 2, after: int = 4,

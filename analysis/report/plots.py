@@ -124,8 +124,13 @@ def response_curves(curve: xr.Dataset, out: Path) -> Path:
     positions = curve.response.values
     for ax, (metric, label) in zip(axes[0], present, strict=True):
         for pair in curve.pair.values:
-            ax.plot(positions, shown[metric].sel(pair=pair).values, marker="o", ms=3, label=pair)
-        ax.set(title=f"{metric} by response position\n(mean over prompts; positions reached by >= {fewest})",
+            at = shown.sel(pair=pair)
+            (line,) = ax.plot(positions, at[metric].values, marker="o", ms=3, label=pair)
+            if f"{metric}_low" in at:
+                ax.fill_between(positions, at[f"{metric}_low"].values, at[f"{metric}_high"].values,
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set(title=f"{metric} by response position\n(mean over prompts, 95% bands; positions reached by >= "
+               f"{fewest})",
                xlabel="response token (0 = first)", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

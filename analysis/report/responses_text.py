@@ -20,7 +20,7 @@ from analysis.readouts.divergence import (
 )
 from analysis.readouts.tokens import token_text_table, token_texts, visible
 from analysis.report.summary import headline_pair
-from analysis.report.tables import table
+from analysis.report.tables import estimate_of, table
 
 CURVE_ROWS = 16  # response positions listed in the text report (the figure shows them all)
 CONTEXT_CHARS = 32  # response text shown on each side of a divergence
@@ -55,8 +55,8 @@ def curve_rows(curve: xr.Dataset, pair: str, limit: int | None = CURVE_ROWS) -> 
     rows = []
     for j in range(one.sizes[RESPONSE] if limit is None else min(limit, one.sizes[RESPONSE])):
         at = one.isel({RESPONSE: j})
-        logprob = _cell(at["logprob_diff"]) if "logprob_diff" in at else "–"
-        rows.append([j, int(at["n"]), _cell(at["kl"]), logprob, _cell(at["shift_rate"])])
+        logprob = estimate_of(at, "logprob_diff") if "logprob_diff" in at else "–"
+        rows.append([j, int(at["n"]), estimate_of(at, "kl"), logprob, estimate_of(at, "shift_rate")])
     return rows
 
 
@@ -97,7 +97,8 @@ def response_section(ds: xr.Dataset, computed: dict, top_n: int) -> list[str]:
     else:
         lines.append(f"{left} and {right} choose the same greedy token at every response position of every prompt")
     lines.append(f"by response position (the shallow-alignment curve, {pair}: KL({right} || {left}), log-prob "
-                 f"difference {right} - {left} of the response's token, URIAL shift rate):")
+                 f"difference {right} - {left} of the response's token, URIAL shift rate; each mean with its 95% "
+                 "bootstrap interval over prompts):")
     lines.append(table(["position", "prompts", "KL", "logprob diff", "shift rate"],
                        curve_rows(computed["curve"], pair)))
     if diverged.size:

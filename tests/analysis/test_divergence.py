@@ -77,6 +77,17 @@ def test_curve_and_around_divergence_are_plain_means(generated):
         for name, key in (("kl", "kl"), ("logprob_diff", "logprob_diff"), ("shift_rate", "shifted")):
             want = np.mean([v[key] for v in values]) if values else np.nan
             np.testing.assert_allclose(float(curve[name][j]), want, rtol=1e-3, atol=1e-4)
+    # each mean's interval: resampled prompts (store rows, the module's draws), each resample's pooled mean
+    rows = [reference[int(label)] for label in ds.prompt.values]
+    chosen = np.random.default_rng(0).integers(0, len(rows), size=(1000, len(rows)))
+    for j in range(3):
+        for name, key in (("kl", "kl"), ("shift_rate", "shifted")):
+            means = [np.mean([rows[r][j][key] for r in draw if j < len(rows[r])] or [np.nan]) for draw in chosen]
+            if np.isnan(means).mean() > 0.025:
+                assert np.isnan(float(curve[f"{name}_low"][j]))
+                continue
+            np.testing.assert_allclose([float(curve[f"{name}_low"][j]), float(curve[f"{name}_high"][j])],
+                                       np.nanpercentile(means, [2.5, 97.5]), rtol=1e-3, atol=1e-4)
     around = around_divergence(ds, "BB-SS", before=1, after=2).compute()
     for offset in (-1, 0, 1, 2):
         values = []
