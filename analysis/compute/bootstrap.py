@@ -22,6 +22,7 @@ import xarray as xr
 RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
+MIN_PROMPTS = 2  # prompts that must contribute (a non-zero denominator): one prompt's resamples are all alike
 _BLOCK = 64  # resamples formed at once: a block's draws and counts are (block, prompt) arrays...
 _BLOCK_CELLS = 1 << 20  # ...of at most this many cells (fewer resamples at once for many prompts)
 _TASK_BYTES = 32 << 20  # the per-prompt sums one task resamples (the rest of a statistic's cells: other tasks)
@@ -68,17 +69,20 @@ def _interval(num_p: np.ndarray, den_p: np.ndarray, blocks) -> np.ndarray:
     with warnings.catch_warnings():  # a statistic with no resample defined: NaN, said by the caller
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanpercentile(ratio_r, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2], axis=-1)
-    bad = np.isnan(ratio_r).mean(-1) > (1 - LEVEL) / 2
+    bad = (np.isnan(ratio_r).mean(-1) > (1 - LEVEL) / 2) | ((den_p != 0).sum(-1) < MIN_PROMPTS)
     return np.stack([np.where(bad, np.nan, low), np.where(bad, np.nan, high)], axis=-1)
 
 
 def ratio_interval_np(num_p: np.ndarray, den_p: np.ndarray, draws_rp: np.ndarray) -> np.ndarray:
     """The 95% interval (last axis: low, high) of ``sum(num) / sum(den)`` over the resamples ``draws_rp``
     (resample, draw) of the prompts (last axis of ``num_p`` and ``den_p``; a NaN prompt sum counts as 0). NaN
-    where the denominator of more than 2.5% of the resamples is 0 (the statistic is not defined there).
+    where the denominator of more than 2.5% of the resamples is 0 (the statistic is not defined there), and
+    where fewer than :data:`MIN_PROMPTS` prompts contribute (an interval of zero width would claim certainty).
 
     >>> ratio_interval_np(np.ones(4), np.ones(4), draws(4, 50)).tolist()
     [1.0, 1.0]
+    >>> ratio_interval_np(np.array([1.0, 0.0]), np.array([1.0, 0.0]), draws(2, 50)).tolist()
+    [nan, nan]
     """
     return _interval(num_p, den_p, (draws_rp[s:s + _BLOCK] for s in range(0, draws_rp.shape[0], _BLOCK)))
 

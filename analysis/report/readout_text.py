@@ -41,7 +41,7 @@ def _resampled(result: xr.Dataset) -> str:
     if "resamples" not in result.attrs:
         return ""
     return (f"; (low..high): 95% bootstrap interval over prompts, {result.attrs['resamples']} resamples, seed "
-            f"{result.attrs['seed']}")
+            f"{result.attrs['seed']}; (–): no interval (too few prompts contribute)")
 
 
 def diff_lens_lines(ds: xr.Dataset, result: xr.Dataset, k: int, include_massive: bool) -> list[str]:

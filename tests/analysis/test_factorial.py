@@ -203,3 +203,15 @@ def test_factorial_cli_prints_and_exports_intervals(tmp_path, capsys):
     assert [r["layer"] for r in rows] == [int(x) for x in shares.layer.values]
     assert rows[0]["body_share_high"] == pytest.approx(float(shares.body_share_high[0]))
     assert main(["factorial", str(store), "--export", str(tmp_path / "no" / "x.csv")]) == 2
+
+
+def test_one_prompt_gives_no_interval(tmp_path, capsys):
+    """Resampling one prompt gives the same number every time: an interval of zero width would claim certainty,
+    so there is none (NaN in the API, a dash in the table)."""
+    from cli import main
+
+    store = write_tiny_store(tmp_path / "s.zarr", n_prompts=1)
+    shares = factorial_shares(open_store(store)).compute()
+    assert np.isfinite(shares.body_share).all() and np.isnan(shares.body_share_low).all()
+    assert main(["factorial", str(store)]) == 0
+    assert "(–)" in capsys.readouterr().out
