@@ -33,7 +33,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from analysis.compute.bootstrap import RESAMPLES, SEED, ratio_interval
+from analysis.compute.bootstrap import RESAMPLES, SEED, with_intervals
 from store.errors import MissingData
 from store.schema import CROSSING_TARGET, lens_layers
 
@@ -161,32 +161,20 @@ def crossing_profile(ds: xr.Dataset, keep: xr.DataArray | None = None, lens: str
     store.errors.MissingData: ...crossed passes...
     """
     sums = _per_prompt_sums(ds, keep, lens)
-    out = {"resid_share": sums.resid.sum("prompt") / sums.resid_ref.sum("prompt"),
-           "interaction_share": sums.interaction.sum("prompt") / sums.resid_ref.sum("prompt")}
-    bounds = {"resid_share": ratio_interval(sums.resid, sums.resid_ref.broadcast_like(sums.resid), resamples, seed),
-              "interaction_share": ratio_interval(sums.interaction, sums.resid_ref.broadcast_like(sums.interaction),
-                                                  resamples, seed)}
-    if "tracked" in sums:
-        n = sums.n.sum("prompt")
-        out["tracked_interaction"] = sums.tracked.sum("prompt") / n.where(n > 0)
-        bounds["tracked_interaction"] = ratio_interval(sums.tracked, sums.n.broadcast_like(sums.tracked), resamples,
-                                                       seed)
+    # name: (numerator, denominator) per prompt; a share's point is the ratio of the sums, a mean's is NaN
+    # where no position counts
+    ratios = {"resid_share": (sums.resid, sums.resid_ref), "interaction_share": (sums.interaction, sums.resid_ref)}
+    means = {"tracked_interaction": "tracked", "kl": "kl", "kl_interaction": "kl_interaction"}
+    ratios |= {name: (sums[var], sums.n) for name, var in means.items() if var in sums}
     if "kl" in sums:
-        n = sums.n.sum("prompt")
-        out["kl"] = sums.kl.sum("prompt") / n.where(n > 0)
-        out["kl_share"] = sums.kl.sum("prompt") / sums.kl_ref.sum("prompt")
-        bounds["kl_share"] = ratio_interval(sums.kl, sums.kl_ref.broadcast_like(sums.kl), resamples, seed)
-        bounds["kl"] = ratio_interval(sums.kl, sums.n, resamples, seed)
+        ratios["kl_share"] = (sums.kl, sums.kl_ref)
     if "kl_interaction" in sums:
-        n = sums.n.sum("prompt")
-        out["kl_interaction"] = sums.kl_interaction.sum("prompt") / n.where(n > 0)
-        out["kl_interaction_share"] = sums.kl_interaction.sum("prompt") / sums.kl_ref.sum("prompt")
-        bounds["kl_interaction"] = ratio_interval(sums.kl_interaction, sums.n, resamples, seed)
-        bounds["kl_interaction_share"] = ratio_interval(sums.kl_interaction, sums.kl_ref, resamples, seed)
-    for name, interval in bounds.items():
-        out[f"{name}_low"] = interval.sel(bound="low", drop=True)
-        out[f"{name}_high"] = interval.sel(bound="high", drop=True)
-    profile = xr.Dataset(out).assign_attrs(resamples=resamples, seed=seed, lens=lens)
+        ratios["kl_interaction_share"] = (sums.kl_interaction, sums.kl_ref)
+    out = {}
+    for name, (num, den) in ratios.items():
+        total = den.sum("prompt")
+        out[name] = num.sum("prompt") / (total.where(total > 0) if name in means else total)
+    profile = with_intervals(xr.Dataset(out), ratios, resamples, seed).assign_attrs(lens=lens)
     if "tracked_interaction" in profile and "tracked_str" in ds.coords:  # the tokens' pieces name them (added once:
         profile = profile.assign_coords(tracked_str=ds.tracked_str.variable)  # a lazy coordinate is never compared)
     return profile

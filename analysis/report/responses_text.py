@@ -20,7 +20,7 @@ from analysis.readouts.divergence import (
 )
 from analysis.readouts.tokens import token_text_table, token_texts, visible
 from analysis.report.summary import headline_pair
-from analysis.report.tables import estimate_of, table
+from analysis.report.tables import estimate, estimate_of, table
 
 CURVE_ROWS = 16  # response positions listed in the text report (the figure shows them all)
 CONTEXT_CHARS = 32  # response text shown on each side of a divergence
@@ -42,11 +42,6 @@ def response_inputs(ds: xr.Dataset) -> dict:
     return {"curve": response_curve(ds, readouts), "around": around_divergence(ds, pair, readouts=readouts),
             "first": first, "left_top1": at_first["left_top1"].max(RESPONSE),
             "right_top1": at_first["right_top1"].max(RESPONSE)}
-
-
-def _cell(value) -> float | str:
-    value = float(value)
-    return value if np.isfinite(value) else "–"
 
 
 def curve_rows(curve: xr.Dataset, pair: str, limit: int | None = CURVE_ROWS) -> list[list]:
@@ -105,9 +100,9 @@ def response_section(ds: xr.Dataset, computed: dict, top_n: int) -> list[str]:
         around = computed["around"]
         lines.append(f"around the first divergence ({pair}; offset 0 is the divergence):")
         lines.append(table(["offset", "prompts", "KL", "logprob diff", "shift rate"], [
-            [int(o), int(around["n"].sel(offset=o)), _cell(around["kl"].sel(offset=o)),
-             _cell(around["logprob_diff"].sel(offset=o)) if "logprob_diff" in around else "–",
-             _cell(around["shift_rate"].sel(offset=o))] for o in around.offset.values]))
+            [int(o), int(around["n"].sel(offset=o)), estimate(around["kl"].sel(offset=o)),
+             estimate(around["logprob_diff"].sel(offset=o)) if "logprob_diff" in around else "–",
+             estimate(around["shift_rate"].sel(offset=o))] for o in around.offset.values]))
         lines.append("first divergences (earliest first):")
         lines.append(table(["prompt", "position", "before", "written", f"{left} top-1", f"{right} top-1", "after"],
                            divergence_rows(ds, computed, top_n)))

@@ -151,20 +151,27 @@ def test_resume_after_a_kill_between_the_models(make_model, tmp_path, monkeypatc
     np.testing.assert_array_equal(resumed.kl.values, whole.kl.values)
 
 
-def test_carried_states_lost_after_a_kill_are_computed_again(make_model, tmp_path, monkeypatch):
-    import shutil
-
+def _killed_before_the_second_model(make_model, tmp_path, monkeypatch):
+    """(base, sft, an undisturbed store) after a capture of ``resumed.zarr`` was killed as the SFT model loaded
+    (the base model's passes and their carried states written, the crossed passes not)."""
     import capture.pipeline.job as job
 
     base, sft = make_model("llama", seed=0), make_model("llama", seed=1)
     whole = _capture(base, sft, tmp_path / "whole.zarr", cross_layers="2", lens=False)
-    real = job.load_model
-    monkeypatch.setattr(job, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    with monkeypatch.context() as patched:
+        real = job.load_model
+        patched.setattr(job, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
                         if a[0] == str(sft) else real(*a, **k))
-    with pytest.raises(KeyboardInterrupt):
-        _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
+        with pytest.raises(KeyboardInterrupt):
+            _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
+    return base, sft, whole
+
+
+def test_carried_states_lost_after_a_kill_are_computed_again(make_model, tmp_path, monkeypatch):
+    import shutil
+
+    base, sft, whole = _killed_before_the_second_model(make_model, tmp_path, monkeypatch)
     shutil.rmtree(tmp_path / "resumed.zarr.carry")
-    monkeypatch.setattr(job, "load_model", real)
     resumed = _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
     np.testing.assert_array_equal(resumed.resid.values, whole.resid.values)
 
@@ -173,17 +180,9 @@ def test_a_damaged_carried_state_is_refused_and_computed_again(make_model, tmp_p
     """One flipped byte in a carried state, after a kill between the models: the resumed run stops before any
     crossed value is written from it (one error that says to rerun), and the rerun recomputes it: the store
     equals an undisturbed capture."""
-    import capture.pipeline.job as job
     from capture.errors import CarriedStateDamaged
 
-    base, sft = make_model("llama", seed=0), make_model("llama", seed=1)
-    whole = _capture(base, sft, tmp_path / "whole.zarr", cross_layers="2", lens=False)
-    real = job.load_model
-    monkeypatch.setattr(job, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if a[0] == str(sft) else real(*a, **k))
-    with pytest.raises(KeyboardInterrupt):
-        _capture(base, sft, tmp_path / "resumed.zarr", cross_layers="2", lens=False)
-    monkeypatch.setattr(job, "load_model", real)
+    base, sft, whole = _killed_before_the_second_model(make_model, tmp_path, monkeypatch)
     (state,) = (tmp_path / "resumed.zarr.carry").glob("*.bin")
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit of one value of a prompt in the middle

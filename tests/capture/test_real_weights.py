@@ -73,34 +73,47 @@ def test_commands_run_on_the_real_pair(store, tmp_path, capsys):
                  "--out", str(tmp_path / "d.zarr")]) == 0
 
 
-def test_crossed_passes_on_real_weights_find_where_the_change_lives(cache):
-    """From the real smollm2 base, an "SFT" that differs only in blocks K..: B>S@L equals SS and S>B@L equals BB
-    (float32) for every split L <= K, and both differ above; below L, B>S@L is BB."""
+def _crossed_from_base(cache, name: str, change, splits: str, texts: list[str]) -> dict:
+    """The residuals per pass (float32) of a crossed capture of the real smollm2 base against a copy changed by
+    ``change(model)`` (seeded), saved in ``cache/name``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capture.models.loading import decoder_layers
     from capture.models.smollm import ensure_smollm_pair
 
-    k = 20  # two thirds of the 30 blocks
     base, _ = ensure_smollm_pair(cache, log=lambda *a: None)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(0)
     with torch.no_grad():
-        for block in list(decoder_layers(model))[k:]:
-            for weight in block.parameters():
-                weight.mul_(1 + 0.05 * torch.randn_like(weight))
-    late = cache / "late-sft"
-    model.save_pretrained(late)
-    AutoTokenizer.from_pretrained(base).save_pretrained(late)
-    path = cache / "cross.zarr"
-    args = ["capture", "--base", base, "--sft", str(late), "--store", str(path), "--no-lens", "--quiet",
-            "--dtype", "float32", "--store-dtype", "float32", "--cross-layers", "10,20,25"]
-    for text in TEXTS:
+        change(model)
+    sft = cache / name
+    model.save_pretrained(sft)
+    AutoTokenizer.from_pretrained(base).save_pretrained(sft)
+    path = cache / f"{name}.zarr"
+    args = ["capture", "--base", base, "--sft", str(sft), "--store", str(path), "--no-lens", "--quiet",
+            "--dtype", "float32", "--store-dtype", "float32", "--cross-layers", splits]
+    for text in texts:
         args += ["--prompt", text]
     assert main(args) == 0
     ds = open_store(path)
-    resid = {str(p): ds.resid.sel(pass_=p).values for p in ds.pass_.values}
+    return {str(p): ds.resid.sel(pass_=p).values for p in ds.pass_.values}
+
+
+def test_crossed_passes_on_real_weights_find_where_the_change_lives(cache):
+    """From the real smollm2 base, an "SFT" that differs only in blocks K..: B>S@L equals SS and S>B@L equals BB
+    (float32) for every split L <= K, and both differ above; below L, B>S@L is BB."""
+    import torch
+
+    from capture.models.loading import decoder_layers
+
+    k = 20  # two thirds of the 30 blocks
+
+    def late_blocks(model):
+        for block in list(decoder_layers(model))[k:]:
+            for weight in block.parameters():
+                weight.mul_(1 + 0.05 * torch.randn_like(weight))
+
+    resid = _crossed_from_base(cache, "late-sft", late_blocks, "10,20,25", TEXTS)
     for split in (10, 20):
         np.testing.assert_array_equal(resid[f"B>S@{split}"], resid["SS"])
         np.testing.assert_array_equal(resid[f"S>B@{split}"], resid["BB"])
@@ -114,27 +127,12 @@ def test_crossed_passes_of_an_embedding_only_pair_on_real_weights(cache):
     unembedding changes with it; the residuals do not see the head): B>S@L's residuals are BB's and S>B@L's are SS's
     at every split, 0 and the last included."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capture.models.smollm import ensure_smollm_pair
-
-    base, _ = ensure_smollm_pair(cache, log=lambda *a: None)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(1)
-    with torch.no_grad():
+    def input_embedding(model):
         embedding = model.get_input_embeddings().weight
         embedding.add_(0.02 * torch.randn_like(embedding))
-    moved = cache / "embedding-sft"
-    model.save_pretrained(moved)
-    AutoTokenizer.from_pretrained(base).save_pretrained(moved)
-    path = cache / "embedding-cross.zarr"
-    args = ["capture", "--base", base, "--sft", str(moved), "--store", str(path), "--no-lens", "--quiet",
-            "--dtype", "float32", "--store-dtype", "float32", "--cross-layers", "0,15,30"]
-    for text in TEXTS[:2]:
-        args += ["--prompt", text]
-    assert main(args) == 0
-    ds = open_store(path)
-    resid = {str(p): ds.resid.sel(pass_=p).values for p in ds.pass_.values}
+
+    resid = _crossed_from_base(cache, "embedding-sft", input_embedding, "0,15,30", TEXTS[:2])
     assert not np.array_equal(resid["SS"], resid["BB"], equal_nan=True)
     for split in (0, 15, 30):
         np.testing.assert_array_equal(resid[f"B>S@{split}"], resid["BB"])
