@@ -169,7 +169,9 @@ def compute_on(client=None, memory_limit: int | None = None, tile: int = 0) -> I
             release_freed_memory_early()
     from threadpoolctl import threadpool_limits
 
+    # rechunks by tasks: dask would otherwise import distributed (0.35 s) to look for a cluster on every rechunk
     with threadpool_limits(limits=1), dask.config.set({"scheduler": "threads", "num_workers": threads,
+                                                       "array.rechunk.method": "tasks",
                                                        MEMORY_LIMIT_KEY: memory_limit}):
         limit = f", memory limit {format_bytes(memory_limit)}" if memory_limit else ""
         yield f"local threads ({threads}{limit})"

@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 from numba import njit
 
+from analysis.compute import by_position
 from analysis.compute.positions import cut_padding_tokens
 from store.errors import UsageError
 
@@ -89,6 +90,11 @@ def hotspots(metric: xr.DataArray, top_n: int = 5, where: xr.DataArray | None = 
     """
     if top_n < 1:
         raise UsageError(f"--top-n must be at least 1, got {top_n}")
+    if by_position.applies(metric):  # a metric over real positions only: the same answer, a block per run
+        metric, where = split_where(metric, where)
+        n_prompts, n_tokens = int(metric.row.max()) + 1, by_position.token_slots(metric)
+        per_prompt = min(top_n, metric.sizes["layer"] * n_tokens)
+        return by_position.largest(metric, top_n, n_prompts, n_tokens, where, min(top_n, n_prompts * per_prompt))
     missing = [d for d in POSITION if d not in metric.dims]
     if missing:
         raise UsageError(f"hotspots need a metric over {', '.join(POSITION)}; it lacks {', '.join(missing)}")
@@ -135,7 +141,7 @@ def seven_number_summary(metric: xr.DataArray, n_tokens: np.ndarray | None = Non
     legacy summary-stats files did per record (a task per block of prompts, touching its real tokens only);
     quartiles are the inclusive (linear) ones.
     """
-    if all(d in metric.dims for d in POSITION):
+    if all(d in metric.dims for d in POSITION) or by_position.applies(metric):
         metric, where = split_where(metric, where)
         moments = prompt_moments(metric, real_lengths(metric, n_tokens), where, full=False).sum("layer")
         count = moments.sel(moment="count", drop=True)
@@ -232,6 +238,8 @@ def prompt_moments(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | 
     (..., prompt, layer, token) over ``over`` (``token``: per layer; ``layer``: per token) at the real positions
     that ``where`` (prompt, token; None: all) keeps and where ``x`` is not NaN. A task per block of prompts
     touches its real tokens only (on a ragged store a small share of the padded layout). Lazy when ``x`` is."""
+    if by_position.applies(x):
+        return by_position.moments(x, len(n_tokens), by_position.token_slots(x), where, over, full)
     x = x.transpose(..., "prompt", "layer", "token")
     keep = _keep_pt(x, where)
     kwargs = {"over": over, "full": full}
@@ -274,8 +282,8 @@ def combine_moments(moments: xr.DataArray, dim: str = "prompt") -> xr.Dataset:
 def _position_totals(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | None
                      ) -> tuple[xr.DataArray, xr.DataArray]:
     """(sum, count) over ``prompt`` and ``token`` of :func:`position_sum`'s positions, from one pass."""
-    x = x.transpose(..., "prompt", "layer", "token")
     if where is not None and set(where.dims) != {"prompt", "token"}:  # e.g. per model_pair: the plain way
+        x = x.transpose(..., "prompt", "layer", "token")
         real = xr.DataArray(np.arange(x.sizes["token"]) < np.asarray(n_tokens)[:, None], dims=("prompt", "token"))
         kept = x.where(where & real)
         return kept.sum(["prompt", "token"], skipna=True), kept.notnull().sum(["prompt", "token"]).astype(np.float64)
@@ -292,8 +300,8 @@ def prompt_sums(x: xr.DataArray, n_tokens: np.ndarray, where: xr.DataArray | Non
     >>> prompt_sums(x, np.array([2, 1])).values.tolist()
     [[3.0], [4.0]]
     """
-    x = x.transpose(..., "prompt", "layer", "token")
     if where is not None and set(where.dims) != {"prompt", "token"}:  # e.g. per model_pair: the plain way
+        x = x.transpose(..., "prompt", "layer", "token")
         real = xr.DataArray(np.arange(x.sizes["token"]) < np.asarray(n_tokens)[:, None], dims=("prompt", "token"))
         return x.where(where & real).sum("token", skipna=True, min_count=1)
     moments = prompt_moments(x, n_tokens, where, full=False)

@@ -27,7 +27,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from analysis.compute import ragged_sums
+from analysis.compute import by_position, ragged_sums
 from analysis.compute.bootstrap import RESAMPLES, SEED, with_intervals
 from analysis.compute.dim_sums import previous_layer_dots, residual_sums
 from store.errors import MissingData, UsageError
@@ -55,11 +55,12 @@ def _require_resid(ds: xr.Dataset) -> None:
                           fix="geometric metrics come from its stored variables instead")
 
 
-def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+def _residual_sums(ds: xr.Dataset, layout: str = "padded") -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
     """Lazy ``sum h^2`` (pass_, ...), ``sum h_left h_right`` and ``sum (h_right - h_left)^2`` (pair, ...).
 
     One fused task per (prompt, layer) tile reads all passes of the tile once; the
     graph is deterministic, so metrics built from it in one compute share the reads.
+    ``layout="positions"``: over (layer, position), the real positions only, on a ragged store.
     """
     _require_resid(ds)
     names, left, right = store_pass_pairs(ds)
@@ -67,7 +68,7 @@ def _residual_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataA
     left_q = np.array([passes.index(p) for p in left], dtype=np.int64)
     right_q = np.array([passes.index(p) for p in right], dtype=np.int64)
     if ragged_sums.applies(ds):
-        return _split_sums(ds, ragged_sums.sums_over_runs(ds, left_q, right_q), names, left, right)
+        return _split_sums(ds, ragged_sums.sums_over_runs(ds, left_q, right_q, layout), names, left, right)
     resid = ds.resid.transpose(..., "pass_", "prompt", "layer", "token", "dim")
     lead = resid.dims[:-5]  # e.g. model_pair from open_stores
     data = resid.data if isinstance(resid.data, da.Array) else da.from_array(resid.data)
@@ -109,11 +110,11 @@ def _previous_layer(x: xr.DataArray) -> xr.DataArray:
     return x.shift(layer=1)
 
 
-def _previous_layer_dots(ds: xr.Dataset) -> xr.DataArray:
+def _previous_layer_dots(ds: xr.Dataset, layout: str = "padded") -> xr.DataArray:
     """Lazy ``sum_d h_l h_(l-1)`` per (pass_, prompt, layer, token): one task per chunk when a chunk holds
     every layer (the usual layout), else an expression across layer tiles (float32)."""
     if ragged_sums.applies(ds):
-        dots = ragged_sums.previous_layer_dots_over_runs(ds)
+        dots = ragged_sums.previous_layer_dots_over_runs(ds, layout)
         return dots.rename(term="pass_").assign_coords(pass_=ds.pass_)
     resid = ds.resid
     layer_axis = resid.dims.index("layer")
@@ -127,10 +128,11 @@ def _previous_layer_dots(ds: xr.Dataset) -> xr.DataArray:
     return xr.DataArray(dots, dims=dims, coords={d: resid[d] for d in dims if d in resid.coords})
 
 
-def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
+def pass_metrics(ds: xr.Dataset, layout: str = "padded") -> xr.Dataset:
     """``norm``, ``norm_delta`` and ``cosine_prev`` for every (pass_, prompt, layer, token), lazily.
 
-    On a statistics-only store the stored values are returned.
+    On a statistics-only store the stored values are returned. ``layout="positions"``: over (pass_, layer,
+    position) instead, the real positions only (``analysis.compute.ragged_sums``), on a ragged store.
 
     Examples
     --------
@@ -143,9 +145,9 @@ def pass_metrics(ds: xr.Dataset) -> xr.Dataset:
     """
     if "resid" not in ds and all(name in ds for name in PASS_METRICS):
         return ds[list(PASS_METRICS)]
-    sumsq = _residual_sums(ds)[0]
+    sumsq = _residual_sums(ds, layout)[0]
     norm = np.sqrt(sumsq)
-    dot_prev = _previous_layer_dots(ds)
+    dot_prev = _previous_layer_dots(ds, layout)
     cosine_prev = dot_prev / np.maximum(norm * _previous_layer(norm), EPS)
     return xr.Dataset({
         "norm": norm.astype("float32").assign_attrs(long_name="||h_l||"),
@@ -181,11 +183,15 @@ def select_side(ds: xr.Dataset, x: xr.DataArray, side: str) -> xr.DataArray:
     return picked.rename(pass_="pair").assign_coords(pair=names, left=("pair", left), right=("pair", right))
 
 
-def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = None) -> xr.Dataset:
+def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = None,
+                 layout: str = "padded") -> xr.Dataset:
     """The per-pair metrics of :data:`PAIR_METRICS` (or of ``names`` only: each is a graph to build, and a
     store's statistics have a chunk per few prompts and tokens) for every (pair, prompt, layer, token), lazily.
 
-    ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``).
+    ``lens`` picks the lens of the stored ``entropy`` and ``kl`` (``raw`` or ``norm``). ``layout="positions"``
+    lays them out over (pair, layer, position), the real positions only, where :func:`positions_apply`
+    (a ragged store, metrics from the residuals); the reductions of ``analysis.compute.reductions`` take
+    either layout and give the same numbers.
 
     Examples
     --------
@@ -207,8 +213,10 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
         return select_side(ds, x, which)
 
     # Built once however many metrics use them (each is a graph of a task per run or chunk to build).
-    passes = functools.cache(lambda: pass_metrics(ds))
-    sums = functools.cache(lambda: _residual_sums(ds))
+    if layout == "positions" and not positions_apply(ds, names or PAIR_METRICS):
+        layout = "padded"
+    passes = functools.cache(lambda: pass_metrics(ds, layout))
+    sums = functools.cache(lambda: _residual_sums(ds, layout))
 
     def per_pass(name: str, which: str):
         return lambda: side(passes()[name], which)
@@ -250,6 +258,12 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
     return xr.Dataset({name: build[name]() for name in wanted if name in build})
 
 
+def positions_apply(ds: xr.Dataset, names) -> bool:
+    """Whether the metrics ``names`` can be laid out over real positions only: a ragged store's residuals
+    (no lens metric: the statistics keep their padded chunks)."""
+    return ragged_sums.applies(ds) and not set(names) & set(LENS_METRICS)
+
+
 def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarray | None = None,
                    where: xr.DataArray | None = None, intervals: bool = False, resamples: int = RESAMPLES,
                    seed: int = SEED) -> xr.Dataset:
@@ -270,6 +284,8 @@ def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarr
     if axis not in ("layer", "token"):
         raise UsageError(f"axis must be layer or token, got {axis!r}")
     over = [d for d in ("prompt", "layer", "token") if d in metric.dims and d != axis]
+    if by_position.applies(metric):  # real positions only: the same partials, a block per run
+        over = ["prompt", "token" if axis == "layer" else "layer"]
     if len(over) == 2:
         from analysis.compute.reductions import combine_moments, prompt_moments, real_lengths, split_where
 

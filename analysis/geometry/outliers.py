@@ -19,6 +19,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from analysis.compute import ragged_sums
+from analysis.compute.by_position import per_prompt_tokens
 from analysis.geometry.metrics import pass_metrics
 
 MASSIVE_FACTOR = 10.0  # a position's norm over the median of its prompt and layer
@@ -93,9 +95,11 @@ def norm_ratio(ds: xr.Dataset) -> xr.DataArray:
     return ratio.transpose(..., "pass_", "prompt", "layer", "token").rename("norm_ratio")
 
 
-def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Dataset:
+def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR, layout: str = "padded") -> xr.Dataset:
     """``massive`` (prompt, token): a position over ``factor`` x its layer's median norm in any pass and layer;
     ``peak_ratio`` (prompt, token): its largest ratio (:func:`peak_ratios`, a task per block of prompts). Lazy.
+    ``layout="positions"`` finds them from the real positions' sums (``analysis.geometry.metrics``'s layout
+    of the same name): the same answer, from the sums the metrics of that layout read.
 
     Examples
     --------
@@ -106,7 +110,14 @@ def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR) -> xr.Data
     >>> bool(found.massive.any())  # random residuals have no sink
     False
     """
-    peak = _per_prompt(ds, peak_ratios, keeps_pass_and_layer=False).assign_coords(prompt=ds.prompt)
+    if layout == "positions" and "resid" in ds and ragged_sums.applies(ds):
+        from analysis.geometry.metrics import _residual_sums
+
+        sumsq = _residual_sums(ds, layout)[0]  # (pass_, layer, position)
+        peak = per_prompt_tokens(sumsq, peak_ratios, ds.sizes["prompt"], ds.sizes["token"])
+        peak = peak.assign_coords(prompt=ds.prompt, token=ds.token)
+    else:
+        peak = _per_prompt(ds, peak_ratios, keeps_pass_and_layer=False).assign_coords(prompt=ds.prompt)
     return xr.Dataset({"massive": (peak > factor).assign_attrs(factor=factor),
                        "peak_ratio": peak}).assign_attrs(factor=factor)
 

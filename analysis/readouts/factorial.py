@@ -148,7 +148,7 @@ def _shares(sums: xr.Dataset) -> xr.Dataset:
     })
 
 
-def _pair_distances(ds: xr.Dataset) -> xr.DataArray | None:
+def _pair_distances(ds: xr.Dataset, layout: str = "padded") -> xr.DataArray | None:
     """The squared distances ``|h_right - h_left|^2`` (pair, prompt, layer, token) of the store's pairs when they
     cover the six combinations of the four passes (one read serves the metrics, the massive-activation search
     and the factorial), else None."""
@@ -159,7 +159,7 @@ def _pair_distances(ds: xr.Dataset) -> xr.DataArray | None:
     have = {frozenset((a, b)) for a, b in zip(left, right, strict=True)}
     if not all(frozenset((a, b)) in have for i, a in enumerate(FACTORIAL_PASSES) for b in FACTORIAL_PASSES[i + 1:]):
         return None
-    return _residual_sums(ds)[2]
+    return _residual_sums(ds, layout)[2]
 
 
 def _by_pair(sqdiff: xr.DataArray) -> dict[frozenset, xr.DataArray]:
@@ -175,11 +175,13 @@ def position_terms(ds: xr.Dataset) -> xr.DataArray:
 
 
 def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
-                   where: xr.DataArray | None = None, by: str | xr.DataArray | None = None) -> xr.DataArray:
+                   where: xr.DataArray | None = None, by: str | xr.DataArray | None = None,
+                   layout: str = "padded") -> xr.DataArray:
     """The five :data:`TERMS` summed per layer (and per ``by`` group) over the real positions ``where`` keeps:
     (term, [group,] layer), lazily. From the pair distances the terms are linear, so the six distances are
-    summed first and the terms formed from the sums."""
-    sqdiff = _pair_distances(ds)
+    summed first and the terms formed from the sums (laid out by ``layout``, as
+    ``analysis.geometry.metrics.pair_metrics``'s, where the store allows: the same sums)."""
+    sqdiff = _pair_distances(ds, layout if by is None and set(over) <= {"prompt", "token"} else "padded")
     values = factorial_terms(ds) if sqdiff is None else sqdiff.reset_coords(["left", "right"], drop=True)
 
     def summed(x: xr.DataArray, keep: xr.DataArray | None = where) -> xr.DataArray:
@@ -208,7 +210,8 @@ def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
 
 def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
                      where: xr.DataArray | None = None, by: str | xr.DataArray | None = None,
-                     intervals: bool = True, resamples: int = RESAMPLES, seed: int = SEED) -> xr.Dataset:
+                     intervals: bool = True, resamples: int = RESAMPLES, seed: int = SEED,
+                     layout: str = "padded") -> xr.Dataset:
     """Per layer (and per ``by`` group: a per-token coordinate such as ``role``, or a (prompt, token) array
     of labels such as ``analysis.readouts.tokens.token_kinds(ds)``): the shares of sum |D|^2, over real positions
     (:func:`factorial_sums`).
@@ -217,7 +220,7 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     and token, e.g. not a massive-activation position) leaves positions out. Summed over prompts and tokens
     (the default ``over``), each share comes with its 95% bootstrap interval over prompts, ``SHARE_low`` and
     ``SHARE_high`` (``analysis.compute.bootstrap``: ``resamples`` draws seeded by ``seed``, from the
-    per-prompt sums), unless ``intervals`` is False.
+    per-prompt sums), unless ``intervals`` is False. ``layout``: as :func:`factorial_sums`'.
 
     Examples
     --------
@@ -230,8 +233,8 @@ def factorial_shares(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token")
     (('layer',), True)
     """
     if not intervals or set(over) != {"prompt", "token"}:
-        return _shares(factorial_sums(ds, over, where, by).to_dataset("term"))
-    sums_p = factorial_sums(ds, ("token",), where, by).to_dataset("term")  # (term, [group,] prompt, layer)
+        return _shares(factorial_sums(ds, over, where, by, layout).to_dataset("term"))
+    sums_p = factorial_sums(ds, ("token",), where, by, layout).to_dataset("term")  # (term, [group,] prompt, layer)
     # a prompt with no position counted adds 0 (``min_count`` here made dask 2026.8 drop a key when the
     # Dataset was computed with ``dask.compute``)
     shares = _shares(sums_p.sum("prompt"))

@@ -48,15 +48,16 @@ def _pair(ds: xr.Dataset, pairs: list[str]) -> str:
     return "BB-SS" if "BB-SS" in pairs else pairs[0]
 
 
-def page_inputs(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None) -> dict:
+def page_inputs(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, layout: str = "padded") -> dict:
     """The lazy numbers of the opening's tables and of the page's summary: computed together (with the layer
-    curves, ``plots.layer_curve_inputs``), they share one read of the residuals instead of one each."""
+    curves, ``plots.layer_curve_inputs``), they share one read of the residuals instead of one each; ``layout``
+    is ``metrics``' (``analysis.geometry.metrics.pair_metrics``), for the others to share its sums."""
     from analysis.readouts.factorial import FACTORIAL_PASSES, factorial_shares
     from analysis.report.summary import summary_inputs
 
-    out = {"largest": _largest_lazy(ds, metrics, keep), "summary": summary_inputs(ds, keep)}
+    out = {"largest": _largest_lazy(ds, metrics, keep), "summary": summary_inputs(ds, keep, layout)}
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
-        out["factorial"] = factorial_shares(ds, where=keep)
+        out["factorial"] = factorial_shares(ds, where=keep, layout=layout)
     return out
 
 

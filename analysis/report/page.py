@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.geometry.decompose import decompose_store
-from analysis.geometry.metrics import pair_metrics
+from analysis.geometry.metrics import pair_metrics, positions_apply
 from analysis.geometry.outliers import massive_positions
 from analysis.readouts.crossing import crossing_profile, crossing_splits
 from analysis.report import plots, responses_text
@@ -61,7 +61,9 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
             # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
             # computation, the page's tables in another: two reads of the residuals, not one per section (all
             # at once held 2 GB under a 1 GB limit)
-            lazy = {"found": massive_positions(ds), "curves": plots.layer_curve_inputs(ds, request.lens)}
+            # over real positions only where the store allows: the same numbers, without the padding's work
+            layout = "positions" if positions_apply(ds, ["rel_norm_diff"]) else "padded"
+            lazy = {"found": massive_positions(ds, layout=layout), "curves": plots.layer_curve_inputs(ds, request.lens)}
             with warnings.catch_warnings():  # a layer without values has no mean: NaN, not drawn
                 warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN)", RuntimeWarning)
                 (computed,) = dask.compute(lazy)
@@ -71,7 +73,7 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
                     (computed["crossing"],) = dask.compute(crossing_profile(ds, keep))
                 if request.html:
                     # the opening's metrics are geometric: built without graphs over the statistics variables
-                    lazy_page = page_inputs(ds, pair_metrics(without_lens(ds), "norm"), keep)
+                    lazy_page = page_inputs(ds, pair_metrics(ds, "norm", ["rel_norm_diff"], layout), keep, layout)
                     if responses_text.applies(ds):  # read with the page's tables, not on its own
                         lazy_page["responses"] = responses_text.response_inputs(ds)
                     (computed["page"],) = dask.compute(lazy_page)

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
-from analysis.geometry.metrics import LENS_METRICS, pair_metrics, pass_metrics
+from analysis.geometry.metrics import LENS_METRICS, pair_metrics, pass_metrics, positions_apply
 from analysis.readouts.tokens import token_text_table, visible
 from store.atomic import atomic_output
 
@@ -52,12 +52,16 @@ def layer_curve_inputs(ds: xr.Dataset, lens: str = "norm") -> dict:
     from analysis.compute import lens_sums
     from analysis.compute.bootstrap import with_intervals
     from analysis.compute.reductions import prompt_moments
-    from store.completeness import without_lens
 
     streamed = "kl" in ds and lens_sums.applies(ds)
     # geometric curves from the residuals; KL read region by region where it can (an expression over the
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
-    metrics = pair_metrics(without_lens(ds) if streamed else ds, lens)
+    geometric = [m for m, _ in CURVES if m != "kl"]
+    # over the real positions only where the store allows (the same numbers as the padded layout, less work)
+    layout = "positions" if positions_apply(ds, geometric) else "padded"
+    metrics = dict(pair_metrics(ds, lens, geometric, layout).data_vars)
+    if "kl" in ds and not streamed:  # (a padded layout of its own: a dict, not one Dataset)
+        metrics["kl"] = pair_metrics(ds, lens, ["kl"]).kl
     n_tokens = np.asarray(ds.n_tokens.values)  # sums over real positions: a block's padding is never touched
     sums = {}
     for m, _ in CURVES:

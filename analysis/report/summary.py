@@ -34,8 +34,9 @@ def headline_pair(ds: xr.Dataset) -> tuple[str, str, str] | None:
     return names[i], left[i], right[i]
 
 
-def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
-    """The lazy numbers the summary needs (compute them with the rest of a report, in one ``dask.compute``)."""
+def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None, layout: str = "padded") -> dict:
+    """The lazy numbers the summary needs (compute them with the rest of a report, in one ``dask.compute``);
+    ``layout`` as the report's metrics' (``analysis.geometry.metrics.pair_metrics``), so that they share reads."""
     from analysis.compute.reductions import position_mean
     from analysis.geometry.metrics import pair_metrics
     from analysis.readouts.factorial import FACTORIAL_PASSES, factorial_sums
@@ -45,13 +46,13 @@ def summary_inputs(ds: xr.Dataset, keep: xr.DataArray | None = None) -> dict:
     if chosen is None or "resid" not in ds:
         return out
     pair = chosen[0]
-    rel = pair_metrics(ds, "norm", ["rel_norm_diff"]).rel_norm_diff.sel(pair=pair, drop=True)
+    rel = pair_metrics(ds, "norm", ["rel_norm_diff"], layout).rel_norm_diff.sel(pair=pair, drop=True)
     n_tokens = np.asarray(ds.n_tokens.values)
     out["rel_by_layer"] = position_mean(rel, n_tokens, keep)  # real positions only, not the padded layout
     if set(FACTORIAL_PASSES) <= {str(p) for p in ds.pass_.values}:
         # from the pair sums the report reads anyway, where it can; per prompt, for the intervals
-        per_prompt = factorial_sums(ds, over=("token",), where=keep).sum("layer")  # (term, prompt)
-        out["factorial"] = factorial_sums(ds, where=keep)
+        per_prompt = factorial_sums(ds, over=("token",), where=keep, layout=layout).sum("layer")  # (term, prompt)
+        out["factorial"] = factorial_sums(ds, where=keep, layout=layout)
         out["factorial_bounds"] = {t: ratio_interval(per_prompt.sel(term=t), per_prompt.sel(term="total_sq"))
                                    for t in ("embedding_sq", "body_sq", "interaction_sq")}
     if "kl" in ds and pair in [str(q) for q in ds.pair.values]:  # over every real position, as the shift rate
