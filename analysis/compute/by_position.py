@@ -20,7 +20,30 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from numba import njit
 
-MOMENTS = ("count", "sum", "m2", "min", "max")  # as analysis.compute.reductions.MOMENTS (which imports this)
+MOMENTS = ("count", "sum", "m2", "min", "max")  # the per-prompt partials of both layouts' moments
+
+
+def top_by_magnitude(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, flat indices) of the n largest |values| along the last axis, largest first; NaN never wins.
+
+    Ties go to the earlier position, so the answer does not depend on how the work was split:
+
+    >>> top_by_magnitude(np.array([[0.0, -2.0, 2.0, np.nan, 1.0]]), 2)
+    (array([[-2.,  2.]]), array([[1, 2]]))
+    """
+    score = np.where(np.isnan(values), -np.inf, np.abs(values))
+    n = min(n, values.shape[-1])
+    threshold = np.partition(score, values.shape[-1] - n, axis=-1)[..., -n:].min(axis=-1, keepdims=True)
+    above, tied = score > threshold, score == threshold
+    wanted = n - above.sum(axis=-1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, axis=-1) <= wanted))  # exactly n per row, earliest ties
+    index = np.nonzero(chosen.reshape(-1, values.shape[-1]))[1].reshape(*values.shape[:-1], n)
+    order = np.argsort(-np.take_along_axis(score, index, axis=-1), axis=-1, kind="stable")
+    index = np.take_along_axis(index, order, axis=-1)
+    picked = np.take_along_axis(values, index, axis=-1)
+    # Fewer than n real positions: the rest are padding and are reported as NaN / -1.
+    index = np.where(np.isnan(picked), -1, index)
+    return picked, index
 
 
 def applies(x: xr.DataArray) -> bool:
@@ -41,6 +64,23 @@ def prompt_labels(x: xr.DataArray, n_prompts: int) -> np.ndarray:
         labels = labels.astype(np.asarray(x.prompt.values).dtype)
         labels[np.asarray(x.row.values)] = np.asarray(x.prompt.values)
     return labels
+
+
+def _aligned(x: xr.DataArray) -> xr.DataArray:
+    """``x`` with no prompt split between blocks of ``position`` (each boundary moved on to the next prompt's
+    first position): a block's per-prompt partials must hold its prompts whole."""
+    if x.chunks is None:
+        return x
+    rows = np.asarray(x.row.values)
+    edges = np.cumsum(x.chunks[x.dims.index("position")])[:-1]
+    if not len(edges) or (rows[edges - 1] != rows[edges]).all():
+        return x
+    starts = np.flatnonzero(np.diff(rows)) + 1  # each prompt's first position (but the first prompt's)
+    if not len(starts):  # one prompt
+        return x.chunk({"position": -1})
+    moved = np.unique(starts[np.minimum(np.searchsorted(starts, edges), len(starts) - 1)])
+    bounds = np.concatenate([[0], moved[moved > 0], [len(rows)]])
+    return x.chunk({"position": tuple(int(b) for b in np.diff(np.unique(bounds)))})
 
 
 def _block_rows(x: xr.DataArray, n_prompts: int) -> list[tuple[int, int]]:
@@ -151,7 +191,7 @@ def moments(x: xr.DataArray, n_prompts: int, n_tokens: int, where: xr.DataArray 
             full: bool) -> xr.DataArray:
     """:func:`analysis.compute.reductions.prompt_moments` of a metric over real positions:
     (moment, ..., prompt, layer) for ``over="token"``, (moment, ..., prompt, token) for ``over="layer"``."""
-    x = x.transpose(..., "layer", "position")
+    x = _aligned(x.transpose(..., "layer", "position"))
     n_moments = len(MOMENTS) if full else 2
     n_layer = x.sizes["layer"]
     n_kept = n_layer if over == "token" else n_tokens
@@ -205,9 +245,7 @@ def largest(x: xr.DataArray, n: int, n_prompts: int, n_tokens: int, where: xr.Da
             n_rank: int) -> xr.Dataset:
     """:func:`analysis.compute.reductions.hotspots` of a metric over real positions: ``value``, ``prompt`` (store
     row), ``layer`` and ``token`` along ``rank`` (``n_rank`` long), lazily."""
-    from analysis.compute.reductions import _top_by_magnitude
-
-    x = x.transpose(..., "layer", "position")
+    x = _aligned(x.transpose(..., "layer", "position"))
     labels = [name for name, coord in x.coords.items() if "position" in coord.dims or "layer" in coord.dims]
     keep = pack_mask(where, x)
     bounds = _block_rows(x, n_prompts)
@@ -225,7 +263,7 @@ def largest(x: xr.DataArray, n: int, n_prompts: int, n_tokens: int, where: xr.Da
     def merge(found_2abn: np.ndarray) -> np.ndarray:
         values = found_2abn[0].reshape(*found_2abn.shape[1:-2], -1)
         flat = found_2abn[1].reshape(values.shape)
-        picked, where_k = _top_by_magnitude(values, n_rank)
+        picked, where_k = top_by_magnitude(values, n_rank)
         index = np.where(where_k >= 0, np.take_along_axis(flat, np.maximum(where_k, 0), axis=-1), -1)
         return np.stack([picked, index])
 
@@ -260,7 +298,7 @@ def _block_per_prompt(x_lq: np.ndarray, keep_q: np.ndarray, p_q: np.ndarray, t_q
 def per_prompt_tokens(x: xr.DataArray, func, n_prompts: int, n_tokens: int) -> xr.DataArray:
     """(prompt, token) float32: ``func`` of each prompt's (1, ..., layer, token) slab of ``x`` (..., layer,
     position) -> (1, token), e.g. ``analysis.geometry.outliers.peak_ratios``; NaN on padding. Lazy."""
-    x = x.transpose(..., "layer", "position")
+    x = _aligned(x.transpose(..., "layer", "position"))
     bounds = _block_rows(x, n_prompts)
     ids = _block_ids(x, bounds)
     if x.chunks is None:

@@ -157,13 +157,13 @@ def layer_means(ds: xr.Dataset, name: str = "kl", lens: str = "norm") -> xr.Data
 
 def _run_top(pieces: list, top: int) -> np.ndarray:
     """(value, row, layer, token) of the ``top`` largest kept values of one run, as rows of a float array."""
-    from analysis.compute.reductions import _top_by_magnitude
+    from analysis.compute.by_position import top_by_magnitude
 
     found = []
     for region, rows_start, kept_rt, layer_start in pieces:
         values_rlt = materialize(region)[0, 0]  # (rows, layers, tokens)
         values_rlt = np.where(kept_rt[:, None, :], values_rlt, np.nan)
-        picked, flat = _top_by_magnitude(values_rlt.reshape(1, -1), top)
+        picked, flat = top_by_magnitude(values_rlt.reshape(1, -1), top)
         for value, index in zip(picked[0], flat[0], strict=True):
             if index >= 0:
                 r, la, t = np.unravel_index(index, values_rlt.shape)

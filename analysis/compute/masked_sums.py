@@ -93,9 +93,9 @@ def masked_sums(ds: xr.Dataset, keep_mpt: np.ndarray, layers: list[int] | None =
         massive_factor = None
     chosen = np.arange(ds.sizes["layer"]) if layers is None else \
         np.array([list(ds.layer.values).index(la) for la in layers], dtype=np.int64)
-    if massive_factor is None and layers is not None:  # read the chosen layers only
+    if massive_factor is None and layers is not None and not direct:  # assemble the chosen layers only
+        # (read straight from the files, a chunk holds every layer: the sums take the chosen ones)
         resid, chosen = resid.sel(layer=list(layers)), np.arange(len(layers))
-        direct = direct_regions(resid) is not None
     n_pass, _, n_layer, n_tokens, n_dim = resid.shape
     chunks, itemsize = resid.data.chunks, resid.dtype.itemsize
     n_tokens_p = np.asarray(ds.n_tokens.values)
@@ -110,8 +110,12 @@ def masked_sums(ds: xr.Dataset, keep_mpt: np.ndarray, layers: list[int] | None =
         for rows, extent in zip(run.chunk_rows, run.extents, strict=True):
             slab = token_slab(rows.stop - rows.start, n_layer * n_dim, itemsize, chunks[3][0], extent, direct)
             pieces = []
-            for start in range(0, extent, slab):
-                tokens = slice(start, min(extent, start + slab))
+            stop = extent
+            if massive_factor is None:  # read up to the token chunk of the last kept position (e.g. the first k)
+                kept_t = np.flatnonzero(keep_mpt[:, rows, :extent].any(axis=(0, 1)))
+                stop = min(extent, -(-(int(kept_t[-1]) + 1) // chunks[3][0]) * chunks[3][0]) if kept_t.size else 0
+            for start in range(0, stop, slab):
+                tokens = slice(start, min(stop, start + slab))
                 keep = keep_mpt[:, rows, tokens]
                 if keep.any() or massive_factor is not None:  # every real token counts in a prompt's median
                     pieces.append([tokens, [region(resid, {"pass_": slice(s, s + 1), "prompt": rows,

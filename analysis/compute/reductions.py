@@ -14,33 +14,11 @@ import xarray as xr
 from numba import njit
 
 from analysis.compute import by_position
+from analysis.compute.by_position import MOMENTS, top_by_magnitude
 from analysis.compute.positions import cut_padding_tokens
 from store.errors import UsageError
 
 POSITION = ("prompt", "layer", "token")
-
-
-def _top_by_magnitude(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values, flat indices) of the n largest |values| along the last axis, largest first; NaN never wins.
-
-    Ties go to the earlier position, so the answer does not depend on how the work was split:
-
-    >>> _top_by_magnitude(np.array([[0.0, -2.0, 2.0, np.nan, 1.0]]), 2)
-    (array([[-2.,  2.]]), array([[1, 2]]))
-    """
-    score = np.where(np.isnan(values), -np.inf, np.abs(values))
-    n = min(n, values.shape[-1])
-    threshold = np.partition(score, values.shape[-1] - n, axis=-1)[..., -n:].min(axis=-1, keepdims=True)
-    above, tied = score > threshold, score == threshold
-    wanted = n - above.sum(axis=-1, keepdims=True)
-    chosen = above | (tied & (np.cumsum(tied, axis=-1) <= wanted))  # exactly n per row, earliest ties
-    index = np.nonzero(chosen.reshape(-1, values.shape[-1]))[1].reshape(*values.shape[:-1], n)
-    order = np.argsort(-np.take_along_axis(score, index, axis=-1), axis=-1, kind="stable")
-    index = np.take_along_axis(index, order, axis=-1)
-    picked = np.take_along_axis(values, index, axis=-1)
-    # Fewer than n real positions: the rest are padding and are reported as NaN / -1.
-    index = np.where(np.isnan(picked), -1, index)
-    return picked, index
 
 
 def _top_in_prompt(values_lt: np.ndarray, keep_t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +28,7 @@ def _top_in_prompt(values_lt: np.ndarray, keep_t: np.ndarray, n: int) -> tuple[n
     cut = cut_padding_tokens(values_lt)
     kept = np.broadcast_to(keep_t, (*values_lt.shape[:-2], n_tokens))[..., None, :cut.shape[-1]]
     cut = np.where(kept, cut, np.nan)
-    picked, index = _top_by_magnitude(cut.reshape(*cut.shape[:-2], -1), n)
+    picked, index = top_by_magnitude(cut.reshape(*cut.shape[:-2], -1), n)
     if cut.shape[-1] < n_tokens:  # back to indices of the whole token axis
         index = np.where(index >= 0, index // cut.shape[-1] * n_tokens + index % cut.shape[-1], -1)
     want = min(n, values_lt.shape[-2] * n_tokens)
@@ -65,7 +43,7 @@ def _top_of_prompts(values_pk: np.ndarray, index_pk: np.ndarray, n: int, per_pro
                     ) -> tuple[np.ndarray, np.ndarray]:
     # (..., prompt, k) candidates -> the n largest overall and their flat (prompt, layer, token) index.
     flat = (np.arange(values_pk.shape[-2])[:, None] * per_prompt + index_pk).reshape(*index_pk.shape[:-2], -1)
-    picked, where = _top_by_magnitude(values_pk.reshape(*values_pk.shape[:-2], -1), n)
+    picked, where = top_by_magnitude(values_pk.reshape(*values_pk.shape[:-2], -1), n)
     return picked, np.where(where >= 0, np.take_along_axis(flat, np.maximum(where, 0), axis=-1), -1)
 
 
@@ -183,7 +161,6 @@ def real_lengths(metric: xr.DataArray, n_tokens: np.ndarray | None = None) -> np
     return np.full(metric.sizes["prompt"], metric.sizes["token"])
 
 
-MOMENTS = ("count", "sum", "m2", "min", "max")  # the per-prompt partials of :func:`prompt_moments`
 
 
 @njit(cache=True, nogil=True)

@@ -168,13 +168,14 @@ def load_lenses(ds: xr.Dataset) -> tuple[dict[str, NumpyLens], str]:
 
 
 def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = None,
-                     layers: list[int] | None = None, massive_factor: float | None = None) -> xr.DataArray:
+                     layers: list[int] | None = None, massive_factor: float | None = None,
+                     windows: tuple[str, ...] = WINDOWS) -> xr.DataArray:
     """(pair, layer, window, dim): the mean of h_right - h_left over the first ``k`` real positions of each
-    prompt (window ``first``) and over all real positions (``all``); ``where`` leaves positions out, ``layers``
-    (labels) restricts the layers; ``massive_factor`` leaves out the massive-activation positions found with that
-    factor. Lazy; on a store as ``open_store`` gives it, one streamed pass over the chunks
-    (:mod:`analysis.compute.masked_sums`, which finds the massive positions as it reads), whose memory follows the run
-    size, not the store.
+    prompt (window ``first``) and over all real positions (``all``), of ``windows`` (the ``first`` alone reads a
+    token chunk per prompt); ``where`` leaves positions out, ``layers`` (labels) restricts the layers;
+    ``massive_factor`` leaves out the massive-activation positions found with that factor. Lazy; on a store as
+    ``open_store`` gives it, one streamed pass over the chunks (:mod:`analysis.compute.masked_sums`, which finds
+    the massive positions as it reads), whose memory follows the run size, not the store.
 
     Examples
     --------
@@ -188,24 +189,32 @@ def mean_differences(ds: xr.Dataset, k: int = 5, where: xr.DataArray | None = No
     from analysis.compute import masked_sums
     from analysis.geometry.metrics import select_side
 
+    _check_windows(windows)
     if not masked_sums.applies(ds):
         if massive_factor is not None:
             from analysis.geometry.outliers import massive_positions
 
             ordinary = ~massive_positions(ds, massive_factor).massive
             where = ordinary if where is None else where & ordinary
-        return _mean_differences_xarray(ds, k, where, layers)
+        return _mean_differences_xarray(ds, k, where, layers).sel(window=list(windows))
     real = np.arange(ds.sizes["token"])[None, :] < np.asarray(ds.n_tokens.values)[:, None]
     if where is not None:
         real = real & np.asarray(where.transpose("prompt", "token").values, dtype=bool)
     first = real & (np.arange(ds.sizes["token"]) < k)[None, :]
-    keep = np.stack([first, real])
+    keep = np.stack([{"first": first, "all": real}[w] for w in windows])
     sums = masked_sums.masked_sums(ds, keep, layers, massive_factor)
     means = sums["sum"] / np.maximum(sums["count"], 1)
     means = means.where(sums["count"] > 0)  # no position: no mean
-    means = means.rename(mask="window").assign_coords(window=list(WINDOWS))
+    means = means.rename(mask="window").assign_coords(window=list(windows))
     diff = select_side(ds, means, "right") - select_side(ds, means, "left")
     return diff.transpose("pair", "layer", "window", "dim")
+
+
+def _check_windows(windows: tuple[str, ...]) -> None:
+    unknown = [w for w in windows if w not in WINDOWS]
+    if unknown or not windows:
+        raise UsageError(f"unknown window {unknown[0] if unknown else 'list (empty)'!r}; windows are "
+                         f"{', '.join(WINDOWS)}")
 
 
 def _mean_differences_xarray(ds: xr.Dataset, k: int, where: xr.DataArray | None,
@@ -242,13 +251,14 @@ def _top_ids(z: np.ndarray, top: int) -> np.ndarray:
 
 def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool = False,
               massive: xr.DataArray | None = None, pairs: list[str] | None = None,
-              layers: list[int] | None = None) -> xr.Dataset:
+              layers: list[int] | None = None, windows: tuple[str, ...] = WINDOWS) -> xr.Dataset:
     """Top promoted and suppressed tokens of each pair's mean difference, per layer and window, read through
     the left and the right pass's normed lens. Computes (the means are small, and read in one streamed pass).
     Where a mean difference is exactly zero, or its window holds no position, there are no tokens: ids -1,
     logits NaN.
     ``massive`` (prompt, token) gives the massive-activation positions when the caller has already found them;
-    ``pairs`` and ``layers`` (labels) restrict the result (and the layers read).
+    ``pairs`` and ``layers`` (labels) restrict the result (and the layers read), ``windows`` (of
+    :data:`WINDOWS`) the windows (``first`` alone reads a token chunk per prompt).
 
     Examples
     --------
@@ -282,12 +292,12 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
             factor = MASSIVE_FACTOR
         else:
             where = ~massive
-    deltas = mean_differences(ds, k, where, layers, factor).compute()
+    deltas = mean_differences(ds, k, where, layers, factor, tuple(windows)).compute()
     if pairs:
         deltas = deltas.sel(pair=list(pairs))
     sides = {"left": deltas.left.values, "right": deltas.right.values}
     passes = {str(p): str(u) for p, u in zip(ds.pass_.values, ds.unembedding.values, strict=True)}
-    shape = (deltas.sizes["pair"], deltas.sizes["layer"], len(WINDOWS), 2, top)
+    shape = (deltas.sizes["pair"], deltas.sizes["layer"], deltas.sizes["window"], 2, top)
     ids = {"promoted": np.zeros(shape, np.int64), "suppressed": np.zeros(shape, np.int64)}
     values = {"promoted": np.zeros(shape), "suppressed": np.zeros(shape)}
     # No difference (exactly 0, e.g. the same embeddings at layer 0) or no position in the window: no tokens.
@@ -316,7 +326,8 @@ def diff_lens(ds: xr.Dataset, k: int = 5, top: int = 10, include_massive: bool =
     dims = ("pair", "layer", "window", "side", "rank")
     return xr.Dataset({f"{kind}_id": (dims, ids[kind]) for kind in ids} |
                       {f"{kind}_logit": (dims, values[kind]) for kind in values},
-                      coords={"pair": deltas.pair.values, "layer": deltas.layer.values, "window": list(WINDOWS),
+                      coords={"pair": deltas.pair.values, "layer": deltas.layer.values,
+                              "window": deltas.window.values,
                               "side": ["left", "right"], "rank": np.arange(top)}).assign_attrs(
         lens_source=source, k=k, massive_included=include_massive)
 

@@ -68,11 +68,15 @@ def _largest_lazy(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None
     return position_mean(metrics.rel_norm_diff, np.asarray(ds.n_tokens.values), keep)
 
 
-def largest_change(ds: xr.Dataset, metrics: xr.Dataset, keep: xr.DataArray | None, top: int = 5,
+def largest_change(ds: xr.Dataset, metrics: xr.Dataset | None, keep: xr.DataArray | None, top: int = 5,
                    by_layer: xr.DataArray | None = None) -> str:
     """The layers of largest mean relative change per pair; ``by_layer``: :func:`page_inputs`' ``largest``,
-    computed (None: computed here)."""
+    computed (None: computed here, from ``metrics`` or, when None, the store's ``rel_norm_diff``)."""
     if by_layer is None:
+        if metrics is None:
+            from analysis.geometry.metrics import pair_metrics
+
+            metrics = pair_metrics(ds, "norm", ["rel_norm_diff"])
         by_layer = _largest_lazy(ds, metrics, keep).compute()
     rows = []
     for pair in by_layer.pair.values:
@@ -124,16 +128,18 @@ def factorial_section(ds: xr.Dataset, keep: xr.DataArray | None, out: Path,
 
 
 def diff_lens_section(ds: xr.Dataset, massive: xr.DataArray | None, top: int = 8) -> str:
+    from analysis.geometry.metrics import store_pass_pairs
     from analysis.readouts.difflens import diff_lens
     from store.errors import ResdiffError
 
-    try:
-        result = diff_lens(ds, top=top, include_massive=massive is None, massive=massive)
+    pair = _pair(ds, store_pass_pairs(ds)[0])
+    try:  # what the section shows only: one pair, the last four layers, the first window (a token chunk a prompt)
+        result = diff_lens(ds, top=top, include_massive=massive is None, massive=massive, pairs=[pair],
+                           layers=[int(la) for la in ds.layer.values[-4:]], windows=("first",))
     except ResdiffError as exc:
         return f"<h2>Difference lens</h2><p>not available: {html.escape(str(exc))}</p>"
-    pair = _pair(ds, [str(p) for p in result.pair.values])
     rows = []
-    for layer in result.layer.values[-4:]:
+    for layer in result.layer.values:
         cell = result.sel(pair=pair, layer=layer, window="first", side="right")
         if (cell.promoted_id.values < 0).all():  # an exactly zero mean difference has no tokens to show
             rows.append([int(layer), "no difference", "no difference"])
@@ -242,7 +248,7 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
             f'<div class="scroll"><table class="tokens" id="token-view">{header}{"".join(body)}</table></div>')
 
 
-def opening(ds: xr.Dataset, metrics: xr.Dataset, out: Path, prompt: int, found: xr.Dataset,
+def opening(ds: xr.Dataset, metrics: xr.Dataset | None, out: Path, prompt: int, found: xr.Dataset,
             include_massive: bool = False, computed: dict | None = None) -> tuple[list[str], list[Path]]:
     """The sections that open the report, and the images they made; ``found`` is
     ``analysis.geometry.outliers.massive_positions(ds)``, computed; ``computed``: :func:`page_inputs` computed with the

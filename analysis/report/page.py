@@ -28,7 +28,7 @@ from analysis.report.answer import chat_templating, opening, page_inputs
 from analysis.report.summary import headline_pair, summary_sentences
 from analysis.report.text import check_prompt
 from store.atomic import staged_directory
-from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out, without_lens
+from store.completeness import LEFT_OUT_ATTR, UNFINISHED_LENS_ATTR, left_out
 from store.location import local_sibling
 
 
@@ -58,12 +58,15 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
     final = Path(request.out) if request.out else local_sibling(request.store, "-plots")
     with staged_directory(final) as out:  # a run that fails adds nothing to the folder
         with computing():
-            # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
-            # computation, the page's tables in another: two reads of the residuals, not one per section (all
-            # at once held 2 GB under a 1 GB limit)
             # over real positions only where the store allows: the same numbers, without the padding's work
             layout = "positions" if positions_apply(ds, ["rel_norm_diff"]) else "padded"
-            lazy = {"found": massive_positions(ds, layout=layout), "curves": plots.layer_curve_inputs(ds, request.lens)}
+            found = massive_positions(ds, layout=layout)
+            # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
+            # computation; the page's tables with them over real positions (one read of the residuals: their
+            # sums are a fifteenth of the padded ones), else in a second (all at once held 2 GB at a 1 GB limit)
+            lazy = {"found": found, "curves": plots.layer_curve_inputs(ds, request.lens)}
+            if request.html and layout == "positions":
+                lazy["page"] = _page_inputs(ds, None if request.include_massive else ~found.massive, layout)
             with warnings.catch_warnings():  # a layer without values has no mean: NaN, not drawn
                 warnings.filterwarnings("ignore", "(invalid value|Mean of empty|All-NaN)", RuntimeWarning)
                 (computed,) = dask.compute(lazy)
@@ -71,12 +74,8 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
                 keep = None if request.include_massive else ~found.massive
                 if crossing_splits(ds):  # the depth profile of the crossed passes (--cross-layers)
                     (computed["crossing"],) = dask.compute(crossing_profile(ds, keep))
-                if request.html:
-                    # the opening's metrics are geometric: built without graphs over the statistics variables
-                    lazy_page = page_inputs(ds, pair_metrics(ds, "norm", ["rel_norm_diff"], layout), keep, layout)
-                    if responses_text.applies(ds):  # read with the page's tables, not on its own
-                        lazy_page["responses"] = responses_text.response_inputs(ds)
-                    (computed["page"],) = dask.compute(lazy_page)
+                if request.html and "page" not in computed:
+                    (computed["page"],) = dask.compute(_page_inputs(ds, keep, layout))
             images = _figures(ds, out, request, computed["curves"], found)
             if "crossing" in computed:
                 images.append(plots.crossing_plot(computed["crossing"], out))
@@ -89,6 +88,14 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
             images.append(_page(ds, request, out, images, result, found, computed["page"], computing))
             images += [p for p in [out / "response_curves.png"] if p.exists()]  # drawn in the page's section
     return [final / Path(image).relative_to(out) for image in images]
+
+
+def _page_inputs(ds: xr.Dataset, keep: xr.DataArray | None, layout: str) -> dict:
+    # the opening's metrics are geometric: built without graphs over the statistics variables
+    lazy = page_inputs(ds, pair_metrics(ds, "norm", ["rel_norm_diff"], layout), keep, layout)
+    if responses_text.applies(ds):  # read with the page's tables, not on its own
+        lazy["responses"] = responses_text.response_inputs(ds)
+    return lazy
 
 
 def _figures(ds: xr.Dataset, out: Path, request: PlotRequest, curves, found) -> list:
@@ -112,9 +119,8 @@ def _page(ds: xr.Dataset, request: PlotRequest, out: Path, images: list, result:
     rows = [["pair", "mean participation ratio", "max rank90", "max rank99"]] + [
         [str(q), ratio(q), int(result.rank90.sel(pair=q).max()), int(result.rank99.sel(pair=q).max())]
         for q in result.pair.values]
-    with computing():
-        # the opening's metrics are geometric: built without graphs over the statistics variables
-        sections, first = opening(ds, pair_metrics(without_lens(ds), "norm"), out, request.prompt, found,
+    with computing():  # (the opening's metrics were computed with the page's inputs: no graph of them to build)
+        sections, first = opening(ds, None, out, request.prompt, found,
                                   request.include_massive, computed)
     summary = summary_sentences(ds, computed["summary"], int(found.massive.sum()), not request.include_massive)
     sections.insert(0, "<h2>Summary</h2><p>" + html.escape(" ".join(summary)) + "</p>")

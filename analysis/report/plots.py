@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
-from analysis.geometry.metrics import LENS_METRICS, pair_metrics, pass_metrics, positions_apply
+from analysis.geometry.metrics import LENS_METRICS, PAIR_METRICS, pair_metrics, pass_metrics, positions_apply
 from analysis.readouts.tokens import token_text_table, visible
 from store.atomic import atomic_output
 
@@ -191,12 +191,14 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
 
     if metric not in LENS_METRICS:  # no graph over the statistics variables
         ds = without_lens(ds)
-    table = pair_metrics(ds, lens)
+    # the prompt's own chunks only (its run of prompt chunks would read its neighbours too), the metric only
+    one = ds.sel(prompt=[prompt])
+    table = pair_metrics(one, lens, [metric]) if metric in PAIR_METRICS else xr.Dataset()
     if metric not in table:
-        table = pass_metrics(ds)
+        table = pass_metrics(one)
     lead = "pair" if "pair" in table[metric].dims else "pass_"
     n_real = int(ds.n_tokens.sel(prompt=prompt))
-    grid = table[metric].sel(prompt=prompt).isel(token=slice(0, n_real)).compute()
+    grid = table[metric].isel(prompt=0).isel(token=slice(0, n_real)).compute()
     tokens = [visible(t) for t in token_text_table(ds, prompt)[:n_real]]  # decoded text, not raw pieces
     labels = [str(x) for x in grid[lead].values]
     cols = min(3, len(labels))

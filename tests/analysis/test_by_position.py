@@ -20,7 +20,7 @@ from analysis.geometry.metrics import pair_metrics, pass_metrics, positions_appl
 from analysis.geometry.outliers import massive_positions
 from analysis.readouts.factorial import factorial_shares, factorial_sums
 from store.chunking import Chunking
-from store.testing import fill_lens_statistics, write_tiny_store
+from store.testing import fill_lens_statistics, save_identity_lens, write_tiny_store
 
 LENGTHS = (13, 11, 9, 6, 5, 3, 2, 1, 1)  # store order: longest first
 GEOMETRIC = ["norm_diff", "rel_norm_diff", "cosine_sim", "norm_left", "cosine_prev_right", "norm_delta_left"]
@@ -31,7 +31,7 @@ def path(tmp_path_factory):
     path = write_tiny_store(tmp_path_factory.mktemp("positions") / "s.zarr", n_prompts=len(LENGTHS),
                             lengths=LENGTHS, n_layers1=4, hidden=6, store_dtype="float16",
                             chunking=Chunking(prompt=2, layer=4, token=4))
-    return fill_lens_statistics(path, vocab=100)
+    return save_identity_lens(fill_lens_statistics(path, vocab=100))
 
 
 @pytest.fixture
@@ -78,6 +78,15 @@ def test_summaries_equal_the_padded_layouts(path, small_runs, keep, axis):
         _same(seven_number_summary(padded[m], n_tokens, keep), seven_number_summary(positions[m], n_tokens, keep))
         for reduce in (position_mean, position_sum, prompt_sums):
             _same(reduce(padded[m], n_tokens, keep), reduce(positions[m], n_tokens, keep))
+
+
+def test_blocks_that_split_a_prompt_are_realigned(path, small_runs, keep):
+    ds = open_store(path)
+    padded = pair_metrics(ds, names=["norm_diff"]).norm_diff
+    split = pair_metrics(ds, names=["norm_diff"], layout="positions").norm_diff.chunk({"position": 5})
+    n_tokens = ds.n_tokens.values
+    _same(summarize_over(padded, "layer", n_tokens, keep), summarize_over(split, "layer", n_tokens, keep))
+    _same(hotspots(padded, 6, keep), hotspots(split, 6, keep))
 
 
 def test_hotspots_equal_the_padded_layouts(path, small_runs, keep):
@@ -140,3 +149,24 @@ def test_the_report_and_the_page_are_the_same_in_either_layout(path, small_runs,
         write_plots(ds, PlotRequest(store=str(path), out=str(out), html=True, progress=False))
         outputs.append((report, (out / "report.html").read_text()))
     assert outputs[0] == outputs[1]
+
+
+def test_the_pages_difference_lens_reads_less_and_says_the_same(path, monkeypatch):
+    """The page's section asks for one pair, the last layers and the first window: a token chunk per prompt
+    read, the same numbers as that slice of the full difference lens."""
+    from analysis.compute import regions
+    from analysis.readouts.difflens import diff_lens
+
+    ds = open_store(path)
+    massive = massive_positions(ds, 1.5).massive.compute()
+    layers = [int(la) for la in ds.layer.values[-2:]]
+    full = diff_lens(ds, k=2, top=3, massive=massive)
+    read = []
+    materialize = regions.materialize
+    monkeypatch.setattr(regions, "materialize", lambda r: read.append(materialize(r).shape) or materialize(r))
+    import analysis.compute.masked_sums as masked_sums
+    monkeypatch.setattr(masked_sums, "materialize", regions.materialize)
+    part = diff_lens(ds, k=2, top=3, massive=massive, pairs=["BB-SS"], layers=layers, windows=("first",))
+    xr.testing.assert_identical(part, full.sel(pair=["BB-SS"], layer=layers, window=["first"]))
+    chunk_token = ds.resid.data.chunks[3][0]
+    assert read and all(shape[3] == chunk_token for shape in read)  # (pass, prompt, layer, token, dim)
