@@ -144,6 +144,9 @@ def main() -> None:
     parser.add_argument("--store", help="reuse this capture instead of capturing (its time is then not measured)")
     parser.add_argument("--out", help="also write the JSON report here (rewritten after every command)")
     parser.add_argument("--skip", default="", help="comma-separated commands not to run (e.g. info,verify)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each command this many times: the fastest counts (as the floor's), the largest "
+                             "peak RSS, and every run is listed (this machine's times vary by a third between runs)")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="resdiff-researcher-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -175,8 +178,13 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     commands = {name: command for name, command in commands.items() if name not in skip}
     for name, command in commands.items():
-        results[name] = measured([*cli, *command], work / f"{name.replace(' ', '_')}.log")
-        results[name]["said"] = (work / f"{name.replace(' ', '_')}.log").read_text().strip().splitlines()[-1][:200]
+        log = work / f"{name.replace(' ', '_')}.log"
+        runs = [measured([*cli, *command], log) for _ in range(max(1, args.repeat))]
+        results[name] = min(runs, key=lambda r: r["seconds"]) | {
+            "peak_rss_MB": max(r["peak_rss_MB"] for r in runs), "rc": max((r["rc"] for r in runs), key=abs)}
+        if len(runs) > 1:
+            results[name]["runs"] = [r["seconds"] for r in runs]
+        results[name]["said"] = log.read_text().strip().splitlines()[-1][:200]
         if args.out:  # every figure on disk as soon as it is measured
             Path(args.out).write_text(json.dumps(results, indent=2))
     floor = results["floor"]["seconds"]

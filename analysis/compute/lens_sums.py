@@ -35,6 +35,12 @@ def applies(ds: xr.Dataset) -> bool:
     return _local_path(ds) is not None and "lens_done" in ds
 
 
+def regions(ds: xr.Dataset, name: str) -> ArrayRegions | None:
+    """Region reads of the statistics variable ``name`` straight from a local store's files (ids included, which
+    ``open_store`` gives none), when :func:`applies`; None otherwise."""
+    return ArrayRegions(_local_path(ds), name) if applies(ds) and name in ds else None
+
+
 def _real_rt(n_tokens_r: np.ndarray, done_r: np.ndarray, extent: int) -> np.ndarray:
     return (np.arange(extent)[None, :] < n_tokens_r[:, None]) & done_r[:, None]
 

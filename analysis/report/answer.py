@@ -190,13 +190,16 @@ def kl_section(ds: xr.Dataset, keep: xr.DataArray | None, top: int = 8) -> str:
             + _table(["prompt", "layer", "token", "context", "KL [nats]"], rows))
 
 
-def _prompt_row(var: xr.DataArray, row: int) -> xr.DataArray:
-    """``var`` at one store row (prompt), in memory: read straight from the store's files where it can (a
+def _prompt_row(ds: xr.Dataset, name: str, row: int) -> xr.DataArray:
+    """``ds[name]`` at one store row (prompt), in memory: read straight from the store's files where it can (a
     selection through Dask builds a graph over every chunk of a statistics variable first, which took most
-    of half a minute on a thousand ragged prompts)."""
+    of half a minute on a thousand ragged prompts; integer ids, which ``open_store`` gives no region reads,
+    included: their graph took 17 s where the row's read takes 0.1)."""
+    from analysis.compute import lens_sums
     from store.reader import direct_regions
 
-    source = direct_regions(var)
+    var = ds[name]
+    source = direct_regions(var) or lens_sums.regions(ds, name)
     if source is None:
         return var.isel(prompt=row).compute()
     axis = var.dims.index("prompt")
@@ -223,9 +226,9 @@ def token_view(ds: xr.Dataset, prompt: int, pair: str = "BB-SS", pass_: str = "S
     n = int(one.n_tokens)
     columns = slice(start, n)
     layers = np.flatnonzero(np.isin(ds.layer.values, lens_layers(ds)))  # rows: the layers with statistics
-    top = _prompt_row(ds.topk_id, row).sel(lens="norm", pass_=pass_).isel(k=0, token=columns,
+    top = _prompt_row(ds, "topk_id", row).sel(lens="norm", pass_=pass_).isel(k=0, token=columns,
                                                                           layer=layers).values  # (layer, token)
-    kl = _prompt_row(ds.kl, row).sel(lens="norm", pair=pair).isel(token=columns, layer=layers).values
+    kl = _prompt_row(ds, "kl", row).sel(lens="norm", pair=pair).isel(token=columns, layer=layers).values
     scale = np.nanpercentile(kl, 99) if np.isfinite(kl).any() else 1.0
     texts = token_texts(ds, one.token_id.values[columns])
     header = ('<tr><th class="corner">layer</th>' + "".join(f"<th>{html.escape(visible(t))}</th>" for t in texts)

@@ -191,14 +191,15 @@ def heatmaps(ds: xr.Dataset, out: Path, metric: str = "norm_diff", prompt: int =
 
     if metric not in LENS_METRICS:  # no graph over the statistics variables
         ds = without_lens(ds)
-    # the prompt's own chunks only (its run of prompt chunks would read its neighbours too), the metric only
-    one = ds.sel(prompt=[prompt])
-    table = pair_metrics(one, lens, [metric]) if metric in PAIR_METRICS else xr.Dataset()
+    # the metric only (a graph of every metric took a second to build); its run of prompt chunks only is read
+    # (a selection of the prompt first would go through the Dask graph of the store's chunks, which at times
+    # took ten seconds to cull)
+    table = pair_metrics(ds, lens, [metric]) if metric in PAIR_METRICS else xr.Dataset()
     if metric not in table:
-        table = pass_metrics(one)
+        table = pass_metrics(ds)
     lead = "pair" if "pair" in table[metric].dims else "pass_"
     n_real = int(ds.n_tokens.sel(prompt=prompt))
-    grid = table[metric].isel(prompt=0).isel(token=slice(0, n_real)).compute()
+    grid = table[metric].sel(prompt=prompt).isel(token=slice(0, n_real)).compute()
     tokens = [visible(t) for t in token_text_table(ds, prompt)[:n_real]]  # decoded text, not raw pieces
     labels = [str(x) for x in grid[lead].values]
     cols = min(3, len(labels))
