@@ -37,6 +37,14 @@ def applies(ds: xr.Dataset) -> bool:
 LAYOUTS = ("padded", "positions")
 
 
+def check_layout(layout: str) -> None:
+    """A one-line error for a layout that is not one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        from store.errors import UsageError
+
+        raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
 def sums_over_runs(ds: xr.Dataset, left_q: np.ndarray, right_q: np.ndarray, layout: str = "padded") -> xr.DataArray:
     """:func:`analysis.compute.dim_sums.residual_sums` of every real position: ``S + 2Q`` terms."""
     kernel = partial(residual_sums, left_q=left_q, right_q=right_q)
@@ -68,7 +76,7 @@ def _run_task(pieces: list, kernel, shape: tuple) -> np.ndarray:
 
 def _run_positions_task(pieces: list, kernel, shape: tuple, n_tokens_p: np.ndarray) -> np.ndarray:
     # (term, layer, position): each piece's real cells, prompt by prompt (n_tokens_p: the run's prompts)
-    out = np.empty(shape)
+    out = np.full(shape, np.nan)  # (every position is written: NaN would say one was not)
     starts = np.concatenate([[0], np.cumsum(n_tokens_p)])
     for row_start, row_stop, token_start, token_stop, reads in pieces:
         sums = kernel([materialize(read)[0] for read in reads])  # (term, prompt, layer, token)
@@ -129,8 +137,7 @@ def task_bytes(ds: xr.Dataset, n_terms: int) -> int:
 
 
 def _over_runs(ds: xr.Dataset, kernel, n_terms: int, what: tuple, layout: str = "padded") -> xr.DataArray:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout)
     resid = ds.resid
     n_pass, _, n_layer, n_tokens, _ = resid.shape
     n_tokens_p = np.asarray(ds.n_tokens.values).astype(np.int64)

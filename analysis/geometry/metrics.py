@@ -143,6 +143,7 @@ def pass_metrics(ds: xr.Dataset, layout: str = "padded") -> xr.Dataset:
     >>> sorted(m.data_vars), m.norm.dims
     (['cosine_prev', 'norm', 'norm_delta'], ('pass_', 'prompt', 'layer', 'token'))
     """
+    ragged_sums.check_layout(layout)
     if "resid" not in ds and all(name in ds for name in PASS_METRICS):
         return ds[list(PASS_METRICS)]
     sumsq = _residual_sums(ds, layout)[0]
@@ -213,6 +214,7 @@ def pair_metrics(ds: xr.Dataset, lens: str = "raw", names: list[str] | None = No
         return select_side(ds, x, which)
 
     # Built once however many metrics use them (each is a graph of a task per run or chunk to build).
+    ragged_sums.check_layout(layout)
     if layout == "positions" and not positions_apply(ds, names or PAIR_METRICS):
         layout = "padded"
     passes = functools.cache(lambda: pass_metrics(ds, layout))

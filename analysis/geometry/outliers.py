@@ -110,6 +110,7 @@ def massive_positions(ds: xr.Dataset, factor: float = MASSIVE_FACTOR, layout: st
     >>> bool(found.massive.any())  # random residuals have no sink
     False
     """
+    ragged_sums.check_layout(layout)
     if layout == "positions" and "resid" in ds and ragged_sums.applies(ds):
         from analysis.geometry.metrics import _residual_sums
 

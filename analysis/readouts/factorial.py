@@ -25,6 +25,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from analysis.compute import ragged_sums
 from analysis.compute.bootstrap import RESAMPLES, SEED, with_intervals
 from analysis.compute.reductions import position_sum, prompt_sums
 from store.errors import MissingData
@@ -105,8 +106,6 @@ def terms_from_distances(sq: dict[frozenset, xr.DataArray]) -> xr.DataArray:
 def factorial_terms(ds: xr.Dataset) -> xr.DataArray:
     """The five per-position sums ``term`` x (prompt, layer, token), lazily (NaN on padding)."""
     index = _require_passes(ds)
-    from analysis.compute import ragged_sums
-
     if ragged_sums.applies(ds):  # a task per run of real chunks, read straight from the chunk files
         terms = ragged_sums.terms_over_runs(ds, partial(_run_terms, index=index), len(TERMS), "factorial-terms")
         return terms.assign_coords(term=list(TERMS))
@@ -181,7 +180,9 @@ def factorial_sums(ds: xr.Dataset, over: tuple[str, ...] = ("prompt", "token"),
     (term, [group,] layer), lazily. From the pair distances the terms are linear, so the six distances are
     summed first and the terms formed from the sums (laid out by ``layout``, as
     ``analysis.geometry.metrics.pair_metrics``'s, where the store allows: the same sums)."""
-    sqdiff = _pair_distances(ds, layout if by is None and set(over) <= {"prompt", "token"} else "padded")
+    ragged_sums.check_layout(layout)
+    per_position = by is None and (set(over) == {"prompt", "token"} or tuple(over) == ("token",))
+    sqdiff = _pair_distances(ds, layout if per_position else "padded")
     values = factorial_terms(ds) if sqdiff is None else sqdiff.reset_coords(["left", "right"], drop=True)
 
     def summed(x: xr.DataArray, keep: xr.DataArray | None = where) -> xr.DataArray:

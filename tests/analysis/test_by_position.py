@@ -119,7 +119,7 @@ def test_massive_positions_and_factorial_equal_the_padded_layouts(path, small_ru
     ds = open_store(path)
     _same(massive_positions(ds, 1.5), massive_positions(ds, 1.5, layout="positions"))
     assert bool(massive_positions(ds, 1.5).massive.any())  # the factor finds some: the comparison is not empty
-    for over in (("prompt", "token"), ("token",)):
+    for over in (("prompt", "token"), ("token",), ("prompt",)):
         _same(factorial_sums(ds, over, keep), factorial_sums(ds, over, keep, layout="positions"))
     _same(factorial_shares(ds, where=keep), factorial_shares(ds, where=keep, layout="positions"))
 
@@ -170,3 +170,14 @@ def test_the_pages_difference_lens_reads_less_and_says_the_same(path, monkeypatc
     xr.testing.assert_identical(part, full.sel(pair=["BB-SS"], layer=layers, window=["first"]))
     chunk_token = ds.resid.data.chunks[3][0]
     assert read and all(shape[3] == chunk_token for shape in read)  # (pass, prompt, layer, token, dim)
+
+
+def test_an_unknown_layout_is_a_usage_error(path):
+    from store.errors import UsageError
+
+    ds = open_store(path)
+    for call in (lambda: pair_metrics(ds, names=["norm_diff"], layout="ragged"),
+                 lambda: pass_metrics(ds, layout="ragged"), lambda: massive_positions(ds, layout="ragged"),
+                 lambda: factorial_sums(ds, layout="ragged")):
+        with pytest.raises(UsageError, match="layout must be one of padded, positions"):
+            call()
