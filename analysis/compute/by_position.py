@@ -83,22 +83,16 @@ def _aligned(x: xr.DataArray) -> xr.DataArray:
     return x.chunk({"position": tuple(int(b) for b in np.diff(np.unique(bounds)))})
 
 
-def _block_rows(x: xr.DataArray, n_prompts: int) -> list[tuple[int, int]]:
-    """The store rows each block of ``position`` covers: consecutive, every row in one block (a prompt
-    without a real position goes to the block after it)."""
-    rows = np.asarray(x.row.values)
-    chunks = x.chunks[x.dims.index("position")] if x.chunks is not None else (x.sizes["position"],)
-    edges = np.cumsum((0, *chunks))[:-1]
-    starts = [0] + [int(rows[e]) for e in edges[1:]]
-    return list(zip(starts, [*starts[1:], n_prompts], strict=True))
-
-
-def _block_ids(x: xr.DataArray, bounds: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    # per block: (row within the block, token) of each position
+def _blocks(x: xr.DataArray, n_prompts: int) -> tuple[list[tuple[int, int]], list[tuple[np.ndarray, np.ndarray]]]:
+    """Per block of ``position``: the store rows it covers (consecutive, every row in one block: a prompt without
+    a real position goes to the block after it), and each of its positions' (row within the block, token)."""
     rows, tokens = np.asarray(x.row.values), np.asarray(x.token.values)
     chunks = x.chunks[x.dims.index("position")] if x.chunks is not None else (x.sizes["position"],)
     edges = np.cumsum((0, *chunks))
-    return [(rows[a:b] - start, tokens[a:b]) for a, b, (start, _) in zip(edges[:-1], edges[1:], bounds, strict=True)]
+    starts = [0] + [int(rows[e]) for e in edges[1:-1]]
+    bounds = list(zip(starts, [*starts[1:], n_prompts], strict=True))
+    ids = [(rows[a:b] - start, tokens[a:b]) for a, b, start in zip(edges[:-1], edges[1:], starts, strict=True)]
+    return bounds, ids
 
 
 def pack_mask(where_pt: xr.DataArray | None, like: xr.DataArray) -> da.Array | np.ndarray:
@@ -113,8 +107,7 @@ def pack_mask(where_pt: xr.DataArray | None, like: xr.DataArray) -> da.Array | n
     if where_pt.chunks is None or not lazy:
         keep = np.asarray(where_pt.values, bool)[rows, tokens]
         return da.from_array(keep, chunks=(chunks,)) if lazy else keep
-    bounds = _block_rows(like, where_pt.sizes["prompt"])
-    ids = _block_ids(like, bounds)
+    bounds, ids = _blocks(like, where_pt.sizes["prompt"])
     data = where_pt.data.rechunk((tuple(b - a for a, b in bounds), -1))
 
     def gather(block: np.ndarray, block_id=None) -> np.ndarray:
@@ -126,8 +119,8 @@ def pack_mask(where_pt: xr.DataArray | None, like: xr.DataArray) -> da.Array | n
 
 @njit(cache=True, nogil=True)
 def _moments_kernel(x_alq, keep_q, p_q, t_q, over_token, full, out_mapk):  # pragma: no cover - compiled
-    # count, sum, min and max in one pass, the centred sum of squares in a second; positions in (prompt,
-    # token) order, so each (prompt, k) cell adds its values in the order the padded kernel does
+    # positions in (prompt, token) order, so each (prompt, k) cell adds its values in the order the padded
+    # kernel does
     n_a, n_l, n_q = x_alq.shape
     out_mapk[0] = 0.0
     out_mapk[1] = 0.0
@@ -136,30 +129,26 @@ def _moments_kernel(x_alq, keep_q, p_q, t_q, over_token, full, out_mapk):  # pra
         out_mapk[3] = np.inf
         out_mapk[4] = -np.inf
     for a in range(n_a):
-        for q in range(n_q):
-            if not keep_q[q]:
-                continue
-            p = p_q[q]
-            for la in range(n_l):
-                v = np.float64(x_alq[a, la, q])
-                if v == v:
-                    k = la if over_token else t_q[q]
-                    out_mapk[0, a, p, k] += 1.0
-                    out_mapk[1, a, p, k] += v
-                    if full:
-                        out_mapk[3, a, p, k] = min(out_mapk[3, a, p, k], v)
-                        out_mapk[4, a, p, k] = max(out_mapk[4, a, p, k], v)
-        if full:
+        # stage 0: count, sum, min, max; stage 1 (full): the centred sum of squares about the finished means
+        for stage in range(2 if full else 1):
             for q in range(n_q):
                 if not keep_q[q]:
                     continue
                 p = p_q[q]
                 for la in range(n_l):
                     v = np.float64(x_alq[a, la, q])
-                    if v == v:
-                        k = la if over_token else t_q[q]
+                    if v != v:
+                        continue
+                    k = la if over_token else t_q[q]
+                    if stage == 1:
                         mean = out_mapk[1, a, p, k] / out_mapk[0, a, p, k]
                         out_mapk[2, a, p, k] += (v - mean) ** 2
+                        continue
+                    out_mapk[0, a, p, k] += 1.0
+                    out_mapk[1, a, p, k] += v
+                    if full:
+                        out_mapk[3, a, p, k] = min(out_mapk[3, a, p, k], v)
+                        out_mapk[4, a, p, k] = max(out_mapk[4, a, p, k], v)
 
 
 def _block_moments(x_lq: np.ndarray, keep_q: np.ndarray, p_q: np.ndarray, t_q: np.ndarray, n_rows: int,
@@ -196,8 +185,7 @@ def moments(x: xr.DataArray, n_prompts: int, n_tokens: int, where: xr.DataArray 
     n_layer = x.sizes["layer"]
     n_kept = n_layer if over == "token" else n_tokens
     keep = pack_mask(where, x)
-    bounds = _block_rows(x, n_prompts)
-    ids = _block_ids(x, bounds)
+    bounds, ids = _blocks(x, n_prompts)
     lead_dims = x.dims[:-2]
     lead_shape = tuple(x.sizes[d] for d in lead_dims)
     if x.chunks is None:
@@ -248,8 +236,7 @@ def largest(x: xr.DataArray, n: int, n_prompts: int, n_tokens: int, where: xr.Da
     x = _aligned(x.transpose(..., "layer", "position"))
     labels = [name for name, coord in x.coords.items() if "position" in coord.dims or "layer" in coord.dims]
     keep = pack_mask(where, x)
-    bounds = _block_rows(x, n_prompts)
-    ids = _block_ids(x, bounds)
+    bounds, ids = _blocks(x, n_prompts)
     lead_dims = x.dims[:-2]
     lead_shape = tuple(x.sizes[d] for d in lead_dims)
     if x.chunks is None:
@@ -299,8 +286,7 @@ def per_prompt_tokens(x: xr.DataArray, func, n_prompts: int, n_tokens: int) -> x
     """(prompt, token) float32: ``func`` of each prompt's (1, ..., layer, token) slab of ``x`` (..., layer,
     position) -> (1, token), e.g. ``analysis.geometry.outliers.peak_ratios``; NaN on padding. Lazy."""
     x = _aligned(x.transpose(..., "layer", "position"))
-    bounds = _block_rows(x, n_prompts)
-    ids = _block_ids(x, bounds)
+    bounds, ids = _blocks(x, n_prompts)
     if x.chunks is None:
         values = _block_per_prompt(x.values, None, *ids[0], n_prompts, n_tokens, func)
     else:

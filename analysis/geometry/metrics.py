@@ -266,6 +266,12 @@ def positions_apply(ds: xr.Dataset, names) -> bool:
     return ragged_sums.applies(ds) and not set(names) & set(LENS_METRICS)
 
 
+def layout_for(ds: xr.Dataset, names) -> str:
+    """``"positions"`` where :func:`positions_apply` to the metrics ``names``, else ``"padded"``: the layout a
+    command computes them in (the same numbers either way)."""
+    return "positions" if positions_apply(ds, names) else "padded"
+
+
 def summarize_over(metric: xr.DataArray, axis: str = "layer", n_tokens: np.ndarray | None = None,
                    where: xr.DataArray | None = None, intervals: bool = False, resamples: int = RESAMPLES,
                    seed: int = SEED) -> xr.Dataset:

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.geometry.decompose import decompose_store
-from analysis.geometry.metrics import pair_metrics, positions_apply
+from analysis.geometry.metrics import layout_for, pair_metrics
 from analysis.geometry.outliers import massive_positions
 from analysis.readouts.crossing import crossing_profile, crossing_splits
 from analysis.report import plots, responses_text
@@ -59,7 +59,7 @@ def write_plots(ds: xr.Dataset, request: PlotRequest,
     with staged_directory(final) as out:  # a run that fails adds nothing to the folder
         with computing():
             # over real positions only where the store allows: the same numbers, without the padding's work
-            layout = "positions" if positions_apply(ds, ["rel_norm_diff"]) else "padded"
+            layout = layout_for(ds, ["rel_norm_diff"])
             found = massive_positions(ds, layout=layout)
             # the curves' numbers and the massive positions (for the heatmaps, the spectra and the page) in one
             # computation; the page's tables with them over real positions (one read of the residuals: their

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.ticker import MaxNLocator
 
-from analysis.geometry.metrics import LENS_METRICS, PAIR_METRICS, pair_metrics, pass_metrics, positions_apply
+from analysis.geometry.metrics import LENS_METRICS, PAIR_METRICS, layout_for, pair_metrics, pass_metrics
 from analysis.readouts.tokens import token_text_table, visible
 from store.atomic import atomic_output
 
@@ -58,7 +58,7 @@ def layer_curve_inputs(ds: xr.Dataset, lens: str = "norm") -> dict:
     # statistics variable is a task per chunk: hundreds of thousands on a large ragged store)
     geometric = [m for m, _ in CURVES if m != "kl"]
     # over the real positions only where the store allows (the same numbers as the padded layout, less work)
-    layout = "positions" if positions_apply(ds, geometric) else "padded"
+    layout = layout_for(ds, geometric)
     metrics = dict(pair_metrics(ds, lens, geometric, layout).data_vars)
     if "kl" in ds and not streamed:  # (a padded layout of its own: a dict, not one Dataset)
         metrics["kl"] = pair_metrics(ds, lens, ["kl"]).kl

@@ -19,9 +19,9 @@ from analysis.geometry.metrics import (
     LENS_METRICS,
     PAIR_METRICS,
     PASS_METRICS,
+    layout_for,
     pair_metrics,
     pass_metrics,
-    positions_apply,
     summarize_over,
 )
 from analysis.geometry.shared_prefix import shared_positions
@@ -277,7 +277,7 @@ def build_report(ds: xr.Dataset, metrics: list[str] | None = None, axis: str = "
         raise UsageError("--token-id works with --record-type pairwise (tracked logits are compared per pair)")
     # Over the real positions only where the metrics allow (a ragged store's residuals): the same numbers as the
     # padded layout, without the padding's elementwise work (15x the real positions on a store of ragged texts)
-    layout = "positions" if positions_apply(ds, metrics or ["norm_diff"]) else "padded"
+    layout = layout_for(ds, metrics or ["norm_diff"])
     values, chosen, lead, metrics = _choose(ds, record_type, metrics, lens, labels, layout)
     found, keep = None, None
     if "resid" in ds:  # massive activations: found in the same computation, left out unless asked

@@ -143,7 +143,7 @@ def test_the_report_and_the_page_are_the_same_in_either_layout(path, small_runs,
     for layout in ("positions", "padded"):
         if layout == "padded":
             for module in (text, page, plots):
-                monkeypatch.setattr(module, "positions_apply", lambda ds, names: False)
+                monkeypatch.setattr(module, "layout_for", lambda ds, names: "padded")
         report = text.build_report(ds, top_n=4)
         out = tmp_path / layout
         write_plots(ds, PlotRequest(store=str(path), out=str(out), html=True, progress=False))
